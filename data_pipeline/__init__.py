@@ -1,0 +1,1 @@
+"""Byte-shard data pipeline: preprocess corpora into zstd shards and stream them."""
