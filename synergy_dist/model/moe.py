@@ -1,11 +1,34 @@
-"""Mixture-of-Experts feed-forward layer (contract; the implementation replaces this file)."""
+"""Mixture-of-Experts feed-forward layer: fp32 router, load balancing, z-loss, capacity or dropless, expert parallel.
+
+forward(x (B, T, D), valid (B, T) bool | None) -> (y (B, T, D), MoEStats). Only valid tokens are routed;
+padding tokens get y = 0. The routing math lives in moe_routing.py, the experts in moe_experts.py and the
+token exchange between ranks in expert_parallel.py. See docs/MOE.md for how the trainer wires it up.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
+
+from synergy_dist.model import moe_routing as routing
+from synergy_dist.model.expert_parallel import (
+    expert_group_name,
+    get_expert_parallel_group,
+    init_expert_parallel_groups,
+    run_experts_parallel,
+)
+from synergy_dist.model.moe_experts import LocalExperts, SwiGLUExpert
+
+try:  # DeepSpeed's engine only treats a model as MoE (expert groups, MoE optimizer groups, expert checkpoint
+    # files) when it finds an instance of this class (engine._configure_distributed_model), so we subclass it.
+    from deepspeed.moe.layer import MoE as _DeepSpeedMoE
+except ImportError:  # the layer works without DeepSpeed (export, evaluation)
+    _DeepSpeedMoE = nn.Module
+
+SCORINGS = ("softmax", "sigmoid_bias")
 
 
 @dataclass
@@ -23,6 +46,33 @@ class MoEConfig:
     capacity_factor_eval: float = 2.0
     bias_update_rate: float = 1e-3  # step of the per-expert selection bias for sigmoid_bias scoring
     expert_parallel_size: int = 1  # experts are split across this many ranks (set from the training config)
+    min_capacity: int = 4  # lower bound of the per-expert capacity when not dropless (DeepSpeed's default)
+    router_init_std: float = 0.02  # std of the router weight init (small: near-uniform routing at the start)
+    expert_init_seed: int = 0  # expert g is initialised from seed + g, so ep=1 and ep=2 models match
+
+    def validate(self) -> None:
+        """Fail early with the key and the fix."""
+        if self.n_experts < 1:
+            raise ValueError(f"moe.n_experts={self.n_experts} must be >= 1")
+        if not 1 <= self.top_k <= self.n_experts:
+            raise ValueError(f"moe.top_k={self.top_k} must be between 1 and moe.n_experts={self.n_experts}")
+        if self.d_ff < 0:
+            raise ValueError(f"moe.d_ff={self.d_ff} must be >= 0 (0 = width of the dense MLP)")
+        if self.scoring not in SCORINGS:
+            raise ValueError(f"moe.scoring={self.scoring!r} is unknown: use one of {', '.join(SCORINGS)}")
+        for key in ("aux_loss_coef", "z_loss_coef", "jitter", "bias_update_rate"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"moe.{key}={getattr(self, key)} must be >= 0")
+        if self.jitter >= 1:
+            raise ValueError(f"moe.jitter={self.jitter} must be < 1 (inputs are scaled by U(1-jitter, 1+jitter))")
+        for key in ("capacity_factor_train", "capacity_factor_eval"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"moe.{key}={getattr(self, key)} must be > 0 (or set moe.dropless=true)")
+        if self.min_capacity < 0:
+            raise ValueError(f"moe.min_capacity={self.min_capacity} must be >= 0")
+        if self.expert_parallel_size < 1 or self.n_experts % self.expert_parallel_size != 0:
+            raise ValueError(f"moe.expert_parallel_size={self.expert_parallel_size} must divide "
+                             f"moe.n_experts={self.n_experts}: pick a divisor of the number of experts")
 
 
 @dataclass
@@ -39,15 +89,261 @@ class MoEStats:
     extra: dict = field(default_factory=dict)
 
 
-class MoEFeedForward(nn.Module):
+class Router(nn.Module):
+    """Linear scores of each expert, kept and computed in float32.
+
+    A plain parameter rather than nn.Linear: DeepSpeed's torch_autocast mode marks nn.Linear weights for bf16
+    gradient communication, and generic Linear re-initialisers would overwrite the small router init.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, init_std: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model, dtype=torch.float32))
+        nn.init.normal_(self.weight, 0.0, init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype != torch.float32:
+            raise RuntimeError(
+                f"MoE router weight is {self.weight.dtype}, it must stay torch.float32. Something cast the model "
+                "(model.to(bfloat16)/.half(), or DeepSpeed's \"bf16\": {\"enabled\": true} which casts every "
+                "parameter): train bf16 with fp32 parameters + autocast instead (DeepSpeed \"torch_autocast\": "
+                "{\"enabled\": true, \"dtype\": \"bfloat16\"}), or cast the model back with "
+                "synergy_dist.model.moe.keep_routers_fp32(model)")
+        return routing.router_logits(x, self.weight)
+
+
+class MoEFeedForward(_DeepSpeedMoE):
     """x: (B, T, D) concept states, valid: (B, T) bool mask of real (non-padding) tokens or None.
 
     forward returns (y of shape (B, T, D), MoEStats). Padding tokens are not routed and get y = 0.
+    With expert_parallel_size > 1 every rank of the expert-parallel group must call forward (and backward) the
+    same number of times, also with zero valid tokens; training forwards all-reduce the expert counts over the
+    world (the data-parallel group) so the balancing loss and the bias update see the global batch.
     """
 
     def __init__(self, d_model: int, d_ff_dense: int, cfg: MoEConfig):
-        super().__init__()
-        raise NotImplementedError("MoEFeedForward is being implemented")
+        nn.Module.__init__(self)  # skip deepspeed MoE.__init__: we only borrow its type (see the import above)
+        cfg.validate()
+        self.cfg = cfg
+        self.d_model = d_model
+        self.d_ff = cfg.d_ff or d_ff_dense
+        # attributes DeepSpeed's engine reads from MoE layers (checkpointing, group set-up)
+        self.num_experts = cfg.n_experts
+        self.ep_size = cfg.expert_parallel_size
+        self.num_local_experts = cfg.n_experts // cfg.expert_parallel_size
+        self.expert_group_name = expert_group_name(cfg.expert_parallel_size)
+        self.enable_expert_tensor_parallelism = False
+        self.use_residual = False
+
+        self.ep_group = None
+        self.ep_rank = 0
+        if self.ep_size > 1:
+            init_expert_parallel_groups(self.ep_size)
+            self.ep_group = get_expert_parallel_group(self.ep_size)
+            self.ep_rank = dist.get_rank(self.ep_group)
+        self.balance_group = None  # process group for the global expert counts; None = world
+
+        self.router = Router(d_model, cfg.n_experts, cfg.router_init_std)
+        self.deepspeed_moe = LocalExperts(d_model, self.d_ff, self.num_local_experts,
+                                          first_expert=self.ep_rank * self.num_local_experts,
+                                          seed=cfg.expert_init_seed, group_name=self.expert_group_name)
+        # "shared_mlp", not "shared_expert": DeepSpeed treats every state key of an MoE layer containing
+        # "expert" as a per-expert weight when checkpointing.
+        generator = torch.Generator().manual_seed(cfg.expert_init_seed + cfg.n_experts)
+        self.shared_mlp = SwiGLUExpert(d_model, self.d_ff, generator) if cfg.shared_expert else None
+        # sigmoid_bias balancing state: the bias is checkpointed, the load accumulator is per optimizer step
+        self.register_buffer("selection_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
+        self.register_buffer("load_since_update", torch.zeros(cfg.n_experts, dtype=torch.float64), persistent=False)
+
+    @property
+    def local_experts(self) -> LocalExperts:
+        return self.deepspeed_moe
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Called by deepspeed.initialize on every module that has it: make sure the groups exist."""
+        if use_data_before_expert_parallel_:
+            raise ValueError("use_data_before_expert_parallel_ is not supported by MoEFeedForward: "
+                             "remove it from the DeepSpeed config")
+        if dist.is_initialized():
+            init_expert_parallel_groups(self.ep_size)
+            if self.ep_size > 1:
+                self.ep_group = get_expert_parallel_group(self.ep_size)
+
+    # ------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor | None = None):  # -> tuple[Tensor, MoEStats]
-        raise NotImplementedError
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"MoEFeedForward expects x of shape (B, T, {self.d_model}), got {tuple(x.shape)}")
+        batch, length, d_model = x.shape
+        flat = x.reshape(batch * length, d_model)
+        if valid is None:
+            token_index = None
+            tokens = flat
+        else:
+            if valid.shape != (batch, length) or valid.dtype != torch.bool:
+                raise ValueError(f"valid must be a bool tensor of shape {(batch, length)}, "
+                                 f"got {valid.dtype} {tuple(valid.shape)}")
+            token_index = valid.reshape(-1).nonzero().squeeze(1)
+            tokens = flat.index_select(0, token_index)
+
+        logits, decision = self._route(tokens)
+        keep = self._capacity_mask(decision.expert_ids)
+        routed = self._run_experts(tokens, decision, keep)
+        if self.shared_mlp is not None:
+            routed = routed + self.shared_mlp(tokens)
+        if token_index is None:
+            y = routed.reshape(batch, length, d_model)
+        else:
+            y = flat.new_zeros(flat.shape).index_copy(0, token_index, routed.to(flat.dtype))
+            y = y.reshape(batch, length, d_model)
+        return y, self._stats(logits, decision, keep)
+
+    def _route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, routing.Routing]:
+        router_input = tokens
+        if self.training and self.cfg.jitter > 0:
+            router_input = routing.multiplicative_jitter(tokens.float(), self.cfg.jitter)
+        logits = self.router(router_input)
+        if self.cfg.scoring == "softmax":
+            return logits, routing.route_softmax(logits, self.cfg.top_k)
+        return logits, routing.route_sigmoid_bias(logits, self.cfg.top_k, self.selection_bias)
+
+    def _capacity_mask(self, expert_ids: torch.Tensor) -> torch.Tensor | None:
+        """None when dropless; else which assignments fit (capacity from this rank's tokens)."""
+        if self.cfg.dropless:
+            return None
+        factor = self.cfg.capacity_factor_train if self.training else self.cfg.capacity_factor_eval
+        capacity = routing.expert_capacity(expert_ids.shape[0], self.cfg.top_k, self.cfg.n_experts, factor,
+                                           self.cfg.min_capacity)
+        return routing.capacity_keep_mask(expert_ids, self.cfg.n_experts, capacity)
+
+    def _run_experts(self, tokens: torch.Tensor, decision: routing.Routing, keep: torch.Tensor | None) -> torch.Tensor:
+        """Sort kept (token, expert) assignments by expert, run experts on contiguous slices, gate and sum."""
+        n_tokens, top_k = decision.expert_ids.shape
+        token_of = torch.arange(n_tokens, device=tokens.device).unsqueeze(1).expand(n_tokens, top_k)
+        expert_ids, token_ids, gates = decision.expert_ids.reshape(-1), token_of.reshape(-1), decision.gates.reshape(-1)
+        if keep is not None:
+            kept = keep.reshape(-1)
+            expert_ids, token_ids, gates = expert_ids[kept], token_ids[kept], gates[kept]
+        order = torch.argsort(expert_ids, stable=True)
+        token_ids, gates = token_ids[order], gates[order]
+        tokens_per_expert = torch.bincount(expert_ids, minlength=self.cfg.n_experts)
+        sorted_tokens = tokens.index_select(0, token_ids)
+        if self.ep_size > 1:
+            expert_out = run_experts_parallel(sorted_tokens, tokens_per_expert, self.local_experts, self.ep_group)
+        else:
+            expert_out = self.local_experts(sorted_tokens, tokens_per_expert.tolist())
+        weighted = expert_out * gates.to(expert_out.dtype).unsqueeze(1)
+        return weighted.new_zeros((n_tokens, tokens.shape[1])).index_add(0, token_ids, weighted)
+
+    # ------------------------------------------------------------------ losses and statistics
+
+    def _stats(self, logits: torch.Tensor, decision: routing.Routing, keep: torch.Tensor | None) -> MoEStats:
+        n_experts = self.cfg.n_experts
+        counts = routing.expert_counts(decision.expert_ids, n_experts)
+        n_assignments = decision.expert_ids.numel()
+        dropped = 0 if keep is None else int((~keep).sum())
+        summary = torch.cat([counts, torch.tensor([float(n_assignments), float(dropped)], dtype=torch.float64)])
+        if self.training and dist.is_initialized():
+            dist.all_reduce(summary, group=self.balance_group)  # global batch: f_i and the bias see every rank
+        counts, n_assignments, dropped = summary[:n_experts], summary[n_experts], summary[n_experts + 1]
+        if self.training:
+            self.load_since_update += counts
+
+        aux = routing.switch_aux_loss(decision.probs, counts, n_assignments)
+        z = routing.router_z_loss(logits)
+        health = routing.load_statistics(counts)
+        with torch.no_grad():
+            lse = torch.logsumexp(logits, dim=-1) if logits.shape[0] else logits.new_zeros(1)
+            rms = logits.square().mean().sqrt() if logits.numel() else logits.new_zeros(())
+        extra = {
+            "load_entropy_normalized": health["load_entropy_normalized"],
+            "min_over_mean_load": health["min_over_mean_load"],
+            "dead_experts": health["dead_experts"],
+            "router_z_mean": lse.mean(),
+            "router_z_max": lse.max(),
+            "tokens_routed": n_assignments.float() / self.cfg.top_k,
+        }
+        if self.cfg.scoring == "sigmoid_bias":
+            extra["selection_bias_absmax"] = self.selection_bias.abs().max()
+        return MoEStats(
+            aux_loss=aux,
+            z_loss=z,
+            tokens_per_expert=counts.float(),
+            dropped_fraction=(dropped / n_assignments.clamp_min(1)).float(),
+            load_entropy=health["load_entropy"],
+            max_over_mean_load=health["max_over_mean_load"],
+            router_logit_rms=rms.float(),
+            extra=extra,
+        )
+
+    # ------------------------------------------------------------------ aux-loss-free balancing
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Once per optimizer step: nudge the selection bias of sigmoid_bias scoring towards balanced load.
+
+        b_i += rate * sign(mean_j load_j - load_i) with the loads accumulated over the step's forwards (global
+        counts, so every rank applies the same update). Resets the accumulator; a no-op for softmax scoring.
+        """
+        load = self.load_since_update
+        if self.cfg.scoring == "sigmoid_bias" and load.sum() > 0:
+            self.selection_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load).float()
+        load.zero_()
+
+
+def update_moe_biases(model: nn.Module) -> int:
+    """Call once per optimizer step (the trainer does): update_bias() of every MoE layer. Returns the layer count."""
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    for layer in layers:
+        layer.update_bias()
+    return len(layers)
+
+
+def keep_routers_fp32(model: nn.Module) -> int:
+    """Cast every MoE router weight back to float32 after a blanket model.to(dtype). Returns how many changed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, Router) and module.weight.dtype != torch.float32:
+            module.weight.data = module.weight.data.float()
+            changed += 1
+    return changed
+
+
+def moe_param_groups(model_or_groups: nn.Module | list[dict] | dict) -> list[dict]:
+    """Optimizer parameter groups in the form DeepSpeed needs for MoE models.
+
+    Expert parameters (allreduce=False) move into their own groups marked {"moe": True, "name": group_name},
+    one per source group, with the source group's options (lr, weight_decay, ...) copied. Dense groups keep
+    their parameters. Groups left empty are dropped. Pass the model (one group of all trainable parameters) or
+    a list of groups (each may carry a "name"; unnamed ones are named "group<i>").
+    """
+    if isinstance(model_or_groups, nn.Module):
+        source = [{"name": "params", "params": [p for p in model_or_groups.parameters() if p.requires_grad]}]
+    elif isinstance(model_or_groups, dict):
+        source = [dict(model_or_groups)]
+    else:
+        source = [dict(group) for group in model_or_groups]
+    result: list[dict] = []
+    for i, group in enumerate(source):
+        params = list(group["params"])
+        name = group.get("name", f"group{i}")
+        dense = [p for p in params if getattr(p, "allreduce", True)]
+        experts: dict[str, list] = {}
+        for p in params:
+            if not getattr(p, "allreduce", True):
+                experts.setdefault(p.group_name, []).append(p)
+        if dense:
+            result.append({**group, "name": name, "params": dense})
+        for group_name, expert_params in experts.items():
+            result.append({**group, "name": group_name, "moe": True, "params": expert_params})
+    return result
+
+
+def expert_fraction(stats: MoEStats) -> torch.Tensor:
+    """Share of the global batch's assignments each expert received (for logs)."""
+    total = stats.tokens_per_expert.sum()
+    return stats.tokens_per_expert / total if total > 0 else stats.tokens_per_expert
+
+
+__all__ = ["MoEConfig", "MoEStats", "MoEFeedForward", "Router", "update_moe_biases", "keep_routers_fp32",
+           "moe_param_groups", "expert_fraction"]

@@ -1,0 +1,418 @@
+"""The byte-shard format: writer, lazy reader, manifest and checksums.
+
+A shard is one file:
+
+    b"SYNSHRD1"                                  8-byte magic
+    frame 0 .. frame F-1                         independent zstd frames (content checksum on)
+    index:  uint64[F, 3]  (file offset, compressed size, raw size) of every frame
+            uint64[D]     raw end offset of every document (cumulative, so doc k = [end[k-1], end[k]))
+    trailer (40 bytes, little-endian): index offset u64 | F u64 | D u64 | crc32(index) u32 |
+            format version u32 | b"SYNIDX01"
+
+Documents are stored back to back with no separator: their boundaries live in the index.
+All offsets are 64-bit, so neither a shard nor a frame has a 4 GiB limit. See docs/DATA.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import zstandard
+
+FORMAT_VERSION = 1
+SHARD_MAGIC = b"SYNSHRD1"
+TRAILER_MAGIC = b"SYNIDX01"
+TRAILER = struct.Struct("<QQQII8s")
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "synergy-byte-shards"
+DEFAULT_FRAME_BYTES = 1 << 20  # raw bytes per zstd frame: the unit of random access
+DEFAULT_ZSTD_LEVEL = 3
+
+
+class CorruptShardError(RuntimeError):
+    """A shard file is missing, truncated, or fails a checksum. The message names the file."""
+
+    def __init__(self, path: str | Path, what: str | None = None):
+        # one-argument form: a ready message (how DataLoader re-raises a worker's exception)
+        super().__init__(f"shard {path}: {what}" if what is not None else str(path))
+        self.path = Path(path) if what is not None else None
+
+
+class ManifestError(ValueError):
+    """A shard-set directory has no usable manifest.json. The message names the directory."""
+
+
+@dataclass
+class ShardInfo:
+    """One shard as recorded in the manifest."""
+
+    name: str = ""  # file name inside the shard-set directory
+    file_bytes: int = 0  # size of the shard file on disk
+    raw_bytes: int = 0  # document bytes stored (sum of document lengths)
+    documents: int = 0  # number of documents
+    frames: int = 0  # number of zstd frames
+    sha256: str = ""  # hex digest of the whole file
+
+
+@dataclass
+class Manifest:
+    """The manifest.json of a shard set, written last (its presence means the set is complete)."""
+
+    format: str = MANIFEST_FORMAT  # identifies the file type
+    version: int = FORMAT_VERSION  # shard/manifest format version
+    source: dict = field(default_factory=dict)  # how the set was made (inputs, options)
+    total_documents: int = 0  # sum over shards
+    total_bytes: int = 0  # sum of raw document bytes over shards
+    shards: list[ShardInfo] = field(default_factory=list)  # in stream order
+
+    @property
+    def set_hash(self) -> str:
+        """Content hash of the set: changes whenever any shard's bytes change."""
+        h = hashlib.sha256()
+        for s in self.shards:
+            h.update(f"{s.name}\0{s.file_bytes}\0{s.documents}\0{s.sha256}\n".encode())
+        return h.hexdigest()
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "manifest") -> "Manifest":
+        if data.get("format") != MANIFEST_FORMAT:
+            raise ManifestError(f"{where}: not a synergy shard-set manifest (format={data.get('format')!r})")
+        if data.get("version") != FORMAT_VERSION:
+            raise ManifestError(
+                f"{where}: format version {data.get('version')} is not supported (this code reads "
+                f"version {FORMAT_VERSION}); re-run synergy-preprocess with this version"
+            )
+        shards = [ShardInfo(**s) for s in data.get("shards", [])]
+        return cls(
+            source=data.get("source", {}),
+            total_documents=int(data["total_documents"]),
+            total_bytes=int(data["total_bytes"]),
+            shards=shards,
+        )
+
+
+def load_manifest(directory: str | Path) -> Manifest:
+    """Read DIR/manifest.json; a missing one means the set is absent or was never finished."""
+    path = Path(directory) / MANIFEST_NAME
+    if not Path(directory).is_dir():
+        raise ManifestError(f"shard set {directory}: directory not found (run synergy-preprocess first)")
+    if not path.is_file():
+        raise ManifestError(
+            f"shard set {directory}: no {MANIFEST_NAME} (preprocessing did not finish; "
+            f"re-run the same synergy-preprocess command to complete it)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+    return Manifest.from_dict(data, where=str(path))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary name, flush to disk, then rename into place."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_manifest(directory: str | Path, manifest: Manifest) -> None:
+    write_atomic(Path(directory) / MANIFEST_NAME, manifest.to_json().encode())
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_shard(
+    path: str | Path,
+    documents: Sequence[bytes],
+    frame_bytes: int = DEFAULT_FRAME_BYTES,
+    level: int = DEFAULT_ZSTD_LEVEL,
+) -> ShardInfo:
+    """Write documents to a new shard at path (atomically) and return its manifest entry."""
+    path = Path(path)
+    raw = b"".join(documents)
+    lengths = np.fromiter((len(d) for d in documents), dtype=np.uint64, count=len(documents))
+    doc_ends = np.cumsum(lengths, dtype=np.uint64)
+    compressor = zstandard.ZstdCompressor(level=level, write_checksum=True, write_content_size=True)
+    digest = hashlib.sha256()
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    frames = []
+    with open(tmp, "wb") as f:
+        f.write(SHARD_MAGIC)
+        digest.update(SHARD_MAGIC)
+        offset = len(SHARD_MAGIC)
+        view = memoryview(raw)
+        for start in range(0, len(raw), frame_bytes):
+            chunk = view[start : start + frame_bytes]
+            blob = compressor.compress(chunk)
+            f.write(blob)
+            digest.update(blob)
+            frames.append((offset, len(blob), len(chunk)))
+            offset += len(blob)
+        index = np.asarray(frames, dtype="<u8").reshape(-1, 3).tobytes() + doc_ends.astype("<u8").tobytes()
+        trailer = TRAILER.pack(offset, len(frames), len(documents), zlib.crc32(index), FORMAT_VERSION, TRAILER_MAGIC)
+        f.write(index)
+        f.write(trailer)
+        digest.update(index)
+        digest.update(trailer)
+        f.flush()
+        os.fsync(f.fileno())
+        size = f.tell()
+    os.replace(tmp, path)
+    return ShardInfo(
+        name=path.name,
+        file_bytes=size,
+        raw_bytes=len(raw),
+        documents=len(documents),
+        frames=len(frames),
+        sha256=digest.hexdigest(),
+    )
+
+
+class FrameCache:
+    """A small LRU of decompressed frames, shareable by the readers of one shard set."""
+
+    def __init__(self, capacity: int = 4):
+        self.capacity = max(1, capacity)
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+
+    def get(self, key: tuple) -> np.ndarray | None:
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+        return item
+
+    def put(self, key: tuple, value: np.ndarray) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+class ShardReader:
+    """Random access to one shard; the index is read on first use, frames on demand.
+
+    expected_bytes (from the manifest) lets a truncated file be reported before anything else.
+    Decompressed frames are kept in a small LRU cache (pass one to share it between readers).
+    """
+
+    def __init__(self, path: str | Path, expected_bytes: int | None = None, cache: FrameCache | None = None):
+        self.path = Path(path)
+        self.expected_bytes = expected_bytes
+        self._frames: np.ndarray | None = None  # int64 [F, 3]: offset, compressed size, raw size
+        self._frame_starts: np.ndarray | None = None  # int64 [F+1]: raw offset where each frame starts
+        self._doc_ends: np.ndarray | None = None  # int64 [D]
+        self._cache = cache if cache is not None else FrameCache(4)
+        self._file = None
+        self._dctx = zstandard.ZstdDecompressor()
+
+    def _fail(self, what: str) -> CorruptShardError:
+        return CorruptShardError(self.path, what)
+
+    def _open(self):
+        if self._file is None:
+            try:
+                self._file = open(self.path, "rb")
+            except FileNotFoundError:
+                raise self._fail("file not found (the shard set is incomplete; re-run preprocessing)") from None
+        return self._file
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __getstate__(self):  # picklable for DataLoader workers: drop the open file and cache
+        state = self.__dict__.copy()
+        state.update(_file=None, _cache=FrameCache(state["_cache"].capacity), _dctx=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._dctx = zstandard.ZstdDecompressor()
+
+    def load_index(self) -> None:
+        if self._doc_ends is not None:
+            return
+        fd = self._open().fileno()
+        size = os.fstat(fd).st_size
+        if self.expected_bytes is not None and size != self.expected_bytes:
+            raise self._fail(f"truncated or resized: {size} bytes on disk, manifest says {self.expected_bytes}")
+        if size < len(SHARD_MAGIC) + TRAILER.size:
+            raise self._fail(f"truncated: only {size} bytes")
+        if os.pread(fd, len(SHARD_MAGIC), 0) != SHARD_MAGIC:
+            raise self._fail("bad magic at start of file (not a synergy shard, or corrupted)")
+        index_offset, n_frames, n_docs, crc, version, magic = TRAILER.unpack(os.pread(fd, TRAILER.size, size - TRAILER.size))
+        if magic != TRAILER_MAGIC:
+            raise self._fail("bad trailer magic (file truncated or corrupted at its end)")
+        if version != FORMAT_VERSION:
+            raise self._fail(f"format version {version}, this code reads {FORMAT_VERSION}")
+        index_bytes = 8 * (3 * n_frames + n_docs)
+        if index_offset + index_bytes + TRAILER.size != size:
+            raise self._fail("index size does not match the file size (truncated or corrupted)")
+        index = os.pread(fd, index_bytes, index_offset)
+        if zlib.crc32(index) != crc:
+            raise self._fail("index checksum mismatch (corrupted footer)")
+        table = np.frombuffer(index, dtype="<u8", count=3 * n_frames).reshape(-1, 3).astype(np.int64)
+        doc_ends = np.frombuffer(index, dtype="<u8", offset=24 * n_frames).astype(np.int64)
+        frame_starts = np.zeros(n_frames + 1, dtype=np.int64)
+        np.cumsum(table[:, 2], out=frame_starts[1:])
+        expected_offsets = len(SHARD_MAGIC) + np.concatenate(([0], np.cumsum(table[:, 1])[:-1])) if n_frames else []
+        if n_frames and (not np.array_equal(table[:, 0], expected_offsets) or table[-1, 0] + table[-1, 1] != index_offset):
+            raise self._fail("frame table is inconsistent (corrupted footer)")
+        total = int(frame_starts[-1])
+        if (n_docs and int(doc_ends[-1]) != total) or np.any(np.diff(doc_ends) < 0):
+            raise self._fail("document boundaries are inconsistent with the frames (corrupted footer)")
+        self._frames, self._frame_starts, self._doc_ends = table, frame_starts, doc_ends
+
+    @property
+    def doc_ends(self) -> np.ndarray:
+        self.load_index()
+        return self._doc_ends
+
+    @property
+    def raw_bytes(self) -> int:
+        self.load_index()
+        return int(self._frame_starts[-1])
+
+    @property
+    def n_frames(self) -> int:
+        self.load_index()
+        return len(self._frames)
+
+    def frame(self, k: int) -> np.ndarray:
+        """Decompressed frame k as uint8 (cached)."""
+        cached = self._cache.get((self.path, k))
+        if cached is not None:
+            return cached
+        self.load_index()
+        offset, csize, rsize = (int(x) for x in self._frames[k])
+        blob = os.pread(self._open().fileno(), csize, offset)
+        if len(blob) != csize:
+            raise self._fail(f"truncated: frame {k} is cut short")
+        try:
+            data = self._dctx.decompress(blob, max_output_size=rsize)
+        except zstandard.ZstdError as e:
+            raise self._fail(f"frame {k} fails its checksum or cannot be decompressed ({e})") from None
+        if len(data) != rsize:
+            raise self._fail(f"frame {k} decompressed to {len(data)} bytes, index says {rsize}")
+        arr = np.frombuffer(data, dtype=np.uint8)
+        self._cache.put((self.path, k), arr)
+        return arr
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Raw bytes [lo, hi) of the shard as uint8, decompressing only the frames they touch."""
+        self.load_index()
+        if not 0 <= lo <= hi <= self.raw_bytes:
+            raise IndexError(f"shard {self.path}: byte range [{lo}, {hi}) outside [0, {self.raw_bytes})")
+        if lo == hi:
+            return np.empty(0, dtype=np.uint8)
+        starts = self._frame_starts
+        first = int(np.searchsorted(starts, lo, side="right")) - 1
+        last = int(np.searchsorted(starts, hi, side="left")) - 1
+        if first == last:
+            base = int(starts[first])
+            return self.frame(first)[lo - base : hi - base]
+        parts = [self.frame(k) for k in range(first, last + 1)]
+        base = int(starts[first])
+        return np.concatenate(parts)[lo - base : hi - base]
+
+    def document(self, k: int) -> bytes:
+        ends = self.doc_ends
+        lo = int(ends[k - 1]) if k else 0
+        return self.read(lo, int(ends[k])).tobytes()
+
+    def documents(self) -> Iterator[bytes]:
+        for k in range(len(self.doc_ends)):
+            yield self.document(k)
+
+
+def iter_documents(directory: str | Path) -> Iterator[bytes]:
+    """Every document of a shard set, in stream order."""
+    manifest = load_manifest(directory)
+    for info in manifest.shards:
+        reader = ShardReader(Path(directory) / info.name, expected_bytes=info.file_bytes)
+        yield from reader.documents()
+        reader.close()
+
+
+def verify_shard(path: Path, info: ShardInfo) -> list[str]:
+    """Every problem found in one shard (empty when it is sound): size, sha256, index, every frame."""
+    problems = []
+    if not path.is_file():
+        return [f"shard {path}: file not found"]
+    size = path.stat().st_size
+    if size != info.file_bytes:
+        problems.append(f"shard {path}: truncated or resized: {size} bytes on disk, manifest says {info.file_bytes}")
+    digest = file_sha256(path)
+    if digest != info.sha256:
+        problems.append(f"shard {path}: sha256 mismatch (file {digest[:16]}..., manifest {info.sha256[:16]}...)")
+    reader = ShardReader(path)
+    try:
+        reader.load_index()
+        for k in range(reader.n_frames):
+            reader.frame(k)
+            reader._cache.clear()
+        if len(reader.doc_ends) != info.documents or reader.raw_bytes != info.raw_bytes:
+            problems.append(
+                f"shard {path}: index holds {len(reader.doc_ends)} documents / {reader.raw_bytes} bytes, "
+                f"manifest says {info.documents} / {info.raw_bytes}"
+            )
+    except CorruptShardError as e:
+        problems.append(str(e))
+    finally:
+        reader.close()
+    return problems
+
+
+def verify_shard_set(directory: str | Path) -> list[str]:
+    """Every problem in a shard set (empty list = all checksums, indexes and totals agree)."""
+    directory = Path(directory)
+    try:
+        manifest = load_manifest(directory)
+    except ManifestError as e:
+        return [str(e)]
+    problems = []
+    for info in manifest.shards:
+        problems.extend(verify_shard(directory / info.name, info))
+    docs = sum(s.documents for s in manifest.shards)
+    raw = sum(s.raw_bytes for s in manifest.shards)
+    if docs != manifest.total_documents or raw != manifest.total_bytes:
+        problems.append(
+            f"{directory / MANIFEST_NAME}: totals ({manifest.total_documents} documents, {manifest.total_bytes} bytes) "
+            f"disagree with the shard entries ({docs}, {raw})"
+        )
+    return problems
+
+
+def make_manifest(shards: Iterable[ShardInfo], source: dict) -> Manifest:
+    shards = list(shards)
+    return Manifest(
+        source=source,
+        total_documents=sum(s.documents for s in shards),
+        total_bytes=sum(s.raw_bytes for s in shards),
+        shards=shards,
+    )

@@ -1,0 +1,242 @@
+"""StreamingByteDataset: deterministic, resumable, elastic streaming of byte windows.
+
+The global stream is a pure function of (manifest hashes, seed, epoch, sample index):
+
+    global index n --mixing--> (source d, index k in d) --> epoch k // N_d, position k % N_d
+                   --two-level shuffle--> window id --> tokens (read lazily from the shards)
+
+Rank r of W takes samples [s*G + r*G/W, s*G + (r+1)*G/W) of global batch s. A rank's share is cut
+into micro-batches of M samples; DataLoader worker w of K yields micro-batches w, w+K, ... so
+DataLoader's round-robin over workers returns them in order. The state is one counter of global
+samples, so resuming on another world size or worker count continues the same global stream.
+The stream is endless (epochs follow one another, each reshuffled) unless max_samples is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from data_pipeline.mixing import MixtureSchedule
+from data_pipeline.shards import DEFAULT_FRAME_BYTES, CorruptShardError
+from data_pipeline.shuffle import WindowOrder
+from data_pipeline.token_source import ShardSetSource
+from data_pipeline.vocab import IGNORE_INDEX
+
+SourceSpec = str | os.PathLike | tuple[str | os.PathLike, float]
+
+
+def _parse_sources(sources: Sequence[SourceSpec]) -> tuple[list[Path], list[float]]:
+    if isinstance(sources, (str, os.PathLike)) or not sources:
+        raise ValueError(
+            "StreamingByteDataset: sources must be a non-empty list of shard-set directories "
+            "(or of (directory, weight) pairs); got " + repr(sources)
+        )
+    dirs, weights = [], []
+    for item in sources:
+        if isinstance(item, (tuple, list)):
+            if len(item) != 2:
+                raise ValueError(f"StreamingByteDataset: source {item!r} must be (directory, weight)")
+            directory, weight = item
+        else:
+            directory, weight = item, 1.0
+        dirs.append(Path(directory))
+        weights.append(weight)
+    return dirs, weights
+
+
+class StreamingByteDataset(IterableDataset):
+    def __init__(
+        self,
+        sources: Sequence[SourceSpec],
+        seq_len: int = 512,
+        global_batch_size: int = 64,
+        micro_batch_size: int = 8,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        pack: bool = True,
+        on_corrupt: str = "raise",
+        shuffle: bool = True,
+        shuffle_block: int | None = None,
+        shuffle_window: int | None = None,
+        max_samples: int | None = None,
+    ):
+        """See the module docstring. Extra knobs:
+
+        shuffle: False streams windows in corpus order (debugging, round-trip checks).
+        shuffle_block: windows per level-1 block (default: about one frame of bytes).
+        shuffle_window: positions per level-2 group (default: 4 blocks).
+        max_samples: end the stream before this global sample index (default: endless).
+        """
+        super().__init__()
+        for name, value in (("seq_len", seq_len), ("global_batch_size", global_batch_size), ("micro_batch_size", micro_batch_size), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"StreamingByteDataset: {name} must be a positive integer, got {value!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"StreamingByteDataset: rank must be in [0, world_size={world_size}), got {rank!r}")
+        if global_batch_size % (world_size * micro_batch_size) != 0:
+            raise ValueError(
+                f"StreamingByteDataset: global_batch_size={global_batch_size} is not divisible by "
+                f"world_size * micro_batch_size = {world_size} * {micro_batch_size} = {world_size * micro_batch_size}; "
+                f"use a global batch that is a multiple of {world_size * micro_batch_size}"
+            )
+        if on_corrupt not in ("raise", "skip"):
+            raise ValueError(f"StreamingByteDataset: on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        if max_samples is not None and max_samples < 0:
+            raise ValueError(f"StreamingByteDataset: max_samples must be >= 0, got {max_samples}")
+        dirs, weights = _parse_sources(sources)
+        self.schedule = MixtureSchedule(weights)  # validates the weights
+        self.seq_len, self.pack, self.seed = seq_len, pack, seed
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.on_corrupt, self.max_samples = on_corrupt, max_samples
+        block = shuffle_block or max(1, DEFAULT_FRAME_BYTES // seq_len)
+        group = shuffle_window or 4 * block
+        # a group of positions touches at most group/block + 1 blocks of up to 2 frames each
+        cache_frames = 2 * (group // block + 2)
+        self.sources = [ShardSetSource(d, seq_len, pack, cache_frames=cache_frames) for d in dirs]
+        self.orders = [
+            WindowOrder(s.n_windows, (seed, int(s.set_hash[:15], 16), i), block, group, shuffle)
+            for i, s in enumerate(self.sources)
+        ]
+        key = f"{[s.set_hash for s in self.sources]}|{self.schedule.numerators}|{seq_len}|{pack}|{seed}|{shuffle}|{block}|{group}"
+        self.fingerprint = int(hashlib.blake2b(key.encode(), digest_size=8).hexdigest()[:15], 16)
+        self._rank_share = global_batch_size // world_size
+        self._next_local = 0  # index, in this rank's own sequence, of the next sample to yield
+
+    # ---- positions -------------------------------------------------------------------------
+
+    def _global_index(self, local: np.ndarray) -> np.ndarray:
+        step, within = np.divmod(local, self._rank_share)
+        return step * self.global_batch_size + self.rank * self._rank_share + within
+
+    def _windows(self, global_index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(source id, window id) of each global sample index."""
+        source_ids, k = self.schedule.assign(global_index)
+        windows = np.empty_like(k)
+        for d in np.unique(source_ids):
+            sel = source_ids == d
+            n = self.sources[d].n_windows
+            epochs, positions = np.divmod(k[sel], n)
+            out = np.empty_like(positions)
+            for e in np.unique(epochs):
+                at = epochs == e
+                out[at] = self.orders[d].windows(int(e), positions[at])
+            windows[sel] = out
+        return source_ids, windows
+
+    def _read(self, source_id: int, window: int) -> tuple[np.ndarray, int]:
+        source = self.sources[source_id]
+        while True:
+            if self.on_corrupt == "skip":
+                window = source.next_readable(window)
+            try:
+                return source.window(window)
+            except CorruptShardError as e:
+                if self.on_corrupt == "raise" or e.path is None:
+                    raise
+                source.mark_bad(e)
+
+    def _sample(self, index: int, source_id: int, window: int) -> dict[str, torch.Tensor]:
+        tokens, real = self._read(source_id, window)
+        inputs = torch.from_numpy(tokens[:-1])
+        labels = torch.from_numpy(tokens[1:])
+        if real < len(tokens):
+            labels = labels.clone()
+            labels[max(real - 1, 0) :] = IGNORE_INDEX
+        return {
+            "input_ids": inputs,
+            "labels": labels,
+            "sample_index": torch.tensor(index, dtype=torch.long),
+            "source_id": torch.tensor(source_id, dtype=torch.long),
+        }
+
+    # ---- iteration ---------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        m = self.micro_batch_size
+        start = self._next_local
+        batch = worker
+        while True:
+            local = np.arange(start + batch * m, start + (batch + 1) * m, dtype=np.int64)
+            index = self._global_index(local)
+            if self.max_samples is not None:
+                index = index[index < self.max_samples]
+                if len(index) == 0:
+                    return
+            source_ids, windows = self._windows(index)
+            for j in range(len(index)):
+                sample = self._sample(int(index[j]), int(source_ids[j]), int(windows[j]))
+                if workers == 1:
+                    self._next_local = int(local[j]) + 1
+                yield sample
+            batch += workers
+
+    # ---- state -------------------------------------------------------------------------------
+
+    def state_at(self, samples: int) -> dict:
+        """The state after the first `samples` global samples (pure: does not move this dataset)."""
+        if isinstance(samples, bool) or not isinstance(samples, (int, np.integer)) or samples < 0:
+            raise ValueError(f"StreamingByteDataset.state_at: samples must be a non-negative integer, got {samples!r}")
+        samples = int(samples)
+        counts = self.schedule.counts_at(samples)
+        epoch = min(c // s.n_windows for c, s in zip(counts, self.sources))
+        return {"epoch": epoch, "samples": samples, "source_counts": counts, "fingerprint": self.fingerprint}
+
+    def state_dict(self) -> dict:
+        """Position of this iterator (main process; with DataLoader workers use state_at(step * G))."""
+        step, within = divmod(self._next_local, self._rank_share)
+        return self.state_at(step * self.global_batch_size + within * self.world_size)
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue right after the saved position (also on another world size, at a batch boundary)."""
+        missing = {"samples", "fingerprint"} - set(state)
+        if missing:
+            raise ValueError(f"StreamingByteDataset.load_state_dict: state lacks {sorted(missing)}; pass a dict from state_dict()/state_at()")
+        if state["fingerprint"] != self.fingerprint:
+            raise ValueError(
+                "StreamingByteDataset.load_state_dict: the state belongs to a different data stream "
+                "(sources, their contents, weights, seq_len, pack, seed or shuffle settings changed); "
+                "resume with the same data settings or start a fresh run"
+            )
+        expected = self.state_at(state["samples"])
+        if "source_counts" in state and list(state["source_counts"]) != expected["source_counts"]:
+            raise ValueError(
+                f"StreamingByteDataset.load_state_dict: source_counts {state['source_counts']} do not match "
+                f"samples={state['samples']} (expected {expected['source_counts']}); the state is corrupted"
+            )
+        step, within = divmod(int(state["samples"]), self.global_batch_size)
+        if within % self.world_size:
+            raise ValueError(
+                f"StreamingByteDataset.load_state_dict: samples={state['samples']} is inside a global batch at a "
+                f"point world_size={self.world_size} cannot split evenly; resume from step * global_batch_size"
+            )
+        self._next_local = step * self._rank_share + within // self.world_size
+
+    # ---- debugging ---------------------------------------------------------------------------
+
+    def describe(self, sample_index: int) -> tuple[str, str, int]:
+        """(shard-set directory, shard file, raw byte offset) where a global sample starts."""
+        source_ids, windows = self._windows(np.array([sample_index], dtype=np.int64))
+        d, w = int(source_ids[0]), int(windows[0])
+        if self.on_corrupt == "skip":
+            w = self.sources[d].next_readable(w)
+        return self.sources[d].describe(w)
+
+    def window_id(self, sample_index: int) -> tuple[int, int]:
+        """(source id, window id in that source) of a global sample: identifies its content."""
+        source_ids, windows = self._windows(np.array([sample_index], dtype=np.int64))
+        return int(source_ids[0]), int(windows[0])
+
+    def epoch_size(self, source_id: int = 0) -> int:
+        """Windows in one epoch of a source."""
+        return self.sources[source_id].n_windows

@@ -1,0 +1,172 @@
+"""One shard set seen as a sequence of fixed-length training windows.
+
+Packed (pack=True): the set is one token stream, every document followed by EOD_ID, shards in
+manifest order. Window i is tokens [i * L, i * L + L + 1): consecutive windows overlap by one token
+so every token except the first is a label exactly once. The final partial window is dropped.
+
+One document per window (pack=False): window i is document i (in manifest order), truncated to
+L + 1 tokens, then EOD_ID if it fits, then PAD_ID.
+
+Only the manifest is read up front (window counts come from its per-shard totals); a shard's index
+is read the first time a window touches it, and frames are decompressed on demand with LRU caches.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.shards import CorruptShardError, FrameCache, ShardReader, load_manifest
+from data_pipeline.vocab import EOD_ID, PAD_ID
+
+log = logging.getLogger(__name__)
+
+
+class ShardSetSource:
+    def __init__(self, directory: str | Path, seq_len: int, pack: bool = True, open_shards: int = 16, cache_frames: int = 8):
+        self.directory = Path(directory)
+        self.manifest = load_manifest(self.directory)
+        self.seq_len = seq_len
+        self.pack = pack
+        self.open_shards = open_shards
+        self.cache = FrameCache(cache_frames)  # shared by this set's readers
+        shards = self.manifest.shards
+        docs = np.array([s.documents for s in shards], dtype=np.int64)
+        raw = np.array([s.raw_bytes for s in shards], dtype=np.int64)
+        self.doc_starts = np.concatenate(([0], np.cumsum(docs)))  # first global document of each shard
+        self.token_starts = np.concatenate(([0], np.cumsum(raw + docs)))  # first stream token of each shard
+        self.total_tokens = int(self.token_starts[-1])
+        if pack:
+            self.n_windows = max(0, (self.total_tokens - 1) // seq_len)
+        else:
+            self.n_windows = int(self.doc_starts[-1])
+        if self.n_windows == 0:
+            raise ValueError(
+                f"shard set {self.directory} holds {self.total_tokens} tokens in {int(self.doc_starts[-1])} documents: "
+                f"not one window of seq_len+1 = {seq_len + 1} tokens; lower seq_len or add data"
+            )
+        self.set_hash = self.manifest.set_hash
+        self._shard_by_name = {s.name: i for i, s in enumerate(shards)}
+        self.bad_shards: dict[int, str] = {}  # shard index -> why it was skipped (on_corrupt="skip")
+        self._readers: OrderedDict[int, ShardReader] = OrderedDict()
+        self._eod_positions: dict[int, np.ndarray] = {}
+
+    def __getstate__(self):  # DataLoader workers start with no open files
+        state = self.__dict__.copy()
+        state.update(_readers=OrderedDict(), _eod_positions={}, cache=FrameCache(self.cache.capacity))
+        return state
+
+    def reader(self, shard: int) -> ShardReader:
+        r = self._readers.get(shard)
+        if r is not None:
+            self._readers.move_to_end(shard)
+            return r
+        info = self.manifest.shards[shard]
+        r = ShardReader(self.directory / info.name, expected_bytes=info.file_bytes, cache=self.cache)
+        r.load_index()
+        if len(r.doc_ends) != info.documents or r.raw_bytes != info.raw_bytes:
+            raise CorruptShardError(
+                r.path, f"index holds {len(r.doc_ends)} documents / {r.raw_bytes} bytes, "
+                f"manifest says {info.documents} / {info.raw_bytes}"
+            )
+        self._readers[shard] = r
+        # stream position (within the shard) of the EOD that follows each document
+        self._eod_positions[shard] = r.doc_ends + np.arange(len(r.doc_ends), dtype=np.int64)
+        if len(self._readers) > self.open_shards:
+            old, old_reader = self._readers.popitem(last=False)
+            old_reader.close()
+            self._eod_positions.pop(old, None)
+        return r
+
+    def _shard_tokens(self, shard: int, s: int, e: int, out: np.ndarray) -> int:
+        """Write shard-local stream tokens [s, e) into out; return the raw byte offset of token s."""
+        reader = self.reader(shard)
+        eods = self._eod_positions[shard]
+        first = int(np.searchsorted(eods, s, side="left"))
+        last = int(np.searchsorted(eods, e, side="left"))
+        byte_lo, byte_hi = s - first, e - last
+        raw = reader.read(byte_lo, byte_hi)
+        if first == last:
+            out[:] = raw
+        else:
+            inside = eods[first:last] - s
+            mask = np.ones(e - s, dtype=bool)
+            mask[inside] = False
+            out[mask] = raw
+            out[inside] = EOD_ID
+        return byte_lo
+
+    def shards_of(self, window: int) -> range:
+        """Indices of the shards a window reads."""
+        if self.pack:
+            a = window * self.seq_len
+            first = int(np.searchsorted(self.token_starts, a, side="right")) - 1
+            last = int(np.searchsorted(self.token_starts, a + self.seq_len + 1, side="left")) - 1
+            return range(first, last + 1)
+        shard = int(np.searchsorted(self.doc_starts, window, side="right")) - 1
+        return range(shard, shard + 1)
+
+    def window(self, window: int) -> tuple[np.ndarray, int]:
+        """Tokens (int64, length seq_len + 1) of a window and how many are real (not PAD)."""
+        size = self.seq_len + 1
+        out = np.empty(size, dtype=np.int64)
+        if self.pack:
+            a = window * self.seq_len
+            for shard in self.shards_of(window):
+                lo = max(a, int(self.token_starts[shard]))
+                hi = min(a + size, int(self.token_starts[shard + 1]))
+                if hi > lo:
+                    base = int(self.token_starts[shard])
+                    self._shard_tokens(shard, lo - base, hi - base, out[lo - a : hi - a])
+            return out, size
+        shard = self.shards_of(window)[0]
+        k = window - int(self.doc_starts[shard])
+        ends = self.reader(shard).doc_ends
+        lo = int(ends[k - 1]) if k else 0
+        hi = min(int(ends[k]), lo + size)
+        n = hi - lo
+        out[:n] = self.reader(shard).read(lo, hi)
+        if n < size:
+            out[n] = EOD_ID
+            n += 1
+            out[n:] = PAD_ID
+        return out, n
+
+    def describe(self, window: int) -> tuple[str, str, int]:
+        """(shard-set dir, shard file, raw byte offset in that shard) of a window's first token."""
+        shard = self.shards_of(window)[0]
+        name = self.manifest.shards[shard].name
+        if self.pack:
+            s = window * self.seq_len - int(self.token_starts[shard])
+            self.reader(shard)
+            first = int(np.searchsorted(self._eod_positions[shard], s, side="left"))
+            return str(self.directory), name, s - first
+        k = window - int(self.doc_starts[shard])
+        return str(self.directory), name, int(self.reader(shard).doc_ends[k - 1]) if k else 0
+
+    def next_readable(self, window: int) -> int:
+        """The first window at or after this one (wrapping) that touches no shard found corrupt."""
+        for _ in range(len(self.manifest.shards) + 1):
+            bad = [s for s in self.shards_of(window) if s in self.bad_shards]
+            if not bad:
+                return window
+            after = bad[-1] + 1  # first window starting in a later shard
+            if self.pack:
+                window = -(-int(self.token_starts[after]) // self.seq_len)
+            else:
+                window = int(self.doc_starts[after])
+            if window >= self.n_windows:
+                window = 0
+        raise CorruptShardError(self.directory, f"every shard is corrupt: {'; '.join(self.bad_shards.values())}")
+
+    def mark_bad(self, error: CorruptShardError) -> None:
+        """Remember the shard named by error so that no later window reads it."""
+        shard = self._shard_by_name[error.path.name]
+        self.bad_shards[shard] = str(error)
+        reader = self._readers.pop(shard, None)
+        if reader is not None:
+            reader.close()
+        log.warning("skipping corrupt shard %s: %s", error.path, error)

@@ -1,0 +1,318 @@
+"""`synergy-bench data`: how fast the byte stream feeds training, against the limits and the anchors.
+
+All in one run, on one core (the process pins itself to a single CPU; anchors inherit it):
+- raw: plain sequential zstd decompression of our shards' bytes (the physical limit of the path);
+- ours: StreamingByteDataset delivering shuffled windows of seq_len bytes (input_ids + labels);
+- anchors: MosaicML `streaming` (own venv, subprocess) and Hugging Face `datasets` streaming of
+  the same jsonl.zst, both packing the same documents into the same windows;
+- startup: a fresh process opens a synthetic set of 10,000 shards and takes its first batch;
+  time and added resident memory are measured after the imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio
+
+ANCHOR_DIR = Path(__file__).parent / "anchors"
+MOSAIC_PYTHON_ENV = "SYNERGY_BENCH_MOSAIC_PYTHON"  # env var naming the MosaicML venv's python
+DEFAULT_MOSAIC_PYTHON = "/work/bench-venvs/mosaic/bin/python"
+DEFAULT_CORPORA = ("pydocs-train.jsonl.zst", "pystdlib-code.jsonl.zst")
+
+
+@dataclass
+class DataBenchConfig:
+    """Settings of one data benchmark run."""
+
+    inputs: list[str] = field(default_factory=list)  # jsonl.zst corpora (the "text" field is used)
+    cache_dir: str = "/tmp/synergy-bench-cache"  # preprocessed shards, MDS shards, synthetic shard set
+    seq_len: int = 8192  # bytes per training window
+    repeats: int = 3  # measurements per figure (the median is reported)
+    shard_size: str = "8MiB"  # raw bytes per shard of the benchmark set (several shards: shard-level shuffle)
+    startup_shards: int = 10_000  # shards in the synthetic set for time-to-first-batch
+    startup_shard_bytes: int = 4096  # raw bytes in each synthetic shard
+    mosaic_python: str | None = None  # python of the MosaicML venv; None: not available
+    run_hf: bool = True  # run the Hugging Face datasets anchor
+    seed: int = 0  # shuffle seed of the first repeat (repeat r uses seed + r)
+
+
+def pin_to_one_core() -> int:
+    """Restrict this process (and the subprocesses it starts) to one CPU; returns the CPU id."""
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[-1]})
+    return cpus[-1]
+
+
+def _inputs_key(inputs: list[str], shard_size: str) -> str:
+    h = hashlib.sha256(shard_size.encode())
+    for path in inputs:
+        st = os.stat(path)
+        h.update(f"{os.path.abspath(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def prepare_shards(cfg: DataBenchConfig) -> Path:
+    """Preprocess the inputs once into the cache (re-used when the inputs have not changed)."""
+    from data_pipeline.preprocess import preprocess
+
+    out = Path(cfg.cache_dir) / f"shards-{_inputs_key(cfg.inputs, cfg.shard_size)}"
+    preprocess(cfg.inputs, out, workers=1, progress=False, shard_size=cfg.shard_size)
+    return out
+
+
+def measure_raw_decompression(shard_dir: Path) -> tuple[float, int]:
+    """Seconds and raw bytes to zstd-decompress every shard's frames in order (file bytes pre-read)."""
+    import zstandard
+
+    from data_pipeline.shards import SHARD_MAGIC, TRAILER, load_manifest
+
+    blobs = []
+    for info in load_manifest(shard_dir).shards:
+        data = (shard_dir / info.name).read_bytes()
+        index_offset = TRAILER.unpack(data[-TRAILER.size :])[0]
+        blobs.append(data[len(SHARD_MAGIC) : index_offset])  # the concatenated zstd frames
+    buffer = bytearray(1 << 20)
+    total = 0
+    start = time.perf_counter()
+    for blob in blobs:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob), read_across_frames=True)
+        while n := reader.readinto(buffer):
+            total += n
+    return time.perf_counter() - start, total
+
+
+def measure_stream(shard_dir: Path, seq_len: int, seed: int, samples: int) -> tuple[float, int]:
+    """Seconds and delivered bytes (input_ids) for `samples` shuffled windows from a fresh dataset."""
+    from data_pipeline.stream import StreamingByteDataset
+
+    start = time.perf_counter()
+    dataset = StreamingByteDataset([str(shard_dir)], seq_len=seq_len, global_batch_size=8, micro_batch_size=8,
+                                   seed=seed)
+    delivered = 0
+    for sample in itertools.islice(iter(dataset), samples):
+        delivered += sample["input_ids"].numel()
+    return time.perf_counter() - start, delivered
+
+
+def _last_json_line(stdout: str) -> dict:
+    for line in reversed(stdout.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError("no JSON result line in the anchor's output")
+
+
+def run_script(python: str, script: Path, args: list[str], timeout: float = 1800) -> tuple[dict | None, str]:
+    """Run an anchor script; returns (its JSON result, "") or (None, the reason it failed)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    try:
+        proc = subprocess.run([python, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return None, f"{script.name} could not run: {e}"
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
+        return None, f"{script.name} exited with {proc.returncode}: {tail[0]}"
+    try:
+        return _last_json_line(proc.stdout), ""
+    except ValueError as e:
+        return None, f"{script.name}: {e}"
+
+
+def build_synthetic_shard_set(directory: Path, n_shards: int, shard_bytes: int) -> Path:
+    """A shard set of n_shards tiny shards (two random documents each), written once and reused."""
+    from data_pipeline.shards import MANIFEST_NAME, make_manifest, save_manifest, write_shard
+
+    directory = directory / f"synthetic-{n_shards}x{shard_bytes}"
+    if (directory / MANIFEST_NAME).is_file():
+        return directory
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    infos = []
+    for k in range(n_shards):
+        docs = [rng.randbytes(shard_bytes // 2) for _ in range(2)]
+        infos.append(write_shard(directory / f"shard-{k:06d}.bin", docs))
+    save_manifest(directory, make_manifest(infos, {"synthetic": f"{n_shards} shards of {shard_bytes} bytes"}))
+    return directory
+
+
+def _rss_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def first_batch_probe(shard_dir: str, seq_len: int, batch_size: int) -> dict:
+    """Run in a fresh process: time and resident memory from constructing the dataset to its first batch."""
+    import gc
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from data_pipeline.stream import StreamingByteDataset
+
+    torch.set_num_threads(1)
+    gc.collect()
+    rss_before = _rss_kib("VmRSS")
+    start = time.perf_counter()
+    dataset = StreamingByteDataset([shard_dir], seq_len=seq_len, global_batch_size=batch_size,
+                                   micro_batch_size=batch_size, seed=0)
+    batch = next(iter(DataLoader(dataset, batch_size=batch_size, num_workers=0)))
+    seconds = time.perf_counter() - start
+    assert batch["input_ids"].shape == (batch_size, seq_len)
+    return {
+        "seconds": seconds,
+        "added_rss_mb": (_rss_kib("VmRSS") - rss_before) / 1024,
+        "added_peak_rss_mb": (_rss_kib("VmHWM") - rss_before) / 1024,
+    }
+
+
+def run(cfg: DataBenchConfig, command: str) -> BenchReport:
+    report = BenchReport(name="data", command=command)
+    if not cfg.inputs:
+        raise ValueError("data benchmark: no inputs; pass --corpus FILE.jsonl.zst (or --corpora DIR)")
+    for path in cfg.inputs:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"data benchmark: corpus {path} not found; pass existing --corpus files")
+    cpu = pin_to_one_core()
+    report.notes.append(f"process pinned to CPU {cpu} (os.sched_setaffinity), torch threads 1, "
+                        f"OMP_NUM_THREADS=1; anchors run as subprocesses on the same CPU")
+    report.notes.append(f"inputs: {', '.join(Path(p).name for p in cfg.inputs)}; seq_len {cfg.seq_len}; "
+                        f"{cfg.repeats} repeats per figure, median reported")
+
+    shard_dir = prepare_shards(cfg)
+    from data_pipeline.shards import load_manifest
+
+    manifest = load_manifest(shard_dir)
+    samples = max(1, manifest.total_bytes // cfg.seq_len)  # about one epoch of windows
+    report.notes.append(f"our shard set: {len(manifest.shards)} shards, {manifest.total_bytes:,} raw bytes, "
+                        f"{manifest.total_documents} documents; one pass = {samples} windows")
+
+    raw, ours = [], []
+    for r in range(cfg.repeats):  # interleaved, so load changes hit both alike
+        seconds, nbytes = measure_raw_decompression(shard_dir)
+        raw.append(nbytes / seconds)
+        seconds, nbytes = measure_stream(shard_dir, cfg.seq_len, cfg.seed + r, samples)
+        ours.append(nbytes / seconds)
+    report.add(figure_from("raw_zstd_decompression", raw, "B/s",
+                           "sequential zstd decompression of every frame of our shards, file bytes pre-read"))
+    report.add(figure_from("synergy_stream", ours, "B/s",
+                           "StreamingByteDataset, shuffled windows, input_ids bytes per second, from construction"))
+
+    common = ["--seq-len", str(cfg.seq_len), "--repeats", str(cfg.repeats), "--seed", str(cfg.seed)]
+    if cfg.mosaic_python is None or not Path(cfg.mosaic_python).exists():
+        reason = (f"no MosaicML venv python at {cfg.mosaic_python} (set --mosaic-python or ${MOSAIC_PYTHON_ENV}; "
+                  "see docs/BENCHMARKS.md for the venv recipe)")
+        report.add(missing("mosaic_streaming_cold", "B/s", reason))
+        report.add(missing("mosaic_streaming_warm", "B/s", reason))
+    else:
+        result, reason = run_script(cfg.mosaic_python, ANCHOR_DIR / "mosaic_stream.py",
+                                    [*common, "--work", str(Path(cfg.cache_dir) / "mosaic"), *cfg.inputs])
+        if result is None:
+            report.add(missing("mosaic_streaming_cold", "B/s", reason))
+            report.add(missing("mosaic_streaming_warm", "B/s", reason))
+        else:
+            how = f"MDS uint16 windows, zstd, {result['num_shards']} shards, shuffle on, streaming {result['streaming_version']}"
+            report.add(figure_from("mosaic_streaming_cold", result["cold_bytes_per_s"], "B/s",
+                                   f"{how}; first epoch from a fresh local cache (includes decompression)"))
+            report.add(figure_from("mosaic_streaming_warm", result["warm_bytes_per_s"], "B/s",
+                                   f"{how}; second epoch, shards already decompressed locally"))
+
+    if cfg.run_hf:
+        result, reason = run_script(sys.executable, ANCHOR_DIR / "hf_datasets_stream.py", [*common, *cfg.inputs])
+        if result is None:
+            report.add(missing("hf_datasets_streaming", "B/s", reason))
+        else:
+            report.add(figure_from("hf_datasets_streaming", result["bytes_per_s"], "B/s",
+                                   f"datasets {result['datasets_version']} streaming json, shuffle buffer 1000 docs, "
+                                   "packed into the same windows"))
+    else:
+        report.add(missing("hf_datasets_streaming", "B/s", "skipped (--no-hf)"))
+
+    synthetic = build_synthetic_shard_set(Path(cfg.cache_dir), cfg.startup_shards, cfg.startup_shard_bytes)
+    startup_s, startup_mb, startup_peak_mb = [], [], []
+    probe_args = ["-c", "import json,sys; from synergy_dist.bench.data import first_batch_probe as p; "
+                        "print(json.dumps(p(sys.argv[1], int(sys.argv[2]), 1)))",
+                  str(synthetic), str(min(cfg.seq_len, 1024))]
+    for _ in range(cfg.repeats):
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        proc = subprocess.run([sys.executable, *probe_args], capture_output=True, text=True, env=env, timeout=600)
+        if proc.returncode != 0:
+            reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+            report.add(missing("first_batch_seconds", "s", reason))
+            break
+        result = _last_json_line(proc.stdout)
+        startup_s.append(result["seconds"])
+        startup_mb.append(result["added_rss_mb"])
+        startup_peak_mb.append(result["added_peak_rss_mb"])
+    if startup_s:
+        how = f"fresh process, {cfg.startup_shards} shards, construct StreamingByteDataset -> first batch, imports excluded"
+        report.add(figure_from("first_batch_seconds", startup_s, "s", how))
+        report.add(figure_from("first_batch_added_rss", startup_mb, "MB", "VmRSS after - before"))
+        report.add(figure_from("first_batch_added_peak_rss", startup_peak_mb, "MB", "VmHWM after - VmRSS before"))
+
+    v = report.value
+    report.targets += [
+        Target("stream vs raw zstd decompression", ratio(v("synergy_stream"), v("raw_zstd_decompression")), ">=", 0.5),
+        Target("stream vs MosaicML streaming (cold, same zstd path)",
+               ratio(v("synergy_stream"), v("mosaic_streaming_cold")), ">=", 2.0),
+        Target("stream vs MosaicML streaming (warm, pre-decompressed)",
+               ratio(v("synergy_stream"), v("mosaic_streaming_warm")), ">=", 2.0),
+        Target("stream vs HF datasets streaming", ratio(v("synergy_stream"), v("hf_datasets_streaming")), ">=", 5.0),
+        Target(f"time to first batch, {cfg.startup_shards} shards", v("first_batch_seconds"), "<", 2.0, "s"),
+        Target(f"added peak RSS to first batch, {cfg.startup_shards} shards", v("first_batch_added_peak_rss"),
+               "<", 100.0, "MB"),
+    ]
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--corpus", action="append", default=None, metavar="FILE",
+                        help="jsonl.zst corpus (repeatable); default: pydocs-train + pystdlib-code in --corpora")
+    parser.add_argument("--corpora", default=None, metavar="DIR",
+                        help="directory of the shared corpora (default: $SYNERGY_CORPORA or ../shared/corpora)")
+    parser.add_argument("--cache", default=None, metavar="DIR",
+                        help="cache for preprocessed shards (default: OUT/cache)")
+    parser.add_argument("--mosaic-python", default=None, metavar="PATH",
+                        help=f"python of the MosaicML streaming venv (default: ${MOSAIC_PYTHON_ENV} or {DEFAULT_MOSAIC_PYTHON})")
+    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face datasets anchor")
+
+
+def default_corpora_dir() -> Path:
+    env = os.environ.get("SYNERGY_CORPORA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
+
+
+def config_from_args(args: argparse.Namespace, out_dir: Path) -> DataBenchConfig:
+    if args.corpus:
+        inputs = list(args.corpus)
+    else:
+        corpora = Path(args.corpora) if args.corpora else default_corpora_dir()
+        inputs = [str(corpora / name) for name in DEFAULT_CORPORA]
+        absent = [p for p in inputs if not Path(p).is_file()]
+        if absent:
+            raise FileNotFoundError(f"data benchmark: corpus {absent[0]} not found; pass --corpora DIR "
+                                    "(holding pydocs-train.jsonl.zst and pystdlib-code.jsonl.zst) or --corpus FILE")
+    mosaic = args.mosaic_python or os.environ.get(MOSAIC_PYTHON_ENV) or DEFAULT_MOSAIC_PYTHON
+    cfg = DataBenchConfig(inputs=inputs, cache_dir=str(args.cache or out_dir / "cache"), mosaic_python=mosaic,
+                          run_hf=not args.no_hf)
+    if args.quick:  # a smoke run of the harness: small windows, few shards, one repeat
+        cfg.seq_len, cfg.repeats, cfg.startup_shards, cfg.startup_shard_bytes = 1024, 1, 50, 2048
+    return cfg

@@ -1,0 +1,403 @@
+"""`synergy-bench model`: training-step speed and memory of SynergyLM against a plain byte Transformer.
+
+One run, one core (pinned), same text, same sequence length:
+- each model trains for a few steps (AdamW, forward + backward + step) in its own fresh process, so
+  its peak resident memory is its own; bytes/s = batch * seq_len / median step time;
+- the byte Transformer's width/depth is chosen so its parameter count is the closest to SynergyLM's;
+- one extra step per SynergyLM runs under torch.profiler with scopes around the router, the
+  down/upsampling functions and the middle network (wrapped from outside, the model is untouched);
+  backward time is attributed to a scope through the autograd sequence numbers of its forward ops;
+- a dense fp32 matmul measured in the same run is the FLOP/s ceiling for MFU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio
+
+ROUTING_SCOPES = ("router", "downsample", "gather_units", "smooth", "upsample", "width_change")
+MIDDLE_SCOPE = "middle"
+SCOPE_PREFIX = "bench/"
+# rows of the comparison: name -> (config preset, preset arguments)
+SYNERGY_MODELS = {
+    "synergy-cosine": ("tiny-cpu", {}),  # the default tiny model, learned cosine router (target N = 4)
+    "synergy-stride4": ("fixed-hierarchy", {"kind": "stride", "stride": 4}),  # same model, exactly N = 4
+    "synergy-space": ("fixed-hierarchy", {"kind": "space"}),  # same model, a concept per word (N ~ 5-6 on text)
+}
+
+
+@dataclass
+class ModelBenchConfig:
+    """Settings of one model benchmark run."""
+
+    seq_len: int = 4096  # bytes per sequence
+    batch_size: int = 1  # sequences per step
+    steps: int = 4  # timed training steps per model (median reported)
+    warmup_steps: int = 1  # untimed steps first (allocator, caches)
+    synergy_models: list[str] = field(default_factory=lambda: list(SYNERGY_MODELS))  # rows from SYNERGY_MODELS
+    matmul_size: int = 1024  # n of the n x n fp32 matmul that sets the FLOP/s ceiling
+    lr: float = 0.0  # AdamW learning rate: 0 keeps the weights, hence a learned router's compression, fixed
+    # while timing (the optimizer still does all of its arithmetic); > 0 lets the compression drift
+    profile: bool = True  # run the profiled step that splits time into router / middle / rest
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def pin_to_one_core() -> int:
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[-1]})
+    return cpus[-1]
+
+
+def matmul_flops_per_s(n: int, repeats: int = 10) -> list[float]:
+    """FLOP/s of an n x n x n fp32 matmul on this thread (2 n^3 FLOPs each), one sample per repeat."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        samples.append(2 * n**3 / (time.perf_counter() - start))
+    return samples
+
+
+def build_config(name: str, **kwargs):
+    from synergy_dist.model.config import PRESETS
+
+    if name not in PRESETS:
+        raise ValueError(f"model benchmark: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name](**kwargs)
+
+
+def count_params(cfg) -> int:
+    from synergy_dist.model import SynergyLM
+
+    return sum(p.numel() for p in SynergyLM(cfg).parameters())
+
+
+def matched_byte_transformer(synergy_cfg, target_params: int) -> tuple[dict, int]:
+    """The byte Transformer at SynergyLM's middle width and heads, with the depth whose parameter
+    count is closest to target_params (a Transformer shaped like the network it is compared with)."""
+    d_model, n_heads = synergy_cfg.d_middle, synergy_cfg.middle.n_heads
+    best: tuple[int, dict, int] | None = None
+    for depth in range(1, 65):
+        kwargs = {"d_model": d_model, "depth": depth, "n_heads": n_heads}
+        params = count_params(build_config("byte-transformer", **kwargs))
+        if best is None or abs(params - target_params) < best[0]:
+            best = (abs(params - target_params), kwargs, params)
+        if params > target_params:
+            break
+    assert best is not None
+    return best[1], best[2]
+
+
+def sample_text(n_bytes: int) -> bytes:
+    """The first n_bytes of the bundled sample corpus (documents joined with newlines), repeated if short."""
+    import io
+
+    import zstandard
+
+    from synergy_dist import SAMPLE_CORPUS
+
+    with open(SAMPLE_CORPUS, "rb") as f:
+        text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
+        data = "\n".join(json.loads(line)["text"] for line in text if line.strip()).encode("utf-8")
+    return (data * (n_bytes // max(len(data), 1) + 1))[:n_bytes]
+
+
+# ---------------------------------------------------------------------------------- profiling
+
+
+def _scoped(fn, name: str):
+    import torch
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.profiler.record_function(SCOPE_PREFIX + name):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def install_scopes(model) -> None:
+    """Wrap the routing functions and modules of a SynergyLM in profiler scopes (this process only)."""
+    from synergy_dist.model import synergy
+
+    for name in ("downsample", "gather_units", "smooth", "upsample"):
+        setattr(synergy, name, _scoped(getattr(synergy, name), name))
+    for module in model.modules():
+        if isinstance(module, synergy.HierarchyStage):
+            module.router.forward = _scoped(module.router.forward, "router")
+            module.width.widen = _scoped(module.width.widen, "width_change")
+            module.width.narrow = _scoped(module.width.narrow, "width_change")
+            if not isinstance(module.inner, synergy.HierarchyStage):
+                module.inner.forward = _scoped(module.inner.forward, MIDDLE_SCOPE)
+
+
+def scope_times(events) -> dict[str, float]:
+    """Seconds per scope, forward (the scope's own span) + backward (autograd nodes of its forward ops).
+
+    The profiler gives every forward op a sequence number; the backward node that autograd runs for
+    it ("autograd::engine::evaluate_function: ...") carries the same number.
+    """
+    children: dict[int, list] = {}
+    for event in events:
+        if event.cpu_parent is not None:
+            children.setdefault(id(event.cpu_parent), []).append(event)
+
+    def sequence_numbers(event, found: set[int]) -> None:
+        for child in children.get(id(event), []):
+            if child.sequence_nr >= 0:
+                found.add(child.sequence_nr)
+            sequence_numbers(child, found)
+
+    forward: dict[str, float] = {}
+    seq_of: dict[str, set[int]] = {}
+    for event in events:
+        if event.name.startswith(SCOPE_PREFIX):
+            name = event.name[len(SCOPE_PREFIX):]
+            parent = event.cpu_parent
+            while parent is not None and not parent.name.startswith(SCOPE_PREFIX):
+                parent = parent.cpu_parent
+            if parent is not None:
+                continue  # nested inside another scope: counted there
+            forward[name] = forward.get(name, 0.0) + event.cpu_time_total / 1e6
+            sequence_numbers(event, seq_of.setdefault(name, set()))
+    backward = {name: 0.0 for name in forward}
+    for event in events:
+        if event.name.startswith("autograd::engine::evaluate_function:"):
+            for name, seqs in seq_of.items():
+                if event.sequence_nr in seqs:
+                    backward[name] += event.cpu_time_total / 1e6
+    return {name: forward[name] + backward[name] for name in forward}
+
+
+# ---------------------------------------------------------------------------------- one model
+
+
+def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool) -> dict:
+    """Run in a fresh process: build the model, train, time each step, measure memory; returns a dict."""
+    import gc
+
+    import torch
+
+    from synergy_dist.model import SynergyLM
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    B, L = cfg.batch_size, cfg.seq_len
+    data = torch.tensor(list(sample_text(B * (L + 1))), dtype=torch.long).view(B, L + 1)
+    input_ids, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    gc.collect()
+    rss_before = _rss_kib("VmRSS")
+
+    model_cfg = build_config(preset, **kwargs)
+    model = SynergyLM(model_cfg)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+
+    def step() -> dict:
+        optimizer.zero_grad(set_to_none=True)
+        out = model(input_ids, labels)
+        out.loss.backward()
+        optimizer.step()
+        return out.aux
+
+    for _ in range(cfg.warmup_steps):
+        step()
+    seconds = []
+    bytes_per_concept = []
+    for _ in range(cfg.steps):
+        start = time.perf_counter()
+        aux = step()
+        seconds.append(time.perf_counter() - start)
+        bytes_per_concept.append(float(aux["bytes_per_concept"]))
+    result = {
+        "step_seconds": seconds,
+        "bytes_per_s": [B * L / s for s in seconds],
+        "bytes_per_concept": bytes_per_concept,
+        "params": sum(p.numel() for p in model.parameters()),
+        "peak_rss_added_mb": (_rss_kib("VmHWM") - rss_before) / 1024,
+    }
+    result.update(_flops(model_cfg, L, B, bytes_per_concept))
+    if profile and model_cfg.stages:
+        install_scopes(model)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            step()
+            profiled_seconds = time.perf_counter() - start
+        result["profiled_step_seconds"] = profiled_seconds
+        result["scope_seconds"] = scope_times(prof.events())
+    return result
+
+
+def _flops(model_cfg, seq_len: int, batch: int, bytes_per_concept: list[float]) -> dict:
+    """Training FLOPs per step (forward + backward = 3x forward) from the model's accounting."""
+    import statistics
+
+    from synergy_dist.model import accounting
+
+    n = statistics.median(bytes_per_concept) if model_cfg.stages else 1.0
+    n = max(n, 1.0)
+    parts = accounting.flops_breakdown(model_cfg, seq_len, n)
+    return {
+        "flops_per_step": accounting.flops_per_byte(model_cfg, seq_len, n, training=True) * seq_len * batch,
+        "middle_flops_per_step": 3 * parts["middle"] * seq_len * batch,
+    }
+
+
+def _rss_kib(field_name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+def worker_main() -> None:
+    """Entry point of the per-model subprocess: argv[1] is a JSON job, the result is printed as JSON."""
+    job = json.loads(sys.argv[1])
+    cfg = ModelBenchConfig(**job["cfg"])
+    print(json.dumps(train_steps(job["preset"], job["kwargs"], cfg, job["profile"])))
+
+
+def run_model(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool) -> tuple[dict | None, str]:
+    job = json.dumps({"preset": preset, "kwargs": kwargs, "cfg": asdict(cfg), "profile": profile})
+    code = "from synergy_dist.bench.model import worker_main; worker_main()"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code, job], capture_output=True, text=True, env=env, timeout=3600)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return None, f"{preset} exited with {proc.returncode}: {tail}"
+    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]), ""
+
+
+# ---------------------------------------------------------------------------------- the benchmark
+
+
+def run(cfg: ModelBenchConfig, command: str) -> BenchReport:
+    report = BenchReport(name="model", command=command)
+    cpu = pin_to_one_core()
+    report.notes.append(f"process pinned to CPU {cpu}; each model trains in its own subprocess on that CPU "
+                        f"(torch threads 1); batch {cfg.batch_size} x seq_len {cfg.seq_len}, AdamW, "
+                        f"{cfg.warmup_steps} warm-up + {cfg.steps} timed steps, lr {cfg.lr} (0: weights and router "
+                        "compression fixed, optimizer arithmetic still runs); text: bundled sample corpus")
+    ceiling = matmul_flops_per_s(cfg.matmul_size)
+    report.add(figure_from("matmul_ceiling", [c / 1e9 for c in ceiling], "GFLOP/s",
+                           f"fp32 torch.mm {cfg.matmul_size}^3, one thread"))
+
+    baseline = None
+    for name in cfg.synergy_models:
+        preset, kwargs = SYNERGY_MODELS[name]
+        synergy, reason = run_model(preset, kwargs, cfg, cfg.profile)
+        key = name.replace("-", "_")
+        if synergy is None:
+            report.add(missing(f"{key}_bytes_per_s", "B/s", reason))
+            continue
+        baseline = baseline or (build_config(preset, **kwargs), synergy["params"])
+        _add_model_figures(report, key, synergy, f"SynergyLM {name} (preset {preset} {kwargs})")
+        report.add(figure_from(f"{key}_bytes_per_concept", synergy["bytes_per_concept"], "bytes",
+                               "realised compression during the timed steps"))
+        _add_profile_figures(report, key, synergy, report.value("matmul_ceiling"))
+
+    if baseline is None:
+        report.add(missing("byte_transformer_bytes_per_s", "B/s", "no SynergyLM ran, nothing to match"))
+        return report
+    kwargs, params = matched_byte_transformer(*baseline)
+    report.notes.append(f"byte Transformer matched to {baseline[1]:,} SynergyLM parameters: {kwargs} "
+                        f"-> {params:,} parameters")
+    byte_tf, reason = run_model("byte-transformer", kwargs, cfg, profile=False)
+    if byte_tf is None:
+        report.add(missing("byte_transformer_bytes_per_s", "B/s", reason))
+    else:
+        _add_model_figures(report, "byte_transformer", byte_tf, f"byte Transformer {kwargs}")
+
+    for preset in cfg.synergy_models:
+        key = preset.replace("-", "_")
+        report.targets.append(Target(f"{preset} bytes/s vs byte Transformer",
+                                     ratio(report.value(f"{key}_bytes_per_s"),
+                                           report.value("byte_transformer_bytes_per_s")), ">=", 1.5))
+        report.targets.append(Target(f"{preset} router + down/upsampling share of step time",
+                                     report.value(f"{key}_routing_share"), "<", 10.0, "%"))
+        report.targets.append(Target(f"{preset} middle-network MFU vs dense matmul ceiling",
+                                     report.value(f"{key}_middle_mfu"), ">=", 30.0, "%"))
+    return report
+
+
+def _add_model_figures(report: BenchReport, key: str, result: dict, what: str) -> None:
+    report.add(figure_from(f"{key}_bytes_per_s", result["bytes_per_s"], "B/s",
+                           f"{what}, {result['params']:,} parameters, training step bytes/s"))
+    report.add(figure_from(f"{key}_peak_rss_added", [result["peak_rss_added_mb"]], "MB",
+                           "VmHWM after the steps - VmRSS before building the model"))
+    flops = result.get("flops_per_step")
+    ceiling = report.value("matmul_ceiling")
+    if flops and ceiling:
+        mfu = [100 * flops / s / (ceiling * 1e9) for s in result["step_seconds"]]
+        report.add(figure_from(f"{key}_model_mfu", mfu, "%", "accounting FLOPs (3x forward) / step time / ceiling"))
+
+
+def _add_profile_figures(report: BenchReport, key: str, result: dict, ceiling_gflops: float | None) -> None:
+    scopes = result.get("scope_seconds")
+    if not scopes:
+        report.add(missing(f"{key}_routing_share", "%", "no profiled step (model without stages or --no-profile)"))
+        return
+    step = result["profiled_step_seconds"]
+    routing = sum(scopes.get(name, 0.0) for name in ROUTING_SCOPES)
+    breakdown = ", ".join(f"{name} {100 * scopes[name] / step:.1f}%" for name in sorted(scopes))
+    report.add(figure_from(f"{key}_routing_share", [100 * routing / step], "%",
+                           f"profiled step {step:.2f} s (forward + backward + AdamW): {breakdown}"))
+    middle_seconds = scopes.get(MIDDLE_SCOPE)
+    middle_flops = result.get("middle_flops_per_step")
+    if middle_seconds and middle_flops and ceiling_gflops:
+        # the profiled step is slower than an unprofiled one; scale the middle's time by their ratio
+        scale = min(result["step_seconds"]) / step
+        achieved = middle_flops / (middle_seconds * scale)
+        report.add(figure_from(f"{key}_middle_mfu", [100 * achieved / (ceiling_gflops * 1e9)], "%",
+                               f"middle FLOPs (3x forward, accounting) / middle time "
+                               f"(profiled fwd+bwd {middle_seconds:.2f} s x {scale:.2f} profiler correction) / ceiling"))
+    else:
+        report.add(missing(f"{key}_middle_mfu", "%", "middle FLOPs or time not available"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seq-len", type=int, default=None, help="model benchmark sequence length (default 4096)")
+    parser.add_argument("--steps", type=int, default=None, help="timed training steps per model (default 4)")
+    parser.add_argument("--synergy-model", action="append", default=None, choices=list(SYNERGY_MODELS),
+                        help=f"SynergyLM row(s) to compare (default: all of {list(SYNERGY_MODELS)})")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="AdamW learning rate of the timed steps (default 0: weights and compression stay fixed)")
+
+
+def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
+    cfg = ModelBenchConfig()
+    if args.quick:  # a smoke run of the harness
+        cfg.seq_len, cfg.steps, cfg.warmup_steps, cfg.matmul_size = 256, 2, 1, 256
+    if args.seq_len is not None:
+        cfg.seq_len = args.seq_len
+    if args.steps is not None:
+        cfg.steps = args.steps
+    if args.synergy_model:
+        cfg.synergy_models = list(args.synergy_model)
+    if args.lr is not None:
+        cfg.lr = args.lr
+    for key in ("seq_len", "steps"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"model benchmark: --{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
+    return cfg

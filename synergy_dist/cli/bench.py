@@ -1,0 +1,57 @@
+"""`synergy-bench data|model|all [--out DIR] [--quick]`: run benchmarks, write JSON + markdown.
+
+Writes OUT/<name>.json and OUT/<name>.md (name = the benchmark, or "all") and prints the markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+from synergy_dist.bench import data as data_bench  # noqa: E402
+from synergy_dist.bench import model as model_bench  # noqa: E402
+from synergy_dist.bench.report import write_report  # noqa: E402
+
+BENCHMARKS = ("data", "model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synergy-bench", description=__doc__)
+    parser.add_argument("benchmark", choices=[*BENCHMARKS, "all"], help="which benchmark to run")
+    parser.add_argument("--out", default="bench-results", metavar="DIR", help="where JSON + markdown go")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke-run the harness (tiny sizes, one repeat): checks it works, numbers mean little")
+    data_bench.add_arguments(parser.add_argument_group("data benchmark"))
+    model_bench.add_arguments(parser.add_argument_group("model benchmark"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = shlex.join(["synergy-bench", *(sys.argv[1:] if argv is None else argv)])
+    out_dir = Path(args.out)
+    selected = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
+    reports = []
+    try:
+        for name in selected:
+            if name == "data":
+                reports.append(data_bench.run(data_bench.config_from_args(args, out_dir), command))
+            elif name == "model":
+                reports.append(model_bench.run(model_bench.config_from_args(args), command))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"synergy-bench: error: {e}", file=sys.stderr)
+        return 2
+    json_path, md_path = write_report(out_dir, reports, stem=args.benchmark)
+    print(md_path.read_text())
+    print(f"synergy-bench: wrote {json_path} and {md_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""`synergy-train --config configs/X.yaml [key.sub_key=value ...]`
+
+Runs single-process, or under `deepspeed --num_gpus N`, `torchrun --nproc_per_node N` and `srun`
+(the launcher is detected from the environment). Exit status: 0 when done, 75 after a
+SIGTERM/SIGUSR1 checkpoint (requeue me), 2 for a bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from synergy_dist.config import ConfigError, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="synergy-train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML config file (default: built-in defaults)")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help="set by the deepspeed launcher; ignored (LOCAL_RANK is read from the environment)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 model.middle.repeat=12")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        print(f"synergy-train: configuration error: {err}", file=sys.stderr)
+        return 2
+    from synergy_dist.train.trainer import train  # heavy imports only after the config is valid
+
+    try:
+        return train(cfg)
+    except ConfigError as err:  # checks that need the world size
+        print(f"synergy-train: configuration error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Typed configuration of SynergyLM: nested dataclasses that map one to one onto YAML.
+
+A model is a list of hierarchy stages (outermost first) around one middle network:
+
+    bytes -> embed -> [stage 0: encoder -> router -> downsample] -> ... -> middle
+          -> ... -> [stage 0: upsample + residual -> decoder] -> byte head
+
+With ``stages=[]`` the middle runs directly on bytes: that is the plain byte-level Transformer
+baseline (give its middle RoPE). Fixed-stride and whitespace hierarchies are stages whose router
+kind is "stride" or "space". The list form is the recursive H-Net structure written flat: stage
+s+1 is the "middle" of stage s.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from data_pipeline.vocab import VOCAB_SIZE
+from synergy_dist.model.moe import MoEConfig
+
+LAYER_LETTERS = {"A": "causal self-attention", "M": "Mamba-2 style selective SSM"}
+ROUTER_KINDS = ("cosine", "gate", "stride", "space")
+WIDTH_CHANGES = ("pad", "linear")
+POS_ENCODINGS = ("rope", "none")
+N_GPT_BYTES_PER_TOKEN = 4.6  # GPT-2 BPE bytes per token on web text (H-Net Eq. 11)
+
+
+@dataclass
+class MambaConfig:
+    d_state: int = 64  # state size per head (N in Mamba-2)
+    d_conv: int = 4  # width of the causal depthwise convolution
+    expand: float = 2.0  # inner width = expand * d_model
+    head_dim: int = 32  # channels per SSM head (P in Mamba-2); inner width must be a multiple
+    chunk_size: int = 64  # block length of the chunked scan (CPU: 32..128 is fastest)
+    dt_min: float = 1e-3  # initial time-step range (log-uniform)
+    dt_max: float = 1e-1
+    kernel: str = "auto"  # "auto": mamba_ssm Triton scan when installed and on GPU, else PyTorch | "torch"
+
+
+@dataclass
+class StackConfig:
+    """One network of layers: an encoder, a decoder or the middle."""
+
+    pattern: str = "A"  # layer letters, "A" = attention, "M" = Mamba; e.g. "MMMA"
+    repeat: int = 1  # the pattern is repeated this many times (depth = len(pattern) * repeat)
+    n_heads: int = 4  # attention heads
+    head_dim: int = 0  # channels per attention head; 0 = d_model // n_heads
+    mlp_ratio: float = 8 / 3  # SwiGLU hidden width / d_model (rounded up to a multiple of 8); 0 = no MLP
+    mlp_on_mamba: bool = False  # give Mamba layers an MLP too (H-Net: no; Jamba: yes)
+    pos_encoding: str = "rope"  # "rope" | "none" (NoPE)
+    rope_base: float = 10000.0  # RoPE frequency base
+    sliding_window: int = 0  # attention sees the last this-many positions (incl. itself); 0 = full causal
+    qk_norm: bool = False  # RMSNorm on queries and keys per head (stabilises attention logits)
+    mamba: MambaConfig = field(default_factory=MambaConfig)  # settings of the "M" layers
+    moe_every: int = 0  # layers 1-indexed k, 2k, ... get an MoE feed-forward instead of the dense MLP; 0 = none
+    moe_layers: list[int] = field(default_factory=list)  # explicit 0-indexed layers with an MoE feed-forward
+    moe: MoEConfig = field(default_factory=MoEConfig)  # MoE settings for the chosen layers
+
+    def __post_init__(self) -> None:
+        self.mamba = _as(MambaConfig, self.mamba)
+        self.moe = _as(MoEConfig, self.moe)
+        self.moe_layers = list(self.moe_layers)
+
+    @property
+    def layers(self) -> str:
+        return self.pattern * self.repeat
+
+    def moe_layer_indices(self) -> list[int]:
+        chosen = set(self.moe_layers)
+        if self.moe_every > 0:
+            chosen |= {i for i in range(len(self.layers)) if (i + 1) % self.moe_every == 0}
+        return sorted(chosen)
+
+
+@dataclass
+class RouterConfig:
+    kind: str = "cosine"  # "cosine" (H-Net) | "gate" (sigmoid of a learned score) | "stride" | "space"
+    target_bytes_per_concept: float = 4.0  # target compression N of this stage (inputs per concept)
+    ratio_loss_coef: float = 0.03  # alpha of the ratio loss (H-Net: 0.03); learned routers only
+    stride: int = 4  # k of the "stride" router: a boundary every k units of a document
+    smoothing: bool = True  # EMA smoothing of concept outputs by boundary confidence (H-Net Eq. 5)
+    straight_through: bool = True  # multiply upsampled states by STE(confidence) so the router gets gradient
+    prob_clamp: float = 1e-4  # confidences are clamped to [eps, 1 - eps] inside the EMA (finite gradients)
+
+
+@dataclass
+class StageConfig:
+    """One level of the hierarchy: encoder -> router -> (inner) -> decoder, at width d_model."""
+
+    d_model: int = 128  # width of this stage
+    encoder: StackConfig = field(default_factory=lambda: StackConfig(pattern="MM"))
+    decoder: StackConfig = field(default_factory=lambda: StackConfig(pattern="MM"))
+    router: RouterConfig = field(default_factory=RouterConfig)
+    lr_mult: float = 0.0  # learning-rate multiplier of this stage's parameters; 0 = H-Net Eq. 11 rule
+
+    def __post_init__(self) -> None:
+        self.encoder = _as(StackConfig, self.encoder)
+        self.decoder = _as(StackConfig, self.decoder)
+        self.router = _as(RouterConfig, self.router)
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = VOCAB_SIZE  # 256 bytes + EOD + PAD (data_pipeline/vocab.py)
+    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig()])  # outermost first; [] = byte model
+    d_middle: int = 256  # width of the middle network
+    middle: StackConfig = field(default_factory=lambda: StackConfig(pattern="A", repeat=4, pos_encoding="none"))
+    middle_lr_mult: float = 0.0  # learning-rate multiplier of the middle; 0 = H-Net Eq. 11 rule (1.0 without stages)
+    width_change: str = "pad"  # "pad": shared learned vector going up, first dims going down (H-Net) | "linear"
+    tie_embeddings: bool = False  # byte head shares the input embedding matrix
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # std of linear/embedding weights at init (output projections scaled by depth)
+
+    def __post_init__(self) -> None:
+        # YAML gives plain dicts for nested sections: turn them into dataclasses.
+        self.stages = [_as(StageConfig, s) for s in self.stages]
+        self.middle = _as(StackConfig, self.middle)
+        self.validate()
+
+    # ------------------------------------------------------------------ helpers
+    def widths(self) -> list[int]:
+        """Widths outermost first, ending with the middle."""
+        return [s.d_model for s in self.stages] + [self.d_middle]
+
+    @property
+    def d_embed(self) -> int:
+        return self.widths()[0]
+
+    def lr_multipliers(self) -> list[float]:
+        """Per stage then middle. Explicit values win; 0 uses H-Net Eq. 11:
+        lambda_s = sqrt(N_GPT * prod_{i>=s} N_i / prod_i N_i * D_S / D_s), with N_S = 1."""
+        if not self.stages:
+            return [self.middle_lr_mult or 1.0]
+        ratios = [s.router.target_bytes_per_concept for s in self.stages] + [1.0]
+        widths = self.widths()
+        total = math.prod(ratios)
+        rule = [
+            math.sqrt(N_GPT_BYTES_PER_TOKEN * math.prod(ratios[s:]) / total * widths[-1] / widths[s])
+            for s in range(len(widths))
+        ]
+        explicit = [s.lr_mult for s in self.stages] + [self.middle_lr_mult]
+        return [e if e > 0 else r for e, r in zip(explicit, rule)]
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if self.vocab_size < VOCAB_SIZE:
+            raise ValueError(f"model.vocab_size={self.vocab_size} is too small: bytes + EOD + PAD need {VOCAB_SIZE}")
+        _check_choice("model.width_change", self.width_change, WIDTH_CHANGES)
+        _check_positive("model.d_middle", self.d_middle)
+        _check_positive("model.norm_eps", self.norm_eps)
+        _check_non_negative("model.middle_lr_mult", self.middle_lr_mult)
+        for i, stage in enumerate(self.stages):
+            key = f"model.stages[{i}]"
+            _check_positive(f"{key}.d_model", stage.d_model)
+            _check_non_negative(f"{key}.lr_mult", stage.lr_mult)
+            _validate_stack(f"{key}.encoder", stage.encoder, stage.d_model)
+            _validate_stack(f"{key}.decoder", stage.decoder, stage.d_model)
+            _validate_router(f"{key}.router", stage.router, is_byte_level=(i == 0))
+        _validate_stack("model.middle", self.middle, self.d_middle)
+        widths = self.widths()
+        if self.width_change == "pad":
+            for i in range(len(widths) - 1):
+                if widths[i + 1] < widths[i]:
+                    inner = f"model.stages[{i + 1}].d_model" if i + 1 < len(self.stages) else "model.d_middle"
+                    raise ValueError(
+                        f"{inner}={widths[i + 1]} is narrower than model.stages[{i}].d_model={widths[i]}: "
+                        "width_change='pad' needs widths that never shrink inwards; widen it or set "
+                        "model.width_change='linear'"
+                    )
+
+
+def _as(cls, value):
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = set(cls.__dataclass_fields__)
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} keys {sorted(unknown)}; known keys: {sorted(known)}")
+        return cls(**value)  # nested sections are converted by each class's __post_init__
+    raise ValueError(f"expected a {cls.__name__} or a dict, got {type(value).__name__}")
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{key}={value!r} is not one of {list(choices)}")
+
+
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{key}={value} must be > 0")
+
+
+def _check_non_negative(key: str, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{key}={value} must be >= 0")
+
+
+def _validate_stack(key: str, stack: StackConfig, d_model: int) -> None:
+    if not isinstance(stack.pattern, str) or not stack.pattern:
+        raise ValueError(f"{key}.pattern must be a non-empty string of layer letters {sorted(LAYER_LETTERS)}")
+    bad = sorted(set(stack.pattern) - set(LAYER_LETTERS))
+    if bad:
+        raise ValueError(
+            f"{key}.pattern={stack.pattern!r} has unknown layer letter(s) {bad}; "
+            f"use " + ", ".join(f"{k!r} ({v})" for k, v in LAYER_LETTERS.items())
+        )
+    _check_positive(f"{key}.repeat", stack.repeat)
+    _check_choice(f"{key}.pos_encoding", stack.pos_encoding, POS_ENCODINGS)
+    _check_non_negative(f"{key}.mlp_ratio", stack.mlp_ratio)
+    _check_non_negative(f"{key}.sliding_window", stack.sliding_window)
+    _check_positive(f"{key}.rope_base", stack.rope_base)
+    if "A" in stack.pattern:
+        _check_positive(f"{key}.n_heads", stack.n_heads)
+        if stack.head_dim == 0 and d_model % stack.n_heads != 0:
+            raise ValueError(
+                f"{key}.n_heads={stack.n_heads} does not divide the width {d_model}; "
+                f"change n_heads or set {key}.head_dim"
+            )
+        head_dim = stack.head_dim or d_model // stack.n_heads
+        if stack.pos_encoding == "rope" and head_dim % 2:
+            raise ValueError(f"{key}: RoPE needs an even head dim, got {head_dim}; change n_heads/head_dim")
+    if "M" in stack.pattern:
+        m = stack.mamba
+        _check_positive(f"{key}.mamba.d_state", m.d_state)
+        _check_positive(f"{key}.mamba.d_conv", m.d_conv)
+        _check_positive(f"{key}.mamba.chunk_size", m.chunk_size)
+        _check_positive(f"{key}.mamba.head_dim", m.head_dim)
+        _check_choice(f"{key}.mamba.kernel", m.kernel, ("auto", "torch"))
+        d_inner = int(m.expand * d_model)
+        if d_inner <= 0 or d_inner % m.head_dim:
+            raise ValueError(
+                f"{key}.mamba: inner width expand*d_model={d_inner} must be a positive multiple of "
+                f"{key}.mamba.head_dim={m.head_dim}"
+            )
+        if not 0 < m.dt_min <= m.dt_max:
+            raise ValueError(f"{key}.mamba: need 0 < dt_min <= dt_max, got {m.dt_min}, {m.dt_max}")
+    _check_non_negative(f"{key}.moe_every", stack.moe_every)
+    depth = len(stack.layers)
+    for i in stack.moe_layers:
+        if not 0 <= i < depth:
+            raise ValueError(f"{key}.moe_layers has {i}, outside the {depth} layers of {key}")
+    if stack.moe_layer_indices():
+        moe = stack.moe
+        _check_positive(f"{key}.moe.n_experts", moe.n_experts)
+        _check_positive(f"{key}.moe.top_k", moe.top_k)
+        if moe.top_k > moe.n_experts:
+            raise ValueError(
+                f"{key}.moe.top_k={moe.top_k} is larger than {key}.moe.n_experts={moe.n_experts}; "
+                "lower top_k or add experts"
+            )
+        try:
+            moe.validate()
+        except ValueError as err:  # its messages start with "moe.<field>": prefix where this stack lives
+            raise ValueError(f"{key}.{err}") from None
+        if stack.mlp_ratio == 0 and moe.d_ff == 0:
+            raise ValueError(f"{key}.moe.d_ff=0 means 'same as the dense MLP' but {key}.mlp_ratio=0; set moe.d_ff")
+
+
+def _validate_router(key: str, router: RouterConfig, is_byte_level: bool) -> None:
+    _check_choice(f"{key}.kind", router.kind, ROUTER_KINDS)
+    if not router.target_bytes_per_concept >= 1:
+        raise ValueError(
+            f"{key}.target_bytes_per_concept={router.target_bytes_per_concept} must be >= 1 (N < 1 would mean "
+            "more concepts than inputs)"
+        )
+    if router.kind in ("cosine", "gate") and router.target_bytes_per_concept <= 1:
+        raise ValueError(f"{key}.target_bytes_per_concept must be > 1 for a learned router (the ratio loss divides by N-1)")
+    _check_non_negative(f"{key}.ratio_loss_coef", router.ratio_loss_coef)
+    if router.kind == "stride":
+        _check_positive(f"{key}.stride", router.stride)
+    if router.kind == "space" and not is_byte_level:
+        raise ValueError(f"{key}.kind='space' only works on bytes (stage 0); use cosine/gate/stride for inner stages")
+    if not 0 < router.prob_clamp < 0.5:
+        raise ValueError(f"{key}.prob_clamp={router.prob_clamp} must be in (0, 0.5)")
+
+
+def mlp_hidden(d_model: int, mlp_ratio: float) -> int:
+    """SwiGLU hidden width: ratio * d rounded up to a multiple of 8 (fast matmul shapes)."""
+    return 8 * math.ceil(mlp_ratio * d_model / 8)
+
+
+# ---------------------------------------------------------------------- presets
+
+
+def tiny_test_config(router: str = "cosine", layers: str = "MA", middle: str = "AM") -> ModelConfig:
+    """A few-thousand-parameter model for unit tests (any router / layer letters)."""
+    mamba = MambaConfig(d_state=8, head_dim=8, chunk_size=8)
+    stack = dict(n_heads=2, mlp_ratio=2.0, mamba=mamba)
+    return ModelConfig(
+        stages=[StageConfig(
+            d_model=32,
+            encoder=StackConfig(pattern=layers, **stack),
+            decoder=StackConfig(pattern=layers, **stack),
+            router=RouterConfig(kind=router, target_bytes_per_concept=3.0, stride=3),
+        )],
+        d_middle=48,
+        middle=StackConfig(pattern=middle, pos_encoding="none", n_heads=2, mlp_ratio=2.0, mamba=mamba),
+    )
+
+
+def tiny_cpu_config() -> ModelConfig:
+    """About 3M parameters: the default CPU training job (1-stage, N=4, Mamba byte level, NoPE middle)."""
+    mamba = MambaConfig(d_state=32, head_dim=32, chunk_size=64)
+    return ModelConfig(
+        stages=[StageConfig(
+            d_model=128,
+            encoder=StackConfig(pattern="MM", mamba=mamba),
+            decoder=StackConfig(pattern="MM", mamba=mamba),
+            router=RouterConfig(kind="cosine", target_bytes_per_concept=4.0),
+        )],
+        d_middle=256,
+        middle=StackConfig(pattern="A", repeat=3, n_heads=4, pos_encoding="none"),
+    )
+
+
+def base_100m_config() -> ModelConfig:
+    """About 110M parameters (75M active per concept): 1-stage N=5, Mamba encoder/decoder, Jamba-style MoE middle (every 2nd layer)."""
+    return ModelConfig(
+        stages=[StageConfig(
+            d_model=512,
+            encoder=StackConfig(pattern="MMMM", mamba=MambaConfig(head_dim=64)),
+            decoder=StackConfig(pattern="MMMM", mamba=MambaConfig(head_dim=64)),
+            router=RouterConfig(kind="cosine", target_bytes_per_concept=5.0),
+        )],
+        d_middle=768,
+        middle=StackConfig(
+            pattern="A", repeat=10, n_heads=12, pos_encoding="none", qk_norm=True,
+            moe_every=2, moe=MoEConfig(n_experts=8, top_k=2, d_ff=512),
+        ),
+    )
+
+
+def byte_transformer_config(d_model: int = 256, depth: int = 6, n_heads: int = 4) -> ModelConfig:
+    """The plain byte-level Transformer baseline: no router, the 'middle' runs on bytes with RoPE."""
+    return ModelConfig(
+        stages=[], d_middle=d_model,
+        middle=StackConfig(pattern="A", repeat=depth, n_heads=n_heads, pos_encoding="rope"),
+    )
+
+
+def fixed_hierarchy_config(kind: str = "space", stride: int = 4) -> ModelConfig:
+    """The tiny-cpu hierarchy with a fixed router ('stride' every k bytes or 'space' after whitespace)."""
+    cfg = tiny_cpu_config()
+    cfg.stages[0].router = RouterConfig(kind=kind, stride=stride, target_bytes_per_concept=float(stride))
+    cfg.validate()
+    return cfg
+
+
+def two_stage_config() -> ModelConfig:
+    """A tiny (3,3)-DC two-stage hierarchy: bytes -> concepts -> super-concepts -> middle."""
+    mamba = MambaConfig(d_state=16, head_dim=16, chunk_size=32)
+    return ModelConfig(
+        stages=[
+            StageConfig(d_model=64, encoder=StackConfig(pattern="MM", mamba=mamba),
+                        decoder=StackConfig(pattern="MM", mamba=mamba),
+                        router=RouterConfig(target_bytes_per_concept=3.0)),
+            StageConfig(d_model=96, encoder=StackConfig(pattern="AM", n_heads=4, mamba=mamba),
+                        decoder=StackConfig(pattern="MA", n_heads=4, mamba=mamba),
+                        router=RouterConfig(target_bytes_per_concept=3.0)),
+        ],
+        d_middle=128,
+        middle=StackConfig(pattern="A", repeat=2, n_heads=4, pos_encoding="none"),
+    )
+
+
+PRESETS = {
+    "tiny-test": tiny_test_config,
+    "tiny-cpu": tiny_cpu_config,
+    "base-100m": base_100m_config,
+    "byte-transformer": byte_transformer_config,
+    "fixed-hierarchy": fixed_hierarchy_config,
+    "two-stage": two_stage_config,
+}

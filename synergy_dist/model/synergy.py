@@ -1,0 +1,373 @@
+"""SynergyLM: a byte-level language model with a learned chunking hierarchy.
+
+    bytes -> embedding -> Stage 0 -> byte head
+    Stage s:  encoder -> router -> downsample -> widen -> (Stage s+1 | middle) -> narrow
+              -> smooth (EMA) -> upsample (causal repeat, STE) -> + Linear(encoder out) -> decoder
+
+The same forward() serves training (no cache) and generation (a cache: each call processes the
+next bytes after those already cached, and an inner stage runs only on concepts the router opens).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, N_BYTES, PAD_ID
+from synergy_dist.model.config import ModelConfig, StackConfig, StageConfig
+from synergy_dist.model.layers import RMSNorm, Stack
+from synergy_dist.model.moe import MoEFeedForward, MoEStats
+from synergy_dist.model.router import BoundaryRouter, RouterState, downsample, gather_units, smooth, upsample
+
+
+@dataclass
+class ModelOutput:
+    loss: torch.Tensor | None  # CE + ratio losses + MoE losses (None without labels)
+    logits: torch.Tensor  # (B, L, vocab)
+    aux: dict[str, torch.Tensor]  # losses and routing statistics (see SynergyLM.forward)
+
+
+@dataclass
+class StageCache:
+    encoder: list
+    decoder: list
+    router: RouterState = field(default_factory=RouterState)
+    inner: StageCache | list | None = None
+    last_concept: torch.Tensor | None = None  # (B, D) smoothed output of the concept in force
+
+
+@dataclass
+class StageReport:
+    """Statistics of one stage for one forward call."""
+
+    units: torch.Tensor  # valid inputs of this stage
+    concepts: torch.Tensor  # concepts it produced
+    boundary_rate: torch.Tensor
+    ratio_loss: torch.Tensor
+    ratio_loss_coef: float  # 0 for fixed routers (nothing to train)
+
+
+class WidthChange(nn.Module):
+    """Between a stage of width d_outer and its inner network of width d_inner (H-Net 'pad' or a projection)."""
+
+    def __init__(self, d_outer: int, d_inner: int, how: str):
+        super().__init__()
+        self.d_outer, self.d_inner, self.how = d_outer, d_inner, how
+        if how == "pad" and d_inner > d_outer:
+            self.pad = nn.Parameter(torch.zeros(d_inner - d_outer))  # shared learned vector appended going up
+        elif how == "linear" and d_inner != d_outer:
+            self.up = nn.Linear(d_outer, d_inner, bias=False)
+            self.down = nn.Linear(d_inner, d_outer, bias=False)
+
+    def widen(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "pad"):
+            return torch.cat((x, self.pad.to(x.dtype).expand(*x.shape[:-1], -1)), dim=-1)
+        return self.up(x) if hasattr(self, "up") else x
+
+    def narrow(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "down"):
+            return self.down(x)
+        return x[..., : self.d_outer]
+
+
+class HierarchyStage(nn.Module):
+    def __init__(self, cfg: ModelConfig, level: int):
+        super().__init__()
+        stage: StageConfig = cfg.stages[level]
+        d, eps = stage.d_model, cfg.norm_eps
+        self.cfg = stage
+        self.level = level
+        self.encoder = Stack(d, stage.encoder, eps)
+        self.router = BoundaryRouter(d, stage.router, cfg.vocab_size)
+        d_inner = cfg.widths()[level + 1]
+        self.width = WidthChange(d, d_inner, cfg.width_change)
+        last = level + 1 == len(cfg.stages)
+        self.inner: nn.Module = Stack(d_inner, cfg.middle, eps) if last else HierarchyStage(cfg, level + 1)
+        self.residual = nn.Linear(d, d, bias=False)  # encoder -> decoder skip, zero at init (H-Net Eq. 3)
+        nn.init.zeros_(self.residual.weight)
+        self.residual.keep_init = True
+        self.decoder = Stack(d, stage.decoder, eps)
+
+    def new_cache(self) -> StageCache:
+        return StageCache(self.encoder.new_cache(), self.decoder.new_cache(), inner=self.inner.new_cache())
+
+    def forward(self, x, ids, force, valid, cache: StageCache | None = None):
+        """x (B, T, D); ids (B, T) bytes at stage 0 else None; force/valid (B, T) bool.
+        Returns (y, [StageReport per stage, outermost first], {layer name: MoEStats})."""
+        hidden, moe = self.encoder(x, valid, cache and cache.encoder)
+        moe = {f"stage{self.level}.encoder.{i}": s for i, s in moe.items()}
+        route = self.router(hidden, ids, force, valid, cache and cache.router)
+        chunks = downsample(hidden, route.boundary)
+        reports = [StageReport(valid.sum(), route.boundary.sum(), route.boundary_rate, route.ratio_loss,
+                               self.cfg.router.ratio_loss_coef if self.router.learned else 0.0)]
+
+        if chunks.x.shape[1] > 0:  # generation steps often open no concept: the inner network is skipped
+            inner_x = self.width.widen(chunks.x)
+            if isinstance(self.inner, HierarchyStage):
+                inner_force = gather_units(force, chunks.positions) & chunks.valid
+                inner_y, inner_reports, inner_moe = self.inner(
+                    inner_x, None, inner_force, chunks.valid, cache and cache.inner)
+                reports += inner_reports
+            else:
+                inner_y, inner_moe = self.inner(inner_x, chunks.valid, cache and cache.inner)
+                inner_moe = {f"middle.{i}": s for i, s in inner_moe.items()}
+            moe.update(inner_moe)
+            concepts = self.width.narrow(inner_y)
+            if self.router.learned and self.cfg.router.smoothing:
+                confidence = gather_units(route.prob, chunks.positions)
+                previous = cache.last_concept if cache is not None else None
+                concepts = smooth(concepts, confidence, previous, self.cfg.router.prob_clamp)
+        else:
+            concepts = hidden.new_zeros(hidden.shape[0], 0, hidden.shape[-1])
+
+        previous = cache.last_concept if cache is not None else None
+        up = upsample(concepts, route.boundary, route.prob, previous, self.cfg.router.straight_through)
+        if cache is not None and concepts.shape[1] > 0:
+            cache.last_concept = concepts[:, -1]  # generation runs one sequence, so the last slot is real
+        y, dec_moe = self.decoder(up + self.residual(hidden), valid, cache and cache.decoder)
+        moe.update({f"stage{self.level}.decoder.{i}": s for i, s in dec_moe.items()})
+        return y, reports, moe
+
+
+class SynergyLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not isinstance(cfg, ModelConfig):
+            raise ValueError(f"SynergyLM needs a ModelConfig, got {type(cfg).__name__}")
+        cfg.validate()
+        self.cfg = cfg
+        d = cfg.d_embed
+        self.embed = nn.Embedding(cfg.vocab_size, d)
+        if cfg.stages:
+            self.body: nn.Module = HierarchyStage(cfg, 0)
+        else:  # plain byte-level model: the middle runs on bytes
+            self.body = Stack(d, cfg.middle, cfg.norm_eps)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self._init_weights()
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    # ------------------------------------------------------------------ init
+    def _init_weights(self) -> None:
+        std = self.cfg.init_std
+        n_layers = sum(len(s.encoder.layers) + len(s.decoder.layers) for s in self.cfg.stages)
+        n_layers += len(self.cfg.middle.layers)
+        moe_modules = [m for m in self.modules() if isinstance(m, MoEFeedForward)]
+        owned_by_moe = {id(p) for m in moe_modules for p in m.parameters()}  # the MoE layer initialises itself
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and not getattr(module, "keep_init", False):
+                if id(module.weight) in owned_by_moe:
+                    continue
+                out_std = std / math.sqrt(2 * n_layers) if getattr(module, "is_residual_out", False) else std
+                nn.init.normal_(module.weight, std=out_std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=std)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> ModelOutput:
+        """input_ids (B, L) in [0, vocab); labels (B, L) aligned with the inputs (labels[:, t] is the
+        byte that follows input_ids[:, t]), IGNORE_INDEX (-100) skipped.
+
+        aux: ce_loss (nats/byte), bpb, ratio_loss (sum over stages, unweighted), bytes_per_concept and
+        boundary_rate (outermost stage; per stage as "stage{s}/..."), "moe/<layer>/<stat>" per MoE layer.
+        """
+        self._check_ids(input_ids, "input_ids")
+        logits, reports, moe = self._run(input_ids, cache=None)
+        aux = self._statistics(reports, moe, logits)
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
+            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            aux["ce_loss"] = ce.detach()
+            aux["bpb"] = ce.detach() / math.log(2)
+            loss = ce + sum((r.ratio_loss_coef * r.ratio_loss for r in reports), ce.new_zeros(()))
+            for name, stats in moe.items():
+                moe_cfg = self._moe_config(name)
+                loss = loss + moe_cfg.aux_loss_coef * stats.aux_loss + moe_cfg.z_loss_coef * stats.z_loss
+        return ModelOutput(loss=loss, logits=logits, aux=aux)
+
+    def _run(self, input_ids: torch.Tensor, cache):
+        """Shared by forward (cache None) and generation. Returns (logits, stage reports, MoE stats)."""
+        B, T = input_ids.shape
+        x = self.embed(input_ids)
+        valid = input_ids != PAD_ID
+        if isinstance(self.body, HierarchyStage):
+            force = self._document_starts(input_ids, cache)
+            y, reports, moe = self.body(x, input_ids, force, valid, cache and cache["body"])
+        else:
+            y, moe = self.body(x, valid, cache and cache["body"])
+            reports, moe = [], {f"middle.{i}": s for i, s in moe.items()}
+        if cache is not None:
+            cache["last_id"] = input_ids[:, -1]
+        return self.head(y), reports, moe
+
+    @staticmethod
+    def _document_starts(input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """The first byte of the sequence and every byte right after EOD must open a concept."""
+        if cache is None or cache.get("last_id") is None:
+            first = torch.ones_like(input_ids[:, :1], dtype=torch.bool)
+        else:
+            first = cache["last_id"][:, None] == EOD_ID
+        return torch.cat((first, input_ids[:, :-1] == EOD_ID), dim=1)
+
+    def _statistics(self, reports: list[StageReport], moe: dict[str, MoEStats], logits) -> dict[str, torch.Tensor]:
+        aux: dict[str, torch.Tensor] = {}
+        zero = logits.new_zeros((), dtype=torch.float32)
+        ratio = zero
+        bytes_total = reports[0].units.float() if reports else zero
+        for s, r in enumerate(reports):
+            concepts = r.concepts.float().clamp(min=1)
+            aux[f"stage{s}/boundary_rate"] = r.boundary_rate.float()
+            aux[f"stage{s}/compression"] = (r.units.float() / concepts).detach()  # inputs per concept, this stage
+            aux[f"stage{s}/bytes_per_concept"] = (bytes_total / concepts).detach()  # bytes per concept, cumulative
+            aux[f"stage{s}/ratio_loss"] = r.ratio_loss.detach().float()
+            ratio = ratio + r.ratio_loss.detach().float()
+        aux["ratio_loss"] = ratio
+        aux["bytes_per_concept"] = aux["stage0/bytes_per_concept"] if reports else zero + 1.0
+        aux["boundary_rate"] = aux["stage0/boundary_rate"] if reports else zero + 1.0
+        for name, stats in moe.items():
+            for key in ("tokens_per_expert", "load_entropy", "max_over_mean_load", "dropped_fraction",
+                        "router_logit_rms", "aux_loss", "z_loss"):
+                aux[f"moe/{name}/{key}"] = getattr(stats, key).detach()
+        return aux
+
+    def _moe_config(self, name: str):
+        """name like 'middle.3' or 'stage1.encoder.0' -> that stack's MoEConfig."""
+        part, _ = name.rsplit(".", 1)
+        if part == "middle":
+            return self.cfg.middle.moe
+        stage, side = part.split(".")
+        stage_cfg = self.cfg.stages[int(stage[len("stage"):])]
+        return (stage_cfg.encoder if side == "encoder" else stage_cfg.decoder).moe
+
+    def _check_ids(self, ids: torch.Tensor, name: str) -> None:
+        if ids.dim() != 2 or ids.dtype != torch.long:
+            raise ValueError(f"{name} must be a (batch, length) LongTensor, got {tuple(ids.shape)} {ids.dtype}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+            raise ValueError(f"{name} has ids outside [0, {self.cfg.vocab_size})")
+
+    # ------------------------------------------------------------------ generation
+    def new_cache(self) -> dict:
+        return {"body": self.body.new_cache(), "last_id": None}
+
+    @torch.no_grad()
+    def generate_iter(
+        self,
+        prompt: bytes,
+        max_new_bytes: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[bytes]:
+        """Yield generated bytes one at a time. The model reads EOD + prompt (a document start);
+        generation stops early when it predicts EOD. temperature <= 0 means greedy."""
+        if max_new_bytes < 0:
+            raise ValueError(f"max_new_bytes={max_new_bytes} must be >= 0")
+        device = self.embed.weight.device
+        generator = torch.Generator(device=device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        cache = self.new_cache()
+        ids = torch.tensor([[EOD_ID, *prompt]], dtype=torch.long, device=device)
+        logits, _, _ = self._run(ids, cache)  # prefill: the whole prompt in one parallel call
+        for _ in range(max_new_bytes):
+            next_id = sample_next(logits[0, -1], temperature, top_k, top_p, generator)
+            if next_id >= N_BYTES:
+                return
+            yield bytes([next_id])
+            logits, _, _ = self._run(torch.tensor([[next_id]], device=device), cache)
+
+    def generate(self, prompt: bytes, max_new_bytes: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, seed: int | None = None) -> bytes:
+        return b"".join(self.generate_iter(prompt, max_new_bytes, temperature, top_k, top_p, seed))
+
+    # ------------------------------------------------------------------ optimizer groups
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Optimizer groups keyed by (part, decay, experts). Each group has "params", "name",
+        "weight_decay", "lr_mult" (H-Net LR modulation: stage s or the middle) and "experts": True for MoE
+        expert parameters (allreduce=False). Pass the list through synergy_dist.model.moe.moe_param_groups
+        to get DeepSpeed's expert-parallel groups. No decay for norms, biases, embeddings, boundary routers
+        and SSM dynamics parameters (A_log, dt_bias, D)."""
+        multipliers = self.cfg.lr_multipliers()
+        part_of = self._parameter_parts()
+        no_decay_ids = self._no_decay_ids()
+        groups: dict[tuple, dict] = {}
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            part = part_of[id(p)]
+            decay = id(p) not in no_decay_ids
+            expert = is_expert_param(name, p)
+            key = (part, decay, expert)
+            if key not in groups:
+                level = len(multipliers) - 1 if part == "middle" else int(part[len("stage"):])
+                groups[key] = {
+                    "params": [],
+                    "name": f"{part}/{'decay' if decay else 'no_decay'}{'/experts' if expert else ''}",
+                    "weight_decay": weight_decay if decay else 0.0,
+                    "lr_mult": multipliers[level], "experts": expert,
+                }
+            groups[key]["params"].append(p)
+        return list(groups.values())
+
+    def _parameter_parts(self) -> dict[int, str]:
+        parts: dict[int, str] = {}
+        outer = "stage0" if self.cfg.stages else "middle"
+        for p in list(self.embed.parameters()) + list(self.head.parameters()):
+            parts[id(p)] = outer
+        node, level = self.body, 0
+        while isinstance(node, HierarchyStage):
+            for child_name, child in node.named_children():
+                if child_name != "inner":
+                    for p in child.parameters():
+                        parts[id(p)] = f"stage{level}"
+            node, level = node.inner, level + 1
+        for p in node.parameters():
+            parts[id(p)] = "middle"
+        return parts
+
+    def _no_decay_ids(self) -> set[int]:
+        ids = {id(p) for p in self.embed.parameters()}
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, BoundaryRouter)):
+                ids |= {id(p) for p in module.parameters()}
+        for p in self.parameters():
+            if p.ndim < 2 or getattr(p, "no_weight_decay", False):
+                ids.add(id(p))
+        if self.cfg.tie_embeddings:
+            ids.add(id(self.head.weight))
+        return ids
+
+
+def is_expert_param(name: str, p: torch.Tensor) -> bool:
+    """DeepSpeed marks expert parameters with allreduce=False; fall back on the module name."""
+    return getattr(p, "allreduce", True) is False or ".experts." in name or ".experts_" in name
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+                generator: torch.Generator) -> int:
+    """Pick the next id from (vocab,) logits; PAD is never produced."""
+    logits = logits.float().clone()
+    logits[PAD_ID:] = float("-inf")
+    if temperature <= 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits[logits < kth] = float("-inf")
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = logits.sort(descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        logits[order[drop]] = float("-inf")
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,183 @@
+"""Checkpoints: save (every rank, then a completion marker last), find the newest complete one,
+load it, and prune old ones.
+
+Layout of one checkpoint, RUN_DIR/checkpoints/step_00000100/:
+    DeepSpeed's files (model, optimizer partitions, expert shards)   written by engine.save_checkpoint
+    rank_00000.pt ...   every rank's RNG states                        written by each rank
+    trainer_state.json  step, data position, safeguard state, config   written by rank 0
+    COMPLETE            JSON list of every file with size and CRC32    written by rank 0, LAST
+
+A directory without COMPLETE (killed mid-save) or whose files do not match COMPLETE (truncated or
+overwritten) is skipped with a warning naming it and never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+MARKER = "COMPLETE"
+TRAINER_STATE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _crc32(path: Path, chunk: int = 1 << 22) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def _fsync_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- finding
+
+
+def list_step_dirs(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(found)
+
+
+def check_complete(path: Path, verify_files: bool = True) -> str | None:
+    """None when the checkpoint at `path` is complete and intact, else the reason it is not."""
+    marker = path / MARKER
+    if not marker.is_file():
+        return "no completion marker (killed while saving?)"
+    try:
+        listing = json.loads(marker.read_text())["files"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return f"unreadable completion marker {marker}"
+    for rel, (size, crc) in listing.items():
+        file = path / rel
+        if not file.is_file():
+            return f"missing file {rel}"
+        if file.stat().st_size != size:
+            return f"file {rel} has {file.stat().st_size} bytes, expected {size} (truncated?)"
+        if verify_files and _crc32(file) != crc:
+            return f"file {rel} fails its CRC32 check (corrupted)"
+    return None
+
+
+def find_latest_complete(root: Path, verify_files: bool = True) -> Path | None:
+    """Newest complete, intact checkpoint under `root`; warns about every newer one it skips."""
+    for _, path in reversed(list_step_dirs(root)):
+        problem = check_complete(path, verify_files)
+        if problem is None:
+            return path
+        warnings.warn(f"skipping checkpoint {path}: {problem}", stacklevel=2)
+    return None
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def save_checkpoint(engine: Any, root: Path, step: int, trainer_state: dict, rank: int, world_size: int,
+                    kill_half_way: bool = False) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory."""
+    path = root / tag_for(step)
+    if rank == 0:
+        if path.exists():  # a leftover from an earlier, interrupted attempt at this step
+            shutil.rmtree(path)
+        path.mkdir(parents=True)
+    if world_size > 1:
+        dist.barrier()
+    engine.save_checkpoint(str(root), tag=path.name, client_state={"step": step}, save_latest=False)
+    torch.save(rng_state(), path / f"rank_{rank:05d}.pt")
+    if kill_half_way:  # fault injection for tests: die with part of the checkpoint on disk
+        os.kill(os.getpid(), signal.SIGKILL)
+    if world_size > 1:
+        dist.barrier()  # every rank has written its files
+    if rank == 0:
+        _fsync_write(path / TRAINER_STATE, json.dumps(trainer_state, indent=1))
+        listing = {}
+        for file in sorted(path.rglob("*")):
+            if file.is_file() and file.name != MARKER:
+                listing[str(file.relative_to(path))] = [file.stat().st_size, _crc32(file)]
+        _fsync_write(path / MARKER, json.dumps({"step": step, "world_size": world_size, "files": listing}))
+    if world_size > 1:
+        dist.barrier()
+    return path
+
+
+def prune(root: Path, keep_last: int, keep_every: int) -> list[Path]:
+    """Delete complete checkpoints outside (newest keep_last) + (multiples of keep_every), and
+    incomplete leftovers older than the newest complete one. Rank 0 only. Returns what it deleted."""
+    dirs = list_step_dirs(root)
+    complete = [(s, p) for s, p in dirs if (p / MARKER).is_file()]
+    if not complete:
+        return []
+    keep = {p for _, p in complete[-keep_last:]}
+    if keep_every > 0:
+        keep |= {p for s, p in complete if s % keep_every == 0}
+    newest = complete[-1][0]
+    deleted = []
+    for step, path in dirs:
+        is_complete = (path / MARKER).is_file()
+        if (is_complete and path not in keep) or (not is_complete and step < newest):
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> dict:
+    """Collective: restore engine state and this rank's RNG; returns the trainer state."""
+    state = json.loads((path / TRAINER_STATE).read_text())
+    saved_world = json.loads((path / MARKER).read_text())["world_size"]
+    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False, load_module_strict=True)
+    if loaded is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    rng_file = path / f"rank_{rank:05d}.pt"
+    if saved_world == world_size and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    elif rank == 0:
+        warnings.warn(f"checkpoint {path} was written by {saved_world} ranks, resuming on {world_size}: "
+                      "random generators are re-seeded instead of restored", stacklevel=2)
+    return state

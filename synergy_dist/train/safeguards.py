@@ -1,0 +1,116 @@
+"""Training safeguards: skip non-finite or spiking updates, ask for a rollback after repeated spikes,
+and raise router-health alarms.
+
+Every input is a globally reduced value (the mean loss over all ranks, the global grad norm), so
+each rank reaches the same verdict without extra communication.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from synergy_dist.config import SafeguardConfig
+
+
+@dataclass
+class Verdict:
+    apply: bool  # take the optimizer step
+    reason: str  # "ok" | "nonfinite" | "loss_spike" | "grad_spike"
+    rollback: bool = False  # too many spikes in a row: restore the last good checkpoint
+
+
+@dataclass
+class SafeguardState:
+    losses: list = field(default_factory=list)  # recent applied-step losses (window)
+    grad_norms: list = field(default_factory=list)  # recent applied-step grad norms (window)
+    consecutive_spikes: int = 0
+    skipped_nonfinite: int = 0
+    skipped_spikes: int = 0
+    rollbacks: list = field(default_factory=list)  # {"at_step", "to_step", "skipped_samples": [lo, hi]}
+
+
+def _zscore(value: float, history: list) -> float:
+    n = len(history)
+    mean = sum(history) / n
+    var = sum((x - mean) ** 2 for x in history) / max(1, n - 1)
+    # A floor on the spread: a perfectly flat history must not turn tiny wiggles into spikes.
+    std = max(math.sqrt(var), 1e-3 * abs(mean), 1e-8)
+    return (value - mean) / std
+
+
+class Safeguards:
+    def __init__(self, cfg: SafeguardConfig):
+        self.cfg = cfg
+        self.state = SafeguardState()
+
+    def judge(self, loss: float, grad_norm: float | None) -> Verdict:
+        """Decide whether this step's update is applied. Pure: `record` updates the state."""
+        values = [loss] + ([grad_norm] if grad_norm is not None else [])
+        if self.cfg.skip_nonfinite and not all(math.isfinite(v) for v in values):
+            return Verdict(apply=False, reason="nonfinite")
+        cfg, st = self.cfg, self.state
+        if cfg.spike_zscore > 0 and len(st.losses) >= cfg.spike_min_history:
+            reason = None
+            if _zscore(loss, st.losses) > cfg.spike_zscore:
+                reason = "loss_spike"
+            elif grad_norm is not None and st.grad_norms and _zscore(grad_norm, st.grad_norms) > cfg.spike_zscore:
+                reason = "grad_spike"
+            if reason:
+                rollback = st.consecutive_spikes + 1 >= cfg.max_consecutive_spikes
+                return Verdict(apply=False, reason=reason, rollback=rollback)
+        return Verdict(apply=True, reason="ok")
+
+    def record(self, verdict: Verdict, loss: float, grad_norm: float | None) -> None:
+        st, window = self.state, self.cfg.spike_window
+        if verdict.reason == "nonfinite":
+            st.skipped_nonfinite += 1
+            return
+        if not verdict.apply:
+            st.skipped_spikes += 1
+            st.consecutive_spikes = 0 if verdict.rollback else st.consecutive_spikes + 1
+            return
+        st.consecutive_spikes = 0
+        st.losses = (st.losses + [loss])[-window:]
+        if grad_norm is not None and math.isfinite(grad_norm):
+            st.grad_norms = (st.grad_norms + [grad_norm])[-window:]
+
+    def record_rollback(self, at_step: int, to_step: int, skipped_samples: tuple[int, int]) -> None:
+        self.state.rollbacks.append({"at_step": at_step, "to_step": to_step, "skipped_samples": list(skipped_samples)})
+
+    # ------------------------------------------------------------------ router health
+    def router_alarms(self, aux: dict, targets: dict[str, float]) -> list[str]:
+        """Alarm texts for compression outside the band or collapsing expert load.
+
+        aux: the model's statistics (floats); targets: stage name -> target bytes per concept."""
+        alarms = []
+        lo, hi = self.cfg.compression_band
+        for stage, target in targets.items():
+            realised = aux.get(f"{stage}/bytes_per_concept")
+            if realised is not None and not lo <= realised / target <= hi:
+                alarms.append(f"{stage}: realised {realised:.2f} bytes/concept is outside "
+                              f"[{lo * target:.2f}, {hi * target:.2f}] (target {target:g})")
+        for key, loads in aux.items():
+            if not key.endswith("/tokens_per_expert") or not isinstance(loads, list) or len(loads) < 2:
+                continue
+            layer = key[: -len("/tokens_per_expert")]
+            total = sum(loads)
+            if total <= 0:
+                continue
+            mean = total / len(loads)
+            dead = [i for i, x in enumerate(loads) if x < self.cfg.dead_expert_fraction * mean]
+            if dead:
+                alarms.append(f"{layer}: dead experts {dead} (load < {self.cfg.dead_expert_fraction:g} x mean)")
+            probs = [x / total for x in loads if x > 0]
+            entropy_ratio = -sum(p * math.log(p) for p in probs) / math.log(len(loads))
+            if entropy_ratio < self.cfg.min_load_entropy_ratio:
+                alarms.append(f"{layer}: expert load entropy {entropy_ratio:.2f} of the maximum is below "
+                              f"{self.cfg.min_load_entropy_ratio:g}")
+        return alarms
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return asdict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = SafeguardState(**state)

@@ -1,0 +1,182 @@
+"""synergy-bench harness: report arithmetic and content, profiler attribution, and --quick smoke runs.
+
+Benchmark figures themselves are never asserted (they depend on the machine); the tests check that
+the harness measures what it says, computes ratios from its own figures, and reports misses.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zstandard
+
+from synergy_dist.bench.anchors.packing import EOD_ID, pack_windows
+from synergy_dist.bench.model import scope_times
+from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio, render_markdown, to_json
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ratio_and_target_status():
+    assert ratio(6.0, 3.0) == 2.0
+    assert ratio(None, 3.0) is None and ratio(1.0, None) is None and ratio(1.0, 0.0) is None
+    assert Target("a", 0.5, ">=", 0.5).status == "met"
+    assert Target("a", 0.49, ">=", 0.5).status == "missed"
+    assert Target("b", 1.99, "<", 2.0, "s").status == "met"
+    assert Target("b", 2.0, "<", 2.0, "s").status == "missed"
+    assert Target("c", None, ">=", 1.0).status == "not available"
+    with pytest.raises(ValueError, match="Target 'd': op must be '>=' or '<', got '>'"):
+        Target("d", 1.0, ">", 0.0).status
+
+
+def test_figure_is_the_median_and_keeps_repeats():
+    figure = figure_from("x", [3.0, 1.0, 2.0, 10.0], "B/s")
+    assert figure.value == 2.5
+    assert figure.samples == [3.0, 1.0, 2.0, 10.0]
+    gone = missing("y", "B/s", "no venv")
+    assert gone.value is None and gone.detail == "not available: no venv"
+
+
+def test_json_and_markdown_content():
+    report = BenchReport(name="data", command="synergy-bench data")
+    report.add(figure_from("ours", [2e8, 3e8, 2.5e8], "B/s", "our stream"))
+    report.add(figure_from("raw", [4e8], "B/s"))
+    report.add(missing("mosaic", "B/s", "no venv at /x"))
+    report.targets.append(Target("ours vs raw", ratio(report.value("ours"), report.value("raw")), ">=", 0.5))
+    report.targets.append(Target("ours vs mosaic", ratio(report.value("ours"), report.value("mosaic")), ">=", 2.0))
+    report.notes.append("pinned to one CPU")
+    machine = {"date_utc": "2026-01-01 00:00:00 UTC", "nproc": 2, "cpu_model": "CPU-X", "ram_gib": 8.0,
+               "load_average_1_5_15": [1.0, 1.0, 1.0], "python": "3.11", "torch": "2"}
+    data = to_json(machine, [report])
+    entry = data["benchmarks"]["data"]
+    assert data["machine"]["cpu_model"] == "CPU-X"
+    assert entry["figures"]["ours"]["value"] == 2.5e8
+    assert entry["targets"][0]["measured"] == 0.625 and entry["targets"][0]["status"] == "met"
+    assert entry["targets"][1]["measured"] is None and entry["targets"][1]["status"] == "not available"
+    text = render_markdown(machine, [report])
+    assert "2 CPUs (CPU-X), 8.0 GiB RAM" in text
+    assert "| ours vs raw | 0.625x | >= 0.5x | met |" in text
+    assert "| ours vs mosaic | n/a | >= 2x | not available |" in text
+    assert "| ours | 250.0 MB/s | 200.0 MB/s, 300.0 MB/s, 250.0 MB/s | our stream |" in text
+    assert "not available: no venv at /x" in text
+    assert "- pinned to one CPU" in text
+
+
+def test_pack_windows_matches_concatenation():
+    from data_pipeline.vocab import EOD_ID as PIPELINE_EOD
+
+    assert EOD_ID == PIPELINE_EOD
+    docs = [b"hello", b"", b"a longer document here", b"xyz" * 7]
+    windows = list(pack_windows(docs, 8))
+    stream = np.concatenate([np.append(np.frombuffer(d, np.uint8).astype(np.int64), EOD_ID) for d in docs])
+    assert len(windows) == len(stream) // 8
+    np.testing.assert_array_equal(np.concatenate(windows), stream[: 8 * len(windows)])
+    assert all(w.shape == (8,) and w.dtype == np.int64 for w in windows)
+
+
+def test_scope_times_attributes_forward_and_backward():
+    torch.manual_seed(0)
+    heavy = torch.nn.Linear(256, 256)
+    x = torch.randn(512, 256, requires_grad=True)
+
+    def step():
+        with torch.profiler.record_function("bench/heavy"):
+            h = heavy(x)
+            for _ in range(8):
+                h = h @ heavy.weight
+        with torch.profiler.record_function("bench/light"):
+            y = h.sum()
+        y.backward()
+
+    step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    events = prof.events()
+    times = scope_times(events)
+    assert set(times) == {"heavy", "light"}
+    forward_heavy = sum(e.cpu_time_total for e in events if e.name == "bench/heavy") / 1e6
+    assert times["heavy"] > forward_heavy > 0  # the backward matmuls were attributed to it too
+    assert times["heavy"] > 5 * times["light"] > 0
+    step_span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
+    assert times["heavy"] + times["light"] <= step_span / 1e6
+
+
+def _write_corpus(path: Path, n_docs: int = 60) -> Path:
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(n_docs):
+        words = rng.choice(["alpha", "beta", "gamma", "delta", "def f(x):", "return", "\n"], size=200)
+        lines.append(json.dumps({"text": f"doc {i} " + " ".join(words)}))
+    path.write_bytes(zstandard.ZstdCompressor().compress(("\n".join(lines) + "\n").encode()))
+    return path
+
+
+def _bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    return subprocess.run([sys.executable, "-m", "synergy_dist.cli.bench", *args], cwd=tmp_path,
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.slow
+def test_data_bench_quick_reports_ratios_and_missing_anchor(tmp_path):
+    corpus = _write_corpus(tmp_path / "corpus.jsonl.zst")
+    out = tmp_path / "out"
+    proc = _bench(["data", "--quick", "--out", str(out), "--corpus", str(corpus),
+                   "--mosaic-python", str(tmp_path / "no-venv" / "python")], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((out / "data.json").read_text())
+    assert {"date_utc", "nproc", "cpu_model", "ram_gib"} <= set(data["machine"])
+    bench = data["benchmarks"]["data"]
+    figures = bench["figures"]
+    for name in ("raw_zstd_decompression", "synergy_stream", "hf_datasets_streaming", "first_batch_seconds",
+                 "first_batch_added_peak_rss"):
+        assert figures[name]["value"] is not None and figures[name]["value"] > 0, name
+        assert len(figures[name]["samples"]) == 1  # --quick: one repeat
+    targets = {t["name"]: t for t in bench["targets"]}
+    vs_raw = targets["stream vs raw zstd decompression"]
+    assert vs_raw["measured"] == figures["synergy_stream"]["value"] / figures["raw_zstd_decompression"]["value"]
+    vs_hf = targets["stream vs HF datasets streaming"]
+    assert vs_hf["measured"] == figures["synergy_stream"]["value"] / figures["hf_datasets_streaming"]["value"]
+    assert vs_hf["status"] == ("met" if vs_hf["measured"] >= 5.0 else "missed")
+    mosaic = targets["stream vs MosaicML streaming (cold, same zstd path)"]
+    assert mosaic["measured"] is None and mosaic["status"] == "not available"
+    assert str(tmp_path / "no-venv" / "python") in figures["mosaic_streaming_cold"]["detail"]
+    assert targets["time to first batch, 50 shards"]["measured"] == figures["first_batch_seconds"]["value"]
+    markdown = (out / "data.md").read_text()
+    assert "| stream vs raw zstd decompression |" in markdown
+    assert "Command: `synergy-bench data --quick" in markdown
+
+
+@pytest.mark.slow
+def test_model_bench_quick_reports_ratio_and_routing_share(tmp_path):
+    out = tmp_path / "out"
+    proc = _bench(["model", "--quick", "--out", str(out), "--seq-len", "128", "--synergy-model", "synergy-stride4"],
+                  tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    bench = json.loads((out / "model.json").read_text())["benchmarks"]["model"]
+    figures = bench["figures"]
+    ours, theirs = figures["synergy_stride4_bytes_per_s"]["value"], figures["byte_transformer_bytes_per_s"]["value"]
+    assert ours > 0 and theirs > 0
+    assert len(figures["synergy_stride4_bytes_per_s"]["samples"]) == 2  # --quick: two timed steps
+    targets = {t["name"]: t for t in bench["targets"]}
+    assert targets["synergy-stride4 bytes/s vs byte Transformer"]["measured"] == ours / theirs
+    share = figures["synergy_stride4_routing_share"]["value"]
+    assert 0 < share < 100
+    assert targets["synergy-stride4 router + down/upsampling share of step time"]["measured"] == share
+    # stride router, every 4th byte of each document opens a concept: about 4 bytes per concept
+    assert 2.5 < figures["synergy_stride4_bytes_per_concept"]["value"] <= 4.0
+
+
+def test_cli_names_a_missing_corpus(tmp_path):
+    proc = _bench(["data", "--quick", "--out", str(tmp_path / "o"), "--corpus", str(tmp_path / "absent.jsonl.zst")],
+                  tmp_path)
+    assert proc.returncode == 2
+    assert f"corpus {tmp_path / 'absent.jsonl.zst'} not found; pass existing --corpus files" in proc.stderr

@@ -1,0 +1,296 @@
+"""slurm/pretrain.sh and slurm/preprocess.sh driven through a real local SLURM (tests/slurm/local_cluster.sh).
+
+The jobs run the real trainer (configs/tiny-cpu.yaml, 2 tasks, gloo) and the real data pipeline.
+SLURM is started once for this module and stopped afterwards when this module started it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_SCRIPT = REPO / "tests" / "slurm" / "local_cluster.sh"
+VENV_BIN = Path(sys.executable).parent
+
+
+def slurm_unavailable_reason() -> str | None:
+    """Why a local SLURM cannot be started here, or None when it can."""
+    if os.geteuid() != 0:
+        return "local SLURM needs root (tests/slurm/local_cluster.sh installs packages and starts daemons)"
+    have_slurm = all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "munged"))
+    if not have_slurm and not shutil.which("apt-get"):
+        return "SLURM is not installed and apt-get is not available to install it"
+    return None
+
+
+def start_cluster() -> bool:
+    """Start the local cluster; return True when this call started it (so the caller stops it)."""
+    if subprocess.run([str(CLUSTER_SCRIPT), "status"], capture_output=True).returncode == 0:
+        return False
+    result = subprocess.run([str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True, timeout=600)
+    if result.returncode != 0:
+        pytest.fail(f"tests/slurm/local_cluster.sh start failed:\n{result.stdout}\n{result.stderr}")
+    return True
+
+
+def stop_cluster() -> None:
+    subprocess.run([str(CLUSTER_SCRIPT), "stop"], capture_output=True, timeout=120)
+
+
+def job_env(**extra: str) -> dict[str, str]:
+    """The environment sbatch exports into a job: this virtualenv first on PATH, one thread per rank."""
+    env = dict(os.environ)
+    env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+class Jobs:
+    """Submits jobs and cancels whatever is still queued at teardown, so no test leaves jobs behind."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    def sbatch(self, args: list[str], env: dict[str, str], cwd: Path) -> str:
+        result = subprocess.run(["sbatch", "--parsable", *args], env=env, cwd=cwd, capture_output=True, text=True)
+        assert result.returncode == 0, f"sbatch failed: {result.stderr}"
+        job_id = result.stdout.strip().split(";")[0]
+        self.ids.append(job_id)
+        return job_id
+
+    def cancel_all(self) -> None:
+        if self.ids:
+            subprocess.run(["scancel", *self.ids], capture_output=True)
+
+
+def job_info(job_id: str) -> dict[str, str]:
+    """`scontrol show job` as a dict (JobState, ExitCode, Restarts, ...); {} once SLURM forgot the job."""
+    result = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        return {}
+    info = {}
+    for item in result.stdout.split():
+        key, _, value = item.partition("=")
+        info.setdefault(key, value)
+    return info
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
+
+
+def wait_finished(job_id: str, timeout: float) -> dict[str, str]:
+    """Wait until the job is in a final state. A requeued job (PENDING on BeginTime) is not final."""
+    return wait_for(lambda: (lambda i: i if i.get("JobState") in FINISHED else None)(job_info(job_id)),
+                    timeout, f"job {job_id} to finish")
+
+
+def release_requeued(job_id: str, timeout: float) -> dict[str, str]:
+    """SLURM holds a requeued job ~2 minutes (BeginTime); let it start now instead."""
+    info = wait_for(lambda: (lambda i: i if i.get("JobState") == "PENDING" and int(i.get("Restarts", 0)) >= 1 else None)(
+        job_info(job_id)), timeout, f"job {job_id} to be requeued")
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
+    return info
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def last_step(run_dir: Path) -> int:
+    rows = read_metrics(run_dir)
+    return rows[-1]["step"] if rows else 0
+
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+PRETRAIN = REPO / "slurm" / "pretrain.sh"
+PREPROCESS = REPO / "slurm" / "preprocess.sh"
+TINY = REPO / "configs" / "tiny-cpu.yaml"
+# Two CPU ranks on the one 2-CPU node: the CPU variant of the template.
+CPU_TWO_TASKS = ["--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:15:00"]
+# Tiny and quick: no evaluation, no sample generation, a micro-batch that divides over 2 ranks.
+QUICK = ["log.every_steps=1", "train.eval_every_steps=0", "train.sample_bytes=0", "batch.micro_batch_size=4"]
+JOB_TIMEOUT = 300
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    reason = slurm_unavailable_reason()
+    if reason:
+        pytest.skip(reason)
+    started = start_cluster()
+    yield
+    if started:
+        stop_cluster()
+
+
+@pytest.fixture
+def jobs(slurm_cluster):
+    tracker = Jobs()
+    yield tracker
+    tracker.cancel_all()
+
+
+def submit_pretrain(jobs: Jobs, tmp_path: Path, overrides: list[str], **env: str) -> tuple[str, Path]:
+    run_dir = tmp_path / "run"
+    job_id = jobs.sbatch([*CPU_TWO_TASKS, f"--output={tmp_path}/slurm-%j.out", str(PRETRAIN), *QUICK, *overrides],
+                         job_env(CONFIG=str(TINY), RUN_DIR=str(run_dir), **env), cwd=tmp_path)
+    return job_id, run_dir
+
+
+def job_log(run_dir: Path, job_id: str) -> str:
+    return (run_dir / "logs" / f"slurm-{job_id}.log").read_text()
+
+
+def signal_batch_shell(job_id: str, run_dir: Path, after_step: int) -> int:
+    """Once training is under way, send what SLURM sends before the time limit (USR1 to the batch shell)."""
+    wait_for(lambda: last_step(run_dir) >= after_step, JOB_TIMEOUT, f"step {after_step} in {run_dir}/metrics.jsonl")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, capture_output=True)
+    return last_step(run_dir)
+
+
+def test_pretrain_cpu_two_tasks_trains_checkpoints_and_exits_0(jobs, tmp_path):
+    job_id, run_dir = submit_pretrain(jobs, tmp_path, ["train.max_steps=6", "checkpoint.every_steps=3"])
+    info = wait_finished(job_id, JOB_TIMEOUT)
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert {r["world_size"] for r in rows} == {2}
+    assert all(r["bpb"] > 0 for r in rows)
+    assert (run_dir / "checkpoints" / "step_00000006").is_dir()
+    assert "launcher=srun" in log and "1 node(s) x 2 process(es)" in log
+    assert "training finished (exit 0)" in log
+
+
+def test_pretrain_usr1_checkpoints_requeues_and_finishes_without_repeating_steps(jobs, tmp_path):
+    total = 20
+    # checkpoint.every_steps=0: the only checkpoint before the end is the one the signal causes.
+    job_id, run_dir = submit_pretrain(jobs, tmp_path, [f"train.max_steps={total}", "checkpoint.every_steps=0"])
+    signalled_at = signal_batch_shell(job_id, run_dir, after_step=2)
+    release_requeued(job_id, JOB_TIMEOUT)
+    steps_before_requeue = last_step(run_dir)
+    info = wait_finished(job_id, JOB_TIMEOUT)
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+    assert signalled_at <= steps_before_requeue < total, "the first attempt must stop early, on the signal"
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == list(range(1, total + 1)), "every step trained exactly once across the requeue"
+    assert {r["world_size"] for r in read_metrics(run_dir)} == {2}
+    assert "got SIGUSR1" in log
+    assert f"trainer checkpointed (exit 75); requeueing job {job_id} (restart 1 of at most 20)" in log
+    assert "attempt 2" in log and "training finished (exit 0)" in log
+
+
+def test_pretrain_deepspeed_launcher_stops_requeueing_at_max_restarts(jobs, tmp_path):
+    total = 40
+    job_id, run_dir = submit_pretrain(jobs, tmp_path, [f"train.max_steps={total}", "checkpoint.every_steps=0"],
+                                      LAUNCHER="deepspeed", MAX_RESTARTS="0")
+    signal_batch_shell(job_id, run_dir, after_step=2)
+    info = wait_finished(job_id, JOB_TIMEOUT)
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "75:0", "0"), log
+    assert "launcher=deepspeed" in log
+    assert "already requeued 0 times (MAX_RESTARTS=0); not requeueing" in log
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < total
+    assert {r["world_size"] for r in read_metrics(run_dir)} == {2}
+    # The signal's checkpoint is complete and names the last logged step: resubmitting resumes there.
+    assert (run_dir / "checkpoints" / f"step_{steps[-1]:08d}").is_dir()
+
+
+def test_pretrain_crash_is_not_requeued(jobs, tmp_path):
+    # 8 sequences cannot be split into micro-batches of 8 over 2 ranks: the trainer exits 2 at start.
+    job_id, run_dir = submit_pretrain(jobs, tmp_path, ["train.max_steps=4", "batch.micro_batch_size=8"])
+    info = wait_finished(job_id, JOB_TIMEOUT)
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("FAILED", "2:0", "0"), log
+    assert "batch.global_batch_size=8 is not divisible by world size 2" in log
+    assert "trainer failed with exit 2; not requeueing" in log
+
+
+def test_pretrain_rejects_a_missing_config(jobs, tmp_path):
+    job_id = jobs.sbatch([*CPU_TWO_TASKS, f"--output={tmp_path}/slurm-%j.out", str(PRETRAIN)],
+                         job_env(CONFIG=str(tmp_path / "nope.yaml"), RUN_DIR=str(tmp_path / "run")), cwd=tmp_path)
+    info = wait_finished(job_id, JOB_TIMEOUT)
+    assert (info["JobState"], info["ExitCode"]) == ("FAILED", "2:0")
+    out = (tmp_path / f"slurm-{job_id}.out").read_text()
+    assert f"CONFIG={tmp_path / 'nope.yaml'} does not exist" in out
+
+
+def write_corpus_files(directory: Path, n_files: int, docs_per_file: int) -> list[Path]:
+    """Slices of the bundled sample corpus as separate jsonl inputs."""
+    import zstandard
+
+    from synergy_dist import SAMPLE_CORPUS
+
+    with open(SAMPLE_CORPUS, "rb") as f:
+        lines = zstandard.ZstdDecompressor().stream_reader(f).read().decode().splitlines()
+    assert len(lines) >= n_files * docs_per_file
+    paths = []
+    for i in range(n_files):
+        path = directory / f"part-{i}.jsonl"
+        path.write_text("\n".join(lines[i * docs_per_file:(i + 1) * docs_per_file]) + "\n")
+        paths.append(path)
+    return paths
+
+
+def test_preprocess_array_merges_to_the_same_documents_as_one_process(jobs, tmp_path):
+    from data_pipeline.shards import iter_documents, load_manifest, verify_shard_set
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    write_corpus_files(inputs, n_files=5, docs_per_file=16)
+    output = tmp_path / "merged"
+    env = job_env(INPUTS=f"{inputs}/part-*.jsonl", OUTPUT=str(output), PREPROCESS_ARGS="--shard-size 64KiB")
+    array_id = jobs.sbatch(["--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/pre-%A_%a.out", str(PREPROCESS)],
+                           env, cwd=tmp_path)
+    merge_id_file = tmp_path / "merged.parts" / "merge-job-id"
+    merge_id = wait_for(lambda: merge_id_file.exists() and merge_id_file.read_text().strip(), JOB_TIMEOUT,
+                        "the array's first task to submit the merge job")
+    jobs.ids.append(merge_id)
+    merge_info = wait_finished(merge_id, JOB_TIMEOUT)
+    for task in (0, 1):
+        task_info = wait_finished(f"{array_id}_{task}", JOB_TIMEOUT)
+        assert (task_info["JobState"], task_info["ExitCode"]) == ("COMPLETED", "0:0")
+    assert (merge_info["JobState"], merge_info["ExitCode"]) == ("COMPLETED", "0:0")
+    assert f"afterok:{array_id}" in merge_info["Dependency"] or merge_info["Dependency"] == "(null)"
+
+    # Each task wrote its own shard set over its slice (files 0-1 and 2-4).
+    parts = sorted((tmp_path / "merged.parts").glob("part-*"))
+    assert [p.name for p in parts] == ["part-00000", "part-00001"]
+    assert [load_manifest(p).total_documents for p in parts] == [32, 48]
+
+    single = tmp_path / "single"
+    subprocess.run([str(VENV_BIN / "synergy-preprocess"), "--quiet", "--shard-size", "64KiB", "--output", str(single),
+                    f"{inputs}/part-*.jsonl"], check=True, env=job_env())
+    assert verify_shard_set(output) == []
+    merged_docs = list(iter_documents(output))
+    assert len(merged_docs) == 80
+    assert merged_docs == list(iter_documents(single))
