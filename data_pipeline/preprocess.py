@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import time
+from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -122,6 +123,7 @@ class ShardSetBuilder:
         self.buffer: list[bytes] = []
         self.buffer_bytes = 0
         self.shards: list[ShardInfo | Future] = []
+        self.pending: deque[Future] = deque()  # submitted, maybe unfinished
         self.reused = 0
         self.complete = False
         self._prepare()
@@ -193,10 +195,13 @@ class ShardSetBuilder:
         if self.pool is None:
             self.shards.append(ShardInfo(**_write_shard_job(*args)))
             return
-        self.shards.append(self.pool.submit(_write_shard_job, *args))
-        in_flight = [s for s in self.shards if isinstance(s, Future) and not s.done()]
-        if len(in_flight) > self.max_in_flight:
-            in_flight[0].result()  # back-pressure: keep memory bounded
+        future = self.pool.submit(_write_shard_job, *args)
+        self.shards.append(future)
+        self.pending.append(future)
+        while self.pending and self.pending[0].done():
+            self.pending.popleft().result()  # surfaces a worker's error early
+        if len(self.pending) > self.max_in_flight:
+            self.pending.popleft().result()  # back-pressure: keep memory bounded
 
     def finish(self) -> Manifest:
         if self.complete:

@@ -190,11 +190,16 @@ def write_shard(
 
 
 class FrameCache:
-    """A small LRU of decompressed frames, shareable by the readers of one shard set."""
+    """A small LRU of decompressed frames, shareable by the readers of one shard set.
+
+    Evicted frames' buffers are recycled for the next decompression: writing into memory that is
+    already mapped is markedly faster than into fresh pages.
+    """
 
     def __init__(self, capacity: int = 4):
         self.capacity = max(1, capacity)
         self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._free: list[np.ndarray] = []  # buffers of evicted frames
 
     def get(self, key: tuple) -> np.ndarray | None:
         item = self._items.get(key)
@@ -206,10 +211,21 @@ class FrameCache:
         self._items[key] = value
         self._items.move_to_end(key)
         while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
+            _, old = self._items.popitem(last=False)
+            if len(self._free) < 2:
+                self._free.append(old.base if isinstance(old.base, np.ndarray) else old)
+
+    def buffer(self, size: int) -> np.ndarray:
+        """A writable uint8 buffer of at least size bytes (recycled when possible)."""
+        while self._free:
+            buf = self._free.pop()
+            if len(buf) >= size:
+                return buf
+        return np.empty(max(size, DEFAULT_FRAME_BYTES), dtype=np.uint8)
 
     def clear(self) -> None:
         self._items.clear()
+        self._free.clear()
 
 
 class ShardReader:
@@ -221,6 +237,7 @@ class ShardReader:
 
     def __init__(self, path: str | Path, expected_bytes: int | None = None, cache: FrameCache | None = None):
         self.path = Path(path)
+        self._key = str(self.path)  # cache key: a str hashes once, a Path on every lookup
         self.expected_bytes = expected_bytes
         self._frames: np.ndarray | None = None  # int64 [F, 3]: offset, compressed size, raw size
         self._frame_starts: np.ndarray | None = None  # int64 [F+1]: raw offset where each frame starts
@@ -287,6 +304,9 @@ class ShardReader:
         if (n_docs and int(doc_ends[-1]) != total) or np.any(np.diff(doc_ends) < 0):
             raise self._fail("document boundaries are inconsistent with the frames (corrupted footer)")
         self._frames, self._frame_starts, self._doc_ends = table, frame_starts, doc_ends
+        self._raw_total = total
+        uniform = n_frames > 0 and bool(np.all(table[:-1, 2] == table[0, 2]) and table[-1, 2] <= table[0, 2])
+        self._uniform = int(table[0, 2]) if uniform and table[0, 2] > 0 else 0  # frame size, or 0
 
     @property
     def doc_ends(self) -> np.ndarray:
@@ -305,7 +325,7 @@ class ShardReader:
 
     def frame(self, k: int) -> np.ndarray:
         """Decompressed frame k as uint8 (cached)."""
-        cached = self._cache.get((self.path, k))
+        cached = self._cache.get((self._key, k))
         if cached is not None:
             return cached
         self.load_index()
@@ -313,32 +333,51 @@ class ShardReader:
         blob = os.pread(self._open().fileno(), csize, offset)
         if len(blob) != csize:
             raise self._fail(f"truncated: frame {k} is cut short")
+        arr = self._cache.buffer(rsize)[:rsize]
+        view = memoryview(arr)
+        got = 0
         try:
-            data = self._dctx.decompress(blob, max_output_size=rsize)
+            with self._dctx.stream_reader(blob) as stream:
+                while got < rsize:
+                    n = stream.readinto(view[got:])
+                    if n == 0:
+                        break
+                    got += n
+                extra = stream.read(1)  # reaches the frame end: zstd checks the content checksum there
         except zstandard.ZstdError as e:
             raise self._fail(f"frame {k} fails its checksum or cannot be decompressed ({e})") from None
-        if len(data) != rsize:
-            raise self._fail(f"frame {k} decompressed to {len(data)} bytes, index says {rsize}")
-        arr = np.frombuffer(data, dtype=np.uint8)
-        self._cache.put((self.path, k), arr)
+        if got != rsize or extra:
+            raise self._fail(f"frame {k} decompressed to {got + len(extra)}+ bytes, index says {rsize}")
+        self._cache.put((self._key, k), arr)
         return arr
 
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Raw bytes [lo, hi) of the shard as uint8, decompressing only the frames they touch."""
-        self.load_index()
-        if not 0 <= lo <= hi <= self.raw_bytes:
-            raise IndexError(f"shard {self.path}: byte range [{lo}, {hi}) outside [0, {self.raw_bytes})")
+    def _view(self, lo: int, hi: int) -> np.ndarray:
+        """Raw bytes [lo, hi): a view into the frame cache when one frame holds them, else a new
+        array. A view is only valid until the next frame is decompressed (buffers are recycled)."""
+        if self._doc_ends is None:
+            self.load_index()
+        starts = self._frame_starts
+        if not 0 <= lo <= hi <= self._raw_total:
+            raise IndexError(f"shard {self.path}: byte range [{lo}, {hi}) outside [0, {self._raw_total})")
         if lo == hi:
             return np.empty(0, dtype=np.uint8)
-        starts = self._frame_starts
-        first = int(np.searchsorted(starts, lo, side="right")) - 1
-        last = int(np.searchsorted(starts, hi, side="left")) - 1
+        if self._uniform:  # every frame but the last holds frame_bytes: plain division
+            first, last = lo // self._uniform, (hi - 1) // self._uniform
+        else:
+            first = int(starts.searchsorted(lo, side="right")) - 1
+            last = int(starts.searchsorted(hi, side="left")) - 1
         if first == last:
-            base = int(starts[first])
+            base = first * self._uniform if self._uniform else int(starts[first])
             return self.frame(first)[lo - base : hi - base]
-        parts = [self.frame(k) for k in range(first, last + 1)]
-        base = int(starts[first])
-        return np.concatenate(parts)[lo - base : hi - base]
+        out = np.empty(hi - lo, dtype=np.uint8)
+        for k in range(first, last + 1):  # copy each frame's part before the next one may evict it
+            a, b = max(lo, int(starts[k])), min(hi, int(starts[k + 1]))
+            out[a - lo : b - lo] = self.frame(k)[a - int(starts[k]) : b - int(starts[k])]
+        return out
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Raw bytes [lo, hi) of the shard as a new uint8 array, decompressing only the frames they touch."""
+        return self._view(lo, hi).copy()
 
     def document(self, k: int) -> bytes:
         ends = self.doc_ends

@@ -13,6 +13,7 @@ is read the first time a window touches it, and frames are decompressed on deman
 
 from __future__ import annotations
 
+import bisect
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -38,6 +39,8 @@ class ShardSetSource:
         raw = np.array([s.raw_bytes for s in shards], dtype=np.int64)
         self.doc_starts = np.concatenate(([0], np.cumsum(docs)))  # first global document of each shard
         self.token_starts = np.concatenate(([0], np.cumsum(raw + docs)))  # first stream token of each shard
+        self._token_starts = self.token_starts.tolist()  # Python ints: fast scalar lookups (bisect)
+        self._doc_starts = self.doc_starts.tolist()
         self.total_tokens = int(self.token_starts[-1])
         if pack:
             self.n_windows = max(0, (self.total_tokens - 1) // seq_len)
@@ -81,32 +84,40 @@ class ShardSetSource:
             self._eod_positions.pop(old, None)
         return r
 
-    def _shard_tokens(self, shard: int, s: int, e: int, out: np.ndarray) -> int:
-        """Write shard-local stream tokens [s, e) into out; return the raw byte offset of token s."""
+    def _shard_tokens(self, shard: int, s: int, e: int, out: np.ndarray) -> None:
+        """Write shard-local stream tokens [s, e) into out (raw bytes with EOD_ID after each document)."""
         reader = self.reader(shard)
         eods = self._eod_positions[shard]
-        first = int(np.searchsorted(eods, s, side="left"))
-        last = int(np.searchsorted(eods, e, side="left"))
-        byte_lo, byte_hi = s - first, e - last
-        raw = reader.read(byte_lo, byte_hi)
+        first = int(eods.searchsorted(s, side="left"))
+        last = int(eods.searchsorted(e, side="left"))
+        raw = reader._view(s - first, e - last)  # copied into out right away
         if first == last:
             out[:] = raw
+        elif last - first <= 8:  # few documents end here: copy the pieces between them
+            at = 0  # position in raw
+            pos = 0  # position in out
+            for eod in eods[first:last].tolist():
+                n = eod - s - pos
+                out[pos : pos + n] = raw[at : at + n]
+                out[pos + n] = EOD_ID
+                at += n
+                pos += n + 1
+            out[pos:] = raw[at:]
         else:
             inside = eods[first:last] - s
             mask = np.ones(e - s, dtype=bool)
             mask[inside] = False
             out[mask] = raw
             out[inside] = EOD_ID
-        return byte_lo
 
     def shards_of(self, window: int) -> range:
         """Indices of the shards a window reads."""
         if self.pack:
             a = window * self.seq_len
-            first = int(np.searchsorted(self.token_starts, a, side="right")) - 1
-            last = int(np.searchsorted(self.token_starts, a + self.seq_len + 1, side="left")) - 1
+            first = bisect.bisect_right(self._token_starts, a) - 1
+            last = bisect.bisect_left(self._token_starts, a + self.seq_len + 1) - 1
             return range(first, last + 1)
-        shard = int(np.searchsorted(self.doc_starts, window, side="right")) - 1
+        shard = bisect.bisect_right(self._doc_starts, window) - 1
         return range(shard, shard + 1)
 
     def window(self, window: int) -> tuple[np.ndarray, int]:
@@ -115,20 +126,24 @@ class ShardSetSource:
         out = np.empty(size, dtype=np.int64)
         if self.pack:
             a = window * self.seq_len
+            starts = self._token_starts
+            shard = bisect.bisect_right(starts, a) - 1
+            if a + size <= starts[shard + 1]:  # the common case: one shard
+                self._shard_tokens(shard, a - starts[shard], a + size - starts[shard], out)
+                return out, size
             for shard in self.shards_of(window):
-                lo = max(a, int(self.token_starts[shard]))
-                hi = min(a + size, int(self.token_starts[shard + 1]))
+                lo = max(a, starts[shard])
+                hi = min(a + size, starts[shard + 1])
                 if hi > lo:
-                    base = int(self.token_starts[shard])
-                    self._shard_tokens(shard, lo - base, hi - base, out[lo - a : hi - a])
+                    self._shard_tokens(shard, lo - starts[shard], hi - starts[shard], out[lo - a : hi - a])
             return out, size
         shard = self.shards_of(window)[0]
-        k = window - int(self.doc_starts[shard])
+        k = window - self._doc_starts[shard]
         ends = self.reader(shard).doc_ends
         lo = int(ends[k - 1]) if k else 0
         hi = min(int(ends[k]), lo + size)
         n = hi - lo
-        out[:n] = self.reader(shard).read(lo, hi)
+        out[:n] = self.reader(shard)._view(lo, hi)
         if n < size:
             out[n] = EOD_ID
             n += 1

@@ -6,7 +6,6 @@ the harness measures what it says, computes ratios from its own figures, and rep
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess

@@ -8,6 +8,7 @@ import pytest
 from data_pipeline.shards import (
     TRAILER,
     CorruptShardError,
+    FrameCache,
     ManifestError,
     ShardReader,
     iter_documents,
@@ -50,6 +51,18 @@ def test_round_trip_exact_bytes_and_ranges(shard_set):
         lo, hi = sorted(int(x) for x in rng.integers(0, len(raw) + 1, size=2))
         assert reader.read(lo, hi).tobytes() == raw[lo:hi]
     assert reader.doc_ends.tolist() == np.cumsum([len(d) for d in docs[:25]]).tolist()
+
+
+def test_recycled_frame_buffers_never_leak_into_returned_bytes(shard_set):
+    directory, docs = shard_set
+    raw = b"".join(docs[:25])
+    reader = ShardReader(directory / "shard-000000.bin", cache=FrameCache(1))  # evicts on every new frame
+    rng = np.random.default_rng(2)
+    kept = []
+    for _ in range(60):
+        lo, hi = sorted(int(x) for x in rng.integers(0, len(raw) + 1, size=2))
+        kept.append((lo, hi, reader.read(lo, hi)))
+    assert all(got.tobytes() == raw[lo:hi] for lo, hi, got in kept)
 
 
 def test_reading_a_range_decompresses_only_the_frames_it_touches(shard_set):

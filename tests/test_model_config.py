@@ -101,13 +101,7 @@ def test_unknown_nested_key_is_reported():
 
 
 def test_presets_build_with_expected_sizes():
-    sizes = {}
-    for name, make in PRESETS.items():
-        cfg = make()
-        if name == "base-100m":
-            sizes[name] = param_counts(SynergyLM(cfg))["total"]
-        elif name != "base-100m":
-            sizes[name] = param_counts(SynergyLM(cfg))["total"]
+    sizes = {name: param_counts(SynergyLM(make()))["total"] for name, make in PRESETS.items()}
     assert 1_000_000 <= sizes["tiny-cpu"] <= 5_000_000
     assert 80_000_000 <= sizes["base-100m"] <= 130_000_000
     assert sizes["tiny-test"] < 200_000

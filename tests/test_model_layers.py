@@ -19,7 +19,7 @@ def naive_recurrence(x_dt, log_a, B, C, initial):
     return torch.stack(ys, 1), state
 
 
-@pytest.mark.parametrize("length,chunk", [(1, 4), (37, 8), (64, 16), (20, 64)])
+@pytest.mark.parametrize("length,chunk", [(1, 4), (37, 8), (64, 16), (20, 64), (301, 4)])
 def test_ssd_scan_equals_recurrence(length, chunk):
     g = torch.Generator().manual_seed(length)
     b, h, p, n = 2, 3, 4, 5

@@ -219,6 +219,7 @@ def test_bf16_parameters_are_rejected_until_router_is_fp32_again():
     with pytest.raises(RuntimeError, match="MoE router weight is torch.bfloat16, it must stay torch.float32"):
         layer(x)
     assert keep_routers_fp32(layer) == 1
+    assert layer.selection_bias.dtype == torch.float32 and layer.load_since_update.dtype == torch.float64
     y, stats = layer(x)
     assert y.dtype == torch.bfloat16 and layer.router.weight.dtype == torch.float32
     logits = x.reshape(-1, D_MODEL).float() @ layer.router.weight.t()

@@ -1,6 +1,7 @@
 """DeepSpeed engine + MoE layer on 2 gloo ranks, expert-parallel size 2, ZeRO-1 and ZeRO-2, torch Adam:
 the engine recognises the layer as MoE, reduces expert gradients over the expert-data-parallel group, and its
-optimizer steps give the same weights as a single-process ep=1 reference; its MoE checkpoint round-trips."""
+optimizer steps give the same weights as a single-process ep=1 reference; its MoE checkpoint round-trips;
+bf16 through torch_autocast keeps the router in fp32."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-D_MODEL, D_FF, N_EXPERTS, LR = 8, 12, 4, 1e-2
+D_MODEL, D_FF, N_EXPERTS, LR, CLIP = 8, 12, 4, 1e-2, 1.0
 VALID_TOKENS = [[9, 5], [3, 7]]  # per step, per rank: ranks hold different numbers of concept tokens
 
 
@@ -52,12 +53,13 @@ def ds_config(stage: int) -> dict:
         "optimizer": {"type": "AdamW", "params": {"lr": LR, "betas": [0.9, 0.999], "eps": 1e-8,
                                                    "weight_decay": 0.0, "torch_adam": True}},
         "zero_optimization": {"stage": stage},
+        "gradient_clipping": CLIP,  # the global norm must include every rank's experts exactly once
         "steps_per_print": 1000,
     }
 
 
 def reference_weights() -> dict[str, torch.Tensor]:
-    """ep=1, one process, the data-parallel mean of both ranks' losses, torch AdamW."""
+    """ep=1, one process, the data-parallel mean of both ranks' losses, global-norm clipping, torch AdamW."""
     torch.manual_seed(0)
     model = TinyMoEModel(ep_size=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -66,6 +68,7 @@ def reference_weights() -> dict[str, torch.Tensor]:
         optimizer.zero_grad()
         loss = sum(model(*make_batch(step, r)) for r in range(2)) / 2
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         optimizer.step()
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
@@ -114,6 +117,33 @@ def run_stage(rank: int, stage: int, reference: dict, checkpoint_dir: str) -> No
         assert torch.equal(p, p_fresh), f"ZeRO-{stage} rank {rank}: {name} not restored"
 
 
+def run_mixed_precision(rank: int) -> None:
+    """bf16 the way MoE needs it: DeepSpeed torch_autocast keeps parameters (and so the router) in fp32 and
+    trains; DeepSpeed's "bf16" mode casts every parameter, which the router refuses with an actionable error."""
+    import deepspeed
+
+    from synergy_dist.model.moe import moe_param_groups
+
+    torch.manual_seed(0)
+    model = TinyMoEModel(ep_size=2)
+    config = {**ds_config(2), "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=moe_param_groups(model), config=config)
+    before = model.moe.router.weight.detach().clone()
+    loss = engine(*make_batch(0, rank))
+    engine.backward(loss)
+    engine.step()
+    assert model.moe.router.weight.dtype == torch.float32 and torch.isfinite(loss)
+    assert not torch.equal(before, model.moe.router.weight)
+
+    torch.manual_seed(0)
+    model = TinyMoEModel(ep_size=2)
+    config = {**ds_config(2), "bf16": {"enabled": True}}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=moe_param_groups(model), config=config)
+    x, valid, target = make_batch(0, rank)
+    with pytest.raises(RuntimeError, match="MoE router weight is torch.bfloat16, it must stay torch.float32"):
+        engine(x.bfloat16(), valid, target.bfloat16())
+
+
 def _worker(rank: int, init_file: str, tmp_dir: str) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", DS_ACCELERATOR="cpu",
                       OMP_NUM_THREADS="1")
@@ -127,6 +157,7 @@ def _worker(rank: int, init_file: str, tmp_dir: str) -> None:
                 run_stage(rank, stage, reference, os.path.join(tmp_dir, "ckpt"))
             except Exception as error:
                 raise AssertionError(f"ZeRO-{stage} failed on rank {rank}") from error
+        run_mixed_precision(rank)
     except BaseException:
         with open(os.path.join(tmp_dir, f"rank{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())

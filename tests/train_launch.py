@@ -102,8 +102,7 @@ def run(cfg: dict, launcher: str = "single", nproc: int = 1, overrides: list[str
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
         raise AssertionError(f"run timed out; output:\n{output_of(cfg)[-4000:]}")
 
 
@@ -130,6 +129,40 @@ def wait_for_step(proc: subprocess.Popen, cfg: dict, step: int, timeout: float =
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below pid (launchers put their ranks in new sessions, so killpg is not enough)."""
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout.split()
+    children: dict[int, list[int]] = {}
+    for child, parent in zip(table[::2], table[1::2]):
+        children.setdefault(int(parent), []).append(int(child))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def rank_pids(proc: subprocess.Popen) -> list[int]:
+    """The training processes: proc itself, or the launcher's descendants running synergy-train."""
+    pids = [proc.pid] + descendants(proc.pid)
+    ranks = []
+    for pid in pids:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"synergy-train" in cmdline or b"cli/train.py" in cmdline:
+            if b"torchrun" not in cmdline and b"deepspeed.launcher" not in cmdline and b"bin/deepspeed" not in cmdline:
+                ranks.append(pid)
+    return ranks
+
+
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    os.killpg(proc.pid, sig)
+    """kill -9 the run: every rank and the launcher."""
+    for pid in [proc.pid] + descendants(proc.pid):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
     proc.wait()

@@ -18,11 +18,10 @@ import json
 import os
 import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio
+from synergy_dist.bench.report import BenchReport, Stopwatch, Target, figure_from, missing, ratio
 
 ROUTING_SCOPES = ("router", "downsample", "gather_units", "smooth", "upsample", "width_change")
 MIDDLE_SCOPE = "middle"
@@ -64,7 +63,7 @@ def pin_to_one_core() -> int:
 
 
 def matmul_flops_per_s(n: int, repeats: int = 10) -> list[float]:
-    """FLOP/s of an n x n x n fp32 matmul on this thread (2 n^3 FLOPs each), one sample per repeat."""
+    """FLOP/s (per CPU second) of an n x n x n fp32 matmul on this thread (2 n^3 FLOPs), one per repeat."""
     import torch
 
     a, b = torch.randn(n, n), torch.randn(n, n)
@@ -72,9 +71,9 @@ def matmul_flops_per_s(n: int, repeats: int = 10) -> list[float]:
     torch.mm(a, b, out=out)  # warm-up
     samples = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        clock = Stopwatch()
         torch.mm(a, b, out=out)
-        samples.append(2 * n**3 / (time.perf_counter() - start))
+        samples.append(2 * n**3 / clock.cpu())
     return samples
 
 
@@ -192,9 +191,38 @@ def scope_times(events) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- one model
 
 
+def innermost_network(model):
+    """The middle Stack of a SynergyLM (for the byte Transformer: its whole body)."""
+    from synergy_dist.model import synergy
+
+    node = model.body
+    while isinstance(node, synergy.HierarchyStage):
+        node = node.inner
+    return node
+
+
+def time_middle(model, batch: int, units: int, repeats: int = 3) -> list[float]:
+    """CPU seconds of forward + backward of the middle network alone on (batch, units, d_middle) inputs."""
+    import torch
+
+    middle = innermost_network(model)
+    d = model.cfg.d_middle
+    x = torch.randn(batch, units, d, requires_grad=True)
+    grad = torch.randn(batch, units, d)
+    valid = torch.ones(batch, units, dtype=torch.bool)
+    seconds = []
+    for _ in range(repeats + 1):  # the first run warms up
+        clock = Stopwatch()
+        y, _ = middle(x, valid)
+        y.backward(grad)
+        seconds.append(clock.cpu())
+    return seconds[1:]
+
+
 def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool) -> dict:
     """Run in a fresh process: build the model, train, time each step, measure memory; returns a dict."""
     import gc
+    import statistics
 
     import torch
 
@@ -222,29 +250,35 @@ def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool)
 
     for _ in range(cfg.warmup_steps):
         step()
-    seconds = []
+    seconds, wall_seconds = [], []
     bytes_per_concept = []
     for _ in range(cfg.steps):
-        start = time.perf_counter()
+        clock = Stopwatch()
         aux = step()
-        seconds.append(time.perf_counter() - start)
+        seconds.append(clock.cpu())
+        wall_seconds.append(clock.wall())
         bytes_per_concept.append(float(aux["bytes_per_concept"]))
     result = {
         "step_seconds": seconds,
         "bytes_per_s": [B * L / s for s in seconds],
+        "wall_bytes_per_s": [B * L / s for s in wall_seconds],
         "bytes_per_concept": bytes_per_concept,
         "params": sum(p.numel() for p in model.parameters()),
         "peak_rss_added_mb": (_rss_kib("VmHWM") - rss_before) / 1024,
     }
     result.update(_flops(model_cfg, L, B, bytes_per_concept))
+    units = max(1, round(L / statistics.median(bytes_per_concept))) if model_cfg.stages else L
+    result["middle_units"] = units
+    result["middle_seconds"] = time_middle(model, B, units)
     if profile and model_cfg.stages:
         install_scopes(model)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            step()
-            profiled_seconds = time.perf_counter() - start
-        result["profiled_step_seconds"] = profiled_seconds
-        result["scope_seconds"] = scope_times(prof.events())
+        result["profiled_step_seconds"], result["scope_seconds"] = [], []
+        for _ in range(2):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                clock = Stopwatch()
+                step()
+                result["profiled_step_seconds"].append(clock.wall())  # profiler event times are wall clock too
+            result["scope_seconds"].append(scope_times(prof.events()))
     return result
 
 
@@ -301,7 +335,9 @@ def run(cfg: ModelBenchConfig, command: str) -> BenchReport:
                         "compression fixed, optimizer arithmetic still runs); text: bundled sample corpus")
     ceiling = matmul_flops_per_s(cfg.matmul_size)
     report.add(figure_from("matmul_ceiling", [c / 1e9 for c in ceiling], "GFLOP/s",
-                           f"fp32 torch.mm {cfg.matmul_size}^3, one thread"))
+                           f"fp32 torch.mm {cfg.matmul_size}^3, one thread, per CPU second"))
+    report.notes.append("bytes/s, MFU and the matmul ceiling use process CPU time (the machine is shared: wall "
+                        "time includes other processes' turns); *_wall figures give wall-clock bytes/s")
 
     baseline = None
     for name in cfg.synergy_models:
@@ -315,7 +351,8 @@ def run(cfg: ModelBenchConfig, command: str) -> BenchReport:
         _add_model_figures(report, key, synergy, f"SynergyLM {name} (preset {preset} {kwargs})")
         report.add(figure_from(f"{key}_bytes_per_concept", synergy["bytes_per_concept"], "bytes",
                                "realised compression during the timed steps"))
-        _add_profile_figures(report, key, synergy, report.value("matmul_ceiling"))
+        _add_middle_mfu(report, key, synergy, report.value("matmul_ceiling"))
+        _add_routing_share(report, key, synergy)
 
     if baseline is None:
         report.add(missing("byte_transformer_bytes_per_s", "B/s", "no SynergyLM ran, nothing to match"))
@@ -328,6 +365,7 @@ def run(cfg: ModelBenchConfig, command: str) -> BenchReport:
         report.add(missing("byte_transformer_bytes_per_s", "B/s", reason))
     else:
         _add_model_figures(report, "byte_transformer", byte_tf, f"byte Transformer {kwargs}")
+        _add_middle_mfu(report, "byte_transformer", byte_tf, report.value("matmul_ceiling"))
 
     for preset in cfg.synergy_models:
         key = preset.replace("-", "_")
@@ -343,37 +381,42 @@ def run(cfg: ModelBenchConfig, command: str) -> BenchReport:
 
 def _add_model_figures(report: BenchReport, key: str, result: dict, what: str) -> None:
     report.add(figure_from(f"{key}_bytes_per_s", result["bytes_per_s"], "B/s",
-                           f"{what}, {result['params']:,} parameters, training step bytes/s"))
+                           f"{what}, {result['params']:,} parameters, training-step bytes per CPU second"))
+    report.add(figure_from(f"{key}_bytes_per_s_wall", result["wall_bytes_per_s"], "B/s", "the same, wall clock"))
     report.add(figure_from(f"{key}_peak_rss_added", [result["peak_rss_added_mb"]], "MB",
                            "VmHWM after the steps - VmRSS before building the model"))
     flops = result.get("flops_per_step")
     ceiling = report.value("matmul_ceiling")
     if flops and ceiling:
         mfu = [100 * flops / s / (ceiling * 1e9) for s in result["step_seconds"]]
-        report.add(figure_from(f"{key}_model_mfu", mfu, "%", "accounting FLOPs (3x forward) / step time / ceiling"))
+        report.add(figure_from(f"{key}_model_mfu", mfu, "%",
+                               "accounting training FLOPs (3x forward) / step CPU time / ceiling"))
 
 
-def _add_profile_figures(report: BenchReport, key: str, result: dict, ceiling_gflops: float | None) -> None:
-    scopes = result.get("scope_seconds")
-    if not scopes:
+def _add_middle_mfu(report: BenchReport, key: str, result: dict, ceiling_gflops: float | None) -> None:
+    middle_flops = result.get("middle_flops_per_step")
+    if middle_flops and ceiling_gflops:
+        mfu = [100 * middle_flops / s / (ceiling_gflops * 1e9) for s in result["middle_seconds"]]
+        report.add(figure_from(f"{key}_middle_mfu", mfu, "%",
+                               f"middle network alone, forward + backward on ({result['middle_units']} concepts x "
+                               "d_middle): accounting training FLOPs (3x forward) / CPU time / ceiling"))
+    else:
+        report.add(missing(f"{key}_middle_mfu", "%", "middle FLOPs or the ceiling not available"))
+
+
+def _add_routing_share(report: BenchReport, key: str, result: dict) -> None:
+    profiles = result.get("scope_seconds")
+    if not profiles:
         report.add(missing(f"{key}_routing_share", "%", "no profiled step (model without stages or --no-profile)"))
         return
-    step = result["profiled_step_seconds"]
-    routing = sum(scopes.get(name, 0.0) for name in ROUTING_SCOPES)
+    shares = []
+    for scopes, step in zip(profiles, result["profiled_step_seconds"]):
+        shares.append(100 * sum(scopes.get(name, 0.0) for name in ROUTING_SCOPES) / step)
+    scopes, step = profiles[-1], result["profiled_step_seconds"][-1]
     breakdown = ", ".join(f"{name} {100 * scopes[name] / step:.1f}%" for name in sorted(scopes))
-    report.add(figure_from(f"{key}_routing_share", [100 * routing / step], "%",
-                           f"profiled step {step:.2f} s (forward + backward + AdamW): {breakdown}"))
-    middle_seconds = scopes.get(MIDDLE_SCOPE)
-    middle_flops = result.get("middle_flops_per_step")
-    if middle_seconds and middle_flops and ceiling_gflops:
-        # the profiled step is slower than an unprofiled one; scale the middle's time by their ratio
-        scale = min(result["step_seconds"]) / step
-        achieved = middle_flops / (middle_seconds * scale)
-        report.add(figure_from(f"{key}_middle_mfu", [100 * achieved / (ceiling_gflops * 1e9)], "%",
-                               f"middle FLOPs (3x forward, accounting) / middle time "
-                               f"(profiled fwd+bwd {middle_seconds:.2f} s x {scale:.2f} profiler correction) / ceiling"))
-    else:
-        report.add(missing(f"{key}_middle_mfu", "%", "middle FLOPs or time not available"))
+    report.add(figure_from(f"{key}_routing_share", shares, "%",
+                           f"torch.profiler, forward + backward of the scopes / whole step (incl. AdamW); "
+                           f"last profiled step {step:.2f} s: {breakdown}"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

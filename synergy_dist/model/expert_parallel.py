@@ -95,7 +95,8 @@ def _source_major_to_expert_major(received_counts: torch.Tensor) -> torch.Tensor
     size_em = received_counts.t().reshape(-1)
     offset_in_em = torch.cumsum(size_em, 0) - size_em  # where segment (l, p) begins after reordering
     total = int(flat.sum())
-    return torch.repeat_interleave(start_em - offset_in_em, size_em, output_size=total) + torch.arange(total)
+    return (torch.repeat_interleave(start_em - offset_in_em, size_em, output_size=total)
+            + torch.arange(total, device=received_counts.device))
 
 
 def run_experts_parallel(tokens: torch.Tensor, tokens_per_expert: torch.Tensor, experts: LocalExperts,
@@ -121,5 +122,5 @@ def run_experts_parallel(tokens: torch.Tensor, tokens_per_expert: torch.Tensor, 
     order = _source_major_to_expert_major(received_counts)
     expert_out = experts(received[order], received_counts.sum(0).tolist())
     inverse = torch.empty_like(order)
-    inverse[order] = torch.arange(order.numel())
+    inverse[order] = torch.arange(order.numel(), device=order.device)
     return all_to_all_variable(expert_out[inverse], input_splits, output_splits, group)

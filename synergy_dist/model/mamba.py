@@ -59,14 +59,20 @@ def ssd_scan(
     to_end = (cum[..., -1:] - cum).exp()  # (b, h, c, Q)
     chunk_states = torch.einsum("bcjn,bcjhp->bchpn", B, x_dt * to_end.permute(0, 2, 3, 1)[..., None])
 
-    # 3. recurrence over chunks (c = l / Q steps): state entering each chunk
-    chunk_decay = cum[..., -1].exp()  # (b, h, c)
-    state = x_dt.new_zeros(b, h, p, n) if initial is None else initial.float()
-    entering = []
-    for i in range(c):
-        entering.append(state)
-        state = chunk_decay[:, :, i, None, None] * state + chunk_states[:, i]
-    entering = torch.stack(entering, dim=1)  # (b, c, h, p, n)
+    # 3. recurrence over chunks, S_i = a_i S_{i-1} + s_i, as a log-depth (Hillis-Steele) scan: few large ops
+    #    instead of c small ones. The decay over chunks (j, i] is exp(L_i - L_j) with L the cumulative log decay.
+    chunk_log = cum[..., -1].transpose(1, 2).cumsum(1)  # (b, c, h)
+    after = chunk_states  # after round k: sum over the last 2^k chunks
+    step = 1
+    while step < c:
+        decay = (chunk_log[:, step:] - chunk_log[:, :-step]).exp()[..., None, None]
+        after = torch.cat((after[:, :step], after[:, step:] + decay * after[:, :-step]), dim=1)
+        step *= 2
+    if initial is not None:
+        after = after + chunk_log.exp()[..., None, None] * initial.float()[:, None]
+    start = x_dt.new_zeros(b, 1, h, p, n) if initial is None else initial.float()[:, None]
+    entering = torch.cat((start, after[:, :-1]), dim=1)  # (b, c, h, p, n) state entering each chunk
+    state = after[:, -1]
 
     # 4. contribution of the entering state to every position of the chunk
     y = y + torch.einsum("bcin,bchpn->bcihp", C, entering) * cum.exp().permute(0, 2, 3, 1)[..., None]

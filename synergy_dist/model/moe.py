@@ -242,7 +242,8 @@ class MoEFeedForward(_DeepSpeedMoE):
         counts = routing.expert_counts(decision.expert_ids, n_experts)
         n_assignments = decision.expert_ids.numel()
         dropped = 0 if keep is None else int((~keep).sum())
-        summary = torch.cat([counts, torch.tensor([float(n_assignments), float(dropped)], dtype=torch.float64)])
+        summary = torch.cat([counts, torch.tensor([float(n_assignments), float(dropped)], dtype=torch.float64,
+                                                   device=counts.device)])
         if self.training and dist.is_initialized():
             dist.all_reduce(summary, group=self.balance_group)  # global batch: f_i and the bias see every rank
         counts, n_assignments, dropped = summary[:n_experts], summary[n_experts], summary[n_experts + 1]
@@ -300,12 +301,16 @@ def update_moe_biases(model: nn.Module) -> int:
 
 
 def keep_routers_fp32(model: nn.Module) -> int:
-    """Cast every MoE router weight back to float32 after a blanket model.to(dtype). Returns how many changed."""
+    """Undo a blanket model.to(dtype) for the routing state: router weights and selection biases back to float32,
+    load accumulators to float64. Returns how many router weights changed."""
     changed = 0
     for module in model.modules():
         if isinstance(module, Router) and module.weight.dtype != torch.float32:
             module.weight.data = module.weight.data.float()
             changed += 1
+        if isinstance(module, MoEFeedForward):
+            module.selection_bias.data = module.selection_bias.data.float()
+            module.load_since_update.data = module.load_since_update.data.double()
     return changed
 
 
@@ -339,11 +344,5 @@ def moe_param_groups(model_or_groups: nn.Module | list[dict] | dict) -> list[dic
     return result
 
 
-def expert_fraction(stats: MoEStats) -> torch.Tensor:
-    """Share of the global batch's assignments each expert received (for logs)."""
-    total = stats.tokens_per_expert.sum()
-    return stats.tokens_per_expert / total if total > 0 else stats.tokens_per_expert
-
-
 __all__ = ["MoEConfig", "MoEStats", "MoEFeedForward", "Router", "update_moe_biases", "keep_routers_fp32",
-           "moe_param_groups", "expert_fraction"]
+           "moe_param_groups"]

@@ -141,11 +141,11 @@ class Chunks:
     positions: torch.Tensor  # (B, M) index of each concept's first unit
 
 
-def downsample(x: torch.Tensor, boundary: torch.Tensor) -> Chunks:
-    """Keep the units where boundary is True, left-aligned and padded to the batch maximum."""
+def downsample(x: torch.Tensor, boundary: torch.Tensor, min_len: int = 0) -> Chunks:
+    """Keep the units where boundary is True, left-aligned and padded to the batch maximum (at least min_len)."""
     B, T, D = x.shape
     counts = boundary.sum(dim=1)
-    M = int(counts.max()) if T else 0
+    M = max(int(counts.max()) if T else 0, min_len)
     slot = torch.where(boundary, boundary.cumsum(dim=1) - 1, torch.full_like(counts[:, None], M).expand(B, T))
     positions = torch.zeros(B, M + 1, dtype=torch.long, device=x.device)
     positions.scatter_(1, slot, torch.arange(T, device=x.device).expand(B, T))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, N_BYTES, PAD_ID
 from synergy_dist.model.config import ModelConfig, StackConfig, StageConfig
@@ -98,15 +99,19 @@ class HierarchyStage(nn.Module):
 
     def forward(self, x, ids, force, valid, cache: StageCache | None = None):
         """x (B, T, D); ids (B, T) bytes at stage 0 else None; force/valid (B, T) bool.
-        Returns (y, [StageReport per stage, outermost first], {layer name: MoEStats})."""
+        Returns (y, [StageReport per stage, outermost first], {layer name: MoEStats}).
+        The record_function labels let benchmarks measure the routing share of a step."""
         hidden, moe = self.encoder(x, valid, cache and cache.encoder)
         moe = {f"stage{self.level}.encoder.{i}": s for i, s in moe.items()}
-        route = self.router(hidden, ids, force, valid, cache and cache.router)
-        chunks = downsample(hidden, route.boundary)
+        with record_function(f"synergy/stage{self.level}/route_down"):
+            route = self.router(hidden, ids, force, valid, cache and cache.router)
+            # Training always runs the inner network (>= 1 slot, maybe all padding) so every rank enters the
+            # MoE collectives equally often; generation skips it when no concept opened.
+            chunks = downsample(hidden, route.boundary, min_len=1 if cache is None else 0)
         reports = [StageReport(valid.sum(), route.boundary.sum(), route.boundary_rate, route.ratio_loss,
                                self.cfg.router.ratio_loss_coef if self.router.learned else 0.0)]
 
-        if chunks.x.shape[1] > 0:  # generation steps often open no concept: the inner network is skipped
+        if chunks.x.shape[1] > 0:
             inner_x = self.width.widen(chunks.x)
             if isinstance(self.inner, HierarchyStage):
                 inner_force = gather_units(force, chunks.positions) & chunks.valid
@@ -118,17 +123,17 @@ class HierarchyStage(nn.Module):
                 inner_moe = {f"middle.{i}": s for i, s in inner_moe.items()}
             moe.update(inner_moe)
             concepts = self.width.narrow(inner_y)
-            if self.router.learned and self.cfg.router.smoothing:
-                confidence = gather_units(route.prob, chunks.positions)
-                previous = cache.last_concept if cache is not None else None
-                concepts = smooth(concepts, confidence, previous, self.cfg.router.prob_clamp)
         else:
             concepts = hidden.new_zeros(hidden.shape[0], 0, hidden.shape[-1])
 
-        previous = cache.last_concept if cache is not None else None
-        up = upsample(concepts, route.boundary, route.prob, previous, self.cfg.router.straight_through)
-        if cache is not None and concepts.shape[1] > 0:
-            cache.last_concept = concepts[:, -1]  # generation runs one sequence, so the last slot is real
+        with record_function(f"synergy/stage{self.level}/smooth_up"):
+            previous = cache.last_concept if cache is not None else None
+            if concepts.shape[1] > 0 and self.router.learned and self.cfg.router.smoothing:
+                confidence = gather_units(route.prob, chunks.positions)
+                concepts = smooth(concepts, confidence, previous, self.cfg.router.prob_clamp)
+            up = upsample(concepts, route.boundary, route.prob, previous, self.cfg.router.straight_through)
+            if cache is not None and concepts.shape[1] > 0:
+                cache.last_concept = concepts[:, -1]  # generation runs one sequence, so the last slot is real
         y, dec_moe = self.decoder(up + self.residual(hidden), valid, cache and cache.decoder)
         moe.update({f"stage{self.level}.decoder.{i}": s for i, s in dec_moe.items()})
         return y, reports, moe
@@ -185,7 +190,10 @@ class SynergyLM(nn.Module):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+            # mean over counted bytes; a batch with no counted byte gives 0 instead of NaN
+            n_counted = (labels != IGNORE_INDEX).sum().clamp(min=1)
+            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                 reduction="sum") / n_counted
             aux["ce_loss"] = ce.detach()
             aux["bpb"] = ce.detach() / math.log(2)
             loss = ce + sum((r.ratio_loss_coef * r.ratio_loss for r in reports), ce.new_zeros(()))
@@ -196,7 +204,6 @@ class SynergyLM(nn.Module):
 
     def _run(self, input_ids: torch.Tensor, cache):
         """Shared by forward (cache None) and generation. Returns (logits, stage reports, MoE stats)."""
-        B, T = input_ids.shape
         x = self.embed(input_ids)
         valid = input_ids != PAD_ID
         if isinstance(self.body, HierarchyStage):
@@ -251,7 +258,7 @@ class SynergyLM(nn.Module):
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
         if ids.dim() != 2 or ids.dtype != torch.long:
             raise ValueError(f"{name} must be a (batch, length) LongTensor, got {tuple(ids.shape)} {ids.dtype}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.cfg.vocab_size):
+        if bool(((ids < 0) | (ids >= self.cfg.vocab_size)).any()):
             raise ValueError(f"{name} has ids outside [0, {self.cfg.vocab_size})")
 
     # ------------------------------------------------------------------ generation
@@ -276,15 +283,20 @@ class SynergyLM(nn.Module):
         generator = torch.Generator(device=device)
         if seed is not None:
             generator.manual_seed(seed)
-        cache = self.new_cache()
-        ids = torch.tensor([[EOD_ID, *prompt]], dtype=torch.long, device=device)
-        logits, _, _ = self._run(ids, cache)  # prefill: the whole prompt in one parallel call
-        for _ in range(max_new_bytes):
-            next_id = sample_next(logits[0, -1], temperature, top_k, top_p, generator)
-            if next_id >= N_BYTES:
-                return
-            yield bytes([next_id])
-            logits, _, _ = self._run(torch.tensor([[next_id]], device=device), cache)
+        was_training = self.training
+        self.eval()  # no dropout-like randomness, no MoE balancing updates or training collectives
+        try:
+            cache = self.new_cache()
+            ids = torch.tensor([[EOD_ID, *prompt]], dtype=torch.long, device=device)
+            logits, _, _ = self._run(ids, cache)  # prefill: the whole prompt in one parallel call
+            for _ in range(max_new_bytes):
+                next_id = sample_next(logits[0, -1], temperature, top_k, top_p, generator)
+                if next_id >= N_BYTES:
+                    return
+                yield bytes([next_id])
+                logits, _, _ = self._run(torch.tensor([[next_id]], device=device), cache)
+        finally:
+            self.train(was_training)
 
     def generate(self, prompt: bytes, max_new_bytes: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, seed: int | None = None) -> bytes:

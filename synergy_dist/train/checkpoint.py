@@ -133,14 +133,19 @@ def save_checkpoint(engine: Any, root: Path, step: int, trainer_state: dict, ran
         dist.barrier()  # every rank has written its files
     if rank == 0:
         _fsync_write(path / TRAINER_STATE, json.dumps(trainer_state, indent=1))
-        listing = {}
-        for file in sorted(path.rglob("*")):
-            if file.is_file() and file.name != MARKER:
-                listing[str(file.relative_to(path))] = [file.stat().st_size, _crc32(file)]
-        _fsync_write(path / MARKER, json.dumps({"step": step, "world_size": world_size, "files": listing}))
+        write_marker(path, step, world_size)
     if world_size > 1:
         dist.barrier()
     return path
+
+
+def write_marker(path: Path, step: int, world_size: int) -> None:
+    """The completion marker: every file's size and CRC32, written last (atomically)."""
+    listing = {}
+    for file in sorted(path.rglob("*")):
+        if file.is_file() and file.name != MARKER:
+            listing[str(file.relative_to(path))] = [file.stat().st_size, _crc32(file)]
+    _fsync_write(path / MARKER, json.dumps({"step": step, "world_size": world_size, "files": listing}))
 
 
 def prune(root: Path, keep_last: int, keep_every: int) -> list[Path]:

@@ -79,16 +79,16 @@ class Safeguards:
         self.state.rollbacks.append({"at_step": at_step, "to_step": to_step, "skipped_samples": list(skipped_samples)})
 
     # ------------------------------------------------------------------ router health
-    def router_alarms(self, aux: dict, targets: dict[str, float]) -> list[str]:
-        """Alarm texts for compression outside the band or collapsing expert load.
+    def router_alarms(self, aux: dict, targets: dict[str, float]) -> dict[str, str]:
+        """Alarms for compression outside the band or collapsing expert load, as {kind: text}.
 
-        aux: the model's statistics (floats); targets: stage name -> target bytes per concept."""
-        alarms = []
+        aux: the model's statistics (floats); targets: stage name -> the stage's target inputs per concept."""
+        alarms = {}
         lo, hi = self.cfg.compression_band
         for stage, target in targets.items():
-            realised = aux.get(f"{stage}/bytes_per_concept")
+            realised = aux.get(f"{stage}/compression")  # this stage's inputs per concept
             if realised is not None and not lo <= realised / target <= hi:
-                alarms.append(f"{stage}: realised {realised:.2f} bytes/concept is outside "
+                alarms[f"{stage}/compression"] = (f"{stage}: realised {realised:.2f} inputs/concept is outside "
                               f"[{lo * target:.2f}, {hi * target:.2f}] (target {target:g})")
         for key, loads in aux.items():
             if not key.endswith("/tokens_per_expert") or not isinstance(loads, list) or len(loads) < 2:
@@ -100,11 +100,11 @@ class Safeguards:
             mean = total / len(loads)
             dead = [i for i, x in enumerate(loads) if x < self.cfg.dead_expert_fraction * mean]
             if dead:
-                alarms.append(f"{layer}: dead experts {dead} (load < {self.cfg.dead_expert_fraction:g} x mean)")
+                alarms[f"{layer}/dead_experts"] = (f"{layer}: dead experts {dead} (load < {self.cfg.dead_expert_fraction:g} x mean)")
             probs = [x / total for x in loads if x > 0]
             entropy_ratio = -sum(p * math.log(p) for p in probs) / math.log(len(loads))
             if entropy_ratio < self.cfg.min_load_entropy_ratio:
-                alarms.append(f"{layer}: expert load entropy {entropy_ratio:.2f} of the maximum is below "
+                alarms[f"{layer}/load_entropy"] = (f"{layer}: expert load entropy {entropy_ratio:.2f} of the maximum is below "
                               f"{self.cfg.min_load_entropy_ratio:g}")
         return alarms
 

@@ -118,6 +118,7 @@ class Trainer:
         self.data_offset = 0  # samples skipped past by rollbacks
         self.stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
+        self.last_alarms: set[str] = set()
         if cfg.checkpoint.resume:
             self._resume()
 
@@ -243,17 +244,18 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
+        batch_number = self.samples_consumed() // self.global_batch + 1  # in the data stream, for fault injection
         sums = torch.zeros(2, dtype=torch.float64)  # loss, bpb summed over micro-batches
         aux_sum: dict = {}
         for micro in range(self.micro_steps):
             batch = self._next_batch()
             out = engine(batch["input_ids"], labels=batch["labels"])
             loss = out.loss
-            if self.step + 1 in dbg.nan_loss_steps:
+            if batch_number in dbg.nan_loss_batches:
                 loss = loss * float("nan")
-            if self.step + 1 in dbg.spike_loss_steps:
+            if batch_number in dbg.spike_loss_batches:
                 loss = loss * dbg.spike_factor
-            if self.step + 1 in dbg.inf_grad_steps:
+            if batch_number in dbg.inf_grad_batches:
                 loss = _InfGradient.apply(loss)
             engine.backward(loss)
             sums += torch.tensor([loss.item(), out.aux["bpb"].item()], dtype=torch.float64)
@@ -393,7 +395,8 @@ class Trainer:
             if evaluation or self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps:
                 aux = {k: to_number(v) for k, v in result["aux"].items()}
                 bytes_per_s = bytes_per_step / elapsed
-                concept_ratio = math.prod(aux.get(f"{s}/bytes_per_concept", 1.0) for s in targets) or 1.0
+                innermost = f"stage{len(targets) - 1}/bytes_per_concept"
+                concept_ratio = aux.get(innermost, 1.0) or 1.0  # bytes per innermost concept token
                 if flops_per_byte is None:
                     flops_per_byte = self._flops_per_byte(aux)
                 record = {
@@ -407,9 +410,13 @@ class Trainer:
                     "samples_consumed": self.samples_consumed(), "data_state": self.train_data.state_at(self.samples_consumed()),
                     "memory_mb": self._memory_mb(), **aux,
                 }
+                alarms = self.guards.router_alarms(aux, targets)
+                record["router_alarms"] = len(alarms)
+                for kind, text in alarms.items():
+                    if kind not in self.last_alarms:  # print when an alarm starts, not every step it lasts
+                        self.metrics.event(f"step {self.step}: router alarm: {text}")
+                self.last_alarms = set(alarms)
                 self.metrics.log(self.step, record)
-                for alarm in self.guards.router_alarms(aux, targets):
-                    self.metrics.event(f"step {self.step}: router alarm: {alarm}")
             due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
             if self._stop_requested() and self.step < cfg.train.max_steps:
                 self.save()
@@ -419,7 +426,9 @@ class Trainer:
             if due and self.step < cfg.train.max_steps:
                 self.save()
             if cfg.debug.hang_after_step == self.step:
-                time.sleep(600)  # a test kills us here
+                deadline = time.time() + 600  # a test kills us here, or signals us to go on and stop
+                while self.stop_signal is None and time.time() < deadline:
+                    time.sleep(0.02)
         if cfg.checkpoint.save_at_end and (self.last_checkpoint is None or ckpt.tag_for(self.step) != self.last_checkpoint.name):
             self.save()
         sample = self.generate_sample()

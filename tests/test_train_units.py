@@ -1,0 +1,172 @@
+"""Trainer pieces without processes: checkpoint discovery/retention, safeguards, LR schedule, metrics."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+
+from synergy_dist.config import SafeguardConfig, load_config
+from synergy_dist.train import checkpoint as ckpt
+from synergy_dist.train.metrics import MetricsLogger, format_duration, read_metrics
+from synergy_dist.train.optimizer import lr_at
+from synergy_dist.train.safeguards import Safeguards
+
+
+def fake_checkpoint(root: Path, step: int, complete: bool = True, payload: bytes = b"x" * 100) -> Path:
+    path = root / ckpt.tag_for(step)
+    path.mkdir(parents=True)
+    (path / "model.pt").write_bytes(payload)
+    (path / "rank_00000.pt").write_bytes(b"rng")
+    if complete:
+        ckpt.write_marker(path, step, world_size=1)
+    return path
+
+
+def latest_with_warnings(root: Path) -> tuple[Path | None, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = ckpt.find_latest_complete(root)
+    return found, [str(w.message) for w in caught]
+
+
+def test_newest_complete_checkpoint_wins(tmp_path):
+    for step in (2, 4, 6):
+        fake_checkpoint(tmp_path, step)
+    found, warned = latest_with_warnings(tmp_path)
+    assert found == tmp_path / "step_00000006" and warned == []
+    assert ckpt.find_latest_complete(tmp_path / "absent") is None
+
+
+def test_incomplete_checkpoint_is_skipped_with_a_warning_naming_it(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    fake_checkpoint(tmp_path, 4, complete=False)
+    found, warned = latest_with_warnings(tmp_path)
+    assert found == tmp_path / "step_00000002"
+    assert warned == [f"skipping checkpoint {tmp_path / 'step_00000004'}: no completion marker (killed while saving?)"]
+
+
+def test_truncated_and_corrupted_checkpoints_are_skipped(tmp_path):
+    fake_checkpoint(tmp_path, 2)
+    truncated = fake_checkpoint(tmp_path, 4)
+    (truncated / "model.pt").write_bytes(b"x" * 50)
+    flipped = fake_checkpoint(tmp_path, 6)
+    (flipped / "model.pt").write_bytes(b"x" * 99 + b"y")
+    found, warned = latest_with_warnings(tmp_path)
+    assert found == tmp_path / "step_00000002"
+    assert warned == [
+        f"skipping checkpoint {flipped}: file model.pt fails its CRC32 check (corrupted)",
+        f"skipping checkpoint {truncated}: file model.pt has 50 bytes, expected 100 (truncated?)",
+    ]
+
+
+def test_prune_keeps_last_k_and_every_mth_and_drops_stale_incomplete(tmp_path):
+    for step in range(1, 11):
+        fake_checkpoint(tmp_path, step, complete=(step != 3))
+    deleted = ckpt.prune(tmp_path, keep_last=2, keep_every=4)
+    remaining = [s for s, _ in ckpt.list_step_dirs(tmp_path)]
+    assert remaining == [4, 8, 9, 10]
+    assert len(deleted) == 6  # 1, 2, 3 (incomplete, older than 10), 5, 6, 7
+
+
+def guards(**overrides) -> Safeguards:
+    values = dict(spike_zscore=4.0, spike_window=10, spike_min_history=5, max_consecutive_spikes=3)
+    values.update(overrides)
+    return Safeguards(SafeguardConfig(**values))
+
+
+def feed(g: Safeguards, losses: list[float], grad_norm: float = 1.0) -> list[str]:
+    reasons = []
+    for loss in losses:
+        verdict = g.judge(loss, grad_norm)
+        g.record(verdict, loss, grad_norm)
+        reasons.append(verdict.reason + ("+rollback" if verdict.rollback else ""))
+    return reasons
+
+
+def test_nonfinite_loss_or_grad_norm_is_skipped_and_counted():
+    g = guards()
+    assert feed(g, [2.0, float("nan"), 2.0]) == ["ok", "nonfinite", "ok"]
+    verdict = g.judge(2.0, float("inf"))
+    assert (verdict.apply, verdict.reason) == (False, "nonfinite")
+    g.record(verdict, 2.0, float("inf"))
+    assert g.state.skipped_nonfinite == 2 and g.state.losses == [2.0, 2.0]
+
+
+def test_spikes_are_skipped_and_k_in_a_row_ask_for_rollback():
+    g = guards()
+    history = [2.0, 2.1, 1.9, 2.0, 2.05, 1.95]
+    assert feed(g, history) == ["ok"] * 6
+    mean = sum(history) / 6
+    std = math.sqrt(sum((x - mean) ** 2 for x in history) / 5)
+    just_below, above = mean + 3.9 * std, mean + 4.1 * std
+    assert feed(g, [just_below]) == ["ok"]
+    assert feed(g, [10.0, 10.0]) == ["loss_spike", "loss_spike"]
+    assert g.state.consecutive_spikes == 2
+    assert feed(g, [10.0]) == ["loss_spike+rollback"]
+    assert g.state.skipped_spikes == 3 and g.state.consecutive_spikes == 0
+    assert above > just_below
+
+
+def test_grad_norm_spike_and_no_detection_before_min_history():
+    g = guards()
+    assert feed(g, [2.0, 50.0, 2.0]) == ["ok", "ok", "ok"]  # only 1-2 steps of history: no spike test yet
+    g = guards()
+    feed(g, [2.0, 2.1, 1.9, 2.0, 2.05])
+    verdict = g.judge(2.0, 100.0)
+    assert (verdict.apply, verdict.reason) == (False, "grad_spike")
+
+
+def test_safeguard_state_round_trips():
+    g = guards()
+    feed(g, [2.0, float("nan"), 2.1])
+    g.record_rollback(at_step=9, to_step=6, skipped_samples=(24, 36))
+    h = guards()
+    h.load_state_dict(g.state_dict())
+    assert h.state == g.state and h.state.rollbacks == [{"at_step": 9, "to_step": 6, "skipped_samples": [24, 36]}]
+
+
+def test_router_alarms():
+    g = guards(compression_band=[0.5, 2.0], min_load_entropy_ratio=0.5, dead_expert_fraction=0.05)
+    aux = {"stage0/compression": 9.0, "moe/middle.1/tokens_per_expert": [100.0, 100.0, 1.0, 99.0]}
+    alarms = g.router_alarms(aux, {"stage0": 4.0})
+    assert alarms == {
+        "stage0/compression": "stage0: realised 9.00 inputs/concept is outside [2.00, 8.00] (target 4)",
+        "moe/middle.1/dead_experts": "moe/middle.1: dead experts [2] (load < 0.05 x mean)",
+    }
+    collapsed = {"stage0/compression": 4.0, "moe/m/tokens_per_expert": [1000.0, 1.0, 1.0, 1.0]}
+    assert set(g.router_alarms(collapsed, {"stage0": 4.0})) == {"moe/m/dead_experts", "moe/m/load_entropy"}
+    healthy = {"stage0/compression": 4.4, "moe/m/tokens_per_expert": [90.0, 110.0, 100.0, 100.0]}
+    assert g.router_alarms(healthy, {"stage0": 4.0}) == {}
+
+
+@pytest.mark.parametrize("kind", ["cosine", "wsd", "constant"])
+def test_lr_schedule_shapes(kind):
+    cfg = load_config(None, [f"schedule.kind={kind}", "schedule.warmup_steps=10", "train.max_steps=100",
+                             "train.lr=1e-3", "schedule.min_lr_ratio=0.1", "schedule.decay_fraction=0.2"])
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)  # linear warmup
+    assert max(lrs) == pytest.approx(1e-3)
+    if kind == "constant":
+        assert lrs[10:] == [1e-3] * 90
+    elif kind == "cosine":
+        assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+        assert lrs[-1] == pytest.approx(1e-4, rel=1e-2)
+    else:
+        assert lrs[10:80] == [1e-3] * 70 and lrs[-1] == pytest.approx(1e-4 + 0.9e-3 / 20)
+
+
+def test_metrics_jsonl_one_object_per_logged_step(tmp_path, capsys):
+    logger = MetricsLogger(tmp_path, enabled=True, max_steps=10, tensorboard=False, console=True)
+    logger.log(1, {"loss": 2.0, "bpb": 2.885, "lr": 1e-3})
+    logger.log(2, {"loss": 1.5, "bpb": 2.164})
+    assert read_metrics(tmp_path / "metrics.jsonl") == [
+        {"step": 1, "loss": 2.0, "bpb": 2.885, "lr": 1e-3}, {"step": 2, "loss": 1.5, "bpb": 2.164}]
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("step 2/10 | loss 1.5000 | bpb 2.1640 | ETA ")
+    silent = MetricsLogger(tmp_path / "other", enabled=False, max_steps=10, tensorboard=False)
+    silent.log(1, {"loss": 1.0, "bpb": 1.0})
+    assert not (tmp_path / "other" / "metrics.jsonl").exists()
+    assert format_duration(3725) == "1h02m" and format_duration(65) == "1m05s"
