@@ -11,6 +11,7 @@ written last, so its presence means the set is complete.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -20,7 +21,8 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
 
@@ -42,6 +44,7 @@ from data_pipeline.shards import (
 )
 
 PROGRESS_DIR = ".progress"
+LOCK_NAME = ".lock"  # flock'ed while a run works on the output
 SHARD_PATTERN = re.compile(r"^shard-(\d{6})\.bin(\.tmp\d+)?$")
 
 
@@ -150,13 +153,16 @@ class ShardSetBuilder:
             return
         if plan_path.exists():
             old = json.loads(plan_path.read_text())
-            if old != self.plan:
+            nothing_written = not any(progress.glob("shard-*.json")) and not any(d.glob("shard-*.bin"))
+            if old != self.plan and nothing_written:  # e.g. a first attempt that failed on bad input
+                write_atomic(plan_path, json.dumps(self.plan, indent=1).encode())
+            elif old != self.plan:
                 raise PreprocessError(
                     f"output {d} holds an unfinished run with different inputs or options "
                     f"(inputs {old.get('inputs')}); re-run that command, or choose another --output or delete {d}"
                 )
         else:
-            foreign = [p.name for p in d.iterdir() if p.name != PROGRESS_DIR and p.name not in ("train", "valid")]
+            foreign = [p.name for p in d.iterdir() if p.name not in (PROGRESS_DIR, LOCK_NAME, "train", "valid")]
             if foreign:
                 raise PreprocessError(
                     f"output {d} is not empty and holds no synergy shard set ({', '.join(sorted(foreign)[:3])} ...); "
@@ -254,6 +260,30 @@ def preprocess(
     targets = {n: (output / n if len(names) == 2 else output) for n in names}
     plan_base = {"inputs": [readers.input_identity(i) for i in expanded], "options": asdict(opts)}
 
+    if output.exists() and not output.is_dir():
+        raise PreprocessError(f"output {output} exists and is not a directory; choose another --output")
+    output.mkdir(parents=True, exist_ok=True)
+    with _exclusive(output):
+        result = _preprocess_locked(expanded, output, targets, names, plan_base, opts, workers, progress)
+        # complete: a run still waiting on this lock will find the set complete, so it can go
+        (output / LOCK_NAME).unlink(missing_ok=True)
+        return result
+
+
+@contextmanager
+def _exclusive(output: Path):
+    """Serialise runs on one output: e.g. every rank of a job preprocessing the sample corpus on
+    first use. The second run waits, then finds the set complete. Where the file system has no
+    flock, runs are not serialised."""
+    with open(output / LOCK_NAME, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
+def _preprocess_locked(expanded, output, targets, names, plan_base, opts, workers, progress) -> dict[str, Path]:
     started = time.time()
     # spawn, not fork: workers must not inherit the open input files (a killed run would keep a
     # pipe open) nor the threads of the parent (tqdm's monitor)

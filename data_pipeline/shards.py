@@ -351,6 +351,19 @@ class ShardReader:
         self._cache.put((self._key, k), arr)
         return arr
 
+    def advise(self, lo: int, hi: int) -> None:
+        """Ask the OS to read ahead the compressed frames holding raw bytes [lo, hi) (no-op where
+        posix_fadvise does not exist). Nothing is decompressed."""
+        if not hasattr(os, "posix_fadvise") or hi <= lo:
+            return
+        self.load_index()
+        starts = self._frame_starts
+        first = int(starts.searchsorted(lo, side="right")) - 1
+        last = int(starts.searchsorted(hi, side="left")) - 1
+        offset = int(self._frames[first, 0])
+        end = int(self._frames[last, 0] + self._frames[last, 1])
+        os.posix_fadvise(self._open().fileno(), offset, end - offset, os.POSIX_FADV_WILLNEED)
+
     def _view(self, lo: int, hi: int) -> np.ndarray:
         """Raw bytes [lo, hi): a view into the frame cache when one frame holds them, else a new
         array. A view is only valid until the next frame is decompressed (buffers are recycled)."""

@@ -29,6 +29,7 @@ from data_pipeline.shuffle import WindowOrder
 from data_pipeline.token_source import ShardSetSource
 from data_pipeline.vocab import IGNORE_INDEX
 
+MAX_CACHE_FRAMES = 64  # decompressed frames kept per source and process (64 MiB at 1 MiB frames)
 MAP_CHUNK = 256  # samples mapped to windows per vectorised call while iterating
 BLOCK_TOKENS = 4 * DEFAULT_FRAME_BYTES  # default level-1 shuffle block, in tokens
 SourceSpec = str | os.PathLike | tuple[str | os.PathLike, float]
@@ -108,7 +109,8 @@ class StreamingByteDataset(IterableDataset):
         group = shuffle_window or 4 * block
         # a group of positions touches at most group/block + 2 blocks, each spanning a few frames
         frames_per_block = -(-block * seq_len // DEFAULT_FRAME_BYTES) + 1
-        cache_frames = (-(-group // block) + 2) * frames_per_block
+        cache_frames = min(MAX_CACHE_FRAMES, (-(-group // block) + 2) * frames_per_block)
+        self._block = block
         self.sources = [ShardSetSource(d, seq_len, pack, cache_frames=cache_frames) for d in dirs]
         self.orders = [
             WindowOrder(s.n_windows, (seed, int(s.set_hash[:15], 16), i), block, group, shuffle)
@@ -139,6 +141,14 @@ class StreamingByteDataset(IterableDataset):
                 out[at] = self.orders[d].windows(int(e), positions[at])
             windows[sel] = out
         return source_ids, windows
+
+    def _read_ahead(self, source_ids: np.ndarray, windows: np.ndarray) -> None:
+        """Let the OS fetch the compressed frames of the next chunk while it is being decoded."""
+        for d in np.unique(source_ids).tolist():
+            try:
+                self.sources[d].advise(windows[source_ids == d], gap=self._block)
+            except CorruptShardError:
+                pass  # reported (or skipped) when the window itself is read
 
     def _read(self, source_id: int, window: int) -> tuple[np.ndarray, int]:
         source = self.sources[source_id]
@@ -185,6 +195,7 @@ class StreamingByteDataset(IterableDataset):
                 if len(index) == 0:
                     return
             source_ids, windows = self._windows(index)
+            self._read_ahead(source_ids, windows)
             for q, i, d, w in zip(local.tolist(), index.tolist(), source_ids.tolist(), windows.tolist()):
                 sample = self._sample(i, d, w)
                 if workers == 1:

@@ -24,6 +24,7 @@ from data_pipeline.shards import CorruptShardError, FrameCache, ShardReader, loa
 from data_pipeline.vocab import EOD_ID, PAD_ID
 
 log = logging.getLogger(__name__)
+MAX_ADVISED_SHARDS = 4  # read-ahead touches at most this many shards per run of windows
 
 
 class ShardSetSource:
@@ -161,6 +162,40 @@ class ShardSetSource:
             return str(self.directory), name, s - first
         k = window - int(self.doc_starts[shard])
         return str(self.directory), name, int(self.reader(shard).doc_ends[k - 1]) if k else 0
+
+    def advise(self, windows: np.ndarray, gap: int) -> None:
+        """Read-ahead: ask the OS for the compressed frames that these upcoming windows need.
+
+        Windows less than `gap` apart are treated as one run (one shuffle block); at most
+        MAX_ADVISED_SHARDS shards are advised per run, so tiny shards cannot make this costly.
+        """
+        if len(windows) == 0:
+            return
+        w = np.sort(np.asarray(windows, dtype=np.int64))
+        breaks = np.flatnonzero(np.diff(w) > gap) + 1
+        for run in np.split(w, breaks):
+            a, b = int(run[0]), int(run[-1])
+            if self.pack:
+                lo_tok, hi_tok = a * self.seq_len, b * self.seq_len + self.seq_len + 1
+                first = bisect.bisect_right(self._token_starts, lo_tok) - 1
+                for shard in range(first, min(first + MAX_ADVISED_SHARDS, len(self.manifest.shards))):
+                    base = self._token_starts[shard]
+                    if base >= hi_tok:
+                        break
+                    if shard in self.bad_shards:
+                        continue
+                    s, e = max(lo_tok, base) - base, min(hi_tok, self._token_starts[shard + 1]) - base
+                    reader = self.reader(shard)
+                    eods = self._eod_positions[shard]
+                    reader.advise(s - int(eods.searchsorted(s)), e - int(eods.searchsorted(e)))
+            else:
+                shard = bisect.bisect_right(self._doc_starts, a) - 1
+                if shard in self.bad_shards:
+                    continue
+                reader = self.reader(shard)
+                k0 = a - self._doc_starts[shard]
+                k1 = min(b - self._doc_starts[shard], len(reader.doc_ends) - 1)
+                reader.advise(int(reader.doc_ends[k0 - 1]) if k0 else 0, int(reader.doc_ends[k1]))
 
     def next_readable(self, window: int) -> int:
         """The first window at or after this one (wrapping) that touches no shard found corrupt."""

@@ -59,9 +59,17 @@ RUN_DIR="$(cd "$RUN_DIR" && pwd)"
 # Everything this script and the trainer print also goes to the run directory.
 exec > >(tee -a "$RUN_DIR/logs/slurm-${SLURM_JOB_ID}.log") 2>&1
 
-# GPUs per node: SLURM writes e.g. "8" or "h100:8"; keep the count.
-GPUS_PER_NODE="${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-0}}"
-GPUS_PER_NODE="${GPUS_PER_NODE##*:}"
+# GPUs per node: from --gpus-per-node (SLURM writes e.g. "8" or "h100:8"; keep the count), else
+# from the GPU list of a --gres=gpu:N job, else none (CPU).
+if [ -z "${GPUS_PER_NODE:-}" ]; then
+    if [ -n "${SLURM_GPUS_PER_NODE:-}" ]; then
+        GPUS_PER_NODE="${SLURM_GPUS_PER_NODE##*:}"
+    elif [ -n "${SLURM_JOB_GPUS:-}" ]; then
+        GPUS_PER_NODE="$(tr ',' '\n' <<<"$SLURM_JOB_GPUS" | grep -c .)"
+    else
+        GPUS_PER_NODE=0
+    fi
+fi
 case "$GPUS_PER_NODE" in ''|*[!0-9]*) die "GPUS_PER_NODE='$GPUS_PER_NODE' is not a number (0 = CPU)";; esac
 
 # ---- rendezvous ------------------------------------------------------------------------------

@@ -355,6 +355,22 @@ def has_moe_layers(model_cfg: Any) -> bool:
     return any(stack.moe_layer_indices() for stack in model_stacks(model_cfg))
 
 
+_OWNED_DEEPSPEED_KEYS = {
+    "train_batch_size": "batch.global_batch_size", "train_micro_batch_size_per_gpu": "batch.micro_batch_size",
+    "gradient_accumulation_steps": "batch.global_batch_size", "optimizer": "optim.* and train.lr",
+    "scheduler": "schedule.*",
+}
+
+
+def _check_deepspeed_extra(where: str, extra: dict, zero_stage: int) -> None:
+    """Extra DeepSpeed JSON may tune DeepSpeed, not contradict what the trainer derives from the config."""
+    for key, ours in _OWNED_DEEPSPEED_KEYS.items():
+        _require(key not in extra, f"{where} sets '{key}', which the trainer derives; set {ours} instead")
+    stage = extra.get("zero_optimization", {}).get("stage", zero_stage)
+    _require(stage == zero_stage, f"{where} sets zero_optimization.stage={stage} but deepspeed.zero_stage="
+                                  f"{zero_stage}; set deepspeed.zero_stage={stage} (the trainer's checks use it)")
+
+
 def validate(cfg: Config) -> None:
     """Checks that need no world size (the trainer calls validate_for_world once ranks are known)."""
     d, b, o, s, p, z, c, lg, sg, t = (cfg.data, cfg.batch, cfg.optim, cfg.schedule, cfg.precision,
@@ -413,6 +429,8 @@ def validate(cfg: Config) -> None:
         except json.JSONDecodeError as err:
             raise ConfigError(f"deepspeed.extra_json='{z.extra_json}' is not valid JSON: {err}") from err
         _require(isinstance(extra, dict), f"deepspeed.extra_json='{z.extra_json}' must hold a JSON object")
+        _check_deepspeed_extra(f"deepspeed.extra_json='{z.extra_json}'", extra, z.zero_stage)
+    _check_deepspeed_extra("deepspeed.extra", z.extra, z.zero_stage)
     has_moe = has_moe_layers(cfg.model)
     if has_moe:
         _require(z.zero_stage != 3,

@@ -128,7 +128,7 @@ def _bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 def test_data_bench_quick_reports_ratios_and_missing_anchor(tmp_path):
     corpus = _write_corpus(tmp_path / "corpus.jsonl.zst")
     out = tmp_path / "out"
-    proc = _bench(["data", "--quick", "--out", str(out), "--corpus", str(corpus),
+    proc = _bench(["data", "--quick", "--out", str(out), "--corpus", str(corpus), "--cache", str(tmp_path / "cache"),
                    "--mosaic-python", str(tmp_path / "no-venv" / "python")], tmp_path)
     assert proc.returncode == 0, proc.stderr
     data = json.loads((out / "data.json").read_text())
@@ -166,7 +166,7 @@ def test_model_bench_quick_reports_ratio_and_routing_share(tmp_path):
     assert ours > 0 and theirs > 0
     assert len(figures["synergy_stride4_bytes_per_s"]["samples"]) == 2  # --quick: two timed steps
     targets = {t["name"]: t for t in bench["targets"]}
-    assert targets["synergy-stride4 bytes/s vs byte Transformer"]["measured"] == ours / theirs
+    assert targets["synergy-stride4 bytes/s vs byte Transformer (closest parameter count)"]["measured"] == ours / theirs
     share = figures["synergy_stride4_routing_share"]["value"]
     assert 0 < share < 100
     assert targets["synergy-stride4 router + down/upsampling share of step time"]["measured"] == share
@@ -179,3 +179,32 @@ def test_cli_names_a_missing_corpus(tmp_path):
                   tmp_path)
     assert proc.returncode == 2
     assert f"corpus {tmp_path / 'absent.jsonl.zst'} not found; pass existing --corpus files" in proc.stderr
+
+
+def test_stopwatch_separates_cpu_from_waiting_and_rss_fields():
+    import time
+
+    from synergy_dist.bench.timing import Stopwatch, rss_kib
+
+    clock = Stopwatch()
+    time.sleep(0.05)
+    assert clock.wall() >= 0.05
+    assert clock.cpu() < 0.04  # sleeping uses no CPU: wall time counts it, CPU time does not
+    assert rss_kib("VmHWM") >= rss_kib("VmRSS") > 0
+    with pytest.raises(RuntimeError, match="/proc/self/status has no VmNope"):
+        rss_kib("VmNope")
+
+
+def test_matched_byte_transformer_is_the_closest():
+    from synergy_dist.bench.model import build_config, count_params, matched_byte_transformer
+    from synergy_dist.model.config import tiny_test_config
+
+    cfg = tiny_test_config()
+    target = count_params(cfg)
+    kwargs, params = matched_byte_transformer(cfg, target)
+    assert kwargs["n_heads"] == cfg.middle.n_heads and abs(kwargs["d_model"] - cfg.d_middle) <= 64
+    assert params == count_params(build_config("byte-transformer", **kwargs))
+    for depth in (kwargs["depth"] - 1, kwargs["depth"] + 1):  # neighbours at the same width are no closer
+        if depth >= 1:
+            other = count_params(build_config("byte-transformer", **dict(kwargs, depth=depth)))
+            assert abs(params - target) <= abs(other - target)

@@ -146,6 +146,20 @@ def test_file_errors(tmp_path):
         load_config(None, [f"deepspeed.extra_json={broken}"])
 
 
+def test_deepspeed_extras_cannot_contradict_the_config(tmp_path):
+    zero3 = tmp_path / "zero3.json"
+    zero3.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"deepspeed.extra_json={zero3}"])
+    assert str(err.value) == (f"deepspeed.extra_json='{zero3}' sets zero_optimization.stage=3 but "
+                              "deepspeed.zero_stage=0; set deepspeed.zero_stage=3 (the trainer's checks use it)")
+    load_config(None, [f"deepspeed.extra_json={zero3}", "deepspeed.zero_stage=3"])
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["deepspeed.extra={train_batch_size: 64}"])
+    assert str(err.value) == ("deepspeed.extra sets 'train_batch_size', which the trainer derives; "
+                              "set batch.global_batch_size instead")
+
+
 def test_world_size_errors():
     cfg = load_config(None, ["batch.global_batch_size=6", "batch.micro_batch_size=2"])
     with pytest.raises(ConfigError) as err:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch.multiprocessing as mp
 
 from data_corpus_helpers import make_documents, token_stream, write_jsonl
 from data_pipeline.preprocess import preprocess
-from data_pipeline.shards import CorruptShardError, ManifestError, ShardReader, iter_documents, load_manifest
+from data_pipeline.shards import CorruptShardError, ManifestError, ShardReader, iter_documents
 from data_pipeline.stream import StreamingByteDataset
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
 
@@ -307,3 +308,29 @@ def test_bad_states_are_refused(corpora):
         ds.load_state_dict(tampered)
     with pytest.raises(ValueError, match=r"samples must be a non-negative integer, got -1"):
         ds.state_at(-1)
+
+
+def test_read_ahead_advises_every_frame_before_it_is_decompressed(corpora, monkeypatch):
+    A, _ = corpora
+    advised, decompressed, kernel = [], [], []
+    real_advise, real_frame = ShardReader.advise, ShardReader.frame
+
+    def advise(self, lo, hi):
+        advised.append((self.path.name, lo, hi))
+        return real_advise(self, lo, hi)
+
+    def frame(self, k):
+        if self._cache.get((self._key, k)) is None:
+            start = int(self._frame_starts[k])
+            decompressed.append((self.path.name, start, start + int(self._frames[k, 2]), len(advised)))
+        return real_frame(self, k)
+
+    monkeypatch.setattr(ShardReader, "advise", advise)
+    monkeypatch.setattr(ShardReader, "frame", frame)
+    monkeypatch.setattr("os.posix_fadvise", lambda fd, offset, length, how: kernel.append((offset, length, how)))
+    ds = StreamingByteDataset([A], seq_len=L, global_batch_size=4, micro_batch_size=2, seed=3, **SMALL)
+    take(ds, ds.epoch_size())
+    assert decompressed and kernel and all(how == os.POSIX_FADV_WILLNEED for _, _, how in kernel)
+    for name, start, end, advised_before in decompressed:
+        # some range advised earlier for that shard overlaps the frame
+        assert any(n == name and lo < end and hi > start for n, lo, hi in advised[:advised_before]), (name, start)

@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from synergy_dist.model.config import MambaConfig, StackConfig
 from synergy_dist.model.layers import Attention, AttentionCache, RMSNorm, RotaryEmbedding, Stack

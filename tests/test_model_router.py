@@ -2,16 +2,11 @@
 
 import math
 
-import pytest
 import torch
 
 from data_pipeline.vocab import EOD_ID
 from synergy_dist.model.config import RouterConfig
 from synergy_dist.model.router import BoundaryRouter, RouterState, downsample, ratio_loss, smooth, upsample
-
-
-def ids_of(text: bytes) -> torch.Tensor:
-    return torch.tensor([list(text)])
 
 
 def starts(ids: torch.Tensor) -> torch.Tensor:
@@ -50,16 +45,11 @@ def test_stride_router_counts_inside_documents_and_across_calls():
     ids = torch.tensor([[1, 2, 3, 4, 5, EOD_ID, 6, 7, 8, 9, 10]])
     full = route(router, ids).boundary[0].nonzero().flatten().tolist()
     assert full == [0, 3, 6, 9]
-    state = RouterState()
-    force = starts(ids)
+    state, force = RouterState(), starts(ids)
     pieces = []
-    for a, b in [(0, 4), (4, 5), (5, 8), (8, 11)]:
-        x = torch.zeros(1, b - a, 8)
-        if a > 0:
-            force_part = ids[:, a - 1:b - 1] == EOD_ID
-        else:
-            force_part = force[:, a:b]
-        pieces.append(router(x, ids[:, a:b], force_part, torch.ones(1, b - a, dtype=torch.bool), state).boundary)
+    for a, b in [(0, 4), (4, 5), (5, 8), (8, 11)]:  # incremental calls continue the document position
+        valid = torch.ones(1, b - a, dtype=torch.bool)
+        pieces.append(router(torch.zeros(1, b - a, 8), ids[:, a:b], force[:, a:b], valid, state).boundary)
     assert torch.cat(pieces, 1)[0].nonzero().flatten().tolist() == full
 
 

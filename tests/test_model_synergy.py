@@ -261,11 +261,13 @@ def test_accounting_counts_and_flops():
     cfg = model.cfg
     assert flops_per_byte(cfg, 1024, 6.0) < flops_per_byte(cfg, 1024, 3.0)
     assert flops_per_byte(cfg, 1024, 3.0) == 3 * flops_per_byte(cfg, 1024, 3.0, training=False)
+    assert flops_per_byte(cfg, 1024, None) == flops_per_byte(cfg, 1024, [cfg.stages[0].router.target_bytes_per_concept])
+    assert flops_per_byte(cfg, 1024, [torch.tensor(3.0)]) == flops_per_byte(cfg, 1024, 3.0)  # aux values work
     # byte transformer: 2 x matmul params per byte (qkv/out 4 d^2, SwiGLU 3 d h, head) + causal attention
     bt = byte_transformer_config(d_model=64, depth=2, n_heads=4)
     d, h, L = 64, 176, 128
     expected = 2 * (2 * (4 * d * d + 3 * d * h) + d * 258) + 2 * 2 * 2 * d * (L + 1) / 2
-    assert math.isclose(flops_per_byte(bt, L, 1.0, training=False), expected)
+    assert math.isclose(flops_per_byte(bt, L, None, training=False), expected)
 
 
 def test_all_padding_batch_gives_finite_loss_and_still_runs_the_middle():
@@ -307,3 +309,30 @@ def test_sampling_options_and_training_mode_is_restored():
     draws = {sample_next(logits, 1.0, None, 0.5, generator) for _ in range(50)}
     assert draws == {1}  # the best id alone holds more than half of the mass
     assert sample_next(logits, 0.0, None, None, generator) == 1
+
+
+def test_linear_width_change_allows_a_narrower_middle():
+    torch.manual_seed(0)
+    cfg = tiny_test_config(router="gate")
+    cfg.d_middle, cfg.width_change, cfg.init_std = 24, "linear", 0.2
+    cfg.middle.n_heads = 2
+    cfg.validate()
+    model = SynergyLM(cfg).eval()
+    assert model.body.width.up.weight.shape == (24, 32) and model.body.width.down.weight.shape == (32, 24)
+    prompt = b"narrow middle "
+    assert model.generate(prompt, 25, temperature=1.0, seed=2) == reference_generate(model, prompt, 25, 1.0, 2)
+
+
+def test_tied_head_shares_the_embedding():
+    torch.manual_seed(0)
+    cfg = tiny_test_config()
+    untied = param_counts(SynergyLM(cfg))
+    cfg.tie_embeddings = True
+    model = SynergyLM(cfg)
+    counts = param_counts(model)
+    assert model.head.weight is model.embed.weight
+    assert counts["head"] == 0 and counts["total"] == untied["total"] - 258 * 32
+    grouped = [p for g in model.param_groups(0.1) for p in g["params"]]
+    assert len(grouped) == len(set(map(id, grouped))) == len(list(model.parameters()))
+    with pytest.raises(ValueError, match=r"prompt must be bytes, got str; encode text with \.encode\('utf-8'\)"):
+        model.generate("text", 3)

@@ -319,3 +319,38 @@ def test_moe_param_groups_split_expert_parameters():
     assert len(dense["params"]) == len(list(model.parameters())) - len(expert_params)
     from deepspeed.moe.utils import is_moe_param_group
     assert [is_moe_param_group(g) for g in moe_param_groups(model)] == [False, True]
+
+
+# ---------------------------------------------------------------- resharding between expert-parallel sizes
+
+
+def test_shard_then_consolidate_is_identity_and_renumbers_experts():
+    from synergy_dist.model.moe_resharding import consolidate_expert_states, shard_expert_state
+
+    model = torch.nn.Sequential(torch.nn.Linear(D_MODEL, D_MODEL), make_layer(shared_expert=True))
+    full = model.state_dict()
+    shards = [shard_expert_state(full, 2, rank) for rank in range(2)]
+    prefix = "1.deepspeed_moe.experts.deepspeed_experts."
+    assert sorted(k for k in shards[1] if k.startswith(prefix)) == sorted(
+        f"{prefix}{i}.{w}" for i in range(2) for w in ("w_gate", "w_up", "w_down"))
+    assert torch.equal(shards[1][f"{prefix}0.w_up"], full[f"{prefix}2.w_up"])  # rank 1's first = global 2
+    assert torch.equal(shards[0]["1.router.weight"], full["1.router.weight"])
+    merged = consolidate_expert_states(shards)
+    assert merged.keys() == full.keys()
+    assert all(torch.equal(merged[k], full[k]) for k in full)
+
+
+def test_resharding_errors_name_the_problem():
+    from synergy_dist.model.moe_resharding import consolidate_expert_states, shard_expert_state
+
+    full = make_layer().state_dict()  # 4 experts
+    with pytest.raises(ValueError, match="4 experts under 'deepspeed_moe.experts.deepspeed_experts.' cannot be "
+                                         "split over expert_parallel_size=3"):
+        shard_expert_state(full, 3, 0)
+    with pytest.raises(ValueError, match=r"ep_rank=2 must be in \[0, ep_size=2\)"):
+        shard_expert_state(full, 2, 2)
+    broken = {k: v for k, v in full.items() if ".deepspeed_experts.1." not in k}
+    with pytest.raises(ValueError, match=r"expert ids under .* are \[0, 2, 3\], expected 0..2"):
+        shard_expert_state(broken, 2, 0)
+    with pytest.raises(ValueError, match="rank 1 holds"):
+        consolidate_expert_states([shard_expert_state(full, 2, 0), shard_expert_state(full, 4, 0)])

@@ -68,6 +68,7 @@ class CollectiveCounter:
 def run_case(rank: int, overrides: dict, shapes, rank1_grad: bool) -> None:
     from synergy_dist.model import moe_routing as routing
     from synergy_dist.model.moe import MoEConfig, MoEFeedForward
+    from synergy_dist.model.moe_resharding import consolidate_expert_states, shard_expert_state
 
     cfg = MoEConfig(**{"n_experts": N_EXPERTS, "top_k": 2, "expert_parallel_size": 2, **overrides})
     torch.manual_seed(0)
@@ -85,6 +86,14 @@ def run_case(rank: int, overrides: dict, shapes, rank1_grad: bool) -> None:
         for (name, p), p_ref in zip(expert.named_parameters(), ref_experts[rank * 2 + local_id].parameters()):
             assert torch.equal(p, p_ref), name
     assert torch.equal(layer.router.weight, reference.router.weight)
+
+    # the per-rank states consolidate into the ep=1 state, and the ep=1 state shards into each rank's
+    states = [None, None]
+    dist.all_gather_object(states, layer.state_dict())
+    full = reference.state_dict()
+    merged = consolidate_expert_states(states)
+    assert merged.keys() == full.keys() and all(torch.equal(merged[k], full[k]) for k in full)
+    layer.load_state_dict(shard_expert_state(full, 2, rank), strict=True)
 
     inputs = [make_inputs(r, shapes[r]) for r in range(2)]
     x, valid, weight = inputs[rank]
@@ -154,7 +163,7 @@ def run_case(rank: int, overrides: dict, shapes, rank1_grad: bool) -> None:
 def _worker(rank: int, init_file: str, error_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=60))
+                            timeout=timedelta(seconds=300))  # generous: the CI machine is shared
     try:
         for name, overrides, shapes, rank1_grad in CASES:
             try:

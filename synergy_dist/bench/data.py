@@ -20,10 +20,12 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synergy_dist.bench.report import BenchReport, Stopwatch, Target, figure_from, missing, ratio
+from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio
+from synergy_dist.bench.timing import Stopwatch, pin_to_one_core, rss_kib
 
 ANCHOR_DIR = Path(__file__).parent / "anchors"
 MOSAIC_PYTHON_ENV = "SYNERGY_BENCH_MOSAIC_PYTHON"  # env var naming the MosaicML venv's python
@@ -36,7 +38,7 @@ class DataBenchConfig:
     """Settings of one data benchmark run."""
 
     inputs: list[str] = field(default_factory=list)  # jsonl.zst corpora (the "text" field is used)
-    cache_dir: str = "/tmp/synergy-bench-cache"  # preprocessed shards, MDS shards, synthetic shard set
+    cache_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "synergy-bench-cache"))  # shard sets, MDS shards
     seq_len: int = 8192  # bytes per training window
     repeats: int = 3  # measurements per figure (the median is reported)
     shard_size: str = "8MiB"  # raw bytes per shard of the benchmark set (several shards: shard-level shuffle)
@@ -45,17 +47,6 @@ class DataBenchConfig:
     mosaic_python: str | None = None  # python of the MosaicML venv; None: not available
     run_hf: bool = True  # run the Hugging Face datasets anchor
     seed: int = 0  # shuffle seed of the first repeat (repeat r uses seed + r)
-
-
-def pin_to_one_core() -> int:
-    """Restrict this process (and the subprocesses it starts) to one CPU; returns the CPU id."""
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpus[-1]})
-    return cpus[-1]
 
 
 def _inputs_key(inputs: list[str], shard_size: str) -> str:
@@ -149,13 +140,6 @@ def build_synthetic_shard_set(directory: Path, n_shards: int, shard_bytes: int) 
     return directory
 
 
-def _rss_kib(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field_name}")
-
-
 def first_batch_probe(shard_dir: str, seq_len: int, batch_size: int) -> dict:
     """Run in a fresh process: time and resident memory from constructing the dataset to its first batch."""
     import gc
@@ -167,7 +151,7 @@ def first_batch_probe(shard_dir: str, seq_len: int, batch_size: int) -> dict:
 
     torch.set_num_threads(1)
     gc.collect()
-    rss_before = _rss_kib("VmRSS")
+    rss_before = rss_kib("VmRSS")
     clock = Stopwatch()
     dataset = StreamingByteDataset([shard_dir], seq_len=seq_len, global_batch_size=batch_size,
                                    micro_batch_size=batch_size, seed=0)
@@ -177,8 +161,8 @@ def first_batch_probe(shard_dir: str, seq_len: int, batch_size: int) -> dict:
     return {
         "seconds": wall,
         "cpu_seconds": cpu,
-        "added_rss_mb": (_rss_kib("VmRSS") - rss_before) / 1024,
-        "added_peak_rss_mb": (_rss_kib("VmHWM") - rss_before) / 1024,
+        "added_rss_mb": (rss_kib("VmRSS") - rss_before) / 1024,
+        "added_peak_rss_mb": (rss_kib("VmHWM") - rss_before) / 1024,
     }
 
 
@@ -259,7 +243,7 @@ def run(cfg: DataBenchConfig, command: str) -> BenchReport:
     startup_s, startup_cpu, startup_mb, startup_peak_mb = [], [], [], []
     probe_args = ["-c", "import json,sys; from synergy_dist.bench.data import first_batch_probe as p; "
                         "print(json.dumps(p(sys.argv[1], int(sys.argv[2]), 1)))",
-                  str(synthetic), str(min(cfg.seq_len, 1024))]
+                  str(synthetic), str(cfg.seq_len)]
     for _ in range(cfg.repeats):
         env = dict(os.environ, OMP_NUM_THREADS="1")
         proc = subprocess.run([sys.executable, *probe_args], capture_output=True, text=True, env=env, timeout=600)
@@ -273,7 +257,8 @@ def run(cfg: DataBenchConfig, command: str) -> BenchReport:
         startup_mb.append(result["added_rss_mb"])
         startup_peak_mb.append(result["added_peak_rss_mb"])
     if startup_s:
-        how = f"fresh process, {cfg.startup_shards} shards, construct StreamingByteDataset -> first batch, imports excluded"
+        how = (f"fresh process, {cfg.startup_shards} shards, construct StreamingByteDataset -> first DataLoader "
+               f"batch (1 x {cfg.seq_len}), imports excluded")
         report.add(figure_from("first_batch_seconds", startup_s, "s", f"{how}; wall clock"))
         report.add(figure_from("first_batch_cpu_seconds", startup_cpu, "s", "the same, process CPU time"))
         report.add(figure_from("first_batch_added_rss", startup_mb, "MB", "VmRSS after - before"))
@@ -300,7 +285,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--corpora", default=None, metavar="DIR",
                         help="directory of the shared corpora (default: $SYNERGY_CORPORA or ../shared/corpora)")
     parser.add_argument("--cache", default=None, metavar="DIR",
-                        help="cache for preprocessed shards (default: OUT/cache)")
+                        help="cache for the benchmark's shard sets, reused across runs "
+                             "(default: $SYNERGY_BENCH_CACHE or <tmp>/synergy-bench-cache)")
     parser.add_argument("--mosaic-python", default=None, metavar="PATH",
                         help=f"python of the MosaicML streaming venv (default: ${MOSAIC_PYTHON_ENV} or {DEFAULT_MOSAIC_PYTHON})")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face datasets anchor")
@@ -313,7 +299,7 @@ def default_corpora_dir() -> Path:
     return Path(__file__).resolve().parents[2].parent / "shared" / "corpora"
 
 
-def config_from_args(args: argparse.Namespace, out_dir: Path) -> DataBenchConfig:
+def config_from_args(args: argparse.Namespace) -> DataBenchConfig:
     if args.corpus:
         inputs = list(args.corpus)
     else:
@@ -324,8 +310,8 @@ def config_from_args(args: argparse.Namespace, out_dir: Path) -> DataBenchConfig
             raise FileNotFoundError(f"data benchmark: corpus {absent[0]} not found; pass --corpora DIR "
                                     "(holding pydocs-train.jsonl.zst and pystdlib-code.jsonl.zst) or --corpus FILE")
     mosaic = args.mosaic_python or os.environ.get(MOSAIC_PYTHON_ENV) or DEFAULT_MOSAIC_PYTHON
-    cfg = DataBenchConfig(inputs=inputs, cache_dir=str(args.cache or out_dir / "cache"), mosaic_python=mosaic,
-                          run_hf=not args.no_hf)
+    cache = args.cache or os.environ.get("SYNERGY_BENCH_CACHE") or str(Path(tempfile.gettempdir()) / "synergy-bench-cache")
+    cfg = DataBenchConfig(inputs=inputs, cache_dir=cache, mosaic_python=mosaic, run_hf=not args.no_hf)
     if args.quick:  # a smoke run of the harness: small windows, few shards, one repeat
         cfg.seq_len, cfg.repeats, cfg.startup_shards, cfg.startup_shard_bytes = 1024, 1, 50, 2048
     return cfg

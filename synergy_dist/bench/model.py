@@ -2,11 +2,13 @@
 
 One run, one core (pinned), same text, same sequence length:
 - each model trains for a few steps (AdamW, forward + backward + step) in its own fresh process, so
-  its peak resident memory is its own; bytes/s = batch * seq_len / median step time;
-- the byte Transformer's width/depth is chosen so its parameter count is the closest to SynergyLM's;
-- one extra step per SynergyLM runs under torch.profiler with scopes around the router, the
+  its peak resident memory is its own; bytes/s = batch * seq_len / median step CPU time;
+- the byte Transformer (RoPE attention; the middle's heads, a width near the middle's) has the
+  width/depth whose parameter count is the closest to SynergyLM's;
+- two more steps per SynergyLM run under torch.profiler with scopes around the router, the
   down/upsampling functions and the middle network (wrapped from outside, the model is untouched);
   backward time is attributed to a scope through the autograd sequence numbers of its forward ops;
+- the middle network is also timed alone (forward + backward on the realised number of concepts);
 - a dense fp32 matmul measured in the same run is the FLOP/s ceiling for MFU.
 """
 
@@ -19,9 +21,9 @@ import os
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from synergy_dist.bench.report import BenchReport, Stopwatch, Target, figure_from, missing, ratio
+from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio
+from synergy_dist.bench.timing import Stopwatch, pin_to_one_core, rss_kib
 
 ROUTING_SCOPES = ("router", "downsample", "gather_units", "smooth", "upsample", "width_change")
 MIDDLE_SCOPE = "middle"
@@ -50,16 +52,6 @@ class ModelBenchConfig:
 
 
 # ---------------------------------------------------------------------------------- helpers
-
-
-def pin_to_one_core() -> int:
-    import torch
-
-    torch.set_num_threads(1)
-    os.environ["OMP_NUM_THREADS"] = "1"
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cpus[-1]})
-    return cpus[-1]
 
 
 def matmul_flops_per_s(n: int, repeats: int = 10) -> list[float]:
@@ -91,19 +83,24 @@ def count_params(cfg) -> int:
     return sum(p.numel() for p in SynergyLM(cfg).parameters())
 
 
-def matched_byte_transformer(synergy_cfg, target_params: int) -> tuple[dict, int]:
-    """The byte Transformer at SynergyLM's middle width and heads, with the depth whose parameter
-    count is closest to target_params (a Transformer shaped like the network it is compared with)."""
-    d_model, n_heads = synergy_cfg.d_middle, synergy_cfg.middle.n_heads
-    best: tuple[int, dict, int] | None = None
-    for depth in range(1, 65):
-        kwargs = {"d_model": d_model, "depth": depth, "n_heads": n_heads}
-        params = count_params(build_config("byte-transformer", **kwargs))
-        if best is None or abs(params - target_params) < best[0]:
-            best = (abs(params - target_params), kwargs, params)
-        if params > target_params:
-            break
-    assert best is not None
+def matched_byte_transformer(synergy_cfg, target_params: int, width_slack: int = 64) -> tuple[dict, int]:
+    """The byte Transformer (the middle's heads, a width within +-width_slack of the middle's, in
+    steps of 32) whose parameter count is the closest to target_params; ties go to the width
+    nearest the middle's."""
+    n_heads = synergy_cfg.middle.n_heads
+    best: tuple[tuple[int, int], dict, int] | None = None
+    for d_model in range(synergy_cfg.d_middle - width_slack, synergy_cfg.d_middle + width_slack + 1, 32):
+        if d_model < 2 * n_heads or d_model % (2 * n_heads):  # RoPE needs an even head dim
+            continue
+        for depth in range(1, 65):
+            kwargs = {"d_model": d_model, "depth": depth, "n_heads": n_heads}
+            params = count_params(build_config("byte-transformer", **kwargs))
+            score = (abs(params - target_params), abs(d_model - synergy_cfg.d_middle))
+            if best is None or score < best[0]:
+                best = (score, kwargs, params)
+            if params > target_params:
+                break
+    assert best is not None, "no byte Transformer width fits the middle's heads"
     return best[1], best[2]
 
 
@@ -234,7 +231,7 @@ def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool)
     data = torch.tensor(list(sample_text(B * (L + 1))), dtype=torch.long).view(B, L + 1)
     input_ids, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     gc.collect()
-    rss_before = _rss_kib("VmRSS")
+    rss_before = rss_kib("VmRSS")
 
     model_cfg = build_config(preset, **kwargs)
     model = SynergyLM(model_cfg)
@@ -264,7 +261,7 @@ def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool)
         "wall_bytes_per_s": [B * L / s for s in wall_seconds],
         "bytes_per_concept": bytes_per_concept,
         "params": sum(p.numel() for p in model.parameters()),
-        "peak_rss_added_mb": (_rss_kib("VmHWM") - rss_before) / 1024,
+        "peak_rss_added_mb": (rss_kib("VmHWM") - rss_before) / 1024,
     }
     result.update(_flops(model_cfg, L, B, bytes_per_concept))
     units = max(1, round(L / statistics.median(bytes_per_concept))) if model_cfg.stages else L
@@ -295,13 +292,6 @@ def _flops(model_cfg, seq_len: int, batch: int, bytes_per_concept: list[float]) 
         "flops_per_step": accounting.flops_per_byte(model_cfg, seq_len, n, training=True) * seq_len * batch,
         "middle_flops_per_step": 3 * parts["middle"] * seq_len * batch,
     }
-
-
-def _rss_kib(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field_name}")
 
 
 def worker_main() -> None:
@@ -357,21 +347,27 @@ def run(cfg: ModelBenchConfig, command: str) -> BenchReport:
     if baseline is None:
         report.add(missing("byte_transformer_bytes_per_s", "B/s", "no SynergyLM ran, nothing to match"))
         return report
-    kwargs, params = matched_byte_transformer(*baseline)
-    report.notes.append(f"byte Transformer matched to {baseline[1]:,} SynergyLM parameters: {kwargs} "
-                        f"-> {params:,} parameters")
-    byte_tf, reason = run_model("byte-transformer", kwargs, cfg, profile=False)
-    if byte_tf is None:
-        report.add(missing("byte_transformer_bytes_per_s", "B/s", reason))
-    else:
-        _add_model_figures(report, "byte_transformer", byte_tf, f"byte Transformer {kwargs}")
-        _add_middle_mfu(report, "byte_transformer", byte_tf, report.value("matmul_ceiling"))
+    baselines = {"byte_transformer": matched_byte_transformer(*baseline),
+                 "byte_transformer_same_width": matched_byte_transformer(*baseline, width_slack=0)}
+    if baselines["byte_transformer_same_width"][0] == baselines["byte_transformer"][0]:
+        del baselines["byte_transformer_same_width"]
+    for key, (kwargs, params) in baselines.items():
+        report.notes.append(f"{key}: {kwargs} -> {params:,} parameters (SynergyLM: {baseline[1]:,})")
+        byte_tf, reason = run_model("byte-transformer", kwargs, cfg, profile=False)
+        if byte_tf is None:
+            report.add(missing(f"{key}_bytes_per_s", "B/s", reason))
+            continue
+        _add_model_figures(report, key, byte_tf, f"byte Transformer {kwargs}")
+        _add_middle_mfu(report, key, byte_tf, report.value("matmul_ceiling"))
 
+    labels = {"byte_transformer": "byte Transformer (closest parameter count)",
+              "byte_transformer_same_width": "byte Transformer at the middle's width"}
     for preset in cfg.synergy_models:
         key = preset.replace("-", "_")
-        report.targets.append(Target(f"{preset} bytes/s vs byte Transformer",
-                                     ratio(report.value(f"{key}_bytes_per_s"),
-                                           report.value("byte_transformer_bytes_per_s")), ">=", 1.5))
+        for baseline_key in baselines:
+            report.targets.append(Target(f"{preset} bytes/s vs {labels[baseline_key]}",
+                                         ratio(report.value(f"{key}_bytes_per_s"),
+                                               report.value(f"{baseline_key}_bytes_per_s")), ">=", 1.5))
         report.targets.append(Target(f"{preset} router + down/upsampling share of step time",
                                      report.value(f"{key}_routing_share"), "<", 10.0, "%"))
         report.targets.append(Target(f"{preset} middle-network MFU vs dense matmul ceiling",

@@ -67,25 +67,6 @@ class BenchReport:
         return None if figure is None else figure.value
 
 
-class Stopwatch:
-    """Wall-clock and process CPU time since construction.
-
-    The machine is shared, so wall time includes waiting for other processes' turns; the CPU time
-    of a single-threaded process pinned to one core is the work itself. Benchmarks report both and
-    judge throughput targets on CPU time (stated in every report).
-    """
-
-    def __init__(self) -> None:
-        self.wall_start = time.perf_counter()
-        self.cpu_start = time.process_time()
-
-    def wall(self) -> float:
-        return time.perf_counter() - self.wall_start
-
-    def cpu(self) -> float:
-        return time.process_time() - self.cpu_start
-
-
 def median(samples: list[float]) -> float | None:
     return statistics.median(samples) if samples else None
 
@@ -168,8 +149,9 @@ def render_markdown(machine: dict, reports: list[BenchReport]) -> str:
         "# synergy-bench results",
         "",
         f"- date: {machine['date_utc']}",
-        f"- machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['ram_gib']} GiB RAM, "
-        f"load average (1/5/15 min) at the end: {machine['load_average_1_5_15']}",
+        f"- machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['ram_gib']} GiB RAM",
+        f"- load average (1/5/15 min): {machine.get('load_average_at_start')} at the start, "
+        f"{machine['load_average_1_5_15']} at the end",
         f"- python {machine['python']}, torch {machine['torch']}",
         "",
     ]
@@ -204,11 +186,13 @@ def to_json(machine: dict, reports: list[BenchReport]) -> dict:
     return out
 
 
-def write_report(out_dir: Path, reports: list[BenchReport], stem: str = "results") -> tuple[Path, Path]:
+def write_report(out_dir: Path, reports: list[BenchReport], stem: str = "results",
+                 load_at_start: list[float] | None = None) -> tuple[Path, Path]:
     """Write OUT/<stem>.json and OUT/<stem>.md; returns both paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     machine = machine_info()
+    machine["load_average_at_start"] = load_at_start
     json_path = out_dir / f"{stem}.json"
     md_path = out_dir / f"{stem}.md"
     json_path.write_text(json.dumps(to_json(machine, reports), indent=2) + "\n")

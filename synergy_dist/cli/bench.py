@@ -24,7 +24,7 @@ BENCHMARKS = ("data", "model")
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synergy-bench", description=__doc__)
     parser.add_argument("benchmark", choices=[*BENCHMARKS, "all"], help="which benchmark to run")
-    parser.add_argument("--out", default="bench-results", metavar="DIR", help="where JSON + markdown go")
+    parser.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON + markdown go (default bench_out)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-run the harness (tiny sizes, one repeat): checks it works, numbers mean little")
     data_bench.add_arguments(parser.add_argument_group("data benchmark"))
@@ -36,18 +36,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = shlex.join(["synergy-bench", *(sys.argv[1:] if argv is None else argv)])
     out_dir = Path(args.out)
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     selected = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
     reports = []
     try:
         for name in selected:
             if name == "data":
-                reports.append(data_bench.run(data_bench.config_from_args(args, out_dir), command))
+                reports.append(data_bench.run(data_bench.config_from_args(args), command))
             elif name == "model":
                 reports.append(model_bench.run(model_bench.config_from_args(args), command))
     except (ValueError, FileNotFoundError) as e:
         print(f"synergy-bench: error: {e}", file=sys.stderr)
         return 2
-    json_path, md_path = write_report(out_dir, reports, stem=args.benchmark)
+    json_path, md_path = write_report(out_dir, reports, stem=args.benchmark, load_at_start=load_at_start)
     print(md_path.read_text())
     print(f"synergy-bench: wrote {json_path} and {md_path}", file=sys.stderr)
     return 0

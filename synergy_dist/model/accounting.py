@@ -77,11 +77,18 @@ def stack_flops_per_unit(stack: StackConfig, d_model: int, length: int) -> float
     return total
 
 
-def flops_breakdown(cfg: ModelConfig, seq_len: int, bytes_per_concept: float | Sequence[float]) -> dict[str, float]:
+def flops_breakdown(cfg: ModelConfig, seq_len: int,
+                    bytes_per_concept: float | Sequence[float] | None = None) -> dict[str, float]:
     """Forward FLOPs per byte of each part. bytes_per_concept: cumulative bytes per concept after each stage
-    (a list, outermost first) or one number for the innermost level (split evenly across stages)."""
+    (a list, outermost first), one number for the innermost level (split evenly across stages), or None
+    for the configured targets (the product of target_bytes_per_concept up to each stage)."""
     n_stages = len(cfg.stages)
-    if isinstance(bytes_per_concept, (int, float)):
+    if bytes_per_concept is None:
+        cumulative, product = [], 1.0
+        for stage in cfg.stages:
+            product *= stage.router.target_bytes_per_concept
+            cumulative.append(product)
+    elif isinstance(bytes_per_concept, (int, float)):
         per_stage = float(bytes_per_concept) ** (1.0 / n_stages) if n_stages else 1.0
         cumulative = [per_stage ** (s + 1) for s in range(n_stages)]
     else:
@@ -108,7 +115,7 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int, bytes_per_concept: float | S
     return parts
 
 
-def flops_per_byte(cfg: ModelConfig, seq_len: int, bytes_per_concept: float | Sequence[float],
+def flops_per_byte(cfg: ModelConfig, seq_len: int, bytes_per_concept: float | Sequence[float] | None = None,
                    training: bool = True) -> float:
     """Model FLOPs per byte: forward (training=False) or forward + backward (3x, training=True)."""
     forward = sum(flops_breakdown(cfg, seq_len, bytes_per_concept).values())

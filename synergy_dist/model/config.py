@@ -114,6 +114,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # YAML gives plain dicts for nested sections: turn them into dataclasses.
+        if not isinstance(self.stages, (list, tuple)):
+            raise ValueError(f"model.stages must be a list of stage sections (outermost first), "
+                             f"got {type(self.stages).__name__}; use [] for a plain byte model")
         self.stages = [_as(StageConfig, s) for s in self.stages]
         self.middle = _as(StackConfig, self.middle)
         self.validate()
@@ -149,6 +152,7 @@ class ModelConfig:
         _check_choice("model.width_change", self.width_change, WIDTH_CHANGES)
         _check_positive("model.d_middle", self.d_middle)
         _check_positive("model.norm_eps", self.norm_eps)
+        _check_positive("model.init_std", self.init_std)
         _check_non_negative("model.middle_lr_mult", self.middle_lr_mult)
         for i, stage in enumerate(self.stages):
             key = f"model.stages[{i}]"

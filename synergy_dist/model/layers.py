@@ -7,7 +7,6 @@ training and generation run the same code.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synergy_dist.model.config import StackConfig, mlp_hidden
-from synergy_dist.model.moe import MoEConfig, MoEFeedForward, MoEStats
+from synergy_dist.model.moe import MoEFeedForward, MoEStats
 
 
 class RMSNorm(nn.Module):
@@ -164,12 +163,4 @@ class Stack(nn.Module):
         return self.final_norm(x), moe_stats
 
 
-def residual_out_std(init_std: float, n_layers: int) -> float:
-    """GPT-2 style: output projections of residual branches shrink with depth."""
-    return init_std / math.sqrt(2 * max(n_layers, 1))
-
-
-__all__ = [
-    "RMSNorm", "RotaryEmbedding", "Attention", "AttentionCache", "SwiGLU", "Block", "Stack",
-    "MoEConfig", "residual_out_std",
-]
+__all__ = ["RMSNorm", "RotaryEmbedding", "Attention", "AttentionCache", "SwiGLU", "Block", "Stack"]

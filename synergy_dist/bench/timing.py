@@ -1,0 +1,45 @@
+"""Measurement conditions shared by the benchmarks: one pinned core, and two clocks."""
+
+from __future__ import annotations
+
+import os
+import time
+
+
+def pin_to_one_core() -> int:
+    """Restrict this process (and the subprocesses it starts) to one CPU, one thread; returns the CPU id."""
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[-1]})
+    return cpus[-1]
+
+
+class Stopwatch:
+    """Wall-clock and process CPU time since construction.
+
+    The machine is shared, so wall time includes waiting for other processes' turns; the CPU time
+    of a process pinned to one core is the work itself. Benchmarks report both and judge
+    throughput targets on CPU time (stated in every report).
+    """
+
+    def __init__(self) -> None:
+        self.wall_start = time.perf_counter()
+        self.cpu_start = time.process_time()
+
+    def wall(self) -> float:
+        return time.perf_counter() - self.wall_start
+
+    def cpu(self) -> float:
+        return time.process_time() - self.cpu_start
+
+
+def rss_kib(field_name: str = "VmRSS") -> int:
+    """A memory figure of this process from /proc/self/status, in KiB: "VmRSS" (now) or "VmHWM" (peak)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field_name}")
