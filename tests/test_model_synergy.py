@@ -336,3 +336,19 @@ def test_tied_head_shares_the_embedding():
     assert len(grouped) == len(set(map(id, grouped))) == len(list(model.parameters()))
     with pytest.raises(ValueError, match=r"prompt must be bytes, got str; encode text with \.encode\('utf-8'\)"):
         model.generate("text", 3)
+
+
+def test_sliding_window_and_qk_norm_model_generates_like_full_recomputation():
+    torch.manual_seed(0)
+    cfg = tiny_test_config(router="cosine", layers="A", middle="A")
+    for stack in (cfg.stages[0].encoder, cfg.stages[0].decoder, cfg.middle):
+        stack.sliding_window, stack.qk_norm = 4, True
+    cfg.init_std = 0.2
+    model = SynergyLM(cfg).eval()
+    prompt = b"a window of four "
+    assert model.generate(prompt, 30, temperature=1.0, seed=5) == reference_generate(model, prompt, 30, 1.0, 5)
+    ids = text_batch()
+    changed = ids.clone()
+    changed[:, 30:] = (changed[:, 30:] + 7) % 256
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits[:, :30], model(changed).logits[:, :30], atol=1e-5, rtol=1e-5)

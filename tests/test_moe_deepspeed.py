@@ -100,7 +100,8 @@ def run_stage(rank: int, stage: int, reference: dict, checkpoint_dir: str) -> No
         engine.step()
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.detach(), reference[global_name(name, rank)], rtol=1e-5, atol=1e-6,
-                                   msg=lambda m, name=name: f"ZeRO-{stage} rank {rank}: {name} differs from the ep=1 reference: {m}")
+                                   msg=lambda m, name=name: f"ZeRO-{stage} rank {rank}: {name} differs from "
+                                                            f"the ep=1 reference: {m}")
 
     # DeepSpeed's own MoE checkpoint layout works with our layer: one file per global expert, and a reload
     # into a freshly initialised engine restores every weight.

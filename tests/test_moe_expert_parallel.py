@@ -113,6 +113,18 @@ def run_case(rank: int, overrides: dict, shapes, rank1_grad: bool) -> None:
     assert gathered[0] == gathered[1], f"ranks entered collectives differently: {gathered}"
     assert Counter(gathered[rank]) == EXPECTED_COLLECTIVES, gathered[rank]
 
+    # the bias update uses the global counts, so every rank moves its bias identically
+    bias_before = layer.selection_bias.clone()
+    layer.update_bias()
+    biases = [None, None]
+    dist.all_gather_object(biases, layer.selection_bias)
+    assert torch.equal(biases[0], biases[1])
+    if cfg.scoring == "sigmoid_bias":
+        load = stats.tokens_per_expert.double()
+        expected = bias_before + cfg.bias_update_rate * torch.sign(load.mean() - load).float()
+        torch.testing.assert_close(layer.selection_bias, expected)
+        layer.selection_bias.copy_(bias_before)  # the reference below routes with the forward's bias
+
     # single-process reference on both ranks' inputs (eval: no collectives; capacity factors are equal)
     reference.eval()
     ref_out, ref_stats, ref_x, probs = [], [], [], []

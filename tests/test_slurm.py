@@ -175,6 +175,15 @@ def signal_batch_shell(job_id: str, run_dir: Path, after_step: int) -> int:
     return last_step(run_dir)
 
 
+def test_local_cluster_runs_a_two_task_batch_job(jobs, tmp_path):
+    job_id = jobs.sbatch(["--ntasks=2", "--cpus-per-task=1", f"--output={tmp_path}/trivial-%j.out",
+                          "--wrap", "srun bash -c 'echo rank=$SLURM_PROCID of=$SLURM_NTASKS'"], job_env(), cwd=tmp_path)
+    info = wait_finished(job_id, 60)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0")
+    lines = sorted((tmp_path / f"trivial-{job_id}.out").read_text().splitlines())
+    assert lines == ["rank=0 of=2", "rank=1 of=2"]
+
+
 def test_pretrain_cpu_two_tasks_trains_checkpoints_and_exits_0(jobs, tmp_path):
     job_id, run_dir = submit_pretrain(jobs, tmp_path, ["train.max_steps=6", "checkpoint.every_steps=3"])
     info = wait_finished(job_id, JOB_TIMEOUT)

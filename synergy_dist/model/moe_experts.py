@@ -64,7 +64,8 @@ class LocalExperts(nn.Module):
         Every expert runs, even on an empty slice, so every expert parameter gets a gradient on every rank
         (ZeRO then reduces the same set of tensors everywhere)."""
         if sum(tokens_per_expert) != tokens.shape[0]:
-            raise ValueError(f"LocalExperts got {tokens.shape[0]} tokens but slices summing to {sum(tokens_per_expert)}")
+            raise ValueError(f"LocalExperts got {tokens.shape[0]} tokens but slices summing to "
+                             f"{sum(tokens_per_expert)}")
         outputs = [expert(chunk) for expert, chunk in zip(self.experts.deepspeed_experts,
                                                             torch.split(tokens, tokens_per_expert, dim=0))]
         return torch.cat(outputs, dim=0)
