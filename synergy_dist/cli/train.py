@@ -8,6 +8,7 @@ SIGTERM/SIGUSR1 checkpoint (requeue me), 2 for a bad configuration.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from synergy_dist.config import ConfigError, load_config
@@ -30,6 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"synergy-train: configuration error: {err}", file=sys.stderr)
         return 2
+    # MKL's results may depend on memory alignment; a resumed process allocates differently, so ask
+    # for alignment-independent results (needed for bitwise-equal losses after a resume on CPU).
+    os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     from synergy_dist.train.trainer import train  # heavy imports only after the config is valid
 
     try:

@@ -175,10 +175,16 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> dict
     """Collective: restore engine state and this rank's RNG; returns the trainer state."""
     state = json.loads((path / TRAINER_STATE).read_text())
     saved_world = json.loads((path / MARKER).read_text())["world_size"]
-    loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
-                                       load_lr_scheduler_states=False, load_module_strict=True)
-    if loaded is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
+    zero_stage = engine.zero_optimization_stage()
+    if saved_world != world_size and zero_stage in (1, 2):
+        # DeepSpeed refuses to re-partition ZeRO-1/2 optimizer state for a new world size: do it here.
+        engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True, load_module_strict=True)
+        reshard_zero_optimizer(engine, path, saved_world)
+    else:
+        loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
+                                           load_lr_scheduler_states=False, load_module_strict=True)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
     rng_file = path / f"rank_{rank:05d}.pt"
     if saved_world == world_size and rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))
@@ -186,3 +192,56 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> dict
         warnings.warn(f"checkpoint {path} was written by {saved_world} ranks, resuming on {world_size}: "
                       "random generators are re-seeded instead of restored", stacklevel=2)
     return state
+
+
+# ----------------------------------------------------------------------------- elastic ZeRO-1/2
+
+
+def _consolidated_group(path: Path, saved_world: int, group: int, numel: int) -> dict[str, torch.Tensor]:
+    """One optimizer group's flat fp32 weights and Adam moments over all saved ranks (padding removed)."""
+    flats: dict[str, list] = {"fp32": [], "exp_avg": [], "exp_avg_sq": []}
+    step = None
+    for r in range(saved_world):
+        sd = torch.load(path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu",
+                        weights_only=False)["optimizer_state_dict"]
+        if any(any(p) for p in sd.get("param_alignment_paddings", [[]])):
+            raise RuntimeError(f"checkpoint {path}: ZeRO parameter alignment padding is not supported by the "
+                               "elastic loader; resume on the world size that wrote it")
+        flats["fp32"].append(sd["single_partition_of_fp32_groups"][group].float())
+        adam = sd["base_optimizer_state"]["state"][group]
+        flats["exp_avg"].append(adam["exp_avg"].float())
+        flats["exp_avg_sq"].append(adam["exp_avg_sq"].float())
+        step = adam["step"]
+    merged = {k: torch.cat(v)[:numel] for k, v in flats.items()}
+    merged["step"] = step
+    return merged
+
+
+def reshard_zero_optimizer(engine: Any, path: Path, saved_world: int) -> None:
+    """Give this rank its slice of the consolidated ZeRO-1/2 state written by `saved_world` ranks.
+
+    Each optimizer group is one flat buffer (parameters concatenated in a fixed order, zero-padded
+    at the end) split evenly over the data-parallel ranks; the saved partitions are concatenated,
+    the padding dropped, and the flat state re-split for the current ranks. Dense models only."""
+    zero = engine.optimizer
+    if any(group.get("moe") for group in zero.optimizer.param_groups):
+        raise RuntimeError(f"checkpoint {path} was written by {saved_world} ranks: resuming an MoE model with "
+                           "ZeRO-1/2 on a different number of ranks is not supported yet; resume on "
+                           f"{saved_world} ranks, or use deepspeed.zero_stage=0")
+    shapes = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["param_shapes"]
+    for g, inner_group in enumerate(zero.optimizer.param_groups):
+        numel = sum(int(torch.Size(shape).numel()) for shape in shapes[g].values())
+        merged = _consolidated_group(path, saved_world, g, numel)
+        partition = zero.single_partition_of_fp32_groups[g]
+        size = partition.numel()
+        rank = dist.get_rank(group=zero.real_dp_process_group[g])
+        state = {}
+        for key in ("fp32", "exp_avg", "exp_avg_sq"):
+            padded = torch.zeros(size * dist.get_world_size(group=zero.real_dp_process_group[g]))
+            padded[:numel] = merged[key]
+            state[key] = padded[rank * size:(rank + 1) * size].to(partition.device, partition.dtype)
+        partition.data.copy_(state["fp32"])
+        zero.optimizer.state[inner_group["params"][0]] = {
+            "step": merged["step"].clone(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+    zero.update_lp_params()  # model weights = the restored fp32 masters (all-gathered over the ranks)
+    zero._link_all_hp_params()
