@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import struct
+import weakref
 import zlib
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -189,17 +190,42 @@ def write_shard(
     )
 
 
+RETIRED_BUFFER_BYTES = 64 << 20  # at most this much memory of dead caches is kept for reuse, per process
+_retired: list[np.ndarray] = []  # frame buffers of caches that were cleared or garbage collected
+
+
+def _retire(items: "OrderedDict[tuple, np.ndarray]", free: list[np.ndarray]) -> None:
+    """Keep a dead cache's buffers (bounded) for the next cache: its first frames then decompress
+    into memory that is already mapped instead of faulting in fresh pages (~40% slower)."""
+    held = sum(b.nbytes for b in _retired)
+    for buf in free + [_base(a) for a in items.values()]:
+        if held + buf.nbytes > RETIRED_BUFFER_BYTES:
+            break
+        _retired.append(buf)
+        held += buf.nbytes
+    items.clear()
+    free.clear()
+
+
+def _base(arr: np.ndarray) -> np.ndarray:
+    return arr.base if isinstance(arr.base, np.ndarray) else arr
+
+
 class FrameCache:
     """A small LRU of decompressed frames, shareable by the readers of one shard set.
 
     Evicted frames' buffers are recycled for the next decompression: writing into memory that is
-    already mapped is markedly faster than into fresh pages.
+    already mapped is markedly faster than into fresh pages. For the same reason the buffers of a
+    cache that is cleared or garbage collected go to a process-wide pool (RETIRED_BUFFER_BYTES).
+    A frame array is therefore only valid until the next decompression.
     """
 
     def __init__(self, capacity: int = 4):
         self.capacity = max(1, capacity)
         self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._free: list[np.ndarray] = []  # buffers of evicted frames
+        self._scratch = bytearray()  # compressed bytes of the frame being decompressed
+        weakref.finalize(self, _retire, self._items, self._free).atexit = False  # nothing to keep at exit
 
     def get(self, key: tuple) -> np.ndarray | None:
         item = self._items.get(key)
@@ -213,19 +239,25 @@ class FrameCache:
         while len(self._items) > self.capacity:
             _, old = self._items.popitem(last=False)
             if len(self._free) < 2:
-                self._free.append(old.base if isinstance(old.base, np.ndarray) else old)
+                self._free.append(_base(old))
 
     def buffer(self, size: int) -> np.ndarray:
         """A writable uint8 buffer of at least size bytes (recycled when possible)."""
-        while self._free:
-            buf = self._free.pop()
-            if len(buf) >= size:
-                return buf
+        for pool in (self._free, _retired):
+            while pool:
+                buf = pool.pop()
+                if len(buf) >= size:
+                    return buf
         return np.empty(max(size, DEFAULT_FRAME_BYTES), dtype=np.uint8)
 
+    def compressed(self, size: int) -> memoryview:
+        """A reusable scratch buffer of exactly size bytes for one compressed frame."""
+        if len(self._scratch) < size:
+            self._scratch = bytearray(max(size, 2 * len(self._scratch)))
+        return memoryview(self._scratch)[:size]
+
     def clear(self) -> None:
-        self._items.clear()
-        self._free.clear()
+        _retire(self._items, self._free)
 
 
 class ShardReader:
@@ -330,8 +362,8 @@ class ShardReader:
             return cached
         self.load_index()
         offset, csize, rsize = (int(x) for x in self._frames[k])
-        blob = os.pread(self._open().fileno(), csize, offset)
-        if len(blob) != csize:
+        blob = self._cache.compressed(csize)  # reused: a fresh bytes object would fault in new pages
+        if os.preadv(self._open().fileno(), [blob], offset) != csize:
             raise self._fail(f"truncated: frame {k} is cut short")
         arr = self._cache.buffer(rsize)[:rsize]
         view = memoryview(arr)

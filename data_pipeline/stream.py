@@ -31,7 +31,9 @@ from data_pipeline.vocab import IGNORE_INDEX
 
 MAX_CACHE_FRAMES = 64  # decompressed frames kept per source and process (64 MiB at 1 MiB frames)
 MAP_CHUNK = 256  # samples mapped to windows per vectorised call while iterating
-BLOCK_TOKENS = 4 * DEFAULT_FRAME_BYTES  # default level-1 shuffle block, in tokens
+BLOCK_TOKENS = 8 * DEFAULT_FRAME_BYTES  # default level-1 shuffle block, in tokens
+GROUP_BLOCKS = 2  # default level-2 group, in blocks
+SAMPLE_KEYS = ("input_ids", "labels", "sample_index", "source_id")
 SourceSpec = str | os.PathLike | tuple[str | os.PathLike, float]
 
 
@@ -70,13 +72,17 @@ class StreamingByteDataset(IterableDataset):
         shuffle_block: int | None = None,
         shuffle_window: int | None = None,
         max_samples: int | None = None,
+        batched: bool = False,
     ):
         """See the module docstring. Extra knobs:
 
         shuffle: False streams windows in corpus order (debugging, round-trip checks).
-        shuffle_block: windows per level-1 block (default: about one frame of bytes).
-        shuffle_window: positions per level-2 group (default: 4 blocks).
+        shuffle_block: windows per level-1 block (default: about 8 frames of bytes, 8 MiB / seq_len).
+        shuffle_window: positions per level-2 group (default: 2 blocks).
         max_samples: end the stream before this global sample index (default: endless).
+        batched: yield collated micro-batches (input_ids/labels [M, L], sample_index/source_id [M])
+            instead of samples, in the same order; use DataLoader(ds, batch_size=None). Saves the
+            per-sample tensors and the DataLoader's collate copy.
         """
         super().__init__()
         for name, value in (("seq_len", seq_len), ("global_batch_size", global_batch_size), ("micro_batch_size", micro_batch_size), ("world_size", world_size)):
@@ -95,6 +101,8 @@ class StreamingByteDataset(IterableDataset):
         for name, value in (("shuffle_block", shuffle_block), ("shuffle_window", shuffle_window)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"StreamingByteDataset: {name} must be a positive integer or None, got {value!r}")
+        if not isinstance(batched, bool):
+            raise ValueError(f"StreamingByteDataset: batched must be True or False, got {batched!r}")
         if max_samples is not None and max_samples < 0:
             raise ValueError(f"StreamingByteDataset: max_samples must be >= 0, got {max_samples}")
         dirs, weights = _parse_sources(sources)
@@ -103,10 +111,12 @@ class StreamingByteDataset(IterableDataset):
         self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
         self.rank, self.world_size = rank, world_size
         self.on_corrupt, self.max_samples = on_corrupt, max_samples
-        # a level-1 block holds about BLOCK_TOKENS tokens, i.e. a few frames, so that few frames
-        # straddle two blocks (those are decompressed twice per epoch)
+        self.batched = batched
+        # a level-1 block holds about BLOCK_TOKENS tokens (~8 frames): a frame that straddles two
+        # blocks is decompressed once for each, so larger blocks waste less (1.07 decompressions
+        # per frame per epoch at 8 frames, 1.2 at 4); a group of 2 blocks reads 16 MiB, as before
         block = shuffle_block or max(1, BLOCK_TOKENS // seq_len)
-        group = shuffle_window or 4 * block
+        group = shuffle_window or GROUP_BLOCKS * block
         # a group of positions touches at most group/block + 2 blocks, each spanning a few frames
         frames_per_block = -(-block * seq_len // DEFAULT_FRAME_BYTES) + 1
         cache_frames = min(MAX_CACHE_FRAMES, (-(-group // block) + 2) * frames_per_block)
@@ -150,30 +160,58 @@ class StreamingByteDataset(IterableDataset):
             except CorruptShardError:
                 pass  # reported (or skipped) when the window itself is read
 
-    def _read(self, source_id: int, window: int) -> tuple[np.ndarray, int]:
+    def _read(self, source_id: int, window: int, out: np.ndarray) -> int:
+        """Fill out with a window's tokens; returns how many are real (not PAD)."""
         source = self.sources[source_id]
         while True:
             if self.on_corrupt == "skip":
                 window = source.next_readable(window)
             try:
-                return source.window(window)
+                return source.window(window, out)[1]
             except CorruptShardError as e:
                 if self.on_corrupt == "raise" or e.path is None:
                     raise
                 source.mark_bad(e)
 
-    def _sample(self, index: int, source_id: int, window: int) -> dict[str, torch.Tensor]:
-        tokens, real = self._read(source_id, window)
-        inputs = torch.from_numpy(tokens[:-1])
-        labels = torch.from_numpy(tokens[1:])
-        if real < len(tokens):
+    def _plan(self, source_ids: np.ndarray, windows: np.ndarray) -> list[tuple[int, int, int]]:
+        """(shard, frame, offset) of each window that reads as one slice, else (-1, 0, 0)."""
+        plan = [(-1, 0, 0)] * len(windows)
+        if self.on_corrupt != "raise":  # skipping corrupt shards goes window by window
+            return plan
+        for d in np.unique(source_ids).tolist():
+            at = np.flatnonzero(source_ids == d)
+            try:
+                located = zip(*self.sources[d].plan(windows[at]))
+            except CorruptShardError:
+                continue  # raised when that window is read, after the samples before it
+            for j, where in zip(at.tolist(), located):
+                plan[j] = where
+        return plan
+
+    def _micro_batch(self, index: list[int], source_ids: list[int], windows: list[int], plan: list[tuple[int, int, int]]) -> dict[str, torch.Tensor]:
+        """Samples collated: input_ids and labels [n, L] are views of one [n, L + 1] int64 buffer that
+        the windows are decoded into (one uint8 -> int64 cast per byte, no other copy)."""
+        size = self.seq_len + 1
+        rows = np.empty((len(index), size), dtype=np.int64)
+        padded = []  # (row, real tokens) of windows that end in PAD
+        for j, (d, w, (shard, frame, offset)) in enumerate(zip(source_ids, windows, plan)):
+            if shard >= 0:  # the common case: one slice of one frame
+                rows[j] = self.sources[d].reader(shard).frame(frame)[offset : offset + size]
+                continue
+            real = self._read(d, w, rows[j])
+            if real < size:
+                padded.append((j, real))
+        tokens = torch.from_numpy(rows)
+        labels = tokens[:, 1:]
+        if padded:
             labels = labels.clone()
-            labels[max(real - 1, 0) :] = IGNORE_INDEX
+            for j, real in padded:
+                labels[j, max(real - 1, 0) :] = IGNORE_INDEX
         return {
-            "input_ids": inputs,
+            "input_ids": tokens[:, :-1],
             "labels": labels,
-            "sample_index": torch.from_numpy(np.array(index, dtype=np.int64)),  # 3x cheaper than torch.tensor
-            "source_id": torch.from_numpy(np.array(source_id, dtype=np.int64)),
+            "sample_index": torch.from_numpy(np.array(index, dtype=np.int64)),
+            "source_id": torch.from_numpy(np.array(source_ids, dtype=np.int64)),
         }
 
     # ---- iteration ---------------------------------------------------------------------------
@@ -196,11 +234,22 @@ class StreamingByteDataset(IterableDataset):
                     return
             source_ids, windows = self._windows(index)
             self._read_ahead(source_ids, windows)
-            for q, i, d, w in zip(local.tolist(), index.tolist(), source_ids.tolist(), windows.tolist()):
-                sample = self._sample(i, d, w)
-                if workers == 1:
-                    self._next_local = q + 1
-                yield sample
+            plan = self._plan(source_ids, windows)
+            local, index, source_ids, windows = local.tolist(), index.tolist(), source_ids.tolist(), windows.tolist()
+            for lo in range(0, len(index), m):  # one micro-batch at a time
+                hi = lo + m
+                batch = self._micro_batch(index[lo:hi], source_ids[lo:hi], windows[lo:hi], plan[lo:hi])
+                if self.batched:
+                    if workers == 1:
+                        self._next_local = local[lo:hi][-1] + 1
+                    yield batch
+                    continue
+                # per-sample views, made by four C++ calls instead of four Python calls per sample
+                columns = [batch[key].unbind(0) for key in SAMPLE_KEYS]
+                for j, q in enumerate(local[lo:hi]):
+                    if workers == 1:
+                        self._next_local = q + 1
+                    yield {key: column[j] for key, column in zip(SAMPLE_KEYS, columns)}
             first += per_chunk
 
     # ---- state -------------------------------------------------------------------------------

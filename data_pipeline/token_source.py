@@ -13,6 +13,7 @@ is read the first time a window touches it, and frames are decompressed on deman
 
 from __future__ import annotations
 
+import array
 import bisect
 import logging
 from collections import OrderedDict
@@ -56,14 +57,17 @@ class ShardSetSource:
         self._shard_by_name = {s.name: i for i, s in enumerate(shards)}
         self.bad_shards: dict[int, str] = {}  # shard index -> why it was skipped (on_corrupt="skip")
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
+        self._last_shard = -1  # the shard read last (at the end of the readers' LRU order)
         self._eod_positions: dict[int, np.ndarray] = {}
+        self._eod_search: dict[int, array.array] = {}  # the same positions: bisect on them is ~5x faster than searchsorted
 
     def __getstate__(self):  # DataLoader workers start with no open files
         state = self.__dict__.copy()
-        state.update(_readers=OrderedDict(), _eod_positions={}, cache=FrameCache(self.cache.capacity))
+        state.update(_readers=OrderedDict(), _eod_positions={}, _eod_search={}, cache=FrameCache(self.cache.capacity))
         return state
 
     def reader(self, shard: int) -> ShardReader:
+        self._last_shard = shard
         r = self._readers.get(shard)
         if r is not None:
             self._readers.move_to_end(shard)
@@ -78,26 +82,32 @@ class ShardSetSource:
             )
         self._readers[shard] = r
         # stream position (within the shard) of the EOD that follows each document
-        self._eod_positions[shard] = r.doc_ends + np.arange(len(r.doc_ends), dtype=np.int64)
+        search = array.array("q", (r.doc_ends + np.arange(len(r.doc_ends), dtype=np.int64)).tobytes())
+        self._eod_search[shard] = search
+        self._eod_positions[shard] = np.frombuffer(search, dtype=np.int64)  # shares the memory
         if len(self._readers) > self.open_shards:
             old, old_reader = self._readers.popitem(last=False)
             old_reader.close()
             self._eod_positions.pop(old, None)
+            self._eod_search.pop(old, None)
         return r
 
     def _shard_tokens(self, shard: int, s: int, e: int, out: np.ndarray) -> None:
         """Write shard-local stream tokens [s, e) into out (raw bytes with EOD_ID after each document)."""
-        reader = self.reader(shard)
-        eods = self._eod_positions[shard]
-        first = int(eods.searchsorted(s, side="left"))
-        last = int(eods.searchsorted(e, side="left"))
-        raw = reader._view(s - first, e - last)  # copied into out right away
+        # the shard read last is already last in the LRU order: skip reader()'s bookkeeping
+        reader = self._readers.get(shard) if shard == self._last_shard else None
+        if reader is None:
+            reader = self.reader(shard)
+        search = self._eod_search[shard]
+        first = bisect.bisect_left(search, s)
+        last = bisect.bisect_left(search, e)
+        raw = reader._view(s - first, e - last)  # copied into out right away (one uint8 -> int64 cast)
         if first == last:
             out[:] = raw
         elif last - first <= 8:  # few documents end here: copy the pieces between them
             at = 0  # position in raw
             pos = 0  # position in out
-            for eod in eods[first:last].tolist():
+            for eod in search[first:last]:
                 n = eod - s - pos
                 out[pos : pos + n] = raw[at : at + n]
                 out[pos + n] = EOD_ID
@@ -105,11 +115,44 @@ class ShardSetSource:
                 pos += n + 1
             out[pos:] = raw[at:]
         else:
-            inside = eods[first:last] - s
+            inside = self._eod_positions[shard][first:last] - s
             mask = np.ones(e - s, dtype=bool)
             mask[inside] = False
             out[mask] = raw
             out[inside] = EOD_ID
+
+    def plan(self, windows: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+        """Where each window's bytes lie, worked out for many windows at once (numpy, no Python loop
+        per window): (shard, frame, offset in that frame) when the window lies in one frame and
+        holds no EOD, the common case at large frames, which then reads as one slice; shard -1
+        for the others, which window() reads. Packed sets only (all -1 otherwise)."""
+        n = len(windows)
+        shards = np.full(n, -1, dtype=np.int64)
+        frames = np.zeros(n, dtype=np.int64)
+        offsets = np.zeros(n, dtype=np.int64)
+        if self.pack and n:
+            size = self.seq_len + 1
+            a = np.asarray(windows, dtype=np.int64) * self.seq_len
+            shard = np.searchsorted(self.token_starts, a, side="right") - 1
+            s = a - self.token_starts[shard]  # shard-local stream position
+            inside = a + size <= self.token_starts[shard + 1]
+            for sh in np.unique(shard[inside]).tolist():
+                if sh in self.bad_shards:
+                    continue
+                frame_bytes = self.reader(sh)._uniform
+                if not frame_bytes:  # frames of unequal size: left to window()
+                    continue
+                sel = np.flatnonzero(inside & (shard == sh))
+                eods = self._eod_positions[sh]
+                first = eods.searchsorted(s[sel], side="left")
+                last = eods.searchsorted(s[sel] + size, side="left")
+                lo = s[sel] - first  # raw byte offset in the shard
+                k = lo // frame_bytes
+                simple = (first == last) & ((lo + size - 1) // frame_bytes == k)
+                shards[sel[simple]] = sh
+                frames[sel[simple]] = k[simple]
+                offsets[sel[simple]] = (lo - k * frame_bytes)[simple]
+        return shards.tolist(), frames.tolist(), offsets.tolist()
 
     def shards_of(self, window: int) -> range:
         """Indices of the shards a window reads."""
@@ -121,10 +164,14 @@ class ShardSetSource:
         shard = bisect.bisect_right(self._doc_starts, window) - 1
         return range(shard, shard + 1)
 
-    def window(self, window: int) -> tuple[np.ndarray, int]:
-        """Tokens (int64, length seq_len + 1) of a window and how many are real (not PAD)."""
+    def window(self, window: int, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """Tokens (int64, length seq_len + 1) of a window and how many are real (not PAD).
+
+        out: an int64 array of seq_len + 1 to fill (a row of a micro-batch); a new one by default.
+        """
         size = self.seq_len + 1
-        out = np.empty(size, dtype=np.int64)
+        if out is None:
+            out = np.empty(size, dtype=np.int64)
         if self.pack:
             a = window * self.seq_len
             starts = self._token_starts

@@ -11,7 +11,8 @@
 # within a slice.) Environment variables (sbatch exports your environment):
 #   INPUTS            files and/or globs, space-separated (quote globs so the shell keeps them)
 #   INPUT_LIST        or: a text file with one input path per line
-#   OUTPUT            the final merged shard-set directory (required; must not exist yet)
+#   OUTPUT            the final merged shard-set directory (required; must not exist yet); with
+#                     --valid-fraction it gets train/ and valid/, as from one synergy-preprocess
 #   PARTS_DIR         where the per-task shard sets go (default $OUTPUT.parts; delete after merging)
 #   PREPROCESS_ARGS   extra synergy-preprocess options, e.g. "--shard-size 64MiB --valid-fraction 0.001"
 # Arguments after the script name are passed to synergy-preprocess too.
@@ -62,8 +63,9 @@ slice_start() { echo $(( $1 * ${#FILES[@]} / TASK_COUNT )); }
 part_dir() { printf '%s/part-%05d' "$PARTS_DIR" "$1"; }
 
 if [ "${PREPROCESS_STEP:-slice}" = merge ]; then
-    # ---- merge step: one manifest over every non-empty part ------------------------------------
-    if [ -f "$OUTPUT/manifest.json" ]; then
+    # ---- merge step: one manifest over every non-empty part, with the layout one process writes
+    # (OUTPUT/, or OUTPUT/train + OUTPUT/valid with --valid-fraction) -----------------------------
+    if [ -f "$OUTPUT/manifest.json" ] || [ -f "$OUTPUT/train/manifest.json" ]; then
         echo "preprocess.sh: $OUTPUT already has a manifest; nothing to merge"
         exit 0
     fi
@@ -71,16 +73,21 @@ if [ "${PREPROCESS_STEP:-slice}" = merge ]; then
     for (( i = 0; i < TASK_COUNT; i++ )); do
         [ "$(slice_start "$i")" -lt "$(slice_start $(( i + 1 )))" ] && PARTS+=("$(part_dir "$i")")
     done
-    synergy-data merge --output "$OUTPUT" "${PARTS[@]}"
-    if [ -f "${PARTS[0]}/valid/manifest.json" ]; then
-        synergy-data merge --output "$OUTPUT/valid" "${PARTS[@]/%//valid}"
+    if [ -d "${PARTS[0]}/train" ]; then
+        for split in train valid; do
+            synergy-data merge --output "$OUTPUT/$split" "${PARTS[@]/%//$split}"
+            synergy-data verify "$OUTPUT/$split"
+        done
+    else
+        synergy-data merge --output "$OUTPUT" "${PARTS[@]}"
+        synergy-data verify "$OUTPUT"
     fi
-    synergy-data verify "$OUTPUT"
     echo "preprocess.sh: merged ${#PARTS[@]} part(s) into $OUTPUT (the parts in $PARTS_DIR may be deleted)"
     exit 0
 fi
 
-[ -e "$OUTPUT/manifest.json" ] && die "OUTPUT=$OUTPUT already holds a shard set; choose a new OUTPUT"
+{ [ -e "$OUTPUT/manifest.json" ] || [ -e "$OUTPUT/train/manifest.json" ]; } \
+    && die "OUTPUT=$OUTPUT already holds a shard set; choose a new OUTPUT"
 mkdir -p "$PARTS_DIR"
 
 # The first task submits the merge job, which runs only if every array task succeeds. It is an

@@ -63,26 +63,32 @@ def window_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------------- running totals
 @dataclass
 class StageTally:
+    """One router stage over many batches."""
+
     units: int = 0  # valid inputs of the stage
     concepts: int = 0  # boundaries it opened
     prob_sum: float = 0.0  # sum of p over valid units
     prob_hist: list[int] = field(default_factory=lambda: [0] * PROB_BINS)
-    lengths: list[int] = field(default_factory=list)  # units per concept (each concept cut at window end)
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))  # count of concepts of each length
 
     def add(self, other: StageTally) -> None:
         self.units += other.units
         self.concepts += other.concepts
         self.prob_sum += other.prob_sum
         self.prob_hist = [a + b for a, b in zip(self.prob_hist, other.prob_hist)]
-        self.lengths += other.lengths
+        size = max(len(self.lengths), len(other.lengths))
+        widen = lambda counts: np.pad(counts, (0, size - len(counts)))  # noqa: E731
+        self.lengths = widen(self.lengths) + widen(other.lengths)
 
 
 @dataclass
 class MoETally:
+    """One MoE layer over many batches: counts add up, per-batch averages are weighted by assignments."""
+
     tokens_per_expert: np.ndarray | None = None  # summed over batches
     dropped_weighted: float = 0.0  # sum of dropped_fraction x assignments
-    logit_rms_weighted: float = 0.0
-    assignments: float = 0.0
+    logit_rms_weighted: float = 0.0  # sum of router_logit_rms x assignments
+    assignments: float = 0.0  # (token, expert) assignments counted: the weight of each batch's averages
 
     def add_batch(self, tokens: np.ndarray, dropped: float, logit_rms: float) -> None:
         weight = float(tokens.sum())
@@ -134,7 +140,6 @@ class Tally:
         }
         bytes_in = self.stages[0].units if self.stages else 0
         for s, st in enumerate(self.stages):
-            lengths = np.array(st.lengths or [0])
             out["stages"].append({
                 "units": st.units, "concepts": st.concepts,
                 "boundary_rate": st.concepts / max(st.units, 1),
@@ -142,8 +147,7 @@ class Tally:
                 "bytes_per_concept": bytes_in / max(st.concepts, 1),  # cumulative
                 "mean_prob": st.prob_sum / max(st.units, 1),
                 "prob_histogram": st.prob_hist,
-                "concept_length": {"mean": float(lengths.mean()), "median": float(np.median(lengths)),
-                                   "p90": float(np.percentile(lengths, 90)), "max": int(lengths.max())},
+                "concept_length": length_summary(st.lengths),
             })
         if self.stages:
             out["bytes_per_concept"] = out["stages"][0]["bytes_per_concept"]
@@ -201,14 +205,27 @@ class RouteRecorder:
         self.close()
 
 
-def concept_lengths(boundary: torch.Tensor, valid: torch.Tensor) -> list[int]:
-    """Units per concept in each row: from each boundary to the next (or to the last valid unit)."""
-    lengths = []
-    for row_b, row_v in zip(boundary.cpu(), valid.cpu()):
-        starts = torch.nonzero(row_b).flatten().tolist()
-        end = int(row_v.sum())  # valid units are a prefix of the row (padding only at the end)
-        lengths += [b - a for a, b in zip(starts, starts[1:] + [end])]
-    return lengths
+def concept_lengths(boundary: torch.Tensor, valid: torch.Tensor) -> np.ndarray:
+    """Histogram (count per length) of units per concept: from each boundary to the next one in its row,
+    or to the row's last valid unit (valid units are a prefix of the row: padding only at the end)."""
+    counts = np.zeros(boundary.shape[1] + 1, np.int64)
+    for row_b, row_v in zip(boundary.cpu().numpy(), valid.cpu().numpy()):
+        starts = np.flatnonzero(row_b)
+        if len(starts):
+            lengths = np.diff(np.append(starts, row_v.sum()))
+            counts += np.bincount(lengths, minlength=len(counts))
+    return counts
+
+
+def length_summary(counts: np.ndarray) -> dict:
+    """mean, median, p90 (lower quantiles: the smallest length reaching that share) and max of a histogram."""
+    total = counts.sum()
+    if total == 0:
+        return {"mean": 0.0, "median": 0, "p90": 0, "max": 0}
+    cumulative = np.cumsum(counts)
+    quantile = lambda q: int(np.searchsorted(cumulative, q * total))  # noqa: E731
+    return {"mean": float((np.arange(len(counts)) * counts).sum() / total), "median": quantile(0.5),
+            "p90": quantile(0.9), "max": int(np.flatnonzero(counts)[-1])}
 
 
 def stage_tally(prob: torch.Tensor, boundary: torch.Tensor, valid: torch.Tensor) -> StageTally:
@@ -312,7 +329,8 @@ def format_table(result: dict) -> str:
     lines = [f"{'source':<32} {'documents':>10} {'bytes':>12} {'bpb':>8} {'bytes/concept':>14}"]
     rows = [*result["sources"].items(), ("overall", result["overall"])]
     for name, s in rows:
-        lines.append(f"{name[-32:]:<32} {s['documents']:>10} {s['bytes']:>12} {s['bpb']:>8.4f} {s['bytes_per_concept']:>14.3f}")
+        lines.append(f"{name[-32:]:<32} {s['documents']:>10} {s['bytes']:>12} {s['bpb']:>8.4f} "
+                     f"{s['bytes_per_concept']:>14.3f}")
     stages = result["overall"]["stages"]
     if stages:
         lines += ["", f"{'stage':<6} {'units':>12} {'concepts':>10} {'rate':>7} {'compress':>9} {'bytes/concept':>14} "
@@ -321,7 +339,8 @@ def format_table(result: dict) -> str:
             cl = st["concept_length"]
             lengths = f"{cl['mean']:.2f}/{cl['median']:.0f}/{cl['p90']:.0f}/{cl['max']}"
             lines.append(f"{s:<6} {st['units']:>12} {st['concepts']:>10} {st['boundary_rate']:>7.3f} "
-                         f"{st['compression']:>9.3f} {st['bytes_per_concept']:>14.3f} {st['mean_prob']:>7.3f} {lengths:>24}")
+                         f"{st['compression']:>9.3f} {st['bytes_per_concept']:>14.3f} {st['mean_prob']:>7.3f} "
+                         f"{lengths:>24}")
     moe = result["overall"]["moe"]
     if moe:
         lines += ["", f"{'MoE layer':<22} {'entropy/max':>12} {'max/mean':>9} {'dropped':>8}  load share per expert"]

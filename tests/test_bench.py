@@ -208,3 +208,31 @@ def test_matched_byte_transformer_is_the_closest():
         if depth >= 1:
             other = count_params(build_config("byte-transformer", **dict(kwargs, depth=depth)))
             assert abs(params - target) <= abs(other - target)
+
+
+def test_install_scopes_times_every_routing_piece_of_a_synergy_model():
+    from synergy_dist.bench.model import MIDDLE_SCOPE, install_scopes
+    from synergy_dist.model import SynergyLM
+    from synergy_dist.model.config import tiny_test_config
+
+    torch.manual_seed(0)
+    model = SynergyLM(tiny_test_config(router="cosine"))
+    install_scopes(model)
+    ids = torch.randint(0, 256, (2, 64))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(ids, ids).loss.backward()
+    times = scope_times(prof.events())
+    for name in ("router", "downsample", "upsample", "smooth", MIDDLE_SCOPE):
+        assert times.get(name, 0.0) > 0, name
+
+
+def test_anchor_failure_is_reported_with_its_reason(tmp_path):
+    from synergy_dist.bench.data import ANCHOR_DIR, _last_json_line, run_script
+
+    result, reason = run_script("/bin/false", ANCHOR_DIR / "mosaic_stream.py", [])
+    assert result is None and reason == "mosaic_stream.py exited with 1: (no output)"
+    result, reason = run_script(str(tmp_path / "missing-python"), ANCHOR_DIR / "mosaic_stream.py", [])
+    assert result is None and reason.startswith("mosaic_stream.py could not run: ")
+    assert _last_json_line('noise\n{"a": 1}\nmore noise\n') == {"a": 1}
+    with pytest.raises(ValueError, match="no JSON result line in the anchor's output"):
+        _last_json_line("no json here")

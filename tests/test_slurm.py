@@ -270,20 +270,27 @@ def write_corpus_files(directory: Path, n_files: int, docs_per_file: int) -> lis
     return paths
 
 
-def test_preprocess_array_merges_to_the_same_documents_as_one_process(jobs, tmp_path):
-    from data_pipeline.shards import iter_documents, load_manifest, verify_shard_set
-
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    write_corpus_files(inputs, n_files=5, docs_per_file=16)
-    output = tmp_path / "merged"
-    env = job_env(INPUTS=f"{inputs}/part-*.jsonl", OUTPUT=str(output), PREPROCESS_ARGS="--shard-size 64KiB")
+def submit_preprocess_array(jobs: Jobs, tmp_path: Path, inputs: Path, extra_args: str) -> tuple[str, str]:
+    """Submit a 2-task array; return (array job id, merge job id submitted by its first task)."""
+    env = job_env(INPUTS=f"{inputs}/part-*.jsonl", OUTPUT=str(tmp_path / "merged"), PREPROCESS_ARGS=extra_args)
     array_id = jobs.sbatch(["--array=0-1", "--cpus-per-task=1", f"--output={tmp_path}/pre-%A_%a.out", str(PREPROCESS)],
                            env, cwd=tmp_path)
     merge_id_file = tmp_path / "merged.parts" / "merge-job-id"
     merge_id = wait_for(lambda: merge_id_file.exists() and merge_id_file.read_text().strip(), JOB_TIMEOUT,
                         "the array's first task to submit the merge job")
     jobs.ids.append(merge_id)
+    return array_id, merge_id
+
+
+@pytest.mark.parametrize("valid_fraction", [0.0, 0.2])
+def test_preprocess_array_merges_to_the_same_documents_as_one_process(jobs, tmp_path, valid_fraction):
+    from data_pipeline.shards import iter_documents, load_manifest, verify_shard_set
+
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    write_corpus_files(inputs, n_files=5, docs_per_file=16)
+    args = f"--shard-size 64KiB --valid-fraction {valid_fraction}"
+    array_id, merge_id = submit_preprocess_array(jobs, tmp_path, inputs, args)
     merge_info = wait_finished(merge_id, JOB_TIMEOUT)
     task_infos = [wait_finished(f"{array_id}_{task}", JOB_TIMEOUT) for task in (0, 1)]
     assert [(t["JobState"], t["ExitCode"]) for t in task_infos] == [("COMPLETED", "0:0")] * 2
@@ -291,15 +298,36 @@ def test_preprocess_array_merges_to_the_same_documents_as_one_process(jobs, tmp_
     # afterok: the merge started only once both array tasks had ended (ISO times compare as strings).
     assert merge_info["StartTime"] >= max(t["EndTime"] for t in task_infos)
 
-    # Each task wrote its own shard set over its slice (files 0-1 and 2-4).
+    single = tmp_path / "single"
+    subprocess.run([str(VENV_BIN / "synergy-preprocess"), "--quiet", *args.split(), "--output", str(single),
+                    f"{inputs}/part-*.jsonl"], check=True, env=job_env())
+    # The layout one process writes: the set itself, or train/ + valid/ with a validation split.
+    splits = ["train", "valid"] if valid_fraction > 0 else [""]
     parts = sorted((tmp_path / "merged.parts").glob("part-*"))
     assert [p.name for p in parts] == ["part-00000", "part-00001"]
-    assert [load_manifest(p).total_documents for p in parts] == [32, 48]
+    # Each task wrote its own shard set over its slice: files 0-1 (32 documents) and 2-4 (48).
+    assert [sum(load_manifest(p / split).total_documents for split in splits) for p in parts] == [32, 48]
+    total = 0
+    for split in splits:
+        merged = tmp_path / "merged" / split
+        assert verify_shard_set(merged) == []
+        merged_docs = list(iter_documents(merged))
+        assert merged_docs == list(iter_documents(single / split))
+        total += len(merged_docs)
+    assert total == 80
+    if valid_fraction > 0:
+        assert 0 < load_manifest(tmp_path / "merged" / "valid").total_documents < 40
 
-    single = tmp_path / "single"
-    subprocess.run([str(VENV_BIN / "synergy-preprocess"), "--quiet", "--shard-size", "64KiB", "--output", str(single),
-                    f"{inputs}/part-*.jsonl"], check=True, env=job_env())
-    assert verify_shard_set(output) == []
-    merged_docs = list(iter_documents(output))
-    assert len(merged_docs) == 80
-    assert merged_docs == list(iter_documents(single))
+
+def test_preprocess_failed_task_cancels_the_merge(jobs, tmp_path):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    write_corpus_files(inputs, n_files=4, docs_per_file=10)
+    (inputs / "part-3.jsonl").write_text('{"text": "fine"}\nthis line is not JSON\n')
+    array_id, merge_id = submit_preprocess_array(jobs, tmp_path, inputs, "--shard-size 64KiB")
+    task_infos = [wait_finished(f"{array_id}_{task}", JOB_TIMEOUT) for task in (0, 1)]
+    assert [t["JobState"] for t in task_infos] == ["COMPLETED", "FAILED"]
+    # --kill-on-invalid-dep: the merge job is cancelled instead of waiting forever on afterok.
+    merge_info = wait_finished(merge_id, 60)
+    assert merge_info["JobState"] == "CANCELLED"
+    assert not (tmp_path / "merged").exists()

@@ -145,16 +145,18 @@ def test_two_rank_launchers_zero_stages_and_expert_parallel(workdir, sample_dir,
         assert losses[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
 
 
-def test_elastic_resume_2_ranks_to_1_continues_the_same_stream(workdir, sample_dir, reference_1rank):
-    cfg = config(workdir, sample_dir, "elastic_2_to_1")
-    proc = tl.start(cfg, "torchrun", 2, ["debug.hang_after_step=5"])
+@pytest.mark.parametrize("zero,before,after", [(0, 2, 1), (2, 2, 1), (2, 1, 2)])
+def test_elastic_resume_continues_the_same_stream(workdir, sample_dir, reference_1rank, zero, before, after):
+    cfg = config(workdir, sample_dir, f"elastic_zero{zero}_{before}_to_{after}", zero=zero)
+    launcher = {1: "single", 2: "torchrun"}
+    proc = tl.start(cfg, launcher[before], before, ["debug.hang_after_step=5"])
     tl.wait_for_step(proc, cfg, 5)
     tl.kill_group(proc)
-    losses = finished(cfg, "single", 1)
-    assert "(2 -> 1 ranks)" in tl.output_of(cfg)
+    losses = finished(cfg, launcher[after], after)
+    assert f"at step 4 ({before} -> {after} ranks)" in tl.output_of(cfg)
     records = tl.metrics(cfg)
-    assert records[-1]["world_size"] == 1 and records[-1]["samples_consumed"] == 4 * STEPS
-    expected = tl.losses_by_step(reference_1rank)
+    assert records[-1]["world_size"] == after and records[-1]["samples_consumed"] == 4 * STEPS
+    expected = tl.losses_by_step(reference_1rank)  # same data and math; only reduction order differs
     for step in range(1, STEPS + 1):
         assert losses[step] == pytest.approx(expected[step], rel=1e-5), step
 
@@ -245,3 +247,47 @@ def test_tiny_cpu_main_job_learns_and_reports_where_things_are(tmp_path, sample_
     assert f"metrics:    {run_dir / 'metrics.jsonl'}" in out.stdout
     assert f"sample:     {run_dir / 'sample.txt'}" in out.stdout
     assert len((run_dir / "sample.txt").read_bytes()) == len(b"def ") + 40
+
+
+def ensure_run(cfg: dict, launcher: str, nproc: int) -> dict:
+    if not tl.metrics(cfg) or tl.metrics(cfg)[-1]["step"] != STEPS:
+        finished(cfg, launcher, nproc)
+    return cfg
+
+
+def exported_loss(directory: Path, sample_dir: Path) -> float:
+    from data_pipeline.stream import StreamingByteDataset
+    from synergy_dist.cli.export import load_exported
+
+    model = load_exported(directory)
+    data = StreamingByteDataset([str(sample_dir / "train")], seq_len=64, global_batch_size=4, micro_batch_size=4,
+                                seed=1, rank=0, world_size=1)
+    batch = torch.utils.data.default_collate([s for _, s in zip(range(4), data)])
+    with torch.no_grad():
+        return float(model(batch["input_ids"], labels=batch["labels"]).loss)
+
+
+def test_export_consolidates_zero3_and_expert_parallel_checkpoints(workdir, sample_dir, reference_1rank, tmp_path):
+    from synergy_dist.cli.export import main as export_main
+
+    runs = {
+        "dense": reference_1rank,
+        "zero3": ensure_run(config(workdir, sample_dir, "torchrun_zero3_ep1", zero=3), "torchrun", 2),
+        "moe_ep1": ensure_run(config(workdir, sample_dir, "moe_ep1_zero2", moe=True, zero=2), "torchrun", 2),
+        "moe_ep2": ensure_run(config(workdir, sample_dir, "deepspeed_zero2_ep2", moe=True, zero=2, ep=2),
+                              "deepspeed", 2),
+    }
+    losses = {}
+    for name, cfg in runs.items():
+        assert export_main([cfg["run"]["dir"], "--output", str(tmp_path / name)]) == 0
+        losses[name] = exported_loss(tmp_path / name, sample_dir)  # loads strictly, without DeepSpeed
+    from safetensors.torch import load_file
+
+    dense = load_file(str(tmp_path / "dense" / "model.safetensors"))
+    saved = module_state(runs["dense"], STEPS)
+    assert dense.keys() == saved.keys() and all(torch.equal(dense[k], saved[k]) for k in saved)
+    experts = [k for k in load_file(str(tmp_path / "moe_ep2" / "model.safetensors")) if "deepspeed_experts" in k]
+    assert len(experts) == 2 * 4 * 3  # 2 MoE layers x 4 experts x (gate, up, down), gathered from both ranks
+    assert losses["zero3"] == pytest.approx(losses["dense"], rel=1e-4)
+    assert losses["moe_ep2"] == pytest.approx(losses["moe_ep1"], rel=1e-3)
+    assert export_main([str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 2

@@ -149,12 +149,12 @@ def rank_pids(proc: subprocess.Popen) -> list[int]:
     ranks = []
     for pid in pids:
         try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"synergy-train" in cmdline or b"cli/train.py" in cmdline:
-            if b"torchrun" not in cmdline and b"deepspeed.launcher" not in cmdline and b"bin/deepspeed" not in cmdline:
-                ranks.append(pid)
+        program = [a for a in argv[:3] if not a.endswith((b"python", b"python3", b"-u"))][:1]
+        if program and program[0].endswith((b"synergy-train", b"cli/train.py")):
+            ranks.append(pid)
     return ranks
 
 

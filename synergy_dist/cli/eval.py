@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synergy-eval", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or synergy-export directory")
+    parser.add_argument("--checkpoint", required=True, help="run, checkpoint or synergy-export directory")
     parser.add_argument("--data", nargs="+", required=True, help="shard-set directories or raw files, one source each")
     parser.add_argument("--seq-len", type=int, default=None, help="window length (default: the training data.seq_len)")
     parser.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")

@@ -37,8 +37,8 @@ def stream(model: torch.nn.Module, prompt: bytes, out: TextIO, max_bytes: int, t
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synergy-generate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or synergy-export directory")
-    parser.add_argument("--prompt", default=None, help="the prompt text (default: read it from stdin)")
+    parser.add_argument("--checkpoint", required=True, help="run, checkpoint or synergy-export directory")
+    parser.add_argument("--prompt", default=None, help="the prompt text (default: stdin, less one trailing newline)")
     parser.add_argument("--max-bytes", type=int, default=256, help="most bytes to generate (default 256)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1.0)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes")
@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"synergy-generate: {problem}", file=sys.stderr)
         return 2
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    # stdin: one trailing newline (as `echo` adds) is not part of the prompt
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
     try:
         model, _, _ = load_model(args.checkpoint, args.device)
     except LoadError as err:

@@ -8,7 +8,7 @@ Writes into DIR (default RUN_DIR/report):
   skipped.png      skipped updates over time
   boundaries.html  a text with the router's concept boundaries (one colour band per concept; hover
                    shows the boundary probability), routed by the newest complete checkpoint
-  boundaries.png   the same as an image, for terminals
+  boundaries.png   the same as an image, for terminals (both skipped, with a note, before the first checkpoint)
 
 The text is --text FILE, or else the first validation document of the run (its data.valid_sources,
 or the bundled sample corpus's validation split), cut to --max-bytes bytes.
@@ -53,7 +53,7 @@ def validation_text(cfg, max_bytes: int) -> bytes:
 
 def make_report(run_dir: Path, output: Path, text_file: Path | None, max_bytes: int) -> dict[str, Path]:
     from synergy_dist.evaluate import route_text, stage_routers
-    from synergy_dist.loading import load_model
+    from synergy_dist.loading import LoadError, load_model
     from synergy_dist.report import require_matplotlib
     from synergy_dist.report.boundaries_html import render_html, render_png
     from synergy_dist.report.plots import plot_run
@@ -62,7 +62,11 @@ def make_report(run_dir: Path, output: Path, text_file: Path | None, max_bytes: 
     cfg = run_config(run_dir)
     targets = [s.router.target_bytes_per_concept for s in cfg.model.stages]
     written = plot_run(run_dir, output, cfg.data.seq_len, targets)
-    model, _, checkpoint = load_model(run_dir)
+    try:
+        model, _, checkpoint = load_model(run_dir)
+    except LoadError as err:  # a run before its first checkpoint still gets its curves
+        print(f"synergy-report: no boundary page: {err}", file=sys.stderr)
+        return written
     if not stage_routers(model):
         print("synergy-report: the model has no router (byte-level model): no boundary page", file=sys.stderr)
         return written
@@ -77,7 +81,6 @@ def make_report(run_dir: Path, output: Path, text_file: Path | None, max_bytes: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from synergy_dist.loading import LoadError
     from synergy_dist.report import ReportError
 
     parser = argparse.ArgumentParser(prog="synergy-report", description=__doc__,
@@ -96,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or args.run_dir / "report"
     try:
         written = make_report(args.run_dir, output, args.text, args.max_bytes)
-    except (ReportError, LoadError) as err:
+    except ReportError as err:
         print(f"synergy-report: {err}", file=sys.stderr)
         return 2
     for name, path in written.items():

@@ -69,7 +69,8 @@ def render_png(routed: RoutedText, path: Path, columns: int = 80, max_rows: int 
                 continue
             if col >= columns:
                 row, col = row + 1, 0
-            cells.append((row, col, ch if ch.isprintable() else "?", k))
+            shown = ch if ch.isprintable() and ord(ch) <= 0xFFFF else "?"  # the mono font has no emoji glyphs
+            cells.append((row, col, shown, k))
             col += 1
     cells = [cell for cell in cells if cell[0] < max_rows]
     rows = (max(c[0] for c in cells) + 1) if cells else 1

@@ -258,38 +258,42 @@ class Trainer:
             if batch_number in dbg.inf_grad_batches:
                 loss = _InfGradient.apply(loss)
             engine.backward(loss)
+            if micro < self.micro_steps - 1:
+                engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-step
             sums += torch.tensor([loss.item(), out.aux["bpb"].item()], dtype=torch.float64)
             for key, value in out.aux.items():
-                if isinstance(value, torch.Tensor) and value.numel() == 1:
-                    aux_sum[key] = aux_sum.get(key, 0.0) + value.item()
-                else:
-                    aux_sum[key] = value
-            if micro == self.micro_steps - 1:
-                step_loss, step_bpb = self._global_mean(sums / self.micro_steps)
-                grad_norm_before_step = None if cfg.deepspeed.zero_stage else self._grad_norm_stage0()
-                verdict: list[Verdict] = []
-
-                def gate() -> bool:  # called by the optimizer inside engine.step(), after the grad norm
-                    if not verdict:
-                        norm = grad_norm_before_step
-                        if norm is None:
-                            norm = float(getattr(engine.optimizer, "_global_grad_norm", float("nan")))
-                        verdict.append(self.guards.judge(step_loss, norm))
-                        verdict.append(norm)
-                    return verdict[0].apply
-
-                self.optimizer.gate = gate
-            engine.step()
-        self.optimizer.gate = None
-        if not verdict:  # DeepSpeed itself skipped the update (non-finite gradients under ZeRO)
-            norm = engine.get_global_grad_norm()
-            verdict += [Verdict(apply=False, reason="nonfinite"), float("inf") if norm is None else float(norm)]
-        decision, grad_norm = verdict
-        self.guards.record(decision, step_loss, grad_norm)
-        self._after_update(decision.apply)
+                scalar = isinstance(value, torch.Tensor) and value.numel() == 1
+                aux_sum[key] = aux_sum.get(key, 0.0) + value.item() if scalar else value
+        step_loss, step_bpb = self._global_mean(sums / self.micro_steps)
+        verdict, grad_norm = self._guarded_optimizer_step(step_loss)
+        self.guards.record(verdict, step_loss, grad_norm)
+        self._after_update(verdict.apply)
         self.step += 1
         aux = {k: (v / self.micro_steps if isinstance(v, float) else v) for k, v in aux_sum.items()}
-        return {"loss": step_loss, "bpb": step_bpb, "lr": lr, "grad_norm": grad_norm, "verdict": decision, "aux": aux}
+        return {"loss": step_loss, "bpb": step_bpb, "lr": lr, "grad_norm": grad_norm, "verdict": verdict, "aux": aux}
+
+    def _guarded_optimizer_step(self, loss: float) -> tuple[Verdict, float]:
+        """engine.step() at the accumulation boundary. DeepSpeed computes the global grad norm, then calls
+        our optimizer's step(), whose gate asks the safeguards (same inputs, same verdict on every rank)."""
+        own_norm = None if self.cfg.deepspeed.zero_stage else self._grad_norm_stage0()
+        decided: dict = {}
+
+        def gate() -> bool:
+            if not decided:
+                norm = own_norm if own_norm is not None else float(self.engine.optimizer._global_grad_norm)
+                decided.update(verdict=self.guards.judge(loss, norm), norm=norm)
+            return decided["verdict"].apply
+
+        self.optimizer.gate = gate
+        try:
+            self.engine.step()
+        finally:
+            self.optimizer.gate = None
+        if not decided:  # DeepSpeed skipped the update itself (non-finite gradients under ZeRO)
+            norm = self.engine.get_global_grad_norm()
+            decided.update(verdict=Verdict(apply=False, reason="nonfinite"),
+                           norm=float("inf") if norm is None else float(norm))
+        return decided["verdict"], decided["norm"]
 
     def _global_mean(self, values: torch.Tensor) -> list[float]:
         if self.world > 1:

@@ -1,0 +1,625 @@
+"""`synergy-bench quality`: bits per byte of SynergyLM variants against a byte Transformer and a Llama/BPE anchor.
+
+Protocol (issue 6, "The comparison"):
+- training text: pydocs-train + pystdlib-code (minus a held-out slice of the code, chosen by a hash of
+  each file's path), documents shuffled once with the seed and joined as `EOD doc EOD doc ...`;
+  every row reads the same prefix of that stream, in the same order, with the same batch size,
+  schedule (AdamW, linear warm-up then cosine), seed and number of training bytes;
+- compute: rows 6 and 7 are sized so that their training FLOPs per byte equal row 1's at its target
+  compression (quality_rows.py); the FLOPs actually spent are measured per step from the realised
+  compression (accounting.flops_per_byte) or the BPE token count, and reported relative to row 1;
+- evaluation: bits per byte = total nats / (ln 2 * total UTF-8 bytes) over every byte of every
+  document of pydocs-valid (each document read from its start, in windows of seq_len units) and of
+  the held-out code, plus per pydocs section (library, c-api, howto, ...); bytes per concept (or per
+  BPE token) on pydocs-valid;
+- each row trains in its own process on one pinned core: training bytes/s (wall and CPU time) and
+  that process's peak resident memory are its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from synergy_dist.bench.quality_rows import (
+    LLAMA_ROW,
+    REFERENCE_ROW,
+    ROW_NAMES,
+    model_config,
+    reference_flops_per_byte,
+    row_info,
+)
+from synergy_dist.bench.data import default_corpora_dir
+from synergy_dist.bench.report import BenchReport, Figure, Target, missing, ratio
+from synergy_dist.bench.timing import Stopwatch, pin_to_one_core, rss_kib
+
+TRAIN_FILES = ("pydocs-train.jsonl.zst", "pystdlib-code.jsonl.zst")
+VALID_FILE = "pydocs-valid.jsonl.zst"
+CODE_FILE = "pystdlib-code.jsonl.zst"
+PYDOCS_SET, CODE_SET = "pydocs-valid", "pystdlib-code-heldout"
+EOD, PAD, IGNORE = 256, 257, -100  # data_pipeline/vocab.py ids (kept literal: the anchor worker shares this file)
+LN2 = math.log(2.0)
+
+
+@dataclass
+class QualityConfig:
+    corpora: str = ""  # directory of pydocs-train, pystdlib-code, pydocs-valid .jsonl.zst; "" = $SYNERGY_CORPORA or ../shared/corpora
+    rows: list[str] = field(default_factory=lambda: list(ROW_NAMES))  # which rows to run, in order
+    train_bytes: int = 0  # training bytes per row (rounded down to whole steps); 0 = from budget_minutes
+    budget_minutes: float = 15.0  # with train_bytes=0: row 1's measured speed x this many minutes of training
+    seq_len: int = 512  # bytes per training window (BPE rows: about the same bytes in tokens)
+    batch_size: int = 8  # windows per optimizer step, every row
+    lr: float = 2e-3  # peak AdamW learning rate (SynergyLM groups also apply their lr_mult)
+    warmup_fraction: float = 0.1  # linear warm-up over this fraction of the steps, then cosine
+    min_lr_ratio: float = 0.1  # the cosine ends at min_lr_ratio x lr
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
+    grad_clip: float = 1.0  # global gradient-norm clip
+    seed: int = 0  # document order, initialisation, held-out split
+    code_heldout_fraction: float = 0.03  # share of pystdlib-code files held out for the code evaluation
+    eval_bytes: int = 0  # evaluate at most this many bytes per evaluation set (whole documents); 0 = all
+    bpe_vocab: int = 8192  # byte-level BPE vocabulary of row 7 (8k-32k)
+    work_dir: str = "bench_out/quality"  # the BPE tokenizer and per-row JSON results are kept here
+
+    def validate(self) -> None:
+        if not self.corpora:
+            self.corpora = str(default_corpora_dir())
+        unknown = [r for r in self.rows if r not in ROW_NAMES]
+        if unknown:
+            raise ValueError(f"quality rows {unknown} are unknown; choose from {ROW_NAMES}")
+        if not self.rows:
+            raise ValueError("no quality rows selected; pass --row NAME (choices: " + ", ".join(ROW_NAMES) + ")")
+        for key in ("seq_len", "batch_size"):
+            if getattr(self, key) < 2:
+                raise ValueError(f"quality {key}={getattr(self, key)} must be >= 2")
+        if self.train_bytes < 0 or (self.train_bytes == 0 and not self.budget_minutes > 0):
+            raise ValueError("quality needs --train-bytes N > 0 or --budget-minutes M > 0")
+        if not 8192 <= self.bpe_vocab <= 32768:
+            raise ValueError(f"quality bpe_vocab={self.bpe_vocab} must be in 8192..32768 (issue 6: 8k-32k)")
+        if not 0 <= self.code_heldout_fraction < 1:
+            raise ValueError(f"quality code_heldout_fraction={self.code_heldout_fraction} must be in [0, 1)")
+        missing_files = [f for f in (*TRAIN_FILES, VALID_FILE) if not (Path(self.corpora) / f).is_file()]
+        if missing_files:
+            raise FileNotFoundError(f"quality corpora: {missing_files} not found in {self.corpora}; "
+                                    "pass --corpora DIR (the directory of the shared .jsonl.zst corpora)")
+
+    def steps(self) -> int:
+        return max(self.train_bytes // (self.batch_size * self.seq_len), 2)
+
+
+# ---------------------------------------------------------------------------------- arithmetic
+
+
+def bits_per_byte(total_nats: float, total_bytes: int) -> float:
+    """Bits per UTF-8 byte from a summed cross entropy in nats (any tokenisation)."""
+    if total_bytes <= 0:
+        raise ValueError(f"bits_per_byte needs a positive byte count, got {total_bytes}")
+    return total_nats / (LN2 * total_bytes)
+
+
+def learning_rate(step: int, steps: int, peak: float, warmup_fraction: float, min_lr_ratio: float) -> float:
+    """Linear warm-up from peak/warmup to peak, then cosine from peak to min_lr_ratio * peak at the last step."""
+    warmup = max(1, round(warmup_fraction * steps))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - 1 - warmup)
+    return peak * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def train_bytes_for_budget(bytes_per_s: float, minutes: float, batch_size: int, seq_len: int) -> int:
+    """The training bytes that take `minutes` at `bytes_per_s`, rounded down to whole steps (at least 2)."""
+    step_bytes = batch_size * seq_len
+    return max(int(bytes_per_s * minutes * 60) // step_bytes, 2) * step_bytes
+
+
+# ---------------------------------------------------------------------------------- text
+
+
+def read_documents(path: Path) -> list[tuple[str, str]]:
+    """(source, text) of each line of a .jsonl.zst file."""
+    import zstandard
+
+    with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as reader:
+        return [(d.get("source", path.name), d["text"]) for d in map(json.loads, io.TextIOWrapper(reader, "utf-8"))]
+
+
+def held_out(source: str, fraction: float, seed: int) -> bool:
+    """Deterministic, order-free split by a keyed hash of the document's source path."""
+    digest = hashlib.blake2b(source.encode(), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(digest, "little") / 2**64 < fraction
+
+
+def training_documents(cfg: QualityConfig) -> list[str]:
+    docs = []
+    for name in TRAIN_FILES:
+        for source, text in read_documents(Path(cfg.corpora) / name):
+            if name == CODE_FILE and held_out(source, cfg.code_heldout_fraction, cfg.seed):
+                continue
+            docs.append(text)
+    random.Random(cfg.seed).shuffle(docs)
+    return docs
+
+
+def section(source: str) -> str:
+    """'python-3.11-docs/library/abc.rst.txt' -> 'library'; top-level files -> '(top)'."""
+    parts = source.split("/")
+    return parts[1] if len(parts) > 2 else "(top)"
+
+
+def evaluation_sets(cfg: QualityConfig) -> dict[str, list[tuple[str, str]]]:
+    """{set name: [(group, text)]}: pydocs-valid grouped by section, and the held-out code files."""
+    pydocs = [(section(s), t) for s, t in read_documents(Path(cfg.corpora) / VALID_FILE)]
+    code = [("code", t) for s, t in read_documents(Path(cfg.corpora) / CODE_FILE)
+            if held_out(s, cfg.code_heldout_fraction, cfg.seed)]
+    sets = {PYDOCS_SET: pydocs, CODE_SET: code}
+    if cfg.eval_bytes > 0:  # whole documents until the cap is reached
+        for name, docs in sets.items():
+            kept, total = [], 0
+            for group, text in docs:
+                if total >= cfg.eval_bytes:
+                    break
+                kept.append((group, text))
+                total += len(text.encode())
+            sets[name] = kept
+    return {name: docs for name, docs in sets.items() if docs}
+
+
+def unit_stream(docs: list[list[int]], separator: int, needed: int) -> list[int]:
+    """`sep doc sep doc ...` (units: bytes or token ids) until at least `needed` units."""
+    stream: list[int] = []
+    for doc in docs:
+        stream.append(separator)
+        stream.extend(doc)
+        if len(stream) >= needed:
+            return stream[:needed]
+    raise ValueError(f"the training text holds {len(stream)} units, fewer than the {needed} the budget needs; "
+                     "lower --train-bytes / --budget-minutes")
+
+
+def packed_batches(stream: list[int], seq_len: int, batch_size: int, steps: int) -> Iterator[tuple]:
+    """Consecutive windows: window i is units [i*T, i*T + T + 1) (inputs its first T, labels its last T)."""
+    import torch
+
+    data = torch.tensor(stream, dtype=torch.long)
+    for step in range(steps):
+        rows = [data[(step * batch_size + b) * seq_len:(step * batch_size + b + 1) * seq_len + 1]
+                for b in range(batch_size)]
+        batch = torch.stack(rows)
+        yield batch[:, :-1], batch[:, 1:]
+
+
+def document_windows(units: list[int], start: int, seq_len: int) -> list[tuple[list[int], list[int]]]:
+    """Every unit of a document predicted once: inputs (start + units)[i*T : i*T+T], labels shifted by one."""
+    seq = [start, *units]
+    return [(seq[i:i + seq_len], seq[i + 1:i + seq_len + 1]) for i in range(0, len(units), seq_len)]
+
+
+def padded(windows: list[tuple[list[int], list[int]]], seq_len: int, pad: int):
+    import torch
+
+    inputs = torch.full((len(windows), seq_len), pad, dtype=torch.long)
+    labels = torch.full((len(windows), seq_len), IGNORE, dtype=torch.long)
+    for i, (x, y) in enumerate(windows):
+        inputs[i, :len(x)] = torch.tensor(x)
+        labels[i, :len(y)] = torch.tensor(y)
+    return inputs, labels
+
+
+# ---------------------------------------------------------------------------------- one row (worker process)
+
+
+@dataclass
+class RowModel:
+    """What the shared training/evaluation loop needs from a row."""
+
+    module: object  # the torch module
+    param_groups: list[dict]  # optimizer groups (with an optional "lr_mult")
+    loss: Callable  # (inputs, labels) -> (mean loss to minimise, summed nats of labels, stats dict)
+    train_flops: Callable  # (stats, inputs) -> measured training FLOPs of that step
+    separator: int  # the document start unit
+    pad: int  # the unit that fills short evaluation windows
+    seq_len: int  # units per window
+    encode: Callable  # text -> units
+    details: dict  # params, sizes and design FLOPs, reported as they are
+    byte_length: list[int] = field(default_factory=list)  # BPE rows: UTF-8 bytes of each token id
+
+
+def synergy_row(name: str, cfg: QualityConfig) -> RowModel:
+    import torch
+    import torch.nn.functional as F
+
+    from synergy_dist.model import SynergyLM
+    from synergy_dist.model.accounting import flops_per_byte, param_counts
+
+    model_cfg = model_config(name, cfg.seq_len)
+    torch.manual_seed(cfg.seed)
+    model = SynergyLM(model_cfg)
+    n_stages = len(model_cfg.stages)
+
+    def loss(inputs, labels):
+        out = model(inputs, labels=labels)
+        nats = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+                               reduction="sum")
+        valid = int((inputs != PAD).sum())
+        rate = float(out.aux["boundary_rate"]) if n_stages else 1.0
+        stats = {"units": valid, "concepts": rate * valid,
+                 "bytes_per_concept": [max(float(out.aux[f"stage{s}/bytes_per_concept"]), 1.0) for s in range(n_stages)]}
+        return out.loss, nats, stats
+
+    def train_flops(stats, inputs):
+        return flops_per_byte(model_cfg, cfg.seq_len, stats["bytes_per_concept"] or None) * inputs.numel()
+
+    counts = param_counts(model)
+    details = {"params_total": counts["total"], "params_active": counts["active"],
+               "design_train_flops_per_byte": flops_per_byte(model_cfg, cfg.seq_len),
+               "model_config": asdict(model_cfg)}
+    return RowModel(model, model.param_groups(cfg.weight_decay), loss, train_flops, EOD, PAD, cfg.seq_len,
+                    lambda text: list(text.encode()), details)
+
+
+def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
+    import torch
+    import torch.nn.functional as F
+
+    from synergy_dist.bench.anchors import llama_bpe
+    from synergy_dist.model import SynergyLM
+    from synergy_dist.model.accounting import param_counts
+    from synergy_dist.bench.quality_rows import default_config
+
+    tokenizer_path = Path(cfg.work_dir) / f"bpe-{cfg.bpe_vocab}-seed{cfg.seed}-heldout{cfg.code_heldout_fraction}.json"
+    if tokenizer_path.is_file():
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    else:  # trained on the whole training split (not only the budget's prefix), like a real BPE anchor
+        tokenizer = llama_bpe.train_tokenizer(train_docs, cfg.bpe_vocab)
+        tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(tokenizer_path))
+    lengths = llama_bpe.token_byte_lengths(tokenizer)
+    sample = train_docs[:200]
+    sample_bytes = sum(len(t.encode()) for t in sample)
+    bytes_per_token = sample_bytes / sum(len(e.ids) for e in tokenizer.encode_batch(sample))
+    seq_len = max(8, round(cfg.seq_len / bytes_per_token))
+    target_params = param_counts(SynergyLM(default_config()))["total"]
+    size = llama_bpe.choose_size(reference_flops_per_byte(cfg.seq_len), bytes_per_token, seq_len,
+                                 tokenizer.get_vocab_size(), target_params)
+    model = llama_bpe.build_model(size, seq_len + 1, cfg.seed)
+    vocab = tokenizer.get_vocab_size()
+
+    def loss(inputs, labels):
+        logits = llama_bpe.next_token_logits(model, inputs).float().flatten(0, 1)
+        nats = F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE, reduction="sum")
+        count = int((labels != IGNORE).sum())  # tokens predicted: each is one "concept" of the BPE model
+        return nats / max(count, 1), nats, {"units": count, "concepts": count}
+
+    def train_flops(stats, inputs):
+        return llama_bpe.flops_per_token(size, seq_len) * inputs.numel()
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    details = {"params_total": sum(p.numel() for p in model.parameters()), "llama_size": asdict(size),
+               "bpe_vocab": vocab, "train_bytes_per_token_sample": bytes_per_token, "seq_len_tokens": seq_len,
+               "design_train_flops_per_byte": llama_bpe.flops_per_token(size, seq_len) / bytes_per_token,
+               "transformers_attention": model.config._attn_implementation}
+    details["params_active"] = details["params_total"]
+    return RowModel(model, groups, loss, train_flops, 0, 0, seq_len, lambda text: tokenizer.encode(text).ids,
+                    details, lengths)
+
+
+def train_row(row: RowModel, stream: list[int], cfg: QualityConfig, steps: int) -> dict:
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    groups = [dict(g, lr_mult=g.get("lr_mult", 1.0)) for g in row.param_groups]
+    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k in ("params", "weight_decay")} for g in groups],
+                                  lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
+    params = [p for g in groups for p in g["params"]]
+    row.module.train()
+    flops, losses, units, concepts = 0.0, [], 0, 0.0
+    clock = Stopwatch()
+    for step, (inputs, labels) in enumerate(packed_batches(stream, row.seq_len, cfg.batch_size, steps)):
+        lr = learning_rate(step, steps, cfg.lr, cfg.warmup_fraction, cfg.min_lr_ratio)
+        for group, spec in zip(optimizer.param_groups, groups):
+            group["lr"] = lr * spec["lr_mult"]
+        loss, nats, stats = row.loss(inputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        flops += row.train_flops(stats, inputs)
+        units += stats["units"]
+        concepts += stats["concepts"]
+        losses.append(float(nats.detach()) / (LN2 * int((labels != IGNORE).sum())))  # train bits per unit
+        if not math.isfinite(losses[-1]):
+            raise RuntimeError(f"training diverged at step {step}: loss {losses[-1]}")
+    wall, cpu = clock.wall(), clock.cpu()
+    return {"steps": steps, "train_wall_s": wall, "train_cpu_s": cpu, "train_flops": flops,
+            "train_units_per_concept": units / max(concepts, 1e-9),
+            "train_bits_per_unit_last10": sum(losses[-10:]) / len(losses[-10:]), "train_curve": losses}
+
+
+def evaluate_row(row: RowModel, sets: dict[str, list[tuple[str, str]]], batch_size: int) -> dict:
+    """Per set and group: summed nats, UTF-8 bytes, units read (tokens or bytes) and concepts."""
+    import torch
+
+    row.module.eval()
+    results = {}
+    with torch.no_grad():
+        for name, docs in sets.items():
+            groups: dict[str, dict] = {}
+            for group, text in docs:
+                acc = groups.setdefault(group, {"nats": 0.0, "bytes": 0, "units": 0, "concepts": 0.0, "documents": 0})
+                acc["bytes"] += len(text.encode())
+                acc["documents"] += 1
+                units = row.encode(text)
+                windows = document_windows(units, row.separator, row.seq_len)
+                for i in range(0, len(windows), batch_size):
+                    inputs, labels = padded(windows[i:i + batch_size], row.seq_len, row.pad)
+                    _, nats, stats = row.loss(inputs, labels)
+                    acc["nats"] += float(nats)
+                    acc["units"] += int((labels != IGNORE).sum())
+                    acc["concepts"] += stats["concepts"]
+            total = {k: sum(g[k] for g in groups.values()) for k in ("nats", "bytes", "units", "concepts", "documents")}
+            results[name] = {
+                "bits_per_byte": bits_per_byte(total["nats"], total["bytes"]),
+                "bytes_per_unit": total["bytes"] / total["units"],  # bytes per BPE token (1.0 for byte rows)
+                "bytes_per_concept": total["bytes"] / total["concepts"],  # per concept (BPE: per token)
+                "concepts": total["concepts"], **total,
+                "groups": {g: dict(v, bits_per_byte=bits_per_byte(v["nats"], v["bytes"])) for g, v in sorted(groups.items())},
+            }
+    return results
+
+
+def run_row(name: str, cfg: QualityConfig) -> dict:
+    """Build, train and evaluate one row in this process; returns its JSON-able result."""
+    import torch
+
+    torch.set_num_threads(1)
+    rss_before = rss_kib("VmRSS")
+    train_docs = training_documents(cfg)
+    steps = cfg.steps()
+    train_bytes = steps * cfg.batch_size * cfg.seq_len
+    if name == LLAMA_ROW:
+        row = llama_row(cfg, train_docs)
+        units = [row.encode(t) for t in _docs_covering(train_docs, 2 * train_bytes)]
+        stream, steps, trained_bytes = token_stream_for_bytes(units, row.separator, row.byte_length,
+                                                              train_bytes, cfg.batch_size * row.seq_len)
+    else:
+        row = synergy_row(name, cfg)
+        stream = unit_stream([list(t.encode()) for t in _docs_covering(train_docs, train_bytes + 1)], EOD,
+                             train_bytes + 1)
+        trained_bytes = train_bytes
+    rss_model = rss_kib("VmRSS")
+    result = {"row": name, "number": row_info(name).number, "what": row_info(name).what, **row.details,
+              "train_bytes": trained_bytes, "seq_len_units": row.seq_len, "batch_size": cfg.batch_size}
+    result.update(train_row(row, stream, cfg, steps))
+    result["train_bytes_per_s_wall"] = trained_bytes / result["train_wall_s"]
+    result["train_bytes_per_s_cpu"] = trained_bytes / result["train_cpu_s"]
+    result["train_flops_per_byte"] = result["train_flops"] / trained_bytes
+    result["eval"] = evaluate_row(row, evaluation_sets(cfg), cfg.batch_size)
+    result["rss_start_mib"] = rss_before / 1024
+    result["rss_with_text_and_model_mib"] = rss_model / 1024
+    result["peak_rss_mib"] = rss_kib("VmHWM") / 1024
+    return result
+
+
+def _docs_covering(docs: list[str], n_bytes: int) -> list[str]:
+    """The leading documents whose UTF-8 bytes (plus one separator each) reach n_bytes."""
+    total = 0
+    for i, text in enumerate(docs):
+        total += len(text.encode()) + 1
+        if total >= n_bytes:
+            return docs[: i + 1]
+    return docs
+
+
+def token_stream_for_bytes(docs: list[list[int]], separator: int, byte_length: list[int], train_bytes: int,
+                           tokens_per_step: int) -> tuple[list[int], int, int]:
+    """The token stream `sep doc sep doc ...` cut to the whole steps whose labels first cover train_bytes
+    UTF-8 bytes; returns (stream with its one extra leading input, steps, bytes of its labels)."""
+    stream = unit_stream(docs, separator, sum(len(d) + 1 for d in docs))
+    covered = 0
+    for n_labels, unit in enumerate(stream[1:], start=1):
+        covered += byte_length[unit]
+        if covered >= train_bytes:
+            break
+    steps = math.ceil(n_labels / tokens_per_step)
+    needed = steps * tokens_per_step + 1
+    if covered < train_bytes or len(stream) < needed:
+        raise ValueError(f"the training text holds {len(stream)} tokens, fewer than the {needed} the budget needs; "
+                         "lower --train-bytes / --budget-minutes")
+    stream = stream[:needed]
+    return stream, steps, sum(byte_length[u] for u in stream[1:])
+
+
+def calibrate(cfg: QualityConfig, steps: int = 3) -> float:
+    """Training bytes per CPU second of the reference row (one warm-up step, then `steps` timed)."""
+    import torch
+
+    torch.set_num_threads(1)
+    row = synergy_row(REFERENCE_ROW, cfg)
+    docs = _docs_covering(training_documents(cfg), (steps + 1) * cfg.batch_size * cfg.seq_len + 1)
+    stream = unit_stream([list(t.encode()) for t in docs], EOD, (steps + 1) * cfg.batch_size * cfg.seq_len + 1)
+    optimizer = torch.optim.AdamW(row.module.parameters(), lr=cfg.lr)
+    clock = None
+    for step, (inputs, labels) in enumerate(packed_batches(stream, cfg.seq_len, cfg.batch_size, steps + 1)):
+        if step == 1:
+            clock = Stopwatch()
+        loss, _, _ = row.loss(inputs, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return steps * cfg.batch_size * cfg.seq_len / clock.cpu()
+
+
+def worker_main() -> None:
+    """Entry of a row's subprocess: argv[1] is {"mode": "row"|"calibrate", "row": NAME, "cfg": {...}}."""
+    job = json.loads(sys.argv[1])
+    cfg = QualityConfig(**job["cfg"])
+    if job["mode"] == "calibrate":
+        print(json.dumps({"bytes_per_s_cpu": calibrate(cfg)}))
+    else:
+        print(json.dumps(run_row(job["row"], cfg)))
+
+
+def run_worker(job: dict, timeout_s: float = 4 * 3600) -> tuple[dict | None, str]:
+    code = "from synergy_dist.bench.quality import worker_main; worker_main()"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True, env=env,
+                          timeout=timeout_s)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return None, f"{job.get('row', job['mode'])} exited with {proc.returncode}: {tail}"
+    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]), ""
+
+
+# ---------------------------------------------------------------------------------- the benchmark
+
+
+def run(cfg: QualityConfig, command: str) -> BenchReport:
+    cfg.validate()
+    report = BenchReport(name="quality", command=command)
+    cpu = pin_to_one_core()
+    if cfg.train_bytes == 0:
+        measured, error = run_worker({"mode": "calibrate", "cfg": asdict(cfg)})
+        if measured is None:
+            raise RuntimeError(f"quality calibration failed: {error}")
+        cfg.train_bytes = train_bytes_for_budget(measured["bytes_per_s_cpu"], cfg.budget_minutes, cfg.batch_size,
+                                                 cfg.seq_len)
+        report.notes.append(f"budget: row 1 trained at {measured['bytes_per_s_cpu']:,.0f} B/s (CPU time, first steps) "
+                            f"x {cfg.budget_minutes} min -> --train-bytes {cfg.train_bytes}")
+    report.notes.append(
+        f"settings: {cfg.steps()} steps x batch {cfg.batch_size} x seq_len {cfg.seq_len} bytes = {cfg.train_bytes} "
+        f"training bytes per row; AdamW lr {cfg.lr} (betas 0.9/0.95, wd {cfg.weight_decay}, clip {cfg.grad_clip}), "
+        f"{cfg.warmup_fraction:.0%} warm-up then cosine to {cfg.min_lr_ratio} x lr; seed {cfg.seed}; process pinned "
+        f"to CPU {cpu}, torch threads 1; corpora {cfg.corpora}")
+    Path(cfg.work_dir).mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict] = {}
+    for name in cfg.rows:
+        result, error = run_worker({"mode": "row", "row": name, "cfg": asdict(cfg)})
+        if result is None:
+            report.notes.append(f"row {name} failed: {error}")
+            continue
+        results[name] = result
+        (Path(cfg.work_dir) / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    add_figures(report, results)
+    report.notes.extend(table_lines(results))
+    return report
+
+
+def add_figures(report: BenchReport, results: dict[str, dict]) -> None:
+    reference = results.get(REFERENCE_ROW)
+    for name, r in results.items():
+        pydocs = r["eval"].get(PYDOCS_SET, {})
+        code = r["eval"].get(CODE_SET, {})
+        report.add(Figure(f"{name}/bpb_pydocs_valid", pydocs.get("bits_per_byte"), "bit/B", [],
+                          f"row {r['number']}: {r['what']}"))
+        report.add(Figure(f"{name}/bpb_code_heldout", code.get("bits_per_byte"), "bit/B", [],
+                          "held-out pystdlib-code files"))
+        unit = "BPE token" if name == LLAMA_ROW else "concept"
+        report.add(Figure(f"{name}/bytes_per_{unit.split()[-1]}", pydocs.get("bytes_per_concept"), "B", [],
+                          f"UTF-8 bytes of pydocs-valid per {unit}"))
+        report.add(Figure(f"{name}/train_bytes_per_s", r["train_bytes_per_s_cpu"], "B/s", [],
+                          f"{r['train_bytes']} training bytes / process CPU time; wall: "
+                          f"{r['train_bytes_per_s_wall']:,.0f} B/s"))
+        report.add(Figure(f"{name}/peak_rss", r["peak_rss_mib"], "MiB", [],
+                          f"VmHWM of the row's process (text + model loaded: {r['rss_with_text_and_model_mib']:.0f} MiB)"))
+        report.add(Figure(f"{name}/train_flops_vs_row1", ratio(r["train_flops"], reference and reference["train_flops"]),
+                          "x", [], f"measured {r['train_flops']:.3g} training FLOPs, params {r['params_total']:,}"))
+    if reference is None:
+        return
+    bpb1 = reference["eval"][PYDOCS_SET]["bits_per_byte"]
+    for rival, label in (("byte-transformer", "row 6"), (LLAMA_ROW, "row 7")):
+        if rival in results:
+            report.targets.append(Target(f"row 1 bits/byte on pydocs-valid below {label} ({rival})",
+                                         ratio(bpb1, results[rival]["eval"][PYDOCS_SET]["bits_per_byte"]), "<", 1.0))
+    if LLAMA_ROW in results:
+        report.targets.append(Target("row 1 concepts / BPE tokens on pydocs-valid",
+                                     ratio(reference["eval"][PYDOCS_SET]["concepts"],
+                                           results[LLAMA_ROW]["eval"][PYDOCS_SET]["concepts"]), "<", 1.0))
+
+
+def table_lines(results: dict[str, dict]) -> list[str]:
+    """One readable line per row (the markdown renderer prints notes as a list)."""
+    lines = []
+    for name, r in results.items():
+        e = r["eval"]
+        code = e.get(CODE_SET, {}).get("bits_per_byte")
+        lines.append(
+            f"row {r['number']} {name}: pydocs-valid {e[PYDOCS_SET]['bits_per_byte']:.3f} bit/B"
+            + (f", code {code:.3f} bit/B" if code is not None else "")
+            + f", {e[PYDOCS_SET]['bytes_per_concept']:.2f} B/{'token' if name == LLAMA_ROW else 'concept'}"
+            f", params {r['params_total']:,} (active {r['params_active']:,}), {r['train_flops']:.3g} train FLOPs"
+            f", {r['train_bytes']:,} train bytes, {r['train_bytes_per_s_cpu']:,.0f} B/s (CPU), peak {r['peak_rss_mib']:.0f} MiB"
+            f"; per pydocs section: " + ", ".join(f"{g} {v['bits_per_byte']:.3f}" for g, v in e[PYDOCS_SET]["groups"].items()))
+    return lines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--row", action="append", default=None, choices=ROW_NAMES,
+                        help=f"quality row(s) to run (default: all of {ROW_NAMES})")
+    parser.add_argument("--train-bytes", type=int, default=None, help="training bytes per row (overrides the budget)")
+    parser.add_argument("--budget-minutes", type=float, default=None,
+                        help="training minutes of row 1 on one core; sets --train-bytes (default 15)")
+    parser.add_argument("--eval-bytes", type=int, default=None, help="cap per evaluation set (default: all)")
+    parser.add_argument("--quality-seq-len", type=int, default=None, help="quality bytes per window (default 512)")
+
+
+def config_from_args(args: argparse.Namespace) -> QualityConfig:
+    cfg = QualityConfig()
+    if getattr(args, "quick", False):  # a smoke run of the harness: 2 steps, small evaluation
+        cfg.train_bytes, cfg.seq_len, cfg.batch_size, cfg.eval_bytes = 2 * 4 * 128, 128, 4, 20_000
+    for key, arg in (("rows", "row"), ("corpora", "corpora"), ("train_bytes", "train_bytes"),
+                     ("budget_minutes", "budget_minutes"), ("eval_bytes", "eval_bytes"), ("seq_len", "quality_seq_len")):
+        value = getattr(args, arg, None)
+        if value is not None:
+            setattr(cfg, key, value)
+    if getattr(args, "budget_minutes", None) is not None and getattr(args, "train_bytes", None) is None:
+        cfg.train_bytes = 0  # an explicit budget wins over --quick's fixed size
+    out = getattr(args, "out", None)
+    if out:
+        cfg.work_dir = str(Path(out) / "quality")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m synergy_dist.bench.quality [--out DIR] [...]` until `synergy-bench quality` is wired in."""
+    import shlex
+
+    from synergy_dist.bench.report import write_report
+
+    parser = argparse.ArgumentParser(prog="python -m synergy_dist.bench.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out", metavar="DIR")
+    parser.add_argument("--corpora", default=None, metavar="DIR",
+                        help="directory of the shared corpora (default: $SYNERGY_CORPORA or ../shared/corpora)")
+    parser.add_argument("--quick", action="store_true", help="smoke-run the harness (2 steps, small evaluation)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "synergy_dist.bench.quality", *(sys.argv[1:] if argv is None else argv)])
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    try:
+        report = run(config_from_args(args), command)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"synergy-bench quality: error: {err}", file=sys.stderr)
+        return 2
+    json_path, md_path = write_report(Path(args.out), [report], stem="quality", load_at_start=load_at_start)
+    print(md_path.read_text())
+    print(f"synergy-bench quality: wrote {json_path} and {md_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

@@ -1,0 +1,233 @@
+"""`synergy-bench quality`: the harness and its arithmetic on tiny synthetic text (never benchmark figures)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import zstandard
+
+from synergy_dist.bench import quality
+from synergy_dist.bench.anchors import llama_bpe
+from synergy_dist.bench.quality_rows import (
+    BYTE_TRANSFORMER_ROW,
+    MOE_EXPERTS,
+    default_config,
+    model_config,
+    moe_middle_config,
+    reference_flops_per_byte,
+)
+from synergy_dist.model import SynergyLM
+from synergy_dist.model.accounting import flops_per_byte, param_counts
+
+REPO = Path(__file__).resolve().parents[1]
+WORDS = "the router opens a concept at each word while code keeps its indentation and names".split()
+
+
+def _write_corpus(path: Path, docs: list[tuple[str, str]]) -> None:
+    lines = "".join(json.dumps({"text": text, "source": source}) + "\n" for source, text in docs)
+    path.write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory) -> Path:
+    """Three tiny corpora with the real files' names, sources and shape (prose, code, held-out prose)."""
+    directory = tmp_path_factory.mktemp("corpora")
+    prose = [(f"python-3.11-docs/library/m{i}.rst.txt", " ".join(WORDS[(i + j) % len(WORDS)] for j in range(120)))
+             for i in range(30)]
+    code = [(f"cpython-3.11-lib/mod{i}.py", "".join(f"def f{j}(x):\n    return x + {i * j}\n" for j in range(40)))
+            for i in range(30)]
+    valid = [("python-3.11-docs/howto/a.rst.txt", "héllo wörld, the router opens a concept"),
+             ("python-3.11-docs/library/b.rst.txt", " ".join(WORDS[::-1]) * 3)]
+    _write_corpus(directory / "pydocs-train.jsonl.zst", prose)
+    _write_corpus(directory / "pystdlib-code.jsonl.zst", code)
+    _write_corpus(directory / "pydocs-valid.jsonl.zst", valid)
+    return directory
+
+
+# ---------------------------------------------------------------------------------- arithmetic
+
+
+def test_bits_per_byte_matches_a_hand_computation():
+    # 3 tokens covering 7 UTF-8 bytes ("héllo" is 6 bytes + 1) with probabilities 1/2, 1/4, 1/8: 1 + 2 + 3 = 6 bits
+    nats = -(math.log(1 / 2) + math.log(1 / 4) + math.log(1 / 8))
+    assert quality.bits_per_byte(nats, len("héllo!".encode())) == pytest.approx(6 / 7, rel=1e-12)
+    with pytest.raises(ValueError, match="bits_per_byte needs a positive byte count, got 0"):
+        quality.bits_per_byte(1.0, 0)
+
+
+def test_bits_per_byte_of_a_bpe_model_equals_the_byte_level_chain_rule():
+    """A token-level model whose token probability is the product of its bytes' probabilities must score the
+    same bits per byte as the byte-level model: the conversion divides by UTF-8 bytes, not tokens."""
+    torch.manual_seed(0)
+    byte_probs = torch.rand(12) * 0.9 + 0.05  # probability of each of 12 bytes
+    byte_nats = float(-byte_probs.log().sum())
+    tokens = [byte_probs[0:3], byte_probs[3:4], byte_probs[4:9], byte_probs[9:12]]  # 4 tokens of 3, 1, 5, 3 bytes
+    token_nats = sum(float(-t.prod().log()) for t in tokens)
+    assert quality.bits_per_byte(token_nats, 12) == pytest.approx(quality.bits_per_byte(byte_nats, 12), rel=1e-6)
+    assert quality.bits_per_byte(byte_nats, 12) == pytest.approx(byte_nats / 12 / math.log(2), rel=1e-12)
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
+    lrs = [quality.learning_rate(s, 20, 1.0, 0.1, 0.1) for s in range(20)]
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)  # warm-up of round(0.1 * 20) = 2 steps
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+
+
+def test_budget_arithmetic_rounds_down_to_whole_steps():
+    # 1000 B/s for 1.5 min = 90000 bytes; steps of 8 x 512 = 4096 bytes -> 21 whole steps
+    assert quality.train_bytes_for_budget(1000.0, 1.5, 8, 512) == 21 * 4096
+    assert quality.train_bytes_for_budget(1.0, 0.01, 8, 512) == 2 * 4096  # never fewer than 2 steps
+    assert quality.QualityConfig(train_bytes=21 * 4096 + 100).steps() == 21
+
+
+def test_equal_flops_rows_are_matched_to_row_one():
+    seq_len = 512
+    target = reference_flops_per_byte(seq_len)
+    assert target == flops_per_byte(default_config(), seq_len)
+    byte_model = model_config(BYTE_TRANSFORMER_ROW.name, seq_len)
+    assert byte_model.stages == [] and byte_model.middle.pos_encoding == "rope"
+    assert abs(flops_per_byte(byte_model, seq_len) / target - 1) < 0.05
+    # the Llama anchor: per-token FLOPs / bytes per token is within 5% of the target for a plausible 3.5 B/token
+    size = llama_bpe.choose_size(target, 3.5, 146, 8192, target_params=3_000_000)
+    assert abs(llama_bpe.flops_per_token(size, 146) / 3.5 / target - 1) <= 0.05
+    # and the measured FLOPs of a step are per-byte FLOPs x bytes: with realised compression 4 (the target),
+    # the reference row's step costs exactly target x bytes
+    assert flops_per_byte(default_config(), seq_len, [4.0]) * 8 * seq_len == pytest.approx(target * 8 * seq_len)
+
+
+def test_llama_flops_and_params_by_hand():
+    size = llama_bpe.LlamaSize(vocab_size=100, hidden=8, layers=2, heads=2, intermediate=24)
+    # per layer: 2*4*64 (projections) + 2*2*2.5*8 (attention over (4+1)/2 keys) + 2*3*8*24 (SwiGLU); head 2*8*100
+    forward = 2 * (512 + 80 + 1152) + 1600
+    assert llama_bpe.flops_per_token(size, 4, training=False) == forward
+    assert llama_bpe.flops_per_token(size, 4) == 3 * forward
+    model = llama_bpe.build_model(size, 8, seed=0)
+    assert llama_bpe.param_count(size) == sum(p.numel() for p in model.parameters())
+
+
+def test_moe_row_has_the_active_parameters_of_row_one_plus_its_routers():
+    dense, moe = default_config(), moe_middle_config()
+    dense_counts, moe_counts = param_counts(SynergyLM(dense)), param_counts(SynergyLM(moe))
+    routers = len(moe.middle.layers) * MOE_EXPERTS * moe.d_middle
+    assert moe_counts["active"] - routers == dense_counts["active"]
+    assert moe_counts["total"] > dense_counts["total"]  # 4 half-width experts hold twice the dense MLP
+    assert flops_per_byte(moe, 512) == pytest.approx(flops_per_byte(dense, 512) + 3 * 2 * routers / 4, rel=1e-12)
+
+
+def test_document_windows_predict_every_unit_once():
+    windows = quality.document_windows([10, 11, 12, 13, 14], start=256, seq_len=2)
+    assert windows == [([256, 10], [10, 11]), ([11, 12], [12, 13]), ([13, 14], [14])]
+    inputs, labels = quality.padded(windows, 2, pad=257)
+    assert inputs.tolist()[-1] == [13, 14] and labels.tolist()[-1] == [14, -100]
+
+
+def test_token_stream_covers_the_byte_budget_in_whole_steps():
+    byte_length = [1, 1, 2, 3]  # id 0 = separator (1 byte), ids 1..3 stand for 1, 2, 3 bytes
+    docs = [[1, 2, 3], [3, 3], [2, 2, 2, 2]]
+    stream, steps, trained = quality.token_stream_for_bytes(docs, 0, byte_length, train_bytes=9, tokens_per_step=2)
+    # labels of "0 1 2 3 0 3 3 0 2 2 2 2": 1,2,3,1,3 -> 10 bytes >= 9 after 5 labels -> 3 steps of 2 = 6 labels
+    assert steps == 3 and stream == [0, 1, 2, 3, 0, 3, 3] and trained == 1 + 2 + 3 + 1 + 3 + 3
+    with pytest.raises(ValueError, match="fewer than the .* the budget needs; lower --train-bytes"):
+        quality.token_stream_for_bytes(docs, 0, byte_length, train_bytes=100, tokens_per_step=2)
+
+
+def test_held_out_split_is_deterministic_and_keyed_by_seed():
+    sources = [f"cpython-3.11-lib/m{i}.py" for i in range(2000)]
+    picked = [s for s in sources if quality.held_out(s, 0.03, 0)]
+    assert picked == [s for s in sources if quality.held_out(s, 0.03, 0)]
+    assert 20 < len(picked) < 100
+    assert picked != [s for s in sources if quality.held_out(s, 0.03, 1)]
+
+
+def test_bad_settings_fail_with_the_key_and_the_fix(corpora, tmp_path):
+    with pytest.raises(ValueError, match=r"quality rows \['nope'\] are unknown; choose from"):
+        quality.QualityConfig(corpora=str(corpora), rows=["nope"], train_bytes=4096).validate()
+    with pytest.raises(ValueError, match="bpe_vocab=4096 must be in 8192..32768"):
+        quality.QualityConfig(corpora=str(corpora), train_bytes=4096, bpe_vocab=4096).validate()
+    with pytest.raises(FileNotFoundError, match=r"not found in .*; pass --corpora DIR"):
+        quality.QualityConfig(corpora=str(tmp_path), train_bytes=4096).validate()
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+
+def _tiny_cfg(corpora: Path, work: Path, rows: list[str]) -> quality.QualityConfig:
+    return quality.QualityConfig(corpora=str(corpora), rows=rows, train_bytes=3 * 2 * 64, seq_len=64, batch_size=2,
+                                 eval_bytes=2000, bpe_vocab=8192, work_dir=str(work), code_heldout_fraction=0.2)
+
+
+@pytest.mark.parametrize("row", ["synergy-cosine", "llama-bpe"])
+def test_one_row_trains_and_evaluates_consistently(corpora, tmp_path, row):
+    cfg = _tiny_cfg(corpora, tmp_path, [row])
+    result = quality.run_row(row, cfg)
+    assert result["steps"] == (3 if row == "synergy-cosine" else result["steps"]) and result["steps"] >= 1
+    if row == "llama-bpe":
+        # whole steps of tokens that first cover the byte budget: at least the budget, at most one step more
+        assert cfg.train_bytes <= result["train_bytes"]
+        assert result["bpe_vocab"] <= 8192 and result["seq_len_tokens"] >= 8
+    else:
+        assert result["train_bytes"] == 3 * 2 * 64
+    valid = result["eval"]["pydocs-valid"]
+    assert valid["bytes"] == sum(len(t.encode()) for t in ("héllo wörld, the router opens a concept",
+                                                           " ".join(WORDS[::-1]) * 3))
+    assert valid["documents"] == 2 and set(valid["groups"]) == {"howto", "library"}
+    assert valid["nats"] == pytest.approx(sum(g["nats"] for g in valid["groups"].values()))
+    assert valid["bits_per_byte"] == pytest.approx(valid["nats"] / (math.log(2) * valid["bytes"]))
+    if row == "llama-bpe":
+        assert valid["bytes_per_unit"] > 1.0 and valid["bytes_per_concept"] == valid["bytes_per_unit"]
+    else:
+        assert valid["units"] == valid["bytes"] and valid["bytes_per_unit"] == 1.0
+        assert 1.0 <= valid["bytes_per_concept"] <= valid["bytes"]
+    assert result["train_flops"] > 0 and result["peak_rss_mib"] >= result["rss_start_mib"] > 0
+    assert "pystdlib-code-heldout" in result["eval"]
+
+
+def test_run_reports_every_row_and_the_goals(corpora, tmp_path):
+    cfg = _tiny_cfg(corpora, tmp_path, ["synergy-cosine", "byte-transformer"])
+    cpus = os.sched_getaffinity(0)
+    try:
+        report = quality.run(cfg, "test")
+    finally:  # run() pins this process to one core; give the rest of the test session its cores back
+        os.sched_setaffinity(0, cpus)
+    assert report.value("synergy-cosine/train_flops_vs_row1") == 1.0
+    assert 0 < report.value("byte-transformer/train_flops_vs_row1")
+    bpb1 = report.value("synergy-cosine/bpb_pydocs_valid")
+    bpb6 = report.value("byte-transformer/bpb_pydocs_valid")
+    (target,) = report.targets
+    assert target.measured == pytest.approx(bpb1 / bpb6) and target.op == "<"
+    saved = json.loads((tmp_path / "synergy-cosine.json").read_text())
+    assert saved["eval"]["pydocs-valid"]["bits_per_byte"] == bpb1
+    assert any(note.startswith("row 1 synergy-cosine: pydocs-valid") for note in report.notes)
+
+
+def test_command_line_quick_run_writes_json_and_markdown(corpora, tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "synergy_dist.bench.quality", "--quick", "--corpora", str(corpora),
+                           "--out", str(tmp_path), "--row", "synergy-space", "--eval-bytes", "500"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "quality.json").read_text())
+    figures = data["benchmarks"]["quality"]["figures"]
+    assert figures["synergy-space/bpb_pydocs_valid"]["value"] > 0
+    assert "## quality" in (tmp_path / "quality.md").read_text()
+    bad = subprocess.run([sys.executable, "-m", "synergy_dist.bench.quality", "--corpora", str(tmp_path / "none"),
+                          "--train-bytes", "4096"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert bad.returncode == 2 and "pass --corpora DIR" in bad.stderr
+
+
+@pytest.mark.skipif(not Path("/work/shared/corpora/pydocs-valid.jsonl.zst").is_file(),
+                    reason="the shared corpora (/work/shared/corpora) are not on this machine")
+def test_real_corpora_split_keeps_validation_out_of_training():
+    cfg = quality.QualityConfig(corpora="/work/shared/corpora")
+    train = set(quality.training_documents(cfg))
+    sets = quality.evaluation_sets(cfg)
+    assert not train & {t for _, t in sets["pydocs-valid"]}
+    assert not train & {t for _, t in sets["pystdlib-code-heldout"]}

@@ -1,0 +1,146 @@
+"""The throughput paths of the stream: collated micro-batches, vectorised window location, and the
+process-wide pool of retired frame buffers. Each must deliver exactly what the plain paths deliver."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from data_corpus_helpers import make_documents, write_jsonl
+from data_pipeline import shards
+from data_pipeline.preprocess import preprocess
+from data_pipeline.shards import FrameCache, ShardReader, iter_documents, load_manifest
+from data_pipeline.stream import StreamingByteDataset
+from data_pipeline.vocab import EOD_ID
+
+L = 32
+SMALL = dict(shuffle_block=8, shuffle_window=32)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fast")
+    docs = write_jsonl(root / "a.jsonl", make_documents(150, seed=21, max_len=300))
+    # small frames and shards: windows inside one frame, across frames, across shards, with EODs
+    preprocess([docs], root / "A", shard_size=3000, frame_bytes=700, min_doc_bytes=0, progress=False)
+    return root / "A"
+
+
+def collate(samples: list[dict]) -> dict:
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+def assert_batches_equal(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for key in w:
+            assert g[key].dtype == torch.int64 and torch.equal(g[key], w[key]), key
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_batched_stream_is_the_collated_sample_stream(corpus, pack):
+    kwargs = dict(seq_len=L, global_batch_size=8, micro_batch_size=4, seed=3, pack=pack, **SMALL)
+    n = StreamingByteDataset([corpus], **kwargs).epoch_size()
+    limit = 2 * n + 3  # two epochs, over several 256-sample chunks, and a partial last micro-batch
+    samples = list(StreamingByteDataset([corpus], max_samples=limit, **kwargs))
+    want = [collate(samples[i : i + 4]) for i in range(0, len(samples), 4)]
+    got = list(StreamingByteDataset([corpus], max_samples=limit, batched=True, **kwargs))
+    assert len(samples) == limit and got[-1]["input_ids"].shape == (3, L)
+    assert_batches_equal(got, want)
+
+
+def test_batched_stream_through_dataloader_workers(corpus):
+    kwargs = dict(seq_len=L, global_batch_size=8, micro_batch_size=2, seed=5, max_samples=90, **SMALL)
+    want = list(DataLoader(StreamingByteDataset([corpus], **kwargs), batch_size=2, num_workers=2))
+    got = list(DataLoader(StreamingByteDataset([corpus], batched=True, **kwargs), batch_size=None, num_workers=2))
+    assert_batches_equal(got, want)
+
+
+def test_batched_state_resumes_at_the_next_micro_batch(corpus):
+    kwargs = dict(seq_len=L, global_batch_size=8, micro_batch_size=4, seed=1, batched=True, **SMALL)
+    ds = StreamingByteDataset([corpus], **kwargs)
+    it = iter(ds)
+    for _ in range(7):
+        next(it)
+    state = ds.state_dict()
+    assert state == ds.state_at(28)
+    expected = next(it)
+    resumed = StreamingByteDataset([corpus], **kwargs)
+    resumed.load_state_dict(state)
+    assert_batches_equal([next(iter(resumed))], [expected])
+    assert expected["sample_index"].tolist() == [28, 29, 30, 31]
+
+
+def test_plan_locates_exactly_the_bytes_that_window_reads(corpus):
+    ds = StreamingByteDataset([corpus], seq_len=L, global_batch_size=8, micro_batch_size=8)
+    source = ds.sources[0]
+    windows = np.arange(source.n_windows)
+    planned = list(zip(*source.plan(windows)))
+    in_one_slice = [w for w, (shard, _, _) in zip(windows.tolist(), planned) if shard >= 0]
+    assert 0 < len(in_one_slice) < source.n_windows
+    for w, (shard, frame, offset) in zip(windows.tolist(), planned):
+        tokens, real = source.window(w)
+        if shard >= 0:
+            piece = source.reader(shard).frame(frame)[offset : offset + L + 1]
+            assert real == L + 1 and np.array_equal(piece.astype(np.int64), tokens), w
+        else:  # left to window(): it holds an EOD or crosses a frame or shard boundary
+            holds_eod = bool((tokens == EOD_ID).any())
+            assert holds_eod or len(source.shards_of(w)) == 2 or not _inside_one_frame(source, w), w
+    # a shard-set without packing is never planned
+    unpacked = StreamingByteDataset([corpus], seq_len=L, global_batch_size=8, micro_batch_size=8, pack=False)
+    assert set(unpacked.sources[0].plan(np.arange(10))[0]) == {-1}
+
+
+def _inside_one_frame(source, window: int) -> bool:
+    _, name, offset = source.describe(window)
+    shard = next(i for i, s in enumerate(source.manifest.shards) if s.name == name)
+    frame_bytes = source.reader(shard)._uniform
+    return offset // frame_bytes == (offset + L) // frame_bytes
+
+
+def test_retired_frame_buffers_are_reused_bounded_and_never_leak(corpus, monkeypatch):
+    manifest = load_manifest(corpus)
+    path = corpus / manifest.shards[0].name
+    monkeypatch.setattr(shards, "_retired", [])
+    cache = FrameCache(8)
+    reader = ShardReader(path, cache=cache)
+    for k in range(3):
+        reader.frame(k)
+    bases = {id(shards._base(a)) for a in cache._items.values()}
+    del reader, cache
+    gc.collect()
+    assert {id(b) for b in shards._retired} == bases  # a dead cache hands its buffers to the pool
+    fresh = FrameCache(8)
+    assert id(fresh.buffer(10)) in bases and len(shards._retired) == 2  # the next cache takes them
+    # reading through caches that reuse retired buffers still returns the right bytes
+    documents = list(iter_documents(corpus))
+    again = ShardReader(path, cache=FrameCache(1))
+    assert [again.document(k) for k in range(manifest.shards[0].documents)] == documents[: manifest.shards[0].documents]
+    # the pool is bounded
+    monkeypatch.setattr(shards, "RETIRED_BUFFER_BYTES", 3 * (1 << 20))
+    monkeypatch.setattr(shards, "_retired", [])
+    big = FrameCache(10)
+    for k in range(6):
+        big.put(("x", k), big.buffer(100)[:100])
+    big.clear()
+    assert sum(b.nbytes for b in shards._retired) <= 3 * (1 << 20) and len(shards._retired) == 3
+
+
+def test_stream_content_is_unchanged_by_the_fast_paths(corpus):
+    """Shuffled windows equal slices of the corpus token stream, whichever path read them."""
+    from data_corpus_helpers import token_stream
+
+    stream = token_stream(list(iter_documents(corpus)))
+    ds = StreamingByteDataset([corpus], seq_len=L, global_batch_size=8, micro_batch_size=8, seed=2, batched=True, **SMALL)
+    n = ds.epoch_size()
+    for batch in itertools.islice(iter(ds), -(-n // 8)):
+        for i, inputs, labels in zip(batch["sample_index"].tolist(), batch["input_ids"], batch["labels"]):
+            w = ds.window_id(i)[1]
+            assert torch.equal(inputs, torch.from_numpy(stream[w * L : w * L + L]))
+            assert torch.equal(labels, torch.from_numpy(stream[w * L + 1 : w * L + L + 1]))
