@@ -26,6 +26,21 @@ from data_pipeline.vocab import EOD_ID, PAD_ID
 
 log = logging.getLogger(__name__)
 MAX_ADVISED_SHARDS = 4  # read-ahead touches at most this many shards per run of windows
+RECENTLY_ADVISED = 16  # runs of blocks remembered as advised, so that they are not advised again
+MAX_PIECEWISE_EODS = 8  # a window with more documents ending in it is filled through a mask
+
+
+def _copy_pieces(out: np.ndarray, raw: np.ndarray, eods, start: int) -> None:
+    """out = raw with EOD_ID inserted at stream positions eods (window starting at stream position start)."""
+    at = 0  # position in raw
+    pos = 0  # position in out
+    for eod in eods:
+        n = eod - start - pos
+        out[pos : pos + n] = raw[at : at + n]
+        out[pos + n] = EOD_ID
+        at += n
+        pos += n + 1
+    out[pos:] = raw[at:]
 
 
 class ShardSetSource:
@@ -55,15 +70,18 @@ class ShardSetSource:
             )
         self.set_hash = self.manifest.set_hash
         self._shard_by_name = {s.name: i for i, s in enumerate(shards)}
+        self._shard_paths = [str(self.directory / s.name) for s in shards]  # ShardReader's cache keys
         self.bad_shards: dict[int, str] = {}  # shard index -> why it was skipped (on_corrupt="skip")
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
+        self._advised: OrderedDict[tuple[int, int], None] = OrderedDict()  # recently advised runs
         self._last_shard = -1  # the shard read last (at the end of the readers' LRU order)
         self._eod_positions: dict[int, np.ndarray] = {}
         self._eod_search: dict[int, array.array] = {}  # the same positions: bisect on them is ~5x faster than searchsorted
 
     def __getstate__(self):  # DataLoader workers start with no open files
         state = self.__dict__.copy()
-        state.update(_readers=OrderedDict(), _eod_positions={}, _eod_search={}, cache=FrameCache(self.cache.capacity))
+        state.update(_readers=OrderedDict(), _eod_positions={}, _eod_search={}, _advised=OrderedDict(),
+                     cache=FrameCache(self.cache.capacity))
         return state
 
     def reader(self, shard: int) -> ShardReader:
@@ -104,16 +122,8 @@ class ShardSetSource:
         raw = reader._view(s - first, e - last)  # copied into out right away (one uint8 -> int64 cast)
         if first == last:
             out[:] = raw
-        elif last - first <= 8:  # few documents end here: copy the pieces between them
-            at = 0  # position in raw
-            pos = 0  # position in out
-            for eod in search[first:last]:
-                n = eod - s - pos
-                out[pos : pos + n] = raw[at : at + n]
-                out[pos + n] = EOD_ID
-                at += n
-                pos += n + 1
-            out[pos:] = raw[at:]
+        elif last - first <= MAX_PIECEWISE_EODS:
+            _copy_pieces(out, raw, search[first:last], s)
         else:
             inside = self._eod_positions[shard][first:last] - s
             mask = np.ones(e - s, dtype=bool)
@@ -121,15 +131,16 @@ class ShardSetSource:
             out[mask] = raw
             out[inside] = EOD_ID
 
-    def plan(self, windows: np.ndarray) -> tuple[list[int], list[int], list[int]]:
+    def plan(self, windows: np.ndarray) -> list[tuple[int, int, int, int, int, int]]:
         """Where each window's bytes lie, worked out for many windows at once (numpy, no Python loop
-        per window): (shard, frame, offset in that frame) when the window lies in one frame and
-        holds no EOD, the common case at large frames, which then reads as one slice; shard -1
-        for the others, which window() reads. Packed sets only (all -1 otherwise)."""
+        per window). For a window whose raw bytes lie in one frame of one shard, with at most
+        MAX_PIECEWISE_EODS documents ending in it (the common case at large frames):
+        (shard, frame, offset in that frame, shard-local stream start, first, last), where
+        [first, last) are the documents that end inside it; fill() reads it. Shard -1 for the
+        others, which window() reads. Packed sets only (all -1 otherwise)."""
         n = len(windows)
         shards = np.full(n, -1, dtype=np.int64)
-        frames = np.zeros(n, dtype=np.int64)
-        offsets = np.zeros(n, dtype=np.int64)
+        columns = np.zeros((5, n), dtype=np.int64)  # frame, offset, start, first, last
         if self.pack and n:
             size = self.seq_len + 1
             a = np.asarray(windows, dtype=np.int64) * self.seq_len
@@ -147,12 +158,29 @@ class ShardSetSource:
                 first = eods.searchsorted(s[sel], side="left")
                 last = eods.searchsorted(s[sel] + size, side="left")
                 lo = s[sel] - first  # raw byte offset in the shard
+                hi = lo + size - (last - first)
                 k = lo // frame_bytes
-                simple = (first == last) & ((lo + size - 1) // frame_bytes == k)
-                shards[sel[simple]] = sh
-                frames[sel[simple]] = k[simple]
-                offsets[sel[simple]] = (lo - k * frame_bytes)[simple]
-        return shards.tolist(), frames.tolist(), offsets.tolist()
+                ok = (last - first <= MAX_PIECEWISE_EODS) & ((hi - 1) // frame_bytes == k)
+                at = sel[ok]
+                shards[at] = sh
+                columns[:, at] = np.stack((k, lo - k * frame_bytes, s[sel], first, last))[:, ok]
+        return list(zip(shards.tolist(), *columns.tolist()))
+
+    def fill(self, out: np.ndarray, where: tuple[int, int, int, int, int, int]) -> None:
+        """Write a window located by plan() into out (int64, seq_len + 1)."""
+        shard, frame, offset, start, first, last = where
+        data = self.cache.get((self._shard_paths[shard], frame))  # the reader's own cache key
+        if data is None:
+            data = self.reader(shard).frame(frame)
+        raw = data[offset : offset + len(out) - (last - first)]
+        if first == last:
+            out[:] = raw
+            return
+        search = self._eod_search.get(shard)
+        if search is None:  # the reader was closed since plan(): reopen it
+            self.reader(shard)
+            search = self._eod_search[shard]
+        _copy_pieces(out, raw, search[first:last], start)
 
     def shards_of(self, window: int) -> range:
         """Indices of the shards a window reads."""
@@ -213,15 +241,22 @@ class ShardSetSource:
     def advise(self, windows: np.ndarray, gap: int) -> None:
         """Read-ahead: ask the OS for the compressed frames that these upcoming windows need.
 
-        Windows less than `gap` apart are treated as one run (one shuffle block); at most
-        MAX_ADVISED_SHARDS shards are advised per run, so tiny shards cannot make this costly.
+        Windows less than `gap` apart are treated as one run (one shuffle block), widened to whole
+        blocks of `gap` windows; a run advised lately is not advised again (the next chunks of
+        samples come from the same blocks). At most MAX_ADVISED_SHARDS shards are advised per run,
+        so tiny shards cannot make this costly.
         """
         if len(windows) == 0:
             return
         w = np.sort(np.asarray(windows, dtype=np.int64))
         breaks = np.flatnonzero(np.diff(w) > gap) + 1
-        for run in np.split(w, breaks):
-            a, b = int(run[0]), int(run[-1])
+        for a, b in zip(w[np.r_[0, breaks]].tolist(), w[np.r_[breaks - 1, len(w) - 1]].tolist()):
+            a, b = a - a % gap, min(b - b % gap + gap, self.n_windows) - 1
+            if (a, b) in self._advised:
+                continue
+            self._advised[(a, b)] = None
+            if len(self._advised) > RECENTLY_ADVISED:
+                self._advised.popitem(last=False)
             if self.pack:
                 lo_tok, hi_tok = a * self.seq_len, b * self.seq_len + self.seq_len + 1
                 first = bisect.bisect_right(self._token_starts, lo_tok) - 1

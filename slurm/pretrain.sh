@@ -56,8 +56,9 @@ TRAIN_EXE="$(command -v "$TRAIN_CMD")" \
     || die "TRAIN_CMD=$TRAIN_CMD is not on PATH (activate the virtualenv before sbatch, or set TRAIN_CMD to its full path)"
 mkdir -p "$RUN_DIR/logs"
 RUN_DIR="$(cd "$RUN_DIR" && pwd)"
-# Everything this script and the trainer print also goes to the run directory.
-exec > >(tee -a "$RUN_DIR/logs/slurm-${SLURM_JOB_ID}.log") 2>&1
+# Everything this script and the trainer print also goes to the run directory. The tee ignores
+# the signals SLURM sends the whole job, so it outlives this script's last words.
+exec > >(trap '' TERM INT USR1; exec tee -a "$RUN_DIR/logs/slurm-${SLURM_JOB_ID}.log") 2>&1
 
 # GPUs per node: from --gpus-per-node (SLURM writes e.g. "8" or "h100:8"; keep the count), else
 # from the GPU list of a --gres=gpu:N job, else none (CPU).
@@ -83,8 +84,9 @@ else
 fi
 CPUS_PER_TASK="${SLURM_CPUS_PER_TASK:-1}"
 export MASTER_ADDR="${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}"
-# Distinct per job (two jobs sharing a node) and per attempt (the old port may linger in TIME_WAIT).
-export MASTER_PORT="${MASTER_PORT:-$(( 20000 + (SLURM_JOB_ID % 10000) * 4 + RESTARTS % 4 ))}"
+# Distinct per job (two jobs sharing a node) and per attempt (the old port may linger in TIME_WAIT),
+# and below Linux's ephemeral range (32768+) so that no outgoing connection holds it.
+export MASTER_PORT="${MASTER_PORT:-$(( 15000 + (SLURM_JOB_ID % 4000) * 4 + RESTARTS % 4 ))}"
 WORLD_SIZE=$(( NNODES * PROCS_PER_NODE ))
 
 # ---- runtime defaults (override by exporting them before sbatch) ----------------------------
@@ -109,6 +111,21 @@ echo "pretrain.sh: job $SLURM_JOB_ID attempt $((RESTARTS + 1)) on $SLURM_JOB_NOD
      "$NNODES node(s) x $PROCS_PER_NODE process(es), launcher=$LAUNCHER," \
      "master=$MASTER_ADDR:$MASTER_PORT, run dir $RUN_DIR, $(date -u +%FT%TZ)"
 
+# ---- signals ---------------------------------------------------------------------------------
+# SLURM signals only this shell with --signal=B:USR1 (the time limit is near): pass it on to every
+# rank through the launch step. SIGTERM comes from scancel or preemption, and SLURM signals the
+# ranks itself then; forward it too, but leave the requeue decision to SLURM (see the end).
+LAUNCH_PID=""
+SIGNALLED=""
+INTERRUPTED=""
+forward() {
+    SIGNALLED="$1"; INTERRUPTED=1
+    echo "pretrain.sh: got SIG$1, asking the trainer to checkpoint and stop"
+    if [ -n "$LAUNCH_PID" ]; then kill -s "$1" "$LAUNCH_PID" 2>/dev/null || true; fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
 # ---- launch ----------------------------------------------------------------------------------
 # The launched tree ignores USR1 in its shell wrapper so that launcher processes (deepspeed's
 # runner) survive it; the trainer installs its own handler, which overrides the inherited ignore.
@@ -131,17 +148,8 @@ case "$LAUNCHER" in
     *) die "LAUNCHER=$LAUNCHER is not supported (use srun or deepspeed)";;
 esac
 LAUNCH_PID=$!
-
-# SLURM signals only this shell (--signal=B:...); pass the signal on to every rank via srun.
-SIGNALLED=""
-INTERRUPTED=""
-forward() {
-    SIGNALLED="$1"; INTERRUPTED=1
-    echo "pretrain.sh: got SIG$1, asking the trainer to checkpoint and stop"
-    kill -s "$1" "$LAUNCH_PID" 2>/dev/null || true
-}
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
+# A signal that came while the launch was being set up is delivered now.
+if [ -n "$SIGNALLED" ]; then forward "$SIGNALLED"; fi
 
 # `wait` returns early (status > 128) when a trapped signal arrives; then wait for srun again.
 while :; do
@@ -154,6 +162,12 @@ done
 if [ "$STATUS" -eq 0 ]; then
     echo "pretrain.sh: training finished (exit 0); checkpoints and metrics in $RUN_DIR"
     exit 0
+fi
+if [ "$STATUS" -eq "$REQUEUE_EXIT_CODE" ] && [ "$SIGNALLED" = TERM ]; then
+    # scancel must not turn into a requeue; a preemption with PreemptMode=REQUEUE is requeued by SLURM.
+    echo "pretrain.sh: trainer checkpointed on SIGTERM (scancel or preemption); not requeueing" \
+         "from here. Resume by resubmitting with RUN_DIR=$RUN_DIR"
+    exit "$REQUEUE_EXIT_CODE"
 fi
 if [ "$STATUS" -eq "$REQUEUE_EXIT_CODE" ]; then
     if [ "$RESTARTS" -ge "$MAX_RESTARTS" ]; then

@@ -146,19 +146,19 @@ class DebugConfig:
 
 @dataclass
 class Config:
-    run: RunConfig = field(default_factory=RunConfig)
+    run: RunConfig = field(default_factory=RunConfig)  # where the run lives
     model: Any = field(default_factory=lambda: _model_config_class()())  # synergy_dist.model.config.ModelConfig
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    batch: BatchConfig = field(default_factory=BatchConfig)
-    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
-    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    safeguards: SafeguardConfig = field(default_factory=SafeguardConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # shard sets, window length, loader workers
+    optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and clipping
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # learning-rate shape
+    batch: BatchConfig = field(default_factory=BatchConfig)  # global batch and micro-batch
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)  # fp32 / bf16 / fp16
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # ZeRO, offload, expert parallelism
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, retention, resume
+    log: LogConfig = field(default_factory=LogConfig)  # metrics.jsonl, TensorBoard, console
+    safeguards: SafeguardConfig = field(default_factory=SafeguardConfig)  # NaN/spike skips, rollback, alarms
+    train: TrainConfig = field(default_factory=TrainConfig)  # step budget, peak lr, evaluation, final sample
+    debug: DebugConfig = field(default_factory=DebugConfig)  # fault injection for tests
     seed: int = 0  # seeds model init, data order and every rank's random generators
 
     # ----- derived values -----

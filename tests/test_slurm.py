@@ -234,6 +234,22 @@ def test_pretrain_deepspeed_launcher_stops_requeueing_at_max_restarts(jobs, tmp_
     assert (run_dir / "checkpoints" / f"step_{steps[-1]:08d}").is_dir()
 
 
+def test_pretrain_scancel_checkpoints_but_is_not_requeued(jobs, tmp_path):
+    total = 40
+    job_id, run_dir = submit_pretrain(jobs, tmp_path, [f"train.max_steps={total}", "checkpoint.every_steps=0"])
+    wait_for(lambda: last_step(run_dir) >= 2, JOB_TIMEOUT, f"step 2 in {run_dir}/metrics.jsonl")
+    # scancel sends SIGTERM to the batch shell and every rank: a user's cancel must stay a cancel.
+    subprocess.run(["scancel", job_id], check=True, capture_output=True)
+    info = wait_finished(job_id, JOB_TIMEOUT)
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["Restarts"]) == ("CANCELLED", "0"), log
+    assert "got SIGTERM" in log
+    assert "trainer checkpointed on SIGTERM (scancel or preemption); not requeueing from here" in log
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == list(range(1, steps[-1] + 1)) and steps[-1] < total
+    assert (run_dir / "checkpoints" / f"step_{steps[-1]:08d}").is_dir()
+
+
 def test_pretrain_crash_is_not_requeued(jobs, tmp_path):
     # 8 sequences cannot be split into micro-batches of 8 over 2 ranks: the trainer exits 2 at start.
     job_id, run_dir = submit_pretrain(jobs, tmp_path, ["train.max_steps=4", "batch.micro_batch_size=8"])

@@ -170,3 +170,36 @@ def test_metrics_jsonl_one_object_per_logged_step(tmp_path, capsys):
     silent.log(1, {"loss": 1.0, "bpb": 1.0})
     assert not (tmp_path / "other" / "metrics.jsonl").exists()
     assert format_duration(3725) == "1h02m" and format_duration(65) == "1m05s"
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
+
+
+@pytest.mark.parametrize("env,expected", [
+    ({}, ("single", 0, 0, 1)),
+    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, ("torch", 3, 1, 4)),
+    ({"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}, ("slurm", 5, 1, 8)),
+    ({"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "1"}, ("single", 0, 0, 1)),
+    # the deepspeed launcher inside a SLURM allocation: its RANK wins over SLURM's task id
+    ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"}, ("torch", 1, 1, 2)),
+])
+def test_launch_environment_detection(monkeypatch, env, expected):
+    from synergy_dist.train.distributed import detect_env
+
+    for key in LAUNCH_VARS:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    denv = detect_env()
+    assert (denv.launcher, denv.rank, denv.local_rank, denv.world_size) == expected
+    assert (denv.device, denv.backend) == ("cpu", "gloo")  # DS_ACCELERATOR=cpu in tests
+
+
+def test_resolve_dtype():
+    import torch
+
+    from synergy_dist.train.distributed import resolve_dtype
+
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16
+    assert resolve_dtype("fp32", "cuda") == torch.float32

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import io
 import json
 import math
@@ -40,7 +41,7 @@ from synergy_dist.bench.quality_rows import (
     row_info,
 )
 from synergy_dist.bench.data import default_corpora_dir
-from synergy_dist.bench.report import BenchReport, Figure, Target, missing, ratio
+from synergy_dist.bench.report import BenchReport, Figure, Target, ratio
 from synergy_dist.bench.timing import Stopwatch, pin_to_one_core, rss_kib
 
 TRAIN_FILES = ("pydocs-train.jsonl.zst", "pystdlib-code.jsonl.zst")
@@ -49,6 +50,7 @@ CODE_FILE = "pystdlib-code.jsonl.zst"
 PYDOCS_SET, CODE_SET = "pydocs-valid", "pystdlib-code-heldout"
 EOD, PAD, IGNORE = 256, 257, -100  # data_pipeline/vocab.py ids (kept literal: the anchor worker shares this file)
 LN2 = math.log(2.0)
+FLOPS_TOLERANCE = 0.15  # rows' measured training FLOPs may differ from row 1's by this fraction (realised compression varies)
 
 
 @dataclass
@@ -83,6 +85,10 @@ class QualityConfig:
                 raise ValueError(f"quality {key}={getattr(self, key)} must be >= 2")
         if self.train_bytes < 0 or (self.train_bytes == 0 and not self.budget_minutes > 0):
             raise ValueError("quality needs --train-bytes N > 0 or --budget-minutes M > 0")
+        absent = [m for m in ("transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+        if LLAMA_ROW in self.rows and absent:
+            raise ValueError(f"quality row {LLAMA_ROW!r} needs {absent}: pip install -e '.[anchors]' "
+                             f"(or leave the row out with --row)")
         if not 8192 <= self.bpe_vocab <= 32768:
             raise ValueError(f"quality bpe_vocab={self.bpe_vocab} must be in 8192..32768 (issue 6: 8k-32k)")
         if not 0 <= self.code_heldout_fraction < 1:
@@ -198,9 +204,10 @@ def packed_batches(stream: list[int], seq_len: int, batch_size: int, steps: int)
 
 
 def document_windows(units: list[int], start: int, seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Every unit of a document predicted once: inputs (start + units)[i*T : i*T+T], labels shifted by one."""
+    """Every unit of a document predicted once: inputs (start + units)[i*T : i*T+T], labels shifted by one
+    (the last window's inputs stop where its labels stop, so concepts are counted only where a unit is predicted)."""
     seq = [start, *units]
-    return [(seq[i:i + seq_len], seq[i + 1:i + seq_len + 1]) for i in range(0, len(units), seq_len)]
+    return [(seq[i:min(i + seq_len, len(units))], seq[i + 1:i + seq_len + 1]) for i in range(0, len(units), seq_len)]
 
 
 def padded(windows: list[tuple[list[int], list[int]]], seq_len: int, pad: int):
@@ -267,13 +274,12 @@ def synergy_row(name: str, cfg: QualityConfig) -> RowModel:
 
 
 def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
-    import torch
     import torch.nn.functional as F
 
     from synergy_dist.bench.anchors import llama_bpe
+    from synergy_dist.bench.quality_rows import default_config
     from synergy_dist.model import SynergyLM
     from synergy_dist.model.accounting import param_counts
-    from synergy_dist.bench.quality_rows import default_config
 
     tokenizer_path = Path(cfg.work_dir) / f"bpe-{cfg.bpe_vocab}-seed{cfg.seed}-heldout{cfg.code_heldout_fraction}.json"
     if tokenizer_path.is_file():
@@ -285,7 +291,7 @@ def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
         tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(tokenizer_path))
     lengths = llama_bpe.token_byte_lengths(tokenizer)
-    sample = train_docs[:200]
+    sample = _docs_covering(train_docs, 2_000_000)  # the stream's first ~2 MB: bytes per token for the sizing
     sample_bytes = sum(len(t.encode()) for t in sample)
     bytes_per_token = sample_bytes / sum(len(e.ids) for e in tokenizer.encode_batch(sample))
     seq_len = max(8, round(cfg.seq_len / bytes_per_token))
@@ -310,7 +316,7 @@ def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
     details = {"params_total": sum(p.numel() for p in model.parameters()), "llama_size": asdict(size),
                "bpe_vocab": vocab, "train_bytes_per_token_sample": bytes_per_token, "seq_len_tokens": seq_len,
                "design_train_flops_per_byte": llama_bpe.flops_per_token(size, seq_len) / bytes_per_token,
-               "transformers_attention": model.config._attn_implementation}
+               "transformers_attention": getattr(model.config, "_attn_implementation", "unknown")}
     details["params_active"] = details["params_total"]
     return RowModel(model, groups, loss, train_flops, 0, 0, seq_len, lambda text: tokenizer.encode(text).ids,
                     details, lengths)
@@ -403,6 +409,7 @@ def run_row(name: str, cfg: QualityConfig) -> dict:
     result = {"row": name, "number": row_info(name).number, "what": row_info(name).what, **row.details,
               "train_bytes": trained_bytes, "seq_len_units": row.seq_len, "batch_size": cfg.batch_size}
     result.update(train_row(row, stream, cfg, steps))
+    result["peak_rss_train_mib"] = rss_kib("VmHWM") / 1024  # before evaluation (its batches can peak higher)
     result["train_bytes_per_s_wall"] = trained_bytes / result["train_wall_s"]
     result["train_bytes_per_s_cpu"] = trained_bytes / result["train_cpu_s"]
     result["train_flops_per_byte"] = result["train_flops"] / trained_bytes
@@ -533,12 +540,16 @@ def add_figures(report: BenchReport, results: dict[str, dict]) -> None:
         report.add(Figure(f"{name}/train_bytes_per_s", r["train_bytes_per_s_cpu"], "B/s", [],
                           f"{r['train_bytes']} training bytes / process CPU time; wall: "
                           f"{r['train_bytes_per_s_wall']:,.0f} B/s"))
-        report.add(Figure(f"{name}/peak_rss", r["peak_rss_mib"], "MiB", [],
-                          f"VmHWM of the row's process (text + model loaded: {r['rss_with_text_and_model_mib']:.0f} MiB)"))
+        report.add(Figure(f"{name}/peak_rss_train", r["peak_rss_train_mib"], "MiB", [],
+                          f"VmHWM of the row's process after training (text + model loaded: "
+                          f"{r['rss_with_text_and_model_mib']:.0f} MiB; after evaluation: {r['peak_rss_mib']:.0f} MiB)"))
         report.add(Figure(f"{name}/train_flops_vs_row1", ratio(r["train_flops"], reference and reference["train_flops"]),
                           "x", [], f"measured {r['train_flops']:.3g} training FLOPs, params {r['params_total']:,}"))
     if reference is None:
         return
+    spread = max(abs(r["train_flops"] / reference["train_flops"] - 1) for r in results.values())
+    report.targets.append(Target(f"equal compute: largest |training FLOPs / row 1's - 1| over {len(results)} rows",
+                                 spread, "<", FLOPS_TOLERANCE))
     bpb1 = reference["eval"][PYDOCS_SET]["bits_per_byte"]
     for rival, label in (("byte-transformer", "row 6"), (LLAMA_ROW, "row 7")):
         if rival in results:
@@ -561,9 +572,44 @@ def table_lines(results: dict[str, dict]) -> list[str]:
             + (f", code {code:.3f} bit/B" if code is not None else "")
             + f", {e[PYDOCS_SET]['bytes_per_concept']:.2f} B/{'token' if name == LLAMA_ROW else 'concept'}"
             f", params {r['params_total']:,} (active {r['params_active']:,}), {r['train_flops']:.3g} train FLOPs"
-            f", {r['train_bytes']:,} train bytes, {r['train_bytes_per_s_cpu']:,.0f} B/s (CPU), peak {r['peak_rss_mib']:.0f} MiB"
+            f", {r['train_bytes']:,} train bytes, {r['train_bytes_per_s_cpu']:,.0f} B/s (CPU), peak {r['peak_rss_train_mib']:.0f} MiB in training"
             f"; per pydocs section: " + ", ".join(f"{g} {v['bits_per_byte']:.3f}" for g, v in e[PYDOCS_SET]["groups"].items()))
     return lines
+
+
+def markdown_table(results: dict[str, dict]) -> str:
+    """The comparison as one markdown table, rows in issue-6 order (what docs/BENCHMARKS.md shows)."""
+    lines = ["| row | model | params (active) | pydocs-valid bit/B | held-out code bit/B | bytes per concept / BPE token "
+             "| train FLOPs vs row 1 | train bytes | train bytes/s (CPU) | peak RSS in training |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    reference = results.get(REFERENCE_ROW)
+    for name in sorted(results, key=lambda n: ROW_NAMES.index(n)):
+        r, e = results[name], results[name]["eval"]
+        code = e.get(CODE_SET, {}).get("bits_per_byte")
+        flops = ratio(r["train_flops"], reference and reference["train_flops"])
+        lines.append(
+            f"| {r['number']} | {name}: {r['what']} | {r['params_total']:,} ({r['params_active']:,}) "
+            f"| {e[PYDOCS_SET]['bits_per_byte']:.3f} | {'n/a' if code is None else f'{code:.3f}'} "
+            f"| {e[PYDOCS_SET]['bytes_per_concept']:.2f} | {'n/a' if flops is None else f'{flops:.2f}x'} "
+            f"| {r['train_bytes']:,} | {r['train_bytes_per_s_cpu']:,.0f} | {_mib(r.get('peak_rss_train_mib'))} |")
+    return "\n".join(lines)
+
+
+def _mib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:,.0f} MiB"
+
+
+def load_results(directories: list[str]) -> dict[str, dict]:
+    """Row results saved by earlier runs (WORK_DIR/<row>.json), e.g. two runs that shared the machine."""
+    results = {}
+    for directory in directories:
+        for path in sorted(Path(directory).glob("*.json")):
+            data = json.loads(path.read_text())
+            if isinstance(data, dict) and data.get("row") in ROW_NAMES:
+                results[data["row"]] = data
+    if not results:
+        raise FileNotFoundError(f"no quality row results (<row>.json) in {directories}")
+    return results
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -605,8 +651,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpora", default=None, metavar="DIR",
                         help="directory of the shared corpora (default: $SYNERGY_CORPORA or ../shared/corpora)")
     parser.add_argument("--quick", action="store_true", help="smoke-run the harness (2 steps, small evaluation)")
+    parser.add_argument("--table-from", nargs="+", metavar="DIR", default=None,
+                        help="print the markdown table of the row results (<row>.json) in DIR (an earlier run's OUT/quality) and exit")
     add_arguments(parser)
     args = parser.parse_args(argv)
+    if args.table_from:
+        print(markdown_table(load_results(args.table_from)))
+        return 0
     command = shlex.join(["python", "-m", "synergy_dist.bench.quality", *(sys.argv[1:] if argv is None else argv)])
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     try:
@@ -615,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synergy-bench quality: error: {err}", file=sys.stderr)
         return 2
     json_path, md_path = write_report(Path(args.out), [report], stem="quality", load_at_start=load_at_start)
+    with md_path.open("a") as md:  # the table of the rows that ran, as in docs/BENCHMARKS.md
+        md.write("\n" + markdown_table(load_results([str(Path(args.out) / "quality")])) + "\n")
     print(md_path.read_text())
     print(f"synergy-bench quality: wrote {json_path} and {md_path}", file=sys.stderr)
     return 0

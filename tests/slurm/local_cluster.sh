@@ -56,7 +56,8 @@ ReturnToService=2
 JobRequeue=1
 # Keep finished jobs visible to scontrol for a while (there is no accounting database).
 MinJobAge=600
-KillWait=10
+# Seconds between SIGTERM and SIGKILL on scancel: time for the trainer to checkpoint.
+KillWait=30
 StateSaveLocation=$STATE_DIR/ctld
 SlurmdSpoolDir=$STATE_DIR/d
 SlurmctldPidFile=$STATE_DIR/slurmctld.pid
