@@ -243,11 +243,12 @@ class StreamingByteDataset(IterableDataset):
             source_ids, windows = self._windows(index)
             self._read_ahead(source_ids, windows)
             plan = self._plan(source_ids, windows)
-            index_t, source_t = torch.from_numpy(index), torch.from_numpy(source_ids)  # sliced per micro-batch
+            # the micro-batches' sample_index / source_id tensors, cut by one C++ call each
+            index_t, source_t = torch.from_numpy(index).split(m), torch.from_numpy(source_ids).split(m)
             local, source_ids, windows = local.tolist(), source_ids.tolist(), windows.tolist()
-            for lo in range(0, len(local), m):  # one micro-batch at a time
+            for b, lo in enumerate(range(0, len(local), m)):  # one micro-batch at a time
                 hi = lo + m
-                batch = self._micro_batch(source_ids[lo:hi], windows[lo:hi], plan[lo:hi], index_t[lo:hi], source_t[lo:hi])
+                batch = self._micro_batch(source_ids[lo:hi], windows[lo:hi], plan[lo:hi], index_t[b], source_t[b])
                 if self.batched:
                     if workers == 1:
                         self._next_local = local[lo:hi][-1] + 1

@@ -26,7 +26,7 @@ from data_pipeline.vocab import EOD_ID, PAD_ID
 
 log = logging.getLogger(__name__)
 MAX_ADVISED_SHARDS = 4  # read-ahead touches at most this many shards per run of windows
-RECENTLY_ADVISED = 16  # runs of blocks remembered as advised, so that they are not advised again
+RECENTLY_ADVISED = 16  # blocks remembered as advised, so that they are not advised again
 MAX_PIECEWISE_EODS = 8  # a window with more documents ending in it is filled through a mask
 
 
@@ -73,7 +73,7 @@ class ShardSetSource:
         self._shard_paths = [str(self.directory / s.name) for s in shards]  # ShardReader's cache keys
         self.bad_shards: dict[int, str] = {}  # shard index -> why it was skipped (on_corrupt="skip")
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
-        self._advised: OrderedDict[tuple[int, int], None] = OrderedDict()  # recently advised runs
+        self._advised: OrderedDict[int, None] = OrderedDict()  # recently advised blocks
         self._last_shard = -1  # the shard read last (at the end of the readers' LRU order)
         self._eod_positions: dict[int, np.ndarray] = {}
         self._eod_search: dict[int, array.array] = {}  # the same positions: bisect on them is ~5x faster than searchsorted
@@ -241,22 +241,20 @@ class ShardSetSource:
     def advise(self, windows: np.ndarray, gap: int) -> None:
         """Read-ahead: ask the OS for the compressed frames that these upcoming windows need.
 
-        Windows less than `gap` apart are treated as one run (one shuffle block), widened to whole
-        blocks of `gap` windows; a run advised lately is not advised again (the next chunks of
-        samples come from the same blocks). At most MAX_ADVISED_SHARDS shards are advised per run,
-        so tiny shards cannot make this costly.
+        The windows are advised by whole blocks of `gap` consecutive windows (the level-1 shuffle
+        blocks they belong to); a block advised lately is not advised again (the next chunks of
+        samples come from the same blocks). At most MAX_ADVISED_SHARDS shards are advised per
+        block, so tiny shards cannot make this costly.
         """
         if len(windows) == 0:
             return
-        w = np.sort(np.asarray(windows, dtype=np.int64))
-        breaks = np.flatnonzero(np.diff(w) > gap) + 1
-        for a, b in zip(w[np.r_[0, breaks]].tolist(), w[np.r_[breaks - 1, len(w) - 1]].tolist()):
-            a, b = a - a % gap, min(b - b % gap + gap, self.n_windows) - 1
-            if (a, b) in self._advised:
+        for block in np.unique(np.asarray(windows, dtype=np.int64) // gap).tolist():
+            if block in self._advised:
                 continue
-            self._advised[(a, b)] = None
+            self._advised[block] = None
             if len(self._advised) > RECENTLY_ADVISED:
                 self._advised.popitem(last=False)
+            a, b = block * gap, min(block * gap + gap, self.n_windows) - 1  # first and last window
             if self.pack:
                 lo_tok, hi_tok = a * self.seq_len, b * self.seq_len + self.seq_len + 1
                 first = bisect.bisect_right(self._token_starts, lo_tok) - 1
