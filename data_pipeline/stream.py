@@ -141,8 +141,9 @@ class StreamingByteDataset(IterableDataset):
         """(source id, window id) of each global sample index."""
         source_ids, k = self.schedule.assign(global_index)
         windows = np.empty_like(k)
-        for d in range(len(self.sources)) if len(self.sources) == 1 else np.unique(source_ids).tolist():
-            sel = source_ids == d if len(self.sources) > 1 else slice(None)
+        single = len(self.sources) == 1
+        for d in [0] if single else np.unique(source_ids).tolist():
+            sel = slice(None) if single else source_ids == d
             epochs, positions = np.divmod(k[sel], self.sources[d].n_windows)
             if epochs[0] == epochs[-1]:  # the common case: one epoch (epochs only grow along a chunk)
                 windows[sel] = self.orders[d].windows(int(epochs[0]), positions)
@@ -175,38 +176,18 @@ class StreamingByteDataset(IterableDataset):
                     raise
                 source.mark_bad(e)
 
-    def _plan(self, source_ids: np.ndarray, windows: np.ndarray) -> list[tuple[int, ...]]:
-        """Where each window lies (ShardSetSource.plan), or shard -1 where window() must read it."""
-        plan = [(-1,)] * len(windows)
-        if self.on_corrupt != "raise":  # skipping corrupt shards goes window by window
-            return plan
-        if len(self.sources) == 1:
-            try:
-                return self.sources[0].plan(windows)
-            except CorruptShardError:
-                return plan  # raised when that window is read, after the samples before it
-        for d in np.unique(source_ids).tolist():
-            at = np.flatnonzero(source_ids == d)
-            try:
-                located = self.sources[d].plan(windows[at])
-            except CorruptShardError:
-                continue  # raised when that window is read, after the samples before it
-            for j, where in zip(at.tolist(), located):
-                plan[j] = where
-        return plan
-
-    def _micro_batch(self, source_ids: list[int], windows: list[int], plan: list[tuple[int, ...]],
-                     index: torch.Tensor, sources: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _micro_batch(self, source_ids: list[int], windows: list[int], index: torch.Tensor,
+                     sources: torch.Tensor) -> dict[str, torch.Tensor]:
         """Samples collated: input_ids and labels [n, L] are views of one [n, L + 1] int64 buffer that
         the windows are decoded into (one uint8 -> int64 cast per byte, no other copy)."""
         size = self.seq_len + 1
         rows = np.empty((len(windows), size), dtype=np.int64)
         padded = []  # (row, real tokens) of windows that end in PAD
-        for j, (d, w, where) in enumerate(zip(source_ids, windows, plan)):
-            if where[0] >= 0:  # the common case: inside one frame, usually cached already
-                self.sources[d].fill(rows[j], where)
-                continue
-            real = self._read(d, w, rows[j])
+        for j, (d, w) in enumerate(zip(source_ids, windows)):
+            if self.on_corrupt == "raise":  # the common case, without the skip machinery
+                real = self.sources[d].window(w, rows[j])[1]
+            else:
+                real = self._read(d, w, rows[j])
             if real < size:
                 padded.append((j, real))
         tokens = torch.from_numpy(rows)
@@ -242,13 +223,12 @@ class StreamingByteDataset(IterableDataset):
                     return
             source_ids, windows = self._windows(index)
             self._read_ahead(source_ids, windows)
-            plan = self._plan(source_ids, windows)
             # the micro-batches' sample_index / source_id tensors, cut by one C++ call each
             index_t, source_t = torch.from_numpy(index).split(m), torch.from_numpy(source_ids).split(m)
             local, source_ids, windows = local.tolist(), source_ids.tolist(), windows.tolist()
             for b, lo in enumerate(range(0, len(local), m)):  # one micro-batch at a time
                 hi = lo + m
-                batch = self._micro_batch(source_ids[lo:hi], windows[lo:hi], plan[lo:hi], index_t[b], source_t[b])
+                batch = self._micro_batch(source_ids[lo:hi], windows[lo:hi], index_t[b], source_t[b])
                 if self.batched:
                     if workers == 1:
                         self._next_local = local[lo:hi][-1] + 1

@@ -70,11 +70,9 @@ class ShardSetSource:
             )
         self.set_hash = self.manifest.set_hash
         self._shard_by_name = {s.name: i for i, s in enumerate(shards)}
-        self._shard_paths = [str(self.directory / s.name) for s in shards]  # ShardReader's cache keys
         self.bad_shards: dict[int, str] = {}  # shard index -> why it was skipped (on_corrupt="skip")
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
         self._advised: OrderedDict[int, None] = OrderedDict()  # recently advised blocks
-        self._last_shard = -1  # the shard read last (at the end of the readers' LRU order)
         self._eod_positions: dict[int, np.ndarray] = {}
         self._eod_search: dict[int, array.array] = {}  # the same positions: bisect on them is ~5x faster than searchsorted
 
@@ -85,7 +83,6 @@ class ShardSetSource:
         return state
 
     def reader(self, shard: int) -> ShardReader:
-        self._last_shard = shard
         r = self._readers.get(shard)
         if r is not None:
             self._readers.move_to_end(shard)
@@ -112,10 +109,7 @@ class ShardSetSource:
 
     def _shard_tokens(self, shard: int, s: int, e: int, out: np.ndarray) -> None:
         """Write shard-local stream tokens [s, e) into out (raw bytes with EOD_ID after each document)."""
-        # the shard read last is already last in the LRU order: skip reader()'s bookkeeping
-        reader = self._readers.get(shard) if shard == self._last_shard else None
-        if reader is None:
-            reader = self.reader(shard)
+        reader = self.reader(shard)
         search = self._eod_search[shard]
         first = bisect.bisect_left(search, s)
         last = bisect.bisect_left(search, e)
@@ -130,57 +124,6 @@ class ShardSetSource:
             mask[inside] = False
             out[mask] = raw
             out[inside] = EOD_ID
-
-    def plan(self, windows: np.ndarray) -> list[tuple[int, int, int, int, int, int]]:
-        """Where each window's bytes lie, worked out for many windows at once (numpy, no Python loop
-        per window). For a window whose raw bytes lie in one frame of one shard, with at most
-        MAX_PIECEWISE_EODS documents ending in it (the common case at large frames):
-        (shard, frame, offset in that frame, shard-local stream start, first, last), where
-        [first, last) are the documents that end inside it; fill() reads it. Shard -1 for the
-        others, which window() reads. Packed sets only (all -1 otherwise)."""
-        n = len(windows)
-        shards = np.full(n, -1, dtype=np.int64)
-        columns = np.zeros((5, n), dtype=np.int64)  # frame, offset, start, first, last
-        if self.pack and n:
-            size = self.seq_len + 1
-            a = np.asarray(windows, dtype=np.int64) * self.seq_len
-            shard = np.searchsorted(self.token_starts, a, side="right") - 1
-            s = a - self.token_starts[shard]  # shard-local stream position
-            inside = a + size <= self.token_starts[shard + 1]
-            for sh in np.unique(shard[inside]).tolist():
-                if sh in self.bad_shards:
-                    continue
-                frame_bytes = self.reader(sh)._uniform
-                if not frame_bytes:  # frames of unequal size: left to window()
-                    continue
-                sel = np.flatnonzero(inside & (shard == sh))
-                eods = self._eod_positions[sh]
-                first = eods.searchsorted(s[sel], side="left")
-                last = eods.searchsorted(s[sel] + size, side="left")
-                lo = s[sel] - first  # raw byte offset in the shard
-                hi = lo + size - (last - first)
-                k = lo // frame_bytes
-                ok = (last - first <= MAX_PIECEWISE_EODS) & ((hi - 1) // frame_bytes == k)
-                at = sel[ok]
-                shards[at] = sh
-                columns[:, at] = np.stack((k, lo - k * frame_bytes, s[sel], first, last))[:, ok]
-        return list(zip(shards.tolist(), *columns.tolist()))
-
-    def fill(self, out: np.ndarray, where: tuple[int, int, int, int, int, int]) -> None:
-        """Write a window located by plan() into out (int64, seq_len + 1)."""
-        shard, frame, offset, start, first, last = where
-        data = self.cache.get((self._shard_paths[shard], frame))  # the reader's own cache key
-        if data is None:
-            data = self.reader(shard).frame(frame)
-        raw = data[offset : offset + len(out) - (last - first)]
-        if first == last:
-            out[:] = raw
-            return
-        search = self._eod_search.get(shard)
-        if search is None:  # the reader was closed since plan(): reopen it
-            self.reader(shard)
-            search = self._eod_search[shard]
-        _copy_pieces(out, raw, search[first:last], start)
 
     def shards_of(self, window: int) -> range:
         """Indices of the shards a window reads."""

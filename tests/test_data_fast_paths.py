@@ -1,12 +1,11 @@
-"""The throughput paths of the stream: collated micro-batches, vectorised window location, and the
-process-wide pool of retired frame buffers. Each must deliver exactly what the plain paths deliver."""
+"""The throughput paths of the stream: collated micro-batches (decoded straight into one buffer) and
+the process-wide pool of retired frame buffers. Each must deliver exactly what the plain paths deliver."""
 
 from __future__ import annotations
 
 import gc
 import itertools
 
-import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -16,7 +15,6 @@ from data_pipeline import shards
 from data_pipeline.preprocess import preprocess
 from data_pipeline.shards import FrameCache, ShardReader, iter_documents, load_manifest
 from data_pipeline.stream import StreamingByteDataset
-from data_pipeline.vocab import EOD_ID
 
 L = 32
 SMALL = dict(shuffle_block=8, shuffle_window=32)
@@ -75,41 +73,6 @@ def test_batched_state_resumes_at_the_next_micro_batch(corpus):
     resumed.load_state_dict(state)
     assert_batches_equal([next(iter(resumed))], [expected])
     assert expected["sample_index"].tolist() == [28, 29, 30, 31]
-
-
-def test_plan_locates_exactly_the_bytes_that_window_reads(corpus):
-    ds = StreamingByteDataset([corpus], seq_len=L, global_batch_size=8, micro_batch_size=8)
-    source = ds.sources[0]
-    windows = np.arange(source.n_windows)
-    planned = source.plan(windows)
-    kinds = {"slice": 0, "with EOD": 0, "left to window()": 0}
-    for w, where in zip(windows.tolist(), planned):
-        tokens, real = source.window(w)
-        eods = int((tokens == EOD_ID).sum())
-        if where[0] >= 0:
-            shard, frame, offset, start, first, last = where
-            out = np.full(L + 1, -1, dtype=np.int64)
-            source.fill(out, where)
-            assert real == L + 1 and np.array_equal(out, tokens), w
-            assert last - first == eods  # the documents that end inside the window
-            if eods == 0:
-                piece = source.cache.get((str(source.reader(shard).path), frame))[offset : offset + L + 1]
-                assert np.array_equal(piece.astype(np.int64), tokens)  # the frame the reader cached
-            kinds["slice" if eods == 0 else "with EOD"] += 1
-        else:  # left to window(): it crosses a shard or frame boundary
-            assert len(source.shards_of(w)) == 2 or not _inside_one_frame(source, w, L + 1 - eods), w
-            kinds["left to window()"] += 1
-    assert min(kinds.values()) > 0, kinds  # the corpus exercises every case
-    # a shard-set without packing is never planned
-    unpacked = StreamingByteDataset([corpus], seq_len=L, global_batch_size=8, micro_batch_size=8, pack=False)
-    assert {where[0] for where in unpacked.sources[0].plan(np.arange(10))} == {-1}
-
-
-def _inside_one_frame(source, window: int, raw_bytes: int) -> bool:
-    _, name, offset = source.describe(window)
-    shard = next(i for i, s in enumerate(source.manifest.shards) if s.name == name)
-    frame_bytes = source.reader(shard)._uniform
-    return offset // frame_bytes == (offset + raw_bytes - 1) // frame_bytes
 
 
 def test_retired_frame_buffers_are_reused_bounded_and_never_leak(corpus, monkeypatch):

@@ -435,7 +435,7 @@ def token_stream_for_bytes(docs: list[list[int]], separator: int, byte_length: l
     """The token stream `sep doc sep doc ...` cut to the whole steps whose labels first cover train_bytes
     UTF-8 bytes; returns (stream with its one extra leading input, steps, bytes of its labels)."""
     stream = unit_stream(docs, separator, sum(len(d) + 1 for d in docs))
-    covered = 0
+    covered = n_labels = 0
     for n_labels, unit in enumerate(stream[1:], start=1):
         covered += byte_length[unit]
         if covered >= train_bytes:
