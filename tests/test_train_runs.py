@@ -100,17 +100,17 @@ def test_resume_skips_a_checkpoint_killed_mid_save(workdir, sample_dir, referenc
     assert f"resumed from {half.parent / 'step_00000002'} at step 2" in out
 
 
-@pytest.mark.parametrize("launcher,nproc,zero", [("single", 1, 0), ("torchrun", 2, 2)])
-def test_sigterm_checkpoints_exits_75_and_resumes(workdir, sample_dir, request, launcher, nproc, zero):
+@pytest.mark.parametrize("launcher,nproc,zero,sig", [("single", 1, 0, "USR1"), ("torchrun", 2, 2, "TERM")])
+def test_sigterm_checkpoints_exits_75_and_resumes(workdir, sample_dir, request, launcher, nproc, zero, sig):
     reference = request.getfixturevalue("reference_1rank" if nproc == 1 else "reference_2rank_zero2")
-    cfg = config(workdir, sample_dir, f"sigterm_{launcher}", zero=zero)
+    cfg = config(workdir, sample_dir, f"sig{sig}_{launcher}", zero=zero)
     proc = tl.start(cfg, launcher, nproc, ["debug.hang_after_step=3"])
     tl.wait_for_step(proc, cfg, 3)
     # The ranks get the signal (as from SLURM); under torchrun the ranks are the launcher's children.
     targets = tl.rank_pids(proc)
     assert len(targets) == nproc
     for pid in targets:
-        subprocess.run(["kill", "-TERM", str(pid)], check=True)
+        subprocess.run(["kill", f"-{sig}", str(pid)], check=True)
     status = proc.wait(timeout=120)
     if launcher == "single":
         assert status == 75
@@ -291,3 +291,13 @@ def test_export_consolidates_zero3_and_expert_parallel_checkpoints(workdir, samp
     assert losses["zero3"] == pytest.approx(losses["dense"], rel=1e-4)
     assert losses["moe_ep2"] == pytest.approx(losses["moe_ep1"], rel=1e-3)
     assert export_main([str(tmp_path / "nowhere"), "--output", str(tmp_path / "x")]) == 2
+
+
+def test_zero0_grad_norm_with_expert_parallel_counts_every_expert(workdir, sample_dir):
+    """DeepSpeed's ZeRO-0 clipping path under-reports the norm with experts; ours must equal ZeRO-2's."""
+    zero2 = ensure_run(config(workdir, sample_dir, "deepspeed_zero2_ep2", moe=True, zero=2, ep=2), "deepspeed", 2)
+    zero0 = config(workdir, sample_dir, "torchrun_zero0_ep2", moe=True, zero=0, ep=2, train={"max_steps": 2})
+    finished(zero0, "torchrun", 2)
+    reported = {r["step"]: r["grad_norm"] for r in tl.metrics(zero0)}
+    expected = {r["step"]: r["grad_norm"] for r in tl.metrics(zero2)}
+    assert reported[1] == pytest.approx(expected[1], rel=1e-5)

@@ -655,8 +655,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the markdown table of the row results (<row>.json) in DIR (an earlier run's OUT/quality) and exit")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.table_from:
-        print(markdown_table(load_results(args.table_from)))
+    if args.table_from:  # e.g. two runs that shared the machine, one per core
+        results = load_results(args.table_from)
+        combined = BenchReport(name="quality")
+        add_figures(combined, results)
+        print(markdown_table(results) + "\n")
+        for target in combined.targets:
+            measured = "n/a" if target.measured is None else f"{target.measured:.3f}"
+            print(f"- {target.name}: {measured} (goal {target.op} {target.threshold}): {target.status}")
         return 0
     command = shlex.join(["python", "-m", "synergy_dist.bench.quality", *(sys.argv[1:] if argv is None else argv)])
     load_at_start = [round(x, 2) for x in os.getloadavg()]
