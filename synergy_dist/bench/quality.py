@@ -540,7 +540,7 @@ def add_figures(report: BenchReport, results: dict[str, dict]) -> None:
         report.add(Figure(f"{name}/train_bytes_per_s", r["train_bytes_per_s_cpu"], "B/s", [],
                           f"{r['train_bytes']} training bytes / process CPU time; wall: "
                           f"{r['train_bytes_per_s_wall']:,.0f} B/s"))
-        report.add(Figure(f"{name}/peak_rss_train", r["peak_rss_train_mib"], "MiB", [],
+        report.add(Figure(f"{name}/peak_rss_train", r.get("peak_rss_train_mib"), "MiB", [],
                           f"VmHWM of the row's process after training (text + model loaded: "
                           f"{r['rss_with_text_and_model_mib']:.0f} MiB; after evaluation: {r['peak_rss_mib']:.0f} MiB)"))
         report.add(Figure(f"{name}/train_flops_vs_row1", ratio(r["train_flops"], reference and reference["train_flops"]),
