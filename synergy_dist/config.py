@@ -436,6 +436,9 @@ def validate(cfg: Config) -> None:
         _require(z.zero_stage != 3,
                  "deepspeed.zero_stage=3 cannot be used with MoE layers (DeepSpeed refuses native MoE under "
                  "ZeRO-3); use deepspeed.zero_stage=2 or a model without MoE layers")
+        _require(p.dtype != "fp16",
+                 "precision.dtype='fp16' cannot be used with MoE layers (their routers must stay fp32 and MoE "
+                 "models train under autocast, which has no loss scaling); use precision.dtype='bf16'")
     else:
         _require(z.expert_parallel_size == 1,
                  f"deepspeed.expert_parallel_size={z.expert_parallel_size} but the model has no MoE layers; "

@@ -103,6 +103,9 @@ ERRORS = [
     (["deepspeed.zero_stage=3", *MOE_MIDDLE],
      "deepspeed.zero_stage=3 cannot be used with MoE layers (DeepSpeed refuses native MoE under ZeRO-3); "
      "use deepspeed.zero_stage=2 or a model without MoE layers"),
+    (["precision.dtype=fp16", *MOE_MIDDLE],
+     "precision.dtype='fp16' cannot be used with MoE layers (their routers must stay fp32 and MoE models train "
+     "under autocast, which has no loss scaling); use precision.dtype='bf16'"),
     (["deepspeed.expert_parallel_size=2"],
      "deepspeed.expert_parallel_size=2 but the model has no MoE layers; set deepspeed.expert_parallel_size=1 "
      "or add MoE layers to the model"),

@@ -143,11 +143,8 @@ class Trainer:
             init_expert_parallel_groups(ep)  # DeepSpeed's expert groups must exist before the model
         seed_everything(self.cfg.seed)
         model = SynergyLM(self.cfg.model)
-        if self.dtype != torch.float32:
-            model = model.to(self.dtype)
-            from synergy_dist.model.moe import keep_routers_fp32
-
-            keep_routers_fp32(model)
+        if self.dtype != torch.float32 and not has_moe_layers(self.cfg.model):
+            model = model.to(self.dtype)  # MoE models stay fp32 and run under autocast (see ds_config)
         return model.to(self.env.device)
 
     def _build_engine(self):
