@@ -87,7 +87,7 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False  # ZeRO-1/2/3: keep optimizer state on the CPU
     offload_param: bool = False  # ZeRO-3: keep parameters on the CPU
     expert_parallel_size: int = 1  # MoE experts split across this many ranks (must divide world size)
-    activation_checkpointing: bool = False  # recompute activations in backward to save memory
+    activation_checkpointing: bool = False  # recompute dense blocks in backward to save memory (MoE blocks are kept)
     extra_json: str = ""  # path of a DeepSpeed JSON merged over the generated config
     extra: dict = field(default_factory=dict)  # DeepSpeed keys merged over the generated config (after extra_json)
 

@@ -312,3 +312,8 @@ def test_bf16_training_keeps_moe_routers_fp32(workdir, sample_dir, moe):
     losses = finished(cfg)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
     # reaching here means every MoE forward found its router weight in fp32 (it raises otherwise)
+
+
+def test_activation_checkpointing_trains_bitwise_like_the_reference(workdir, sample_dir, reference_1rank):
+    cfg = config(workdir, sample_dir, "activation_checkpointing", deepspeed={"activation_checkpointing": True})
+    assert finished(cfg) == tl.losses_by_step(reference_1rank)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from synergy_dist.model.config import StackConfig, mlp_hidden
 from synergy_dist.model.moe import MoEFeedForward, MoEStats
@@ -150,6 +151,7 @@ class Stack(nn.Module):
             Block(letter, d_model, cfg, eps, use_moe=i in moe_at) for i, letter in enumerate(cfg.layers)
         )
         self.final_norm = RMSNorm(d_model, eps)
+        self.checkpoint_activations = False  # recompute dense blocks in backward (set by the trainer)
 
     def new_cache(self) -> list:
         return [AttentionCache() if isinstance(b.mixer, Attention) else b.mixer.new_cache() for b in self.blocks]
@@ -157,7 +159,12 @@ class Stack(nn.Module):
     def forward(self, x, valid=None, cache: list | None = None) -> tuple[torch.Tensor, dict[int, MoEStats]]:
         moe_stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.blocks):
-            x, stats = block(x, valid, None if cache is None else cache[i])
+            # MoE blocks are never recomputed: a second forward would repeat their all-to-alls and
+            # count their expert load twice.
+            if self.checkpoint_activations and self.training and cache is None and not block.is_moe:
+                x, stats = checkpoint(block, x, valid, None, use_reentrant=False)
+            else:
+                x, stats = block(x, valid, None if cache is None else cache[i])
             if stats is not None:
                 moe_stats[i] = stats
         return self.final_norm(x), moe_stats

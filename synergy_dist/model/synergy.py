@@ -305,6 +305,12 @@ class SynergyLM(nn.Module):
         return b"".join(self.generate_iter(prompt, max_new_bytes, temperature, top_k, top_p, seed))
 
     # ------------------------------------------------------------------ optimizer groups
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """Recompute the dense blocks of every stack during backward (less memory, ~1/3 more compute)."""
+        for module in self.modules():
+            if isinstance(module, Stack):
+                module.checkpoint_activations = enabled
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups keyed by (part, decay, experts). Each group has "params", "name",
         "weight_decay", "lr_mult" (H-Net LR modulation: stage s or the middle) and "experts": True for MoE

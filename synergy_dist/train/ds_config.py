@@ -53,8 +53,6 @@ def build_ds_config(cfg: Config, world_size: int, dtype: torch.dtype) -> dict:
         ds["fp16"] = {"enabled": True, "loss_scale": 0,
                       "initial_scale_power": cfg.precision.initial_loss_scale_power,
                       "loss_scale_window": cfg.precision.loss_scale_window}
-    if z.activation_checkpointing:
-        ds["activation_checkpointing"] = {"partition_activations": False, "contiguous_memory_optimization": False}
     if z.extra_json:
         ds = deep_merge(ds, json.loads(Path(z.extra_json).read_text()))
     if z.extra:

@@ -143,6 +143,7 @@ class Trainer:
             init_expert_parallel_groups(ep)  # DeepSpeed's expert groups must exist before the model
         seed_everything(self.cfg.seed)
         model = SynergyLM(self.cfg.model)
+        model.set_activation_checkpointing(self.cfg.deepspeed.activation_checkpointing)
         if self.dtype != torch.float32 and not has_moe_layers(self.cfg.model):
             model = model.to(self.dtype)  # MoE models stay fp32 and run under autocast (see ds_config)
         return model.to(self.env.device)
