@@ -236,3 +236,24 @@ def test_anchor_failure_is_reported_with_its_reason(tmp_path):
     assert _last_json_line('noise\n{"a": 1}\nmore noise\n') == {"a": 1}
     with pytest.raises(ValueError, match="no JSON result line in the anchor's output"):
         _last_json_line("no json here")
+
+
+def test_restored_affinity_gives_the_cpus_back_after_pinning():
+    from synergy_dist.bench.timing import pin_to_one_core, restored_affinity
+
+    before = os.sched_getaffinity(0)
+    with restored_affinity():
+        cpu = pin_to_one_core()
+        assert os.sched_getaffinity(0) == {cpu}
+    assert os.sched_getaffinity(0) == before
+
+
+def test_cli_offers_every_benchmark_and_all():
+    from synergy_dist.cli.bench import BENCHMARKS, build_parser
+
+    assert list(BENCHMARKS) == ["data", "model", "train"]
+    parser = build_parser()
+    for name in [*BENCHMARKS, "all"]:
+        assert parser.parse_args([name]).benchmark == name
+    with pytest.raises(SystemExit):
+        parser.parse_args(["quality"])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
+from collections.abc import Iterator
 
 
 def pin_to_one_core() -> int:
@@ -43,3 +45,14 @@ def rss_kib(field_name: str = "VmRSS") -> int:
             if line.startswith(field_name + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"/proc/self/status has no {field_name}")
+
+
+@contextlib.contextmanager
+def restored_affinity() -> Iterator[None]:
+    """Give the CPUs this process may use back after a benchmark that pinned it to one core
+    (the next benchmark, e.g. 2-rank training, may need them all)."""
+    cpus = os.sched_getaffinity(0)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)

@@ -1,6 +1,7 @@
-"""`synergy-bench data|model|all [--out DIR] [--quick]`: run benchmarks, write JSON + markdown.
+"""`synergy-bench data|model|train|all [--out DIR] [--quick]`: run benchmarks, write JSON + markdown.
 
 Writes OUT/<name>.json and OUT/<name>.md (name = the benchmark, or "all") and prints the markdown.
+Each benchmark module offers add_arguments(parser), config_from_args(args) and run(cfg, command).
 """
 
 from __future__ import annotations
@@ -16,9 +17,11 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from synergy_dist.bench import data as data_bench  # noqa: E402
 from synergy_dist.bench import model as model_bench  # noqa: E402
+from synergy_dist.bench import train as train_bench  # noqa: E402
 from synergy_dist.bench.report import write_report  # noqa: E402
+from synergy_dist.bench.timing import restored_affinity  # noqa: E402
 
-BENCHMARKS = ("data", "model")
+BENCHMARKS = {"data": data_bench, "model": model_bench, "train": train_bench}  # `all` runs them in this order
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON + markdown go (default bench_out)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-run the harness (tiny sizes, one repeat): checks it works, numbers mean little")
-    data_bench.add_arguments(parser.add_argument_group("data benchmark"))
-    model_bench.add_arguments(parser.add_argument_group("model benchmark"))
+    for name, module in BENCHMARKS.items():
+        module.add_arguments(parser.add_argument_group(f"{name} benchmark"))
     return parser
 
 
@@ -37,14 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["synergy-bench", *(sys.argv[1:] if argv is None else argv)])
     out_dir = Path(args.out)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
-    selected = BENCHMARKS if args.benchmark == "all" else (args.benchmark,)
+    selected = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
     reports = []
     try:
         for name in selected:
-            if name == "data":
-                reports.append(data_bench.run(data_bench.config_from_args(args), command))
-            elif name == "model":
-                reports.append(model_bench.run(model_bench.config_from_args(args), command))
+            module = BENCHMARKS[name]
+            with restored_affinity():  # data and model pin this process to one core
+                reports.append(module.run(module.config_from_args(args), command))
     except (ValueError, FileNotFoundError) as e:
         print(f"synergy-bench: error: {e}", file=sys.stderr)
         return 2

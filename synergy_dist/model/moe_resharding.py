@@ -68,3 +68,18 @@ def shard_expert_state(full_state: dict, ep_size: int, ep_rank: int) -> dict:
         if owner == ep_rank:
             shard[f"{match['prefix']}{local_id}{match['rest']}"] = value
     return shard
+
+
+def experts_per_layer(names) -> dict[str, int]:
+    """{layer key prefix: number of experts} among parameter names (ids must be 0..n-1)."""
+    return _experts_per_layer(dict.fromkeys(names))
+
+
+def to_global_key(key: str, n_local: dict[str, int], ep_rank: int) -> str:
+    """A rank's local expert key -> its ep=1 (global) key; other keys are returned unchanged.
+
+    n_local: local experts per layer prefix (experts_per_layer of the rank's names)."""
+    match = EXPERT_KEY.match(key)
+    if not match:
+        return key
+    return f"{match['prefix']}{ep_rank * n_local[match['prefix']] + int(match['id'])}{match['rest']}"

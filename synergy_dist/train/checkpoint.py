@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from synergy_dist.train import elastic
+
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -171,15 +173,31 @@ def prune(root: Path, keep_last: int, keep_every: int) -> list[Path]:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> dict:
-    """Collective: restore engine state and this rank's RNG; returns the trainer state."""
+def saved_geometry(path: Path) -> tuple[int, int]:
+    """(world size, expert-parallel size) that wrote the checkpoint at `path`."""
+    world = json.loads((path / MARKER).read_text())["world_size"]
+    config = json.loads((path / TRAINER_STATE).read_text()).get("config", {})
+    return world, int(config.get("deepspeed", {}).get("expert_parallel_size", 1))
+
+
+def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int, expert_parallel_size: int = 1) -> dict:
+    """Collective: restore engine state and this rank's RNG; returns the trainer state.
+
+    A checkpoint written by another number of ranks or expert-parallel size is re-sharded (elastic.py)."""
     state = json.loads((path / TRAINER_STATE).read_text())
-    saved_world = json.loads((path / MARKER).read_text())["world_size"]
+    saved_world, saved_ep = saved_geometry(path)
     zero_stage = engine.zero_optimization_stage()
-    if saved_world != world_size and zero_stage in (1, 2):
-        # DeepSpeed refuses to re-partition ZeRO-1/2 optimizer state for a new world size: do it here.
+    if (saved_world, saved_ep) != (world_size, expert_parallel_size) and zero_stage in (1, 2):
+        # DeepSpeed refuses to re-partition ZeRO-1/2 optimizer state for a new world size, and its universal
+        # checkpoint fails for MoE with expert parallelism: re-shard from a consolidated form ourselves.
+        # DeepSpeed loads the weights (experts by global id, so any expert-parallel size works).
         engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True, load_module_strict=True)
-        reshard_zero_optimizer(engine, path, saved_world)
+        merged = elastic.consolidate_zero_checkpoint(path, saved_world, saved_ep)
+        elastic.reshard_into_engine(engine, merged, str(path))
+    elif saved_ep != expert_parallel_size:
+        raise RuntimeError(f"checkpoint {path} was written with deepspeed.expert_parallel_size={saved_ep}; with "
+                           f"deepspeed.zero_stage={zero_stage} it can only be resumed with that expert-parallel size "
+                           f"(set deepspeed.expert_parallel_size={saved_ep}), or use zero_stage 1 or 2")
     else:
         loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                            load_lr_scheduler_states=False, load_module_strict=True)
@@ -192,56 +210,3 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int) -> dict
         warnings.warn(f"checkpoint {path} was written by {saved_world} ranks, resuming on {world_size}: "
                       "random generators are re-seeded instead of restored", stacklevel=2)
     return state
-
-
-# ----------------------------------------------------------------------------- elastic ZeRO-1/2
-
-
-def _consolidated_group(path: Path, saved_world: int, group: int, numel: int) -> dict[str, torch.Tensor]:
-    """One optimizer group's flat fp32 weights and Adam moments over all saved ranks (padding removed)."""
-    flats: dict[str, list] = {"fp32": [], "exp_avg": [], "exp_avg_sq": []}
-    step = None
-    for r in range(saved_world):
-        sd = torch.load(path / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt", map_location="cpu",
-                        weights_only=False)["optimizer_state_dict"]
-        if any(any(p) for p in sd.get("param_alignment_paddings", [[]])):
-            raise RuntimeError(f"checkpoint {path}: ZeRO parameter alignment padding is not supported by the "
-                               "elastic loader; resume on the world size that wrote it")
-        flats["fp32"].append(sd["single_partition_of_fp32_groups"][group].float())
-        adam = sd["base_optimizer_state"]["state"][group]
-        flats["exp_avg"].append(adam["exp_avg"].float())
-        flats["exp_avg_sq"].append(adam["exp_avg_sq"].float())
-        step = adam["step"]
-    merged = {k: torch.cat(v)[:numel] for k, v in flats.items()}
-    merged["step"] = step
-    return merged
-
-
-def reshard_zero_optimizer(engine: Any, path: Path, saved_world: int) -> None:
-    """Give this rank its slice of the consolidated ZeRO-1/2 state written by `saved_world` ranks.
-
-    Each optimizer group is one flat buffer (parameters concatenated in a fixed order, zero-padded
-    at the end) split evenly over the data-parallel ranks; the saved partitions are concatenated,
-    the padding dropped, and the flat state re-split for the current ranks. Dense models only."""
-    zero = engine.optimizer
-    if any(group.get("moe") for group in zero.optimizer.param_groups):
-        raise RuntimeError(f"checkpoint {path} was written by {saved_world} ranks: resuming an MoE model with "
-                           "ZeRO-1/2 on a different number of ranks is not supported yet; resume on "
-                           f"{saved_world} ranks, or use deepspeed.zero_stage=0")
-    shapes = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["param_shapes"]
-    for g, inner_group in enumerate(zero.optimizer.param_groups):
-        numel = sum(int(torch.Size(shape).numel()) for shape in shapes[g].values())
-        merged = _consolidated_group(path, saved_world, g, numel)
-        partition = zero.single_partition_of_fp32_groups[g]
-        size = partition.numel()
-        rank = dist.get_rank(group=zero.real_dp_process_group[g])
-        state = {}
-        for key in ("fp32", "exp_avg", "exp_avg_sq"):
-            padded = torch.zeros(size * dist.get_world_size(group=zero.real_dp_process_group[g]))
-            padded[:numel] = merged[key]
-            state[key] = padded[rank * size:(rank + 1) * size].to(partition.device, partition.dtype)
-        partition.data.copy_(state["fp32"])
-        zero.optimizer.state[inner_group["params"][0]] = {
-            "step": merged["step"].clone(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
-    zero.update_lp_params()  # model weights = the restored fp32 masters (all-gathered over the ranks)
-    zero._link_all_hp_params()

@@ -129,7 +129,8 @@ class Trainer:
         return StreamingByteDataset(sources, seq_len=self.cfg.data.seq_len, global_batch_size=global_batch,
                                     micro_batch_size=self.cfg.batch.micro_batch_size, seed=self.cfg.seed,
                                     rank=rank, world_size=world, pack=self.cfg.data.pack,
-                                    on_corrupt=self.cfg.data.on_corrupt)
+                                    on_corrupt=self.cfg.data.on_corrupt,
+                                    batched=True)  # yields collated micro-batches: no per-sample tensors
 
     def _build_model(self) -> torch.nn.Module:
         from synergy_dist.model import SynergyLM
@@ -186,7 +187,7 @@ class Trainer:
         path = self._agreed_latest()
         if path is None:
             return
-        state = ckpt.load_checkpoint(self.engine, path, self.rank, self.world)
+        state = ckpt.load_checkpoint(self.engine, path, self.rank, self.world, self.cfg.deepspeed.expert_parallel_size)
         if state["world_size"] != self.world:
             seed_everything(self.cfg.seed * 1_000_003 + 7919 * (self.rank + 1) + state["step"])
         self.step, self.data_offset = state["step"], state["data_offset"]
@@ -212,7 +213,7 @@ class Trainer:
             return
         at_step, skipped_to = self.step, self.samples_consumed()
         guard_state = self.guards.state_dict()
-        state = ckpt.load_checkpoint(self.engine, path, self.rank, self.world)
+        state = ckpt.load_checkpoint(self.engine, path, self.rank, self.world, self.cfg.deepspeed.expert_parallel_size)
         self.step = state["step"]
         self.data_offset = skipped_to - self.step * self.global_batch  # continue after the offending data
         self.guards.load_state_dict(guard_state)
@@ -228,8 +229,7 @@ class Trainer:
 
     def _restart_data(self) -> None:
         self.train_data.load_state_dict(self.train_data.state_at(self.samples_consumed()))
-        loader = torch.utils.data.DataLoader(self.train_data, batch_size=self.cfg.batch.micro_batch_size,
-                                             num_workers=self.cfg.data.num_workers)
+        loader = torch.utils.data.DataLoader(self.train_data, batch_size=None, num_workers=self.cfg.data.num_workers)
         self.batches = iter(loader)
 
     def _next_batch(self) -> dict:
@@ -331,7 +331,7 @@ class Trainer:
     def evaluate(self) -> dict:
         self.engine.eval()
         self.valid_data.load_state_dict(self.valid_data.state_at(0))
-        loader = torch.utils.data.DataLoader(self.valid_data, batch_size=self.cfg.batch.micro_batch_size)
+        loader = torch.utils.data.DataLoader(self.valid_data, batch_size=None)
         totals = torch.zeros(2, dtype=torch.float64)
         for _, batch in zip(range(self.cfg.train.eval_batches), loader):
             out = self.engine(batch["input_ids"].to(self.env.device), labels=batch["labels"].to(self.env.device))

@@ -1,0 +1,492 @@
+"""`synergy-bench train`: data-parallel scaling, trainer overhead and checkpoint cost of synergy-train.
+
+Method (issue 4, "Benchmark"):
+- scaling: the same run at 1 rank and at 2 ranks (1 thread each, gloo, `torchrun`), ZeRO-2, for the
+  dense model (configs/tiny-cpu.yaml) and the MoE model (configs/tiny-moe-cpu.yaml, expert parallel
+  size = number of ranks: ep=2 at 2 ranks, all experts local at 1 rank). Each rank keeps the same
+  micro-batch and one micro-step per optimizer step (global batch = ranks x micro-batch: weak
+  scaling). From RUN_DIR/metrics.jsonl (logged every step) the warm-up steps are dropped; per-rank
+  throughput = bytes_per_s / world_size; scaling efficiency = per-rank throughput(2) / throughput(1);
+- trainer overhead: right after each 1-rank run, a fresh process trains the same model on the same
+  batches (same config, data stream, micro-batching, learning-rate schedule, gradient clipping)
+  with a plain torch AdamW loop; overhead = (trainer step time - plain step time) / trainer step time;
+- checkpoint: a fresh process builds a Trainer (model + DeepSpeed engine, ZeRO-1, 1 rank), takes one
+  training step on one short sequence (Adam creates its moments lazily; a real checkpoint has them)
+  and times save (checkpoint.save_checkpoint, completion marker with CRC32 included), verification
+  (find_latest_complete with CRC32) and load (checkpoint.load_checkpoint); size = bytes on disk of
+  the checkpoint directory.
+All times are wall clock (the trainer's own step_time_s); the load average is recorded next to each
+figure because the machine may be shared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import yaml
+
+from synergy_dist.bench.report import BenchReport, Figure, Target, figure_from, missing, ratio
+
+REPO = Path(__file__).resolve().parents[2]
+VARIANTS = ("dense", "moe")
+SCALING_TARGET = 0.85  # per-rank throughput at 2 ranks / at 1 rank
+OVERHEAD_TARGET_PERCENT = 5.0  # trainer step time beyond forward + backward + optimizer
+RUN_TIMEOUT_S = 1800
+CHECKPOINT_SEQ_LEN = 256  # bytes of the one training step taken before timing checkpoints
+PARTS = ("checkpoint", "scaling")
+
+
+@dataclass
+class TrainBenchConfig:
+    """Settings of one training benchmark run."""
+
+    dense_config: str = "configs/tiny-cpu.yaml"  # YAML of the dense scaling/overhead model (relative: to the repo)
+    moe_config: str = "configs/tiny-moe-cpu.yaml"  # YAML of the MoE model (its expert_parallel_size is set per run)
+    parts: list[str] = field(default_factory=lambda: list(PARTS))  # "checkpoint" and/or "scaling" (+ overhead)
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))  # which of "dense", "moe" to scale
+    steps: int = 30  # optimizer steps per synergy-train run
+    warmup_steps: int = 10  # first steps dropped from the medians (allocator, caches, DeepSpeed buckets)
+    micro_batch_size: int = 0  # sequences per rank per step; 0 = the config's batch.micro_batch_size
+    seq_len: int = 0  # bytes per sequence; 0 = the config's data.seq_len
+    world_size: int = 2  # ranks of the parallel run (compared with 1 rank)
+    overhead: bool = True  # time the plain training loop after each 1-rank run
+    checkpoint_configs: list[str] = field(default_factory=lambda: ["configs/tiny-cpu.yaml", "configs/base-100m.yaml"])  # YAMLs whose checkpoints are timed
+    checkpoint_repeats: int = 3  # save/verify/load cycles per checkpoint config
+    checkpoint_zero_stage: int = 1  # ZeRO stage of the checkpoint engine (1: Adam state exists at init)
+    sample_dir: str = ""  # where the bundled sample corpus is preprocessed ("" = the trainer's default cache)
+    work_dir: str = "bench_out/train"  # run directories, configs and logs of every process
+
+    def validate(self) -> None:
+        if not self.parts or any(p not in PARTS for p in self.parts):
+            raise ValueError(f"train benchmark: parts {self.parts} must be a non-empty subset of {list(PARTS)}")
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ValueError(f"train benchmark: variants {unknown} are unknown; choose from {list(VARIANTS)}")
+        if self.steps < 1 or not 0 <= self.warmup_steps < self.steps:
+            raise ValueError(f"train benchmark: need steps >= 1 and 0 <= warmup_steps < steps "
+                             f"(got steps={self.steps}, warmup_steps={self.warmup_steps}); raise --train-steps")
+        if self.world_size < 2:
+            raise ValueError(f"train benchmark: world_size={self.world_size} must be >= 2 (it is compared with 1 rank)")
+        if self.checkpoint_repeats < 1:
+            raise ValueError(f"train benchmark: checkpoint_repeats={self.checkpoint_repeats} must be >= 1")
+        for path in [*(self.config_path(v) for v in self.variants), *map(resolve, self.checkpoint_configs)]:
+            if not path.is_file():
+                raise FileNotFoundError(f"train benchmark: config {path} not found; pass an existing YAML "
+                                        "(--train-config / --checkpoint-config)")
+
+    def config_path(self, variant: str) -> Path:
+        return resolve(self.dense_config if variant == "dense" else self.moe_config)
+
+
+def resolve(path: str) -> Path:
+    """A config path as given, or relative to the repository (configs/... works from any directory)."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else REPO / p
+
+
+# ---------------------------------------------------------------------------------- arithmetic
+
+
+def steady_records(records: list[dict], warmup_steps: int) -> list[dict]:
+    """The metrics.jsonl records after the warm-up steps (steps are numbered from 1)."""
+    return [r for r in records if r["step"] > warmup_steps]
+
+
+def per_rank_bytes_per_s(records: list[dict]) -> list[float]:
+    """Training bytes per second per rank of each record: the run's bytes_per_s / world_size."""
+    return [r["bytes_per_s"] / r["world_size"] for r in records]
+
+
+def scaling_efficiency(per_rank_parallel: float | None, per_rank_single: float | None) -> float | None:
+    """Per-rank throughput with N ranks / throughput with 1 rank (1.0 = perfect weak scaling)."""
+    return ratio(per_rank_parallel, per_rank_single)
+
+
+def overhead_percent(trainer_step_s: float | None, plain_step_s: float | None) -> float | None:
+    """Share of the trainer's step time not spent in the plain forward + backward + optimizer loop."""
+    if trainer_step_s is None or plain_step_s is None or trainer_step_s <= 0:
+        return None
+    return 100.0 * (trainer_step_s - plain_step_s) / trainer_step_s
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+# ---------------------------------------------------------------------------------- synergy-train runs
+
+
+def run_config(cfg: TrainBenchConfig, variant: str, world: int, run_dir: Path) -> dict:
+    """The YAML of one timed run: the variant's config with the benchmark's settings over it."""
+    values = yaml.safe_load(cfg.config_path(variant).read_text()) or {}
+    section = lambda name: values.setdefault(name, {})  # noqa: E731
+    micro = cfg.micro_batch_size or section("batch").get("micro_batch_size", 1)
+    section("run")["dir"] = str(run_dir)
+    section("batch").update(micro_batch_size=micro, global_batch_size=world * micro, global_batch_bytes=0)
+    section("deepspeed")["zero_stage"] = 2
+    if variant == "moe":
+        section("deepspeed")["expert_parallel_size"] = world
+    section("precision")["dtype"] = "fp32"
+    section("train").update(max_steps=cfg.steps, eval_every_steps=0, sample_bytes=0, threads=1)
+    section("checkpoint").update(every_steps=0, save_at_end=False, resume=False)
+    section("log").update(every_steps=1, tensorboard=False, console=False)
+    if cfg.seq_len:
+        section("data")["seq_len"] = cfg.seq_len
+    if cfg.sample_dir:
+        section("data")["sample_dir"] = cfg.sample_dir
+    return values
+
+
+def write_config(values: dict, path: Path) -> Path:
+    """Write the YAML and load it back through the trainer's validation (a bad value fails here)."""
+    from synergy_dist.config import load_config
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    load_config(str(path))
+    return path
+
+
+def child_env() -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def train_command(config_path: Path, world: int) -> list[str]:
+    train = [str(Path(sys.executable).parent / "synergy-train"), "--config", str(config_path)]
+    if world == 1:
+        return train
+    return [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world),
+            "--master_port", str(_free_port()), "--no-python", *train]
+
+
+def launch(config_path: Path, world: int) -> tuple[list[dict], str]:
+    """Run synergy-train to the end; returns (metrics records, error text or "")."""
+    from synergy_dist.train.metrics import read_metrics
+
+    run_dir = Path(yaml.safe_load(config_path.read_text())["run"]["dir"])
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log = config_path.with_suffix(".log")
+    with open(log, "wb") as out:
+        proc = subprocess.run(train_command(config_path, world), cwd=str(REPO), env=child_env(), stdout=out,
+                              stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
+        return [], f"synergy-train ({world} rank(s)) exited with {proc.returncode}: {tail[0]} (log: {log})"
+    records = read_metrics(run_dir / "metrics.jsonl")
+    wrong = {r["world_size"] for r in records} - {world}
+    if wrong:
+        return [], f"metrics of {run_dir} report world_size {sorted(wrong)}, expected {world}"
+    return records, ""
+
+
+# ---------------------------------------------------------------------------------- plain loop (worker)
+
+
+def plain_loop(config_path: str, steps: int, warmup_steps: int) -> dict:
+    """The model's forward + backward + torch AdamW step on the trainer's batches, no trainer around it."""
+    import torch
+
+    from synergy_dist.config import load_config
+    from synergy_dist.model import SynergyLM
+    from synergy_dist.model.moe import update_moe_biases
+    from synergy_dist.train.optimizer import lr_at
+    from synergy_dist.train.trainer import sample_shards, seed_everything
+    from data_pipeline.stream import StreamingByteDataset
+
+    cfg = load_config(config_path)
+    torch.set_num_threads(1)
+    micro_steps, global_batch = cfg.grad_accumulation_steps(1), cfg.global_batch_sequences()
+    sources = list(cfg.data.sources) or sample_shards(cfg, is_main=True)[0]
+    data = StreamingByteDataset(sources, seq_len=cfg.data.seq_len, global_batch_size=global_batch,
+                                micro_batch_size=cfg.batch.micro_batch_size, seed=cfg.seed, rank=0, world_size=1,
+                                pack=cfg.data.pack, on_corrupt=cfg.data.on_corrupt, batched=True)
+    stream = iter(data)
+    batches = [next(stream) for _ in range(steps * micro_steps)]  # read up front: only the model is timed
+    seed_everything(cfg.seed)
+    model = SynergyLM(cfg.model)
+    model.train()
+    optimizer = torch.optim.AdamW(model.param_groups(cfg.optim.weight_decay), lr=cfg.train.lr,
+                                  betas=tuple(cfg.optim.betas), eps=cfg.optim.eps,
+                                  weight_decay=cfg.optim.weight_decay)
+    params = [p for p in model.parameters() if p.requires_grad]
+    wall, cpu = [], []
+    for step in range(steps):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, cfg) * group.get("lr_mult", 1.0)
+        for micro in range(micro_steps):
+            batch = batches[step * micro_steps + micro]
+            out = model(batch["input_ids"], labels=batch["labels"])
+            (out.loss / micro_steps).backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        update_moe_biases(model)
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
+    return {"step_time_s": wall[warmup_steps:], "step_cpu_s": cpu[warmup_steps:],
+            "bytes_per_step": global_batch * cfg.data.seq_len}
+
+
+# ---------------------------------------------------------------------------------- checkpoint (worker)
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def checkpoint_costs(config_path: str, run_dir: str, zero_stage: int, repeats: int, sample_dir: str) -> dict:
+    """Build a Trainer (model + engine) once, take one training step on a single short sequence (so the
+    Adam moments exist, as in any real checkpoint: they are created lazily), then save / verify / load
+    its checkpoint `repeats` times. The short sequence changes no parameter shape (Mamba + NoPE)."""
+    import torch
+    import torch.distributed as dist
+
+    from synergy_dist.config import load_config
+    from synergy_dist.train import checkpoint as ckpt
+    from synergy_dist.train.trainer import Trainer
+    from synergy_dist.bench.timing import rss_kib
+
+    overrides = [f"run.dir={run_dir}", f"deepspeed.zero_stage={zero_stage}", "precision.dtype=fp32",
+                 "train.eval_every_steps=0", "train.sample_bytes=0", "train.threads=1", "checkpoint.resume=false",
+                 "log.tensorboard=false", "log.console=false", f"data.seq_len={CHECKPOINT_SEQ_LEN}",
+                 "batch.global_batch_bytes=0", "batch.global_batch_size=1", "batch.micro_batch_size=1"]
+    if sample_dir:
+        overrides.append(f"data.sample_dir={sample_dir}")
+    cfg = load_config(config_path, overrides)
+    torch.set_num_threads(1)
+    started = time.perf_counter()
+    trainer = Trainer(cfg)
+    build_s = time.perf_counter() - started
+    trainer._restart_data()
+    trainer.train_step()
+    root = Path(run_dir) / "checkpoints"
+    result = {"params": sum(p.numel() for p in trainer.model.parameters()), "build_s": build_s,
+              "save_s": [], "verify_s": [], "load_s": [], "bytes": [], "files": []}
+    for repeat in range(repeats):
+        shutil.rmtree(root, ignore_errors=True)
+        started = time.perf_counter()
+        path = ckpt.save_checkpoint(trainer.engine, root, repeat + 1, trainer._trainer_state(), 0, 1)
+        result["save_s"].append(time.perf_counter() - started)
+        result["bytes"].append(directory_bytes(path))
+        result["files"].append(sum(1 for f in path.rglob("*") if f.is_file()))
+        started = time.perf_counter()
+        found = ckpt.find_latest_complete(root, verify_files=True)
+        result["verify_s"].append(time.perf_counter() - started)
+        if found != path:
+            raise RuntimeError(f"checkpoint {path} was not found complete after saving (found {found})")
+        started = time.perf_counter()
+        ckpt.load_checkpoint(trainer.engine, path, 0, 1)
+        result["load_s"].append(time.perf_counter() - started)
+    shutil.rmtree(root, ignore_errors=True)
+    result["peak_rss_mib"] = rss_kib("VmHWM") / 1024
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+def worker_main() -> None:
+    """Entry of a worker process: argv[1] is {"job": "plain"|"checkpoint", "kwargs": {...}}; prints JSON."""
+    job = json.loads(sys.argv[1])
+    task = {"plain": plain_loop, "checkpoint": checkpoint_costs}[job["job"]]
+    print(json.dumps(task(**job["kwargs"])), flush=True)
+
+
+def run_worker(job: str, kwargs: dict, log: Path) -> tuple[dict | None, str]:
+    code = "from synergy_dist.bench.train import worker_main; worker_main()"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps({"job": job, "kwargs": kwargs})], cwd=str(REPO),
+                          env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return None, f"{job} worker exited with {proc.returncode}: {tail} (log: {log})"
+    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    return json.loads(lines[-1]), ""
+
+
+# ---------------------------------------------------------------------------------- the benchmark
+
+
+def measure_checkpoints(cfg: TrainBenchConfig, report: BenchReport, work: Path) -> None:
+    for config in cfg.checkpoint_configs:
+        name = Path(config).stem
+        load = load_average()
+        result, error = run_worker("checkpoint", {
+            "config_path": str(resolve(config)), "run_dir": str(work / f"checkpoint-{name}"),
+            "zero_stage": cfg.checkpoint_zero_stage, "repeats": cfg.checkpoint_repeats,
+            "sample_dir": cfg.sample_dir}, work / f"checkpoint-{name}.log")
+        if result is None:
+            for what, unit in (("save", "s"), ("load", "s"), ("size", "MB")):
+                report.add(missing(f"checkpoint/{name}/{what}", unit, error))
+            continue
+        how = (f"{config}: {result['params']:,} parameters, ZeRO-{cfg.checkpoint_zero_stage}, 1 rank, fp32; "
+               f"load average {load} -> {load_average()}")
+        report.add(figure_from(f"checkpoint/{name}/params", [result["params"]], "", f"model parameters of {config}"))
+        report.add(figure_from(f"checkpoint/{name}/save", result["save_s"], "s",
+                               f"save_checkpoint after one training step (DeepSpeed files + RNG + trainer state + CRC32 marker); {how}"))
+        report.add(figure_from(f"checkpoint/{name}/verify", result["verify_s"], "s",
+                               "find_latest_complete: sizes + CRC32 of every file (what a resume does first)"))
+        report.add(figure_from(f"checkpoint/{name}/load", result["load_s"], "s",
+                               "load_checkpoint: model + optimizer state + RNG into the built engine"))
+        report.add(figure_from(f"checkpoint/{name}/size", [b / 1e6 for b in result["bytes"]], "MB",
+                               f"bytes on disk of the checkpoint directory ({result['files'][0]} files); "
+                               f"process peak RSS {result['peak_rss_mib']:,.0f} MiB"))
+
+
+def measure_variant(cfg: TrainBenchConfig, variant: str, report: BenchReport, work: Path) -> None:
+    per_rank: dict[int, float | None] = {}
+    for world in (1, cfg.world_size):
+        key = f"{variant}/zero2_{world}rank"
+        values = run_config(cfg, variant, world, work / f"{variant}-{world}rank")
+        config_path = write_config(values, work / f"{variant}-{world}rank.yaml")
+        load = load_average()
+        records, error = launch(config_path, world)
+        steady = steady_records(records, cfg.warmup_steps)
+        if not steady:
+            reason = error or f"no steps after the {cfg.warmup_steps} warm-up steps in {config_path}"
+            report.add(missing(f"{key}/bytes_per_s_per_rank", "B/s", reason))
+            per_rank[world] = None
+            continue
+        ep = f", expert parallel {world}" if variant == "moe" else ""
+        detail = (f"{cfg.config_path(variant).name}, {world} rank(s) x 1 thread{ep}, micro-batch "
+                  f"{values['batch']['micro_batch_size']} x {values.get('data', {}).get('seq_len', 'default')} bytes "
+                  f"per rank, steps {cfg.warmup_steps + 1}-{cfg.steps}; load average {load} -> {load_average()}")
+        per_rank[world] = report.add(figure_from(f"{key}/bytes_per_s_per_rank", per_rank_bytes_per_s(steady),
+                                                 "B/s", f"bytes_per_s / world_size from metrics.jsonl; {detail}")).value
+        trainer_step = report.add(figure_from(f"{key}/step_time", [r["step_time_s"] for r in steady], "s",
+                                              "trainer step_time_s (wall clock)")).value
+        if world == 1 and cfg.overhead:
+            measure_overhead(cfg, variant, config_path, trainer_step, report, work)
+    report.targets.append(Target(f"{variant} ZeRO-2{' + expert parallel' if variant == 'moe' else ''}: scaling "
+                                 f"efficiency, per-rank bytes/s {cfg.world_size} ranks / 1 rank",
+                                 scaling_efficiency(per_rank.get(cfg.world_size), per_rank.get(1)), ">=",
+                                 SCALING_TARGET))
+
+
+def measure_overhead(cfg: TrainBenchConfig, variant: str, config_path: Path, trainer_step: float | None,
+                     report: BenchReport, work: Path) -> None:
+    load = load_average()
+    result, error = run_worker("plain", {"config_path": str(config_path), "steps": cfg.steps,
+                                         "warmup_steps": cfg.warmup_steps}, work / f"{variant}-plain.log")
+    if result is None:
+        report.add(missing(f"{variant}/plain_step_time", "s", error))
+        return
+    plain = report.add(figure_from(f"{variant}/plain_step_time", result["step_time_s"], "s",
+                                   "same model, batches, micro-batching, schedule and clipping in a plain torch "
+                                   f"AdamW loop, 1 thread (wall clock; CPU time median "
+                                   f"{statistics.median(result['step_cpu_s']):.3g} s); load average {load} -> "
+                                   f"{load_average()}")).value
+    share = overhead_percent(trainer_step, plain)
+    report.add(Figure(f"{variant}/trainer_overhead", share, "%", [] if share is None else [share],
+                      "(trainer step time - plain step time) / trainer step time, 1 rank, medians"))
+    report.targets.append(Target(f"{variant}: trainer overhead (1 rank, ZeRO-2) beyond forward + backward + optimizer",
+                                 share, "<", OVERHEAD_TARGET_PERCENT, "%"))
+
+
+def run(cfg: TrainBenchConfig, command: str) -> BenchReport:
+    cfg.validate()
+    report = BenchReport(name="train", command=command)
+    work = Path(cfg.work_dir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    report.notes.append(
+        f"synergy-train in real processes (1 thread each, DS_ACCELERATOR=cpu, gloo; {cfg.world_size} ranks through "
+        f"torchrun), {cfg.steps} steps per run, the first {cfg.warmup_steps} dropped, medians of the rest; every "
+        "rank keeps its micro-batch (global batch = ranks x micro-batch, one micro-step per step); fp32; "
+        "the bundled sample corpus; runs, configs and logs in " + str(work))
+    # Checkpoints first, scaling last: the scaling runs need both cores, so they go when the load is lowest.
+    if "checkpoint" in cfg.parts:
+        measure_checkpoints(cfg, report, work)
+    for variant in cfg.variants if "scaling" in cfg.parts else []:
+        measure_variant(cfg, variant, report, work)
+    report.notes.append("all times are wall clock: on a shared machine they include other processes' turns; "
+                        "compare the load averages given with each figure (2 ranks need 2 idle cores)")
+    return report
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-part", action="append", default=None, choices=PARTS,
+                        help="what to measure: checkpoint (save/load), scaling (1 vs N ranks + trainer overhead) "
+                             "(default: both)")
+    parser.add_argument("--train-variant", action="append", default=None, choices=VARIANTS,
+                        help="scaling run(s): dense (ZeRO-2), moe (ZeRO-2 + expert parallel) (default: both)")
+    parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps per synergy-train run (default 30)")
+    parser.add_argument("--train-warmup-steps", type=int, default=None,
+                        help="first steps dropped from the medians (default 10)")
+    parser.add_argument("--checkpoint-config", action="append", default=None, metavar="YAML",
+                        help="config(s) whose checkpoint save/load is timed (default: configs/tiny-cpu.yaml and "
+                             "configs/base-100m.yaml)")
+    parser.add_argument("--no-overhead", action="store_true", help="skip the plain-loop overhead measurement")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
+    cfg = TrainBenchConfig()
+    if getattr(args, "quick", False):  # a smoke run of the harness: few steps, the tiny checkpoint only
+        cfg.steps, cfg.warmup_steps, cfg.checkpoint_repeats = 4, 1, 1
+        cfg.checkpoint_configs = ["configs/tiny-cpu.yaml"]
+    if getattr(args, "train_part", None):
+        cfg.parts = list(args.train_part)
+    if getattr(args, "train_variant", None):
+        cfg.variants = list(args.train_variant)
+    if getattr(args, "train_steps", None) is not None:
+        cfg.steps = args.train_steps
+    if getattr(args, "train_warmup_steps", None) is not None:
+        cfg.warmup_steps = args.train_warmup_steps
+    if getattr(args, "checkpoint_config", None):
+        cfg.checkpoint_configs = list(args.checkpoint_config)
+    if getattr(args, "no_overhead", False):
+        cfg.overhead = False
+    out = getattr(args, "out", None)
+    if out:
+        cfg.work_dir = str(Path(out) / "train")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m synergy_dist.bench.train [--out DIR] [...]` until `synergy-bench train` is wired in."""
+    import shlex
+
+    from synergy_dist.bench.report import write_report
+
+    parser = argparse.ArgumentParser(prog="python -m synergy_dist.bench.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out", metavar="DIR")
+    parser.add_argument("--quick", action="store_true", help="smoke-run the harness (few steps, tiny checkpoint)")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    command = shlex.join(["python", "-m", "synergy_dist.bench.train", *(sys.argv[1:] if argv is None else argv)])
+    load_at_start = load_average()
+    try:
+        report = run(config_from_args(args), command)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"synergy-bench train: error: {err}", file=sys.stderr)
+        return 2
+    json_path, md_path = write_report(Path(args.out), [report], stem="train", load_at_start=load_at_start)
+    print(md_path.read_text())
+    print(f"synergy-bench train: wrote {json_path} and {md_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())

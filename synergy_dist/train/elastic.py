@@ -1,0 +1,156 @@
+"""Elastic resume of ZeRO-1/2 checkpoints: load optimizer state written by a different number of ranks
+and/or a different expert-parallel size (dense and MoE models).
+
+DeepSpeed refuses to re-partition ZeRO-1/2 optimizer state for a new world size, and its universal
+checkpoint conversion fails for MoE with expert parallelism, so we go through a consolidated form:
+
+    saved partitions  --consolidate-->  {global parameter name: fp32 weight, exp_avg, exp_avg_sq}
+                      --reshard------>  this rank's flat partition of every optimizer group
+
+Layout of a ZeRO-1/2 checkpoint written by W ranks with expert-parallel size P (DeepSpeed's defaults):
+- each optimizer group is one flat fp32 buffer (its parameters concatenated in group order, zero-padded
+  at the end) split evenly over the group's data-parallel ranks; zero_pp_rank_<r>_... holds rank r's slice
+  and its Adam moments;
+- dense groups are split over all W ranks (in rank order);
+- expert ("moe") groups are split over the expert-data-parallel group: the W / P ranks that hold the same
+  experts, ranks p, p + P, p + 2P, ... for expert-parallel rank p = r % P;
+- rank p's expert-parallel names are local (deepspeed_experts.<i>); global expert = p * (E / P) + i;
+- mp_rank_00_model_states.pt (rank 0) lists every group's parameter names and shapes in flat order, in
+  rank 0's local names; every expert-parallel rank has the same local shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from synergy_dist.model.moe_resharding import experts_per_layer, to_global_key
+
+ADAM_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
+
+
+@dataclass
+class ConsolidatedOptimizer:
+    """Optimizer state of a whole model, independent of how it was partitioned."""
+
+    params: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # global name -> ADAM_KEYS tensors
+    steps: list[torch.Tensor] = field(default_factory=list)  # Adam step count of each optimizer group
+    moe_groups: list[bool] = field(default_factory=list)  # whether each optimizer group holds experts
+
+
+def _load_rank(path: Path, rank: int) -> dict:
+    file = path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
+    if not file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} lacks {file.name}: it is incomplete for the world size it "
+                                "records; resume from another checkpoint")
+    state = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    if any(any(p) for p in state.get("param_alignment_paddings", [[]])):
+        raise RuntimeError(f"checkpoint {path}: ZeRO parameter alignment padding is not supported by the "
+                           "elastic loader; resume on the world size that wrote it")
+    return state
+
+
+def consolidate_zero_checkpoint(path: Path, world_size: int, ep_size: int) -> ConsolidatedOptimizer:
+    """Merge the ZeRO-1/2 optimizer partitions of a checkpoint written by `world_size` ranks with
+    expert-parallel size `ep_size` into per-parameter tensors under global (ep=1) names."""
+    if world_size % ep_size:
+        raise ValueError(f"checkpoint {path}: expert_parallel_size={ep_size} does not divide its world size "
+                         f"{world_size}")
+    shapes = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["param_shapes"]
+    ranks = [_load_rank(path, r) for r in range(world_size)]
+    groups = ranks[0]["base_optimizer_state"]["param_groups"]
+    merged = ConsolidatedOptimizer(moe_groups=[bool(g.get("moe")) for g in groups])
+    for g, group_shapes in enumerate(shapes):
+        names = list(group_shapes)
+        n_local = experts_per_layer(names)
+        if merged.moe_groups[g]:  # one flat buffer per expert-parallel rank, over its expert-data-parallel ranks
+            owners = {p: list(range(p, world_size, ep_size)) for p in range(ep_size)}
+        else:  # one flat buffer over every rank
+            owners = {0: list(range(world_size))}
+        for ep_rank, holders in owners.items():
+            flats = {}
+            for key in ADAM_KEYS:
+                parts = [ranks[r]["single_partition_of_fp32_groups"][g] if key == "fp32"
+                         else ranks[r]["base_optimizer_state"]["state"][g][key] for r in holders]
+                flats[key] = torch.cat([p.float() for p in parts])
+            offset = 0
+            for name in names:
+                numel = int(torch.Size(group_shapes[name]).numel())
+                merged.params[to_global_key(name, n_local, ep_rank)] = {
+                    key: flats[key][offset:offset + numel].view(group_shapes[name]).clone() for key in ADAM_KEYS}
+                offset += numel
+            if offset > flats["fp32"].numel():
+                raise RuntimeError(f"checkpoint {path}: optimizer group {g} holds {flats['fp32'].numel()} values but "
+                                   f"its parameters need {offset}: the checkpoint does not match its world size")
+        merged.steps.append(ranks[0]["base_optimizer_state"]["state"][g]["step"].clone())
+    return merged
+
+
+def _global_names(engine: Any, params: list) -> list[str]:
+    """Global (ep=1) names of a group's parameters on this rank."""
+    from deepspeed.utils import groups
+
+    names = [engine.param_names[p] for p in params]
+    n_local = experts_per_layer(names)
+    if not n_local:
+        return names
+    ep_rank = groups._get_expert_parallel_rank(params[0].group_name)
+    return [to_global_key(name, n_local, ep_rank) for name in names]
+
+
+def reshard_into_engine(engine: Any, merged: ConsolidatedOptimizer, source: str) -> None:
+    """Give this rank its partition of every ZeRO-1/2 optimizer group (fp32 weights, Adam moments and
+    step) from the consolidated state, then refresh the model weights from the fp32 masters."""
+    zero = engine.optimizer
+    inner_groups = zero.optimizer.param_groups
+    current_moe = [bool(g.get("moe")) for g in inner_groups]
+    if current_moe != merged.moe_groups:
+        raise RuntimeError(f"checkpoint {source} has optimizer groups {merged.moe_groups} (True = experts) but the "
+                           f"model has {current_moe}: it was written for a different model configuration")
+    for g, inner_group in enumerate(inner_groups):
+        names = _global_names(engine, zero.round_robin_bit16_groups[g])
+        missing = [n for n in names if n not in merged.params]
+        if missing:
+            raise RuntimeError(f"checkpoint {source} has no optimizer state for {missing[:3]} "
+                               f"({len(missing)} parameters): it was written for a different model configuration")
+        partition = zero.single_partition_of_fp32_groups[g]
+        size = partition.numel()
+        dp_group = zero.real_dp_process_group[g]
+        rank, ranks = dist.get_rank(group=dp_group), dist.get_world_size(group=dp_group)
+        state = {}
+        for key in ADAM_KEYS:
+            flat = torch.cat([merged.params[n][key].reshape(-1) for n in names])
+            padded = torch.zeros(size * ranks)
+            padded[:flat.numel()] = flat
+            state[key] = padded[rank * size:(rank + 1) * size].to(partition.device, partition.dtype)
+        partition.data.copy_(state["fp32"])
+        zero.optimizer.state[inner_group["params"][0]] = {
+            "step": merged.steps[g].clone(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+    zero.update_lp_params()  # model weights = the restored fp32 masters (all-gathered over the ranks)
+    zero._link_all_hp_params()
+
+
+def live_optimizer_state(engine: Any) -> dict[str, dict[str, torch.Tensor]]:
+    """This rank's ZeRO-1/2 optimizer state per parameter under global names, for the parameters whose
+    whole slice this rank holds (all of them when the group is not split). For checks and debugging."""
+    zero = engine.optimizer
+    found = {}
+    for g, inner_group in enumerate(zero.optimizer.param_groups):
+        dp_group = zero.real_dp_process_group[g]
+        if dist.get_world_size(group=dp_group) != 1:
+            continue
+        params = zero.round_robin_bit16_groups[g]
+        adam = zero.optimizer.state.get(inner_group["params"][0], {})
+        flats = {"fp32": zero.single_partition_of_fp32_groups[g], **{k: adam.get(k) for k in ADAM_KEYS[1:]}}
+        offset = 0
+        for name, param in zip(_global_names(engine, params), params):
+            numel = param.numel()
+            found[name] = {k: (None if v is None else v[offset:offset + numel].view(param.shape).detach().clone())
+                           for k, v in flats.items()}
+            found[name]["step"] = adam.get("step")
+            offset += numel
+    return found
