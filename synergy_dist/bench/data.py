@@ -88,15 +88,18 @@ def measure_raw_decompression(shard_dir: Path) -> tuple[float, float, int]:
 
 
 def measure_stream(shard_dir: Path, seq_len: int, seed: int, samples: int) -> tuple[float, float, int]:
-    """(wall s, CPU s, delivered input_ids bytes) for `samples` shuffled windows, from constructing the dataset."""
+    """(wall s, CPU s, delivered input_ids bytes) for `samples` shuffled windows, from constructing the dataset.
+
+    Reads collated micro-batches of 8 (`batched=True`), the way the trainer reads the stream."""
     from data_pipeline.stream import StreamingByteDataset
 
+    micro_batch = 8
     clock = Stopwatch()
-    dataset = StreamingByteDataset([str(shard_dir)], seq_len=seq_len, global_batch_size=8, micro_batch_size=8,
-                                   seed=seed)
+    dataset = StreamingByteDataset([str(shard_dir)], seq_len=seq_len, global_batch_size=micro_batch,
+                                   micro_batch_size=micro_batch, seed=seed, batched=True)
     delivered = 0
-    for sample in itertools.islice(iter(dataset), samples):
-        delivered += sample["input_ids"].numel()
+    for batch in itertools.islice(iter(dataset), -(-samples // micro_batch)):
+        delivered += batch["input_ids"].numel()
     return clock.wall(), clock.cpu(), delivered
 
 

@@ -1,4 +1,4 @@
-"""`synergy-bench data|model|train|all [--out DIR] [--quick]`: run benchmarks, write JSON + markdown.
+"""`synergy-bench data|model|train|quality|all [--out DIR] [--quick]`: run benchmarks, write JSON + markdown.
 
 Writes OUT/<name>.json and OUT/<name>.md (name = the benchmark, or "all") and prints the markdown.
 Each benchmark module offers add_arguments(parser), config_from_args(args) and run(cfg, command).
@@ -17,11 +17,12 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from synergy_dist.bench import data as data_bench  # noqa: E402
 from synergy_dist.bench import model as model_bench  # noqa: E402
+from synergy_dist.bench import quality as quality_bench  # noqa: E402
 from synergy_dist.bench import train as train_bench  # noqa: E402
 from synergy_dist.bench.report import write_report  # noqa: E402
 from synergy_dist.bench.timing import restored_affinity  # noqa: E402
 
-BENCHMARKS = {"data": data_bench, "model": model_bench, "train": train_bench}  # `all` runs them in this order
+BENCHMARKS = {"data": data_bench, "model": model_bench, "train": train_bench, "quality": quality_bench}  # `all` runs them in this order
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,6 +111,9 @@ def reshard_into_engine(engine: Any, merged: ConsolidatedOptimizer, source: str)
     if current_moe != merged.moe_groups:
         raise RuntimeError(f"checkpoint {source} has optimizer groups {merged.moe_groups} (True = experts) but the "
                            f"model has {current_moe}: it was written for a different model configuration")
+    if any(any(padding) for padding in zero.round_robin_bit16_padding):
+        raise RuntimeError(f"cannot resume {source} elastically: this ZeRO configuration pads between parameters in "
+                           "the flat optimizer buffers; resume on the world size that wrote the checkpoint")
     for g, inner_group in enumerate(inner_groups):
         names = _global_names(engine, zero.round_robin_bit16_groups[g])
         missing = [n for n in names if n not in merged.params]
@@ -131,7 +134,9 @@ def reshard_into_engine(engine: Any, merged: ConsolidatedOptimizer, source: str)
         zero.optimizer.state[inner_group["params"][0]] = {
             "step": merged.steps[g].clone(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
     zero.update_lp_params()  # model weights = the restored fp32 masters (all-gathered over the ranks)
-    zero._link_all_hp_params()
+    zero._link_all_hp_params()  # per-parameter views into the new partitions ...
+    zero._hp_optimizer_states_linked = False
+    zero._lazy_init_hp_params_optimizer_state()  # ... and into the new Adam state (safe_get_full_optimizer_state)
 
 
 def live_optimizer_state(engine: Any) -> dict[str, dict[str, torch.Tensor]]:
