@@ -5,7 +5,7 @@
 After the Trainer has resumed (before the first step) every rank writes DIR/rank_<r>.pt:
     params:  {this rank's parameter name: {"fp32", "exp_avg", "exp_avg_sq"}} read back through DeepSpeed's
              own accessors (safe_get_full_*), i.e. what the optimizer will really use
-    steps:   the Adam step count of every optimizer group
+    steps:   the Adam step counts (of every optimizer group under ZeRO-1/2, of every parameter under ZeRO-0)
     ep_rank: this rank's expert-parallel rank
 then it trains on to train.max_steps exactly as synergy-train does.
 """
@@ -21,13 +21,21 @@ from pathlib import Path
 def restored_state(trainer) -> dict:
     from deepspeed.utils import groups, safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    params = {}
-    for name, param in trainer.engine.module.named_parameters():  # same order on every rank: the gathers match
-        params[name] = {"fp32": safe_get_full_fp32_param(param).clone(),
-                        "exp_avg": safe_get_full_optimizer_state(param, "exp_avg").clone(),
-                        "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq").clone()}
-    zero = trainer.engine.optimizer
-    steps = [zero.optimizer.state[group["params"][0]]["step"].clone() for group in zero.optimizer.param_groups]
+    engine, params = trainer.engine, {}
+    if trainer.cfg.deepspeed.zero_stage == 0:  # plain torch optimizer: state per parameter
+        optimizer = engine.optimizer
+        for name, param in engine.module.named_parameters():
+            state = optimizer.state[param]
+            params[name] = {"fp32": param.detach().clone(), "exp_avg": state["exp_avg"].clone(),
+                            "exp_avg_sq": state["exp_avg_sq"].clone()}
+        steps = [optimizer.state[p]["step"].clone() for group in optimizer.param_groups for p in group["params"]]
+    else:  # ZeRO-1/2: flat partitions, read through DeepSpeed's accessors (collectives, same order on every rank)
+        for name, param in engine.module.named_parameters():
+            params[name] = {"fp32": safe_get_full_fp32_param(param).clone(),
+                            "exp_avg": safe_get_full_optimizer_state(param, "exp_avg").clone(),
+                            "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq").clone()}
+        zero = engine.optimizer
+        steps = [zero.optimizer.state[group["params"][0]]["step"].clone() for group in zero.optimizer.param_groups]
     ep = trainer.cfg.deepspeed.expert_parallel_size
     return {"params": params, "steps": steps, "ep_rank": groups._get_expert_parallel_rank(f"ep_size_{ep}")}
 

@@ -251,7 +251,7 @@ def test_restored_affinity_gives_the_cpus_back_after_pinning():
 def test_cli_offers_every_benchmark_and_all():
     from synergy_dist.cli.bench import BENCHMARKS, build_parser
 
-    assert list(BENCHMARKS) == ["data", "model", "train"]
+    assert list(BENCHMARKS) == ["data", "model", "train", "quality"]
     parser = build_parser()
     for name in [*BENCHMARKS, "all"]:
         assert parser.parse_args([name]).benchmark == name

@@ -152,6 +152,11 @@ def test_smoke_run_writes_figures_consistent_with_the_trainer_metrics(tmp_path, 
     assert (scaling["op"], scaling["threshold"]) == (">=", 0.85)
     assert scaling["status"] == ("met" if per_rank_2 / per_rank_1 >= 0.85 else "missed")
 
+    # CPU time per step and rank: every rank's steady steps pooled; the idle-core bound is cpu(1) / cpu(2).
+    cpu_1, cpu_2 = (figures[f"dense/zero2_{w}rank/step_cpu_per_rank"] for w in (1, 2))
+    assert (len(cpu_1["samples"]), len(cpu_2["samples"])) == (3, 6)
+    assert figures["dense/scaling_efficiency_cpu"]["value"] == pytest.approx(cpu_1["value"] / cpu_2["value"])
+
     # Overhead: trainer and plain steps timed alternately in one process; the target is on CPU-time medians.
     for clock in ("cpu", "wall"):
         for name in ("trainer", "plain"):

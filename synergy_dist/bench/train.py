@@ -28,11 +28,10 @@ import json
 import os
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -62,9 +61,10 @@ class TrainBenchConfig:
     seq_len: int = 0  # bytes per sequence; 0 = the config's data.seq_len
     world_size: int = 2  # ranks of the parallel run (compared with 1 rank)
     overhead: bool = True  # time the plain training loop after each 1-rank run
+    cpu_scaling: bool = True  # also time Trainer.train_step() per rank in CPU time (the scaling on idle cores, waits excluded)
     checkpoint_configs: list[str] = field(default_factory=lambda: ["configs/tiny-cpu.yaml", "configs/base-100m.yaml"])  # YAMLs whose checkpoints are timed
     checkpoint_repeats: int = 3  # save/verify/load cycles per checkpoint config
-    checkpoint_zero_stage: int = 1  # ZeRO stage of the checkpoint engine (1: Adam state exists at init)
+    checkpoint_zero_stage: int = 1  # ZeRO stage of the checkpoint engine (1 rank, fp32)
     sample_dir: str = ""  # where the bundled sample corpus is preprocessed ("" = the trainer's default cache)
     work_dir: str = "bench_out/train"  # run directories, configs and logs of every process
 
@@ -81,10 +81,14 @@ class TrainBenchConfig:
             raise ValueError(f"train benchmark: world_size={self.world_size} must be >= 2 (it is compared with 1 rank)")
         if self.checkpoint_repeats < 1:
             raise ValueError(f"train benchmark: checkpoint_repeats={self.checkpoint_repeats} must be >= 1")
-        for path in [*(self.config_path(v) for v in self.variants), *map(resolve, self.checkpoint_configs)]:
+        for variant in self.variants:
+            if not self.config_path(variant).is_file():
+                raise FileNotFoundError(f"train benchmark: config {self.config_path(variant)} not found; set "
+                                        f"{variant}_config to an existing YAML")
+        for path in map(resolve, self.checkpoint_configs):
             if not path.is_file():
                 raise FileNotFoundError(f"train benchmark: config {path} not found; pass an existing YAML "
-                                        "(--train-config / --checkpoint-config)")
+                                        "with --checkpoint-config")
 
     def config_path(self, variant: str) -> Path:
         return resolve(self.dense_config if variant == "dense" else self.moe_config)
@@ -131,7 +135,10 @@ def load_average() -> list[float]:
 def run_config(cfg: TrainBenchConfig, variant: str, world: int, run_dir: Path) -> dict:
     """The YAML of one timed run: the variant's config with the benchmark's settings over it."""
     values = yaml.safe_load(cfg.config_path(variant).read_text()) or {}
-    section = lambda name: values.setdefault(name, {})  # noqa: E731
+
+    def section(name: str) -> dict:
+        return values.setdefault(name, {})
+
     micro = cfg.micro_batch_size or section("batch").get("micro_batch_size", 1)
     section("run")["dir"] = str(run_dir)
     section("batch").update(micro_batch_size=micro, global_batch_size=world * micro, global_batch_bytes=0)
@@ -276,6 +283,38 @@ def overhead_steps(config_path: str, run_dir: str, steps: int, warmup_steps: int
     return {key: values[warmup_steps:] for key, values in times.items()}
 
 
+def rank_steps(config_path: str, run_dir: str, steps: int, warmup_steps: int) -> dict | None:
+    """Every rank (under torchrun, or alone) times Trainer.train_step() in wall clock and process CPU
+    time; rank 0 returns every rank's steady steps. A rank's CPU time is its own work (compute and the
+    CPU side of communication) without the time it was descheduled or blocked waiting for the others
+    (assuming gloo's waits block rather than spin): cpu(1 rank) / cpu(N ranks) bounds from above the
+    scaling efficiency on idle cores."""
+    import torch
+    import torch.distributed as dist
+
+    from synergy_dist.config import load_config
+    from synergy_dist.train.trainer import Trainer
+
+    cfg = load_config(config_path, [f"run.dir={run_dir}"])
+    torch.set_num_threads(1)
+    trainer = Trainer(cfg)
+    trainer._restart_data()
+    wall, cpu = [], []
+    for _ in range(steps):
+        started, cpu_started = time.perf_counter(), time.process_time()
+        trainer.train_step()
+        wall.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
+    mine = {"wall_s": wall[warmup_steps:], "cpu_s": cpu[warmup_steps:]}
+    ranks = [mine]
+    if dist.is_initialized():
+        if trainer.world > 1:
+            ranks = [None] * trainer.world
+            dist.all_gather_object(ranks, mine)
+        dist.destroy_process_group()
+    return {"ranks": ranks} if trainer.rank == 0 else None
+
+
 # ---------------------------------------------------------------------------------- checkpoint (worker)
 
 
@@ -336,20 +375,25 @@ def checkpoint_costs(config_path: str, run_dir: str, zero_stage: int, repeats: i
 def worker_main() -> None:
     """Entry of a worker process: argv[1] is {"job": "overhead"|"checkpoint", "kwargs": {...}}; prints JSON."""
     job = json.loads(sys.argv[1])
-    task = {"overhead": overhead_steps, "checkpoint": checkpoint_costs}[job["job"]]
-    print(json.dumps(task(**job["kwargs"])), flush=True)
+    task = {"overhead": overhead_steps, "checkpoint": checkpoint_costs, "ranks": rank_steps}[job["job"]]
+    result = task(**job["kwargs"])
+    if result is not None:  # rank 0 (or the only process) answers
+        print(json.dumps(result), flush=True)
 
 
-def run_worker(job: str, kwargs: dict, log: Path) -> tuple[dict | None, str]:
+def run_worker(job: str, kwargs: dict, log: Path, world: int = 1) -> tuple[dict | None, str]:
     code = "from synergy_dist.bench.train import worker_main; worker_main()"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps({"job": job, "kwargs": kwargs})], cwd=str(REPO),
-                          env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    argv = [sys.executable, "-c", code, json.dumps({"job": job, "kwargs": kwargs})]
+    if world > 1:
+        argv = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(world),
+                "--master_port", str(_free_port()), "--no-python", *argv]
+    proc = subprocess.run(argv, cwd=str(REPO), env=child_env(), capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(proc.stdout + proc.stderr)
-    if proc.returncode != 0:
+    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         return None, f"{job} worker exited with {proc.returncode}: {tail} (log: {log})"
-    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
     return json.loads(lines[-1]), ""
 
 
@@ -384,6 +428,7 @@ def measure_checkpoints(cfg: TrainBenchConfig, report: BenchReport, work: Path) 
 
 def measure_variant(cfg: TrainBenchConfig, variant: str, report: BenchReport, work: Path) -> None:
     per_rank: dict[int, float | None] = {}
+    cpu_per_rank: dict[int, float | None] = {}
     for world in (1, cfg.world_size):
         key = f"{variant}/zero2_{world}rank"
         values = run_config(cfg, variant, world, work / f"{variant}-{world}rank")
@@ -406,10 +451,35 @@ def measure_variant(cfg: TrainBenchConfig, variant: str, report: BenchReport, wo
                                "trainer step_time_s (wall clock)"))
         if world == 1 and cfg.overhead:
             measure_overhead(cfg, variant, config_path, report, work)
+        if cfg.cpu_scaling:
+            cpu_per_rank[world] = measure_rank_cpu(cfg, key, config_path, world, report, work)
+    if cfg.cpu_scaling:
+        efficiency = scaling_efficiency(cpu_per_rank.get(1), cpu_per_rank.get(cfg.world_size))
+        report.add(Figure(f"{variant}/scaling_efficiency_cpu", efficiency, "x", [] if efficiency is None else [efficiency],
+                          f"CPU time per step and rank, 1 rank / {cfg.world_size} ranks: the efficiency on idle cores "
+                          "if waiting for the other ranks cost nothing (an upper bound; not the target)"))
     report.targets.append(Target(f"{variant} ZeRO-2{' + expert parallel' if variant == 'moe' else ''}: scaling "
                                  f"efficiency, per-rank bytes/s {cfg.world_size} ranks / 1 rank",
                                  scaling_efficiency(per_rank.get(cfg.world_size), per_rank.get(1)), ">=",
                                  SCALING_TARGET))
+
+
+def measure_rank_cpu(cfg: TrainBenchConfig, key: str, config_path: Path, world: int, report: BenchReport,
+                     work: Path) -> float | None:
+    """Median CPU seconds per step and rank of Trainer.train_step(), every rank's steady steps pooled."""
+    name = config_path.stem
+    load = load_average()
+    result, error = run_worker("ranks", {"config_path": str(config_path), "run_dir": str(work / f"{name}-cpu"),
+                                         "steps": cfg.steps, "warmup_steps": cfg.warmup_steps},
+                               work / f"{name}-cpu.log", world=world)
+    if result is None:
+        report.add(missing(f"{key}/step_cpu_per_rank", "s", error))
+        return None
+    samples = [t for rank in result["ranks"] for t in rank["cpu_s"]]
+    return report.add(figure_from(f"{key}/step_cpu_per_rank", samples, "s",
+                                  f"Trainer.train_step() timed in each of {world} rank process(es) (CPU time, every "
+                                  f"rank's steps {cfg.warmup_steps + 1}-{cfg.steps}); load average {load} -> "
+                                  f"{load_average()}")).value
 
 
 def measure_overhead(cfg: TrainBenchConfig, variant: str, config_path: Path, report: BenchReport, work: Path) -> None:
@@ -473,6 +543,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config(s) whose checkpoint save/load is timed (default: configs/tiny-cpu.yaml and "
                              "configs/base-100m.yaml)")
     parser.add_argument("--no-overhead", action="store_true", help="skip the plain-loop overhead measurement")
+    parser.add_argument("--no-cpu-scaling", action="store_true",
+                        help="skip the per-rank CPU-time runs (the idle-core scaling bound)")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
@@ -492,6 +564,8 @@ def config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
         cfg.checkpoint_configs = list(args.checkpoint_config)
     if getattr(args, "no_overhead", False):
         cfg.overhead = False
+    if getattr(args, "no_cpu_scaling", False):
+        cfg.cpu_scaling = False
     out = getattr(args, "out", None)
     if out:
         cfg.work_dir = str(Path(out) / "train")

@@ -83,3 +83,18 @@ def to_global_key(key: str, n_local: dict[str, int], ep_rank: int) -> str:
     if not match:
         return key
     return f"{match['prefix']}{ep_rank * n_local[match['prefix']] + int(match['id'])}{match['rest']}"
+
+
+def relayout_expert_names(names: list[str], n_local: dict[str, int]) -> list[str]:
+    """The expert parameter names of one optimizer group (model order: layer, local expert, parameter) as
+    they are on a rank holding n_local[layer prefix] experts of each layer: same layers and per-expert
+    parameters, ids 0..n-1. Used to read optimizer state saved under another expert-parallel size."""
+    layers: dict[str, list[str]] = {}
+    for name in names:
+        match = EXPERT_KEY.match(name)
+        if not match:
+            raise ValueError(f"{name!r} is not an expert parameter: expert optimizer groups hold only experts")
+        rests = layers.setdefault(match["prefix"], [])
+        if match["rest"] not in rests:
+            rests.append(match["rest"])
+    return [f"{prefix}{i}{rest}" for prefix, rests in layers.items() for i in range(n_local[prefix]) for rest in rests]

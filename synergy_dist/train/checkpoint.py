@@ -8,7 +8,8 @@ Layout of one checkpoint, RUN_DIR/checkpoints/step_00000100/:
     COMPLETE            JSON list of every file with size and CRC32    written by rank 0, LAST
 
 A directory without COMPLETE (killed mid-save) or whose files do not match COMPLETE (truncated or
-overwritten) is skipped with a warning naming it and never loaded.
+overwritten) is skipped with a warning naming it and never loaded. A checkpoint written by another
+number of ranks or expert-parallel size is re-sharded on load (elastic.py).
 """
 
 from __future__ import annotations
@@ -194,10 +195,14 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int, expert_
         engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True, load_module_strict=True)
         merged = elastic.consolidate_zero_checkpoint(path, saved_world, saved_ep)
         elastic.reshard_into_engine(engine, merged, str(path))
+    elif saved_ep != expert_parallel_size and zero_stage == 0:
+        # DeepSpeed would load the optimizer file of this rank's expert-parallel rank, written for other experts.
+        engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True, load_module_strict=True)
+        elastic.load_stage0_resharded(engine, elastic.consolidate_stage0_checkpoint(engine, path, saved_ep), str(path))
     elif saved_ep != expert_parallel_size:
-        raise RuntimeError(f"checkpoint {path} was written with deepspeed.expert_parallel_size={saved_ep}; with "
-                           f"deepspeed.zero_stage={zero_stage} it can only be resumed with that expert-parallel size "
-                           f"(set deepspeed.expert_parallel_size={saved_ep}), or use zero_stage 1 or 2")
+        raise RuntimeError(f"checkpoint {path} was written with deepspeed.expert_parallel_size={saved_ep}, and "
+                           f"deepspeed.zero_stage={zero_stage} cannot change the expert-parallel size on resume: "
+                           f"set deepspeed.expert_parallel_size={saved_ep}")
     else:
         loaded, _ = engine.load_checkpoint(str(path.parent), tag=path.name, load_optimizer_states=True,
                                            load_lr_scheduler_states=False, load_module_strict=True)

@@ -1,5 +1,5 @@
-"""Elastic resume of ZeRO-1/2 checkpoints: load optimizer state written by a different number of ranks
-and/or a different expert-parallel size (dense and MoE models).
+"""Elastic resume: load optimizer state written by a different number of ranks and/or a different
+expert-parallel size (dense and MoE models; ZeRO-1/2, and ZeRO-0 for a new expert-parallel size).
 
 DeepSpeed refuses to re-partition ZeRO-1/2 optimizer state for a new world size, and its universal
 checkpoint conversion fails for MoE with expert parallelism, so we go through a consolidated form:
@@ -17,6 +17,11 @@ Layout of a ZeRO-1/2 checkpoint written by W ranks with expert-parallel size P (
 - rank p's expert-parallel names are local (deepspeed_experts.<i>); global expert = p * (E / P) + i;
 - mp_rank_00_model_states.pt (rank 0) lists every group's parameter names and shapes in flat order, in
   rank 0's local names; every expert-parallel rank has the same local shapes.
+
+ZeRO-0 checkpoints of MoE models hold the whole torch optimizer state once per expert-parallel rank
+(expp_rank_<p>_mp_rank_00_optim_states.pt, state keyed by parameter index in group order); expert
+groups list rank p's experts in model order (layer, local expert, parameter). Without expert
+parallelism (or with the same expert-parallel size) DeepSpeed loads ZeRO-0 state on any world size.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from synergy_dist.model.moe_resharding import experts_per_layer, to_global_key
+from synergy_dist.model.moe_resharding import experts_per_layer, relayout_expert_names, to_global_key
 
 ADAM_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -159,3 +164,59 @@ def live_optimizer_state(engine: Any) -> dict[str, dict[str, torch.Tensor]]:
             found[name]["step"] = adam.get("step")
             offset += numel
     return found
+
+
+# ----------------------------------------------------------------------------- ZeRO-0
+
+
+def _local_names(engine: Any, params: list) -> list[str]:
+    return [engine.param_names[p] for p in params]
+
+
+def consolidate_stage0_checkpoint(engine: Any, path: Path, ep_size: int) -> dict[str, dict[str, torch.Tensor]]:
+    """{global parameter name: its torch optimizer state} of a ZeRO-0 MoE checkpoint written with
+    expert-parallel size `ep_size`, read with the current model's parameter groups as the key."""
+    from deepspeed.utils import groups
+
+    current = engine.optimizer.param_groups
+    merged: dict[str, dict[str, torch.Tensor]] = {}
+    for ep_rank in range(ep_size):
+        file = path / f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt"
+        if not file.is_file():
+            raise FileNotFoundError(f"checkpoint {path} lacks {file.name}: it is incomplete for "
+                                    f"expert_parallel_size={ep_size}; resume from another checkpoint")
+        saved = torch.load(file, map_location="cpu", weights_only=False)["optimizer"]
+        if len(saved["param_groups"]) != len(current):
+            raise RuntimeError(f"checkpoint {path} has {len(saved['param_groups'])} optimizer groups but the model "
+                               f"has {len(current)}: it was written for a different model configuration")
+        for saved_group, group in zip(saved["param_groups"], current):
+            names = _local_names(engine, group["params"])
+            if saved_group.get("moe"):
+                n_experts = experts_per_layer(names)
+                per_rank = {prefix: n * groups._get_expert_parallel_world_size(group["params"][0].group_name)
+                            // ep_size for prefix, n in n_experts.items()}
+                names = [to_global_key(name, per_rank, ep_rank)
+                         for name in relayout_expert_names(names, per_rank)]
+            elif ep_rank > 0:
+                continue  # dense state is the same in every file
+            if len(names) != len(saved_group["params"]):
+                raise RuntimeError(f"checkpoint {path}: optimizer group {saved_group.get('name')!r} holds "
+                                   f"{len(saved_group['params'])} parameters where the model expects {len(names)}")
+            for name, index in zip(names, saved_group["params"]):
+                if index in saved["state"]:
+                    merged[name] = saved["state"][index]
+    return merged
+
+
+def load_stage0_resharded(engine: Any, merged: dict[str, dict[str, torch.Tensor]], source: str) -> None:
+    """Give this rank's parameters their optimizer state from the consolidated ZeRO-0 state."""
+    optimizer = engine.optimizer
+    for group in optimizer.param_groups:
+        for name, param in zip(_global_names(engine, group["params"]), group["params"]):
+            if name not in merged:
+                continue  # no step taken yet in the saved run: the state starts empty, as it did there
+            state = {key: value.clone() for key, value in merged[name].items()}
+            if state["exp_avg"].shape != param.shape:
+                raise RuntimeError(f"checkpoint {source}: optimizer state of {name} has shape "
+                                   f"{tuple(state['exp_avg'].shape)}, the parameter {tuple(param.shape)}")
+            optimizer.state[param] = {k: v.to(param.device) if k != "step" else v for k, v in state.items()}
