@@ -6,14 +6,13 @@ bf16 through torch_autocast keeps the router in fp32."""
 from __future__ import annotations
 
 import os
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from two_ranks import run_on_two_ranks
 
 D_MODEL, D_FF, N_EXPERTS, LR, CLIP = 8, 12, 4, 1e-2, 1.0
 VALID_TOKENS = [[9, 5], [3, 7]]  # per step, per rank: ranks hold different numbers of concept tokens
@@ -145,33 +144,15 @@ def run_mixed_precision(rank: int) -> None:
         engine(x.bfloat16(), valid, target.bfloat16())
 
 
-def _worker(rank: int, init_file: str, tmp_dir: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", DS_ACCELERATOR="cpu",
-                      OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=300))  # generous: the CI machine is shared
-    try:
-        reference = reference_weights()
-        for stage in (1, 2):
-            try:
-                run_stage(rank, stage, reference, os.path.join(tmp_dir, "ckpt"))
-            except Exception as error:
-                raise AssertionError(f"ZeRO-{stage} failed on rank {rank}") from error
-        run_mixed_precision(rank)
-    except BaseException:
-        with open(os.path.join(tmp_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+def _two_rank_body(rank: int, tmp_dir: str) -> None:
+    reference = reference_weights()
+    for stage in (1, 2):
+        try:
+            run_stage(rank, stage, reference, os.path.join(tmp_dir, "ckpt"))
+        except Exception as error:
+            raise AssertionError(f"ZeRO-{stage} failed on rank {rank}") from error
+    run_mixed_precision(rank)
 
 
 def test_deepspeed_zero12_expert_parallel_step_matches_reference(tmp_path):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
-    except Exception:
-        reports = [p.read_text() for p in sorted(tmp_path.glob("rank*.txt"))]
-        pytest.fail("\n".join(reports) or "a rank died without a report")
+    run_on_two_ranks(_two_rank_body, tmp_path, str(tmp_path))

@@ -4,16 +4,14 @@ collective the same number of times."""
 
 from __future__ import annotations
 
-import os
-import traceback
 from collections import Counter
 from dataclasses import replace
-from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from two_ranks import run_on_two_ranks
 
 D_MODEL, D_FF, N_EXPERTS = 8, 12, 4
 
@@ -172,29 +170,13 @@ def run_case(rank: int, overrides: dict, shapes, rank1_grad: bool) -> None:
         torch.testing.assert_close(grad, p_ref.grad, **tol)
 
 
-def _worker(rank: int, init_file: str, error_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2,
-                            timeout=timedelta(seconds=300))  # generous: the CI machine is shared
-    try:
-        for name, overrides, shapes, rank1_grad in CASES:
-            try:
-                run_case(rank, overrides, shapes, rank1_grad)
-            except Exception as error:
-                raise AssertionError(f"case {name} failed on rank {rank}") from error
-    except BaseException:
-        with open(os.path.join(error_dir, f"rank{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+def _two_rank_body(rank: int) -> None:
+    for name, overrides, shapes, rank1_grad in CASES:
+        try:
+            run_case(rank, overrides, shapes, rank1_grad)
+        except Exception as error:
+            raise AssertionError(f"case {name} failed on rank {rank}") from error
 
 
 def test_expert_parallel_2_equals_1_with_uneven_tokens(tmp_path):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path)), nprocs=2, join=True)
-    except Exception:
-        reports = [p.read_text() for p in sorted(tmp_path.glob("rank*.txt"))]
-        pytest.fail("\n".join(reports) or "a rank died without a report")
+    run_on_two_ranks(_two_rank_body, tmp_path)

@@ -100,7 +100,8 @@ def saved_zero2_state(checkpoint: Path, world: int, ep: int, name: str) -> dict:
     in the parameter order listed (in rank 0's local names) in mp_rank_00_model_states.pt."""
     ep_rank, key = owner(name, ep)
     holders = range(ep_rank, world, ep) if EXPERT_NAME.match(name) else range(world)
-    shapes = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["param_shapes"]
+    model_file = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    shapes = model_file["param_shapes"]
     group = next(g for g, group_shapes in enumerate(shapes) if key in group_shapes)
     names = list(shapes[group])
     offset = sum(torch.Size(shapes[group][n]).numel() for n in names[:names.index(key)])

@@ -43,7 +43,7 @@ class ConsolidatedOptimizer:
     """Optimizer state of a whole model, independent of how it was partitioned."""
 
     params: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # global name -> ADAM_KEYS tensors
-    steps: list[torch.Tensor] = field(default_factory=list)  # Adam step count of each optimizer group
+    steps: list[torch.Tensor | None] = field(default_factory=list)  # Adam step of each group (None: no state yet)
     moe_groups: list[bool] = field(default_factory=list)  # whether each optimizer group holds experts
 
 
@@ -76,30 +76,36 @@ def consolidate_zero_checkpoint(path: Path, world_size: int, ep_size: int) -> Co
             owners = {p: list(range(p, world_size, ep_size)) for p in range(ep_size)}
         else:  # one flat buffer over every rank
             owners = {0: list(range(world_size))}
+        numel = {name: int(torch.Size(shape).numel()) for name, shape in group_shapes.items()}
+        adam = ranks[0]["base_optimizer_state"]["state"].get(g)  # None: no update applied yet in the saved run
         for ep_rank, holders in owners.items():
-            flats = {}
-            for key in ADAM_KEYS:
-                parts = [ranks[r]["single_partition_of_fp32_groups"][g] if key == "fp32"
-                         else ranks[r]["base_optimizer_state"]["state"][g][key] for r in holders]
-                flats[key] = torch.cat([p.float() for p in parts])
+            flats = {"fp32": torch.cat([ranks[r]["single_partition_of_fp32_groups"][g].float() for r in holders])}
+            for key in ADAM_KEYS[1:]:
+                flats[key] = (torch.zeros_like(flats["fp32"]) if adam is None else
+                              torch.cat([ranks[r]["base_optimizer_state"]["state"][g][key].float() for r in holders]))
+            if sum(numel.values()) > flats["fp32"].numel():
+                raise RuntimeError(f"checkpoint {path}: optimizer group {g} holds {flats['fp32'].numel()} values but "
+                                   f"its parameters need {sum(numel.values())}: the checkpoint does not match the "
+                                   "world size it records")
             offset = 0
             for name in names:
-                numel = int(torch.Size(group_shapes[name]).numel())
                 merged.params[to_global_key(name, n_local, ep_rank)] = {
-                    key: flats[key][offset:offset + numel].view(group_shapes[name]).clone() for key in ADAM_KEYS}
-                offset += numel
-            if offset > flats["fp32"].numel():
-                raise RuntimeError(f"checkpoint {path}: optimizer group {g} holds {flats['fp32'].numel()} values but "
-                                   f"its parameters need {offset}: the checkpoint does not match its world size")
-        merged.steps.append(ranks[0]["base_optimizer_state"]["state"][g]["step"].clone())
+                    key: flats[key][offset:offset + numel[name]].view(group_shapes[name]).clone() for key in ADAM_KEYS}
+                offset += numel[name]
+        merged.steps.append(None if adam is None else adam["step"].clone())
     return merged
+
+
+def _local_names(engine: Any, params: list) -> list[str]:
+    """This rank's names of parameters (experts under local ids)."""
+    return [engine.param_names[p] for p in params]
 
 
 def _global_names(engine: Any, params: list) -> list[str]:
     """Global (ep=1) names of a group's parameters on this rank."""
     from deepspeed.utils import groups
 
-    names = [engine.param_names[p] for p in params]
+    names = _local_names(engine, params)
     n_local = experts_per_layer(names)
     if not n_local:
         return names
@@ -136,41 +142,19 @@ def reshard_into_engine(engine: Any, merged: ConsolidatedOptimizer, source: str)
             padded[:flat.numel()] = flat
             state[key] = padded[rank * size:(rank + 1) * size].to(partition.device, partition.dtype)
         partition.data.copy_(state["fp32"])
-        zero.optimizer.state[inner_group["params"][0]] = {
-            "step": merged.steps[g].clone(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
+        flat_param = inner_group["params"][0]
+        if merged.steps[g] is None:  # Adam creates its state at the first applied update, as in the saved run
+            zero.optimizer.state.pop(flat_param, None)
+        else:
+            zero.optimizer.state[flat_param] = {
+                "step": merged.steps[g].clone(), "exp_avg": state["exp_avg"], "exp_avg_sq": state["exp_avg_sq"]}
     zero.update_lp_params()  # model weights = the restored fp32 masters (all-gathered over the ranks)
     zero._link_all_hp_params()  # per-parameter views into the new partitions ...
     zero._hp_optimizer_states_linked = False
     zero._lazy_init_hp_params_optimizer_state()  # ... and into the new Adam state (safe_get_full_optimizer_state)
 
 
-def live_optimizer_state(engine: Any) -> dict[str, dict[str, torch.Tensor]]:
-    """This rank's ZeRO-1/2 optimizer state per parameter under global names, for the parameters whose
-    whole slice this rank holds (all of them when the group is not split). For checks and debugging."""
-    zero = engine.optimizer
-    found = {}
-    for g, inner_group in enumerate(zero.optimizer.param_groups):
-        dp_group = zero.real_dp_process_group[g]
-        if dist.get_world_size(group=dp_group) != 1:
-            continue
-        params = zero.round_robin_bit16_groups[g]
-        adam = zero.optimizer.state.get(inner_group["params"][0], {})
-        flats = {"fp32": zero.single_partition_of_fp32_groups[g], **{k: adam.get(k) for k in ADAM_KEYS[1:]}}
-        offset = 0
-        for name, param in zip(_global_names(engine, params), params):
-            numel = param.numel()
-            found[name] = {k: (None if v is None else v[offset:offset + numel].view(param.shape).detach().clone())
-                           for k, v in flats.items()}
-            found[name]["step"] = adam.get("step")
-            offset += numel
-    return found
-
-
 # ----------------------------------------------------------------------------- ZeRO-0
-
-
-def _local_names(engine: Any, params: list) -> list[str]:
-    return [engine.param_names[p] for p in params]
 
 
 def consolidate_stage0_checkpoint(engine: Any, path: Path, ep_size: int) -> dict[str, dict[str, torch.Tensor]]:
