@@ -172,6 +172,21 @@ def test_metrics_jsonl_one_object_per_logged_step(tmp_path, capsys):
     assert format_duration(3725) == "1h02m" and format_duration(65) == "1m05s"
 
 
+def test_metrics_also_go_to_tensorboard(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    logger = MetricsLogger(tmp_path, enabled=True, max_steps=10, tensorboard=True, console=True)
+    logger.log(1, {"loss": 2.0, "bpb": 2.885, "bytes_per_concept": 4.25, "skip_reason": "ok"})
+    logger.log(2, {"loss": 1.5, "bpb": 2.164, "bytes_per_concept": 3.75})
+    logger.close()
+    assert capsys.readouterr().err.splitlines()[-1].startswith("step 2/10 | loss 1.5000 | bpb 2.1640 | 3.75 B/concept")
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert set(events.Tags()["scalars"]) == {"loss", "bpb", "bytes_per_concept"}  # strings are not scalars
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.0), (2, 1.5)]
+    assert [e.value for e in events.Scalars("bytes_per_concept")] == [4.25, 3.75]
+
+
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS")
 
 

@@ -6,7 +6,9 @@ Method (issue 4, "Benchmark"):
   size = number of ranks: ep=2 at 2 ranks, all experts local at 1 rank). Each rank keeps the same
   micro-batch and one micro-step per optimizer step (global batch = ranks x micro-batch: weak
   scaling). From RUN_DIR/metrics.jsonl (logged every step) the warm-up steps are dropped; per-rank
-  throughput = bytes_per_s / world_size; scaling efficiency = per-rank throughput(2) / throughput(1);
+  throughput = bytes_per_s / world_size; scaling efficiency = per-rank throughput(2) / throughput(1).
+  Next to it, each run is repeated with Trainer.train_step() timed inside every rank in process CPU
+  time: cpu(1 rank) / cpu(2 ranks) is the efficiency without waiting (an upper bound on idle cores);
 - trainer overhead: right after each 1-rank run, one process (1 thread) builds the Trainer from the
   same config and a plain torch AdamW loop over the same model and batches (same init seed, data
   stream, micro-batching, learning-rate schedule, gradient clipping), and alternates Trainer.train_step()

@@ -73,6 +73,8 @@ class MetricsLogger:
             parts.append(f"lr {record['lr']:.2e}")
         if "bytes_per_s" in record:
             parts.append(f"{record['bytes_per_s'] / 1e3:.1f} kB/s")
+        if "bytes_per_concept" in record:
+            parts.append(f"{record['bytes_per_concept']:.2f} B/concept")
         if "mfu" in record:
             parts.append(f"mfu {100 * record['mfu']:.2f}%")
         if record.get("skipped_steps"):
