@@ -80,8 +80,13 @@ def resume_with_probe(cfg: dict, world: int, dump: Path) -> int:
     else:
         argv = [str(tl.BIN / "torchrun"), "--nproc_per_node", str(world), "--master_port", str(tl.free_port()), *probe]
     with open(run_dir.parent / f"{run_dir.name}.log", "ab") as log:
-        return subprocess.run(argv, cwd=str(tl.REPO), env=tl.child_env(), stdout=log, stderr=subprocess.STDOUT,
-                              timeout=300).returncode
+        proc = subprocess.Popen(argv, cwd=str(tl.REPO), env=tl.child_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        return proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        tl.kill_group(proc)  # the launcher and every rank
+        raise AssertionError(f"resumed run timed out; output:\n{tl.output_of(cfg)[-4000:]}")
 
 
 def owner(name: str, ep: int) -> tuple[int, str]:
