@@ -95,12 +95,41 @@ def test_moe_run_sets_expert_parallel_to_the_world_size(tmp_path, world):
     assert loaded.global_batch_sequences() == 4 * world  # configs/tiny-moe-cpu.yaml: micro-batch 4
 
 
+def test_micro_batch_override_scales_the_global_batch_with_the_ranks(tmp_path):
+    values = bench.run_config(bench.TrainBenchConfig(micro_batch_size=32), "dense", 2, tmp_path / "run")
+    loaded = load_config(str(bench.write_config(values, tmp_path / "run.yaml")))
+    assert (loaded.batch.micro_batch_size, loaded.global_batch_sequences(), loaded.grad_accumulation_steps(2)) == (32, 64, 1)
+
+
 def test_commands_launch_one_process_or_torchrun(tmp_path):
     single = bench.train_command(tmp_path / "c.yaml", 1)
     assert Path(single[0]).name == "synergy-train" and single[1:] == ["--config", str(tmp_path / "c.yaml")]
     parallel = bench.train_command(tmp_path / "c.yaml", 2)
     assert Path(parallel[0]).name == "torchrun" and parallel[1:3] == ["--nproc_per_node", "2"]
     assert "--no-python" in parallel and parallel[-3:] == [single[0], "--config", str(tmp_path / "c.yaml")]
+
+
+def test_launch_keeps_a_finished_run_that_crashed_at_exit_and_drops_an_unfinished_one(tmp_path, monkeypatch):
+    run_dir, config = tmp_path / "run", tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"run": {"dir": str(run_dir)}}))
+    lines = [json.dumps({"step": s, "world_size": 1, "bytes_per_s": 10.0, "step_time_s": 0.1}) for s in (1, 2)]
+    script = f"mkdir -p {run_dir} && printf '%s\\n' {' '.join(repr(x) for x in lines)} > {run_dir}/metrics.jsonl; exit 1"
+    monkeypatch.setattr(bench, "train_command", lambda path, world: ["bash", "-c", script])
+    log = config.with_suffix(".log")
+    records, problem = bench.launch(config, 1, steps=2)
+    assert [r["step"] for r in records] == [1, 2]
+    assert problem == f"synergy-train (1 rank(s)) exited with 1 after logging all 2 steps (log: {log})"
+    records, problem = bench.launch(config, 1, steps=3)
+    assert records == [] and problem == f"synergy-train (1 rank(s)) exited with 1 (log: {log})"
+
+
+def test_use_every_core_undoes_a_one_core_pin():
+    allowed = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(allowed)})
+        assert bench.use_every_core() >= allowed  # at least every CPU the test process started with
+    finally:
+        os.sched_setaffinity(0, allowed)
 
 
 # ---------------------------------------------------------------------------------- errors
@@ -111,6 +140,8 @@ def test_bad_settings_fail_with_the_fix():
         bench.TrainBenchConfig(variants=["sparse"]).validate()
     with pytest.raises(ValueError, match="need steps >= 1 and 0 <= warmup_steps < steps"):
         bench.TrainBenchConfig(steps=3, warmup_steps=3).validate()
+    with pytest.raises(ValueError, match=r"micro_batch_size=-1 must be >= 0 \(0 = the config's\)"):
+        bench.TrainBenchConfig(micro_batch_size=-1).validate()
     with pytest.raises(FileNotFoundError, match="config /nonexistent.yaml not found"):
         bench.TrainBenchConfig(checkpoint_configs=["/nonexistent.yaml"]).validate()
 

@@ -79,6 +79,8 @@ class TrainBenchConfig:
         if self.steps < 1 or not 0 <= self.warmup_steps < self.steps:
             raise ValueError(f"train benchmark: need steps >= 1 and 0 <= warmup_steps < steps "
                              f"(got steps={self.steps}, warmup_steps={self.warmup_steps}); raise --train-steps")
+        if self.micro_batch_size < 0:
+            raise ValueError(f"train benchmark: micro_batch_size={self.micro_batch_size} must be >= 0 (0 = the config's)")
         if self.world_size < 2:
             raise ValueError(f"train benchmark: world_size={self.world_size} must be >= 2 (it is compared with 1 rank)")
         if self.checkpoint_repeats < 1:
@@ -189,8 +191,11 @@ def train_command(config_path: Path, world: int) -> list[str]:
             "--master_port", str(_free_port()), "--no-python", *train]
 
 
-def launch(config_path: Path, world: int) -> tuple[list[dict], str]:
-    """Run synergy-train to the end; returns (metrics records, error text or "")."""
+def launch(config_path: Path, world: int, steps: int) -> tuple[list[dict], str]:
+    """Run synergy-train to the end; returns (metrics records, problem text or "").
+
+    A run that logged all its steps but then exited non-zero (a crash while tearing down) keeps its
+    records, and the problem text says so; a run that did not finish returns no records."""
     from synergy_dist.train.metrics import read_metrics
 
     run_dir = Path(yaml.safe_load(config_path.read_text())["run"]["dir"])
@@ -199,13 +204,15 @@ def launch(config_path: Path, world: int) -> tuple[list[dict], str]:
     with open(log, "wb") as out:
         proc = subprocess.run(train_command(config_path, world), cwd=str(REPO), env=child_env(), stdout=out,
                               stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
-    if proc.returncode != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-1:] or ["(no output)"]
-        return [], f"synergy-train ({world} rank(s)) exited with {proc.returncode}: {tail[0]} (log: {log})"
     records = read_metrics(run_dir / "metrics.jsonl")
     wrong = {r["world_size"] for r in records} - {world}
     if wrong:
         return [], f"metrics of {run_dir} report world_size {sorted(wrong)}, expected {world}"
+    if proc.returncode != 0:
+        finished = [r["step"] for r in records] == list(range(1, steps + 1))
+        problem = (f"synergy-train ({world} rank(s)) exited with {proc.returncode}"
+                   f"{' after logging all ' + str(steps) + ' steps' if finished else ''} (log: {log})")
+        return (records if finished else []), problem
     return records, ""
 
 
@@ -393,9 +400,11 @@ def run_worker(job: str, kwargs: dict, log: Path, world: int = 1) -> tuple[dict 
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(proc.stdout + proc.stderr)
     lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
+    if not lines:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
         return None, f"{job} worker exited with {proc.returncode}: {tail} (log: {log})"
+    if proc.returncode != 0:  # it answered, then crashed while tearing down: keep the answer, say so
+        return json.loads(lines[-1]), f"{job} worker exited with {proc.returncode} after answering (log: {log})"
     return json.loads(lines[-1]), ""
 
 
@@ -414,6 +423,8 @@ def measure_checkpoints(cfg: TrainBenchConfig, report: BenchReport, work: Path) 
             for what, unit in (("save", "s"), ("load", "s"), ("size", "MB")):
                 report.add(missing(f"checkpoint/{name}/{what}", unit, error))
             continue
+        if error:
+            report.notes.append(error)
         how = (f"{config}: {result['params']:,} parameters, ZeRO-{cfg.checkpoint_zero_stage}, 1 rank, fp32; "
                f"load average {load} -> {load_average()}")
         report.add(figure_from(f"checkpoint/{name}/params", [result["params"]], "", f"model parameters of {config}"))
@@ -436,7 +447,9 @@ def measure_variant(cfg: TrainBenchConfig, variant: str, report: BenchReport, wo
         values = run_config(cfg, variant, world, work / f"{variant}-{world}rank")
         config_path = write_config(values, work / f"{variant}-{world}rank.yaml")
         load = load_average()
-        records, error = launch(config_path, world)
+        records, error = launch(config_path, world, cfg.steps)
+        if records and error:
+            report.notes.append(f"{variant}, {world} rank(s): {error}; its figures use the logged steps")
         steady = steady_records(records, cfg.warmup_steps)
         if not steady:
             reason = error or f"no steps after the {cfg.warmup_steps} warm-up steps in {config_path}"
@@ -477,6 +490,8 @@ def measure_rank_cpu(cfg: TrainBenchConfig, key: str, config_path: Path, world: 
     if result is None:
         report.add(missing(f"{key}/step_cpu_per_rank", "s", error))
         return None
+    if error:
+        report.notes.append(error)
     samples = [t for rank in result["ranks"] for t in rank["cpu_s"]]
     return report.add(figure_from(f"{key}/step_cpu_per_rank", samples, "s",
                                   f"Trainer.train_step() timed in each of {world} rank process(es) (CPU time, every "
@@ -494,6 +509,8 @@ def measure_overhead(cfg: TrainBenchConfig, variant: str, config_path: Path, rep
         report.add(missing(f"{variant}/trainer_overhead", "%", error))
         report.targets.append(Target(goal, None, "<", OVERHEAD_TARGET_PERCENT, "%"))
         return
+    if error:
+        report.notes.append(error)
     how = (f"1 process x 1 thread, Trainer.train_step() and the plain loop alternating step by step, steps "
            f"{cfg.warmup_steps + 1}-{cfg.steps}; load average {load} -> {load_average()}")
     medians = {}
@@ -512,9 +529,23 @@ def measure_overhead(cfg: TrainBenchConfig, variant: str, config_path: Path, rep
     report.targets.append(Target(goal, share, "<", OVERHEAD_TARGET_PERCENT, "%"))
 
 
+def use_every_core() -> set[int]:
+    """Undo a one-core pin (the data and model benchmarks pin the process, and children inherit it):
+    the N-rank runs need N cores. Returns the CPUs this process may now use."""
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except OSError:  # a cpuset narrower than cpu_count: keep what we have
+        pass
+    return os.sched_getaffinity(0)
+
+
 def run(cfg: TrainBenchConfig, command: str) -> BenchReport:
     cfg.validate()
     report = BenchReport(name="train", command=command)
+    cpus = use_every_core()
+    if len(cpus) < cfg.world_size:
+        report.notes.append(f"only CPUs {sorted(cpus)} are available: {cfg.world_size} ranks share them, the "
+                            "scaling figures measure that sharing")
     work = Path(cfg.work_dir).resolve()
     work.mkdir(parents=True, exist_ok=True)
     report.notes.append(
@@ -542,6 +573,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps per synergy-train run (default 30)")
     parser.add_argument("--train-warmup-steps", type=int, default=None,
                         help="first steps dropped from the medians (default 10)")
+    parser.add_argument("--train-micro-batch", type=int, default=None,
+                        help="sequences per rank per step in the scaling runs (default: each config's micro_batch_size)")
     parser.add_argument("--checkpoint-config", action="append", default=None, metavar="YAML",
                         help="config(s) whose checkpoint save/load is timed (default: configs/tiny-cpu.yaml and "
                              "configs/base-100m.yaml)")
@@ -563,6 +596,8 @@ def config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
         cfg.steps = args.train_steps
     if getattr(args, "train_warmup_steps", None) is not None:
         cfg.warmup_steps = args.train_warmup_steps
+    if getattr(args, "train_micro_batch", None) is not None:
+        cfg.micro_batch_size = args.train_micro_batch
     if getattr(args, "checkpoint_config", None):
         cfg.checkpoint_configs = list(args.checkpoint_config)
     if getattr(args, "no_overhead", False):
