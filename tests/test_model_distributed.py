@@ -8,13 +8,11 @@ input (expert gradients: the sum over both ranks' inputs, since each rank's expe
 from __future__ import annotations
 
 import os
-import traceback
-from datetime import timedelta
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from two_ranks import run_on_two_ranks
 
 pytestmark = pytest.mark.slow
 
@@ -48,42 +46,22 @@ def expert_grad(model, layer: int, expert: int) -> torch.Tensor:
     return model.body.inner.blocks[layer].ffn.local_experts.experts.deepspeed_experts[expert].w_gate.grad
 
 
-def worker(rank: int, port: int, out_dir: str) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=60))
-        model = make_model(ep_size=2)
-        ids = rank_input(rank)
-        out = model(ids, labels=ids)
-        out.loss.backward()
-        result = {
-            "logits": out.logits.detach(),
-            "qkv_grad": model.body.inner.blocks[0].mixer.qkv.weight.grad,
-            "expert_grads": {(layer, e): expert_grad(model, layer, e).clone() for layer in (0, 1) for e in (0, 1)},
-            "concepts": middle_concepts(model.eval(), ids),
-        }
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.barrier()
-        dist.destroy_process_group()
-    except Exception:  # noqa: BLE001 - report the child's traceback to the parent
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def two_rank_body(rank: int, out_dir: str) -> None:
+    model = make_model(ep_size=2)
+    ids = rank_input(rank)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    result = {
+        "logits": out.logits.detach(),
+        "qkv_grad": model.body.inner.blocks[0].mixer.qkv.weight.grad,
+        "expert_grads": {(layer, e): expert_grad(model, layer, e).clone() for layer in (0, 1) for e in (0, 1)},
+        "concepts": middle_concepts(model.eval(), ids),
+    }
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def test_expert_parallel_model_matches_single_process(tmp_path):
-    mp.start_processes(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
-    for rank in (0, 1):
-        assert not (tmp_path / f"error{rank}.txt").exists(), (tmp_path / f"error{rank}.txt").read_text()
+    run_on_two_ranks(two_rank_body, tmp_path, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert results[0]["concepts"] != results[1]["concepts"]  # the ranks really hold different token counts
 

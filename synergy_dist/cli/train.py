@@ -34,13 +34,23 @@ def main(argv: list[str] | None = None) -> int:
     # MKL's results may depend on memory alignment; a resumed process allocates differently, so ask
     # for alignment-independent results (needed for bitwise-equal losses after a resume on CPU).
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    from synergy_dist.train.distributed import detect_env
     from synergy_dist.train.trainer import train  # heavy imports only after the config is valid
 
     try:
-        return train(cfg)
+        status = train(cfg)
     except ConfigError as err:  # checks that need the world size
         print(f"synergy-train: configuration error: {err}", file=sys.stderr)
         return 2
+    if detect_env().world_size > 1:
+        # After a clean multi-rank run (everything written, closed and past a final barrier), the
+        # interpreter's teardown sometimes aborts in a leftover C++ thread ("terminate called without
+        # an active exception", SIGABRT), turning success into a crash the launcher reports. Leave
+        # without that teardown so the exit status is the trainer's.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":
