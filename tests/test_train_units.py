@@ -218,3 +218,26 @@ def test_resolve_dtype():
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16
     assert resolve_dtype("fp32", "cuda") == torch.float32
+
+
+def test_each_checkout_preprocesses_the_bundled_sample_into_its_own_cache(tmp_path, monkeypatch):
+    """The cache key includes the corpus path: a second checkout must not trip over the first one's
+    shard set (whose plan records the other path) in the shared ~/.cache."""
+    import shutil
+
+    import synergy_dist
+    from synergy_dist.train.trainer import sample_shards
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = load_config(None, [])
+    found = []
+    for checkout in ("a", "b"):
+        corpus = tmp_path / checkout / "sample.jsonl.zst"
+        corpus.parent.mkdir()
+        shutil.copy(synergy_dist.SAMPLE_CORPUS, corpus)
+        monkeypatch.setattr(synergy_dist, "SAMPLE_CORPUS", corpus)
+        train, valid = sample_shards(cfg, is_main=True)
+        assert (Path(train[0]) / "manifest.json").is_file() and (Path(valid[0]) / "manifest.json").is_file()
+        found.append(train[0])
+    assert found[0] != found[1]
+    assert all(str(tmp_path / "home" / ".cache" / "synergy_dist") in path for path in found)

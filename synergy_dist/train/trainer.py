@@ -61,7 +61,8 @@ def sample_shards(cfg: Config, is_main: bool) -> tuple[list, list]:
     from synergy_dist import SAMPLE_CORPUS
 
     fraction = cfg.data.sample_valid_fraction
-    key = hashlib.sha256(f"{SAMPLE_CORPUS.stat().st_size}-{fraction}".encode()).hexdigest()[:12]
+    # The preprocess plan records its input path, so each installation (checkout) gets its own cache.
+    key = hashlib.sha256(f"{SAMPLE_CORPUS.resolve()}-{SAMPLE_CORPUS.stat().st_size}-{fraction}".encode()).hexdigest()[:12]
     out = Path(cfg.data.sample_dir or Path.home() / ".cache" / "synergy_dist" / f"sample-{key}")
     if is_main:
         from data_pipeline.preprocess import preprocess
