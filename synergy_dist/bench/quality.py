@@ -640,7 +640,7 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m synergy_dist.bench.quality [--out DIR] [...]` until `synergy-bench quality` is wired in."""
+    """`python -m synergy_dist.bench.quality [--out DIR] [...]`: `synergy-bench quality` plus `--table-from`."""
     import shlex
 
     from synergy_dist.bench.report import write_report

@@ -611,7 +611,7 @@ def config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m synergy_dist.bench.train [--out DIR] [...]` until `synergy-bench train` is wired in."""
+    """`python -m synergy_dist.bench.train [--out DIR] [...]`: the same run as `synergy-bench train`."""
     import shlex
 
     from synergy_dist.bench.report import write_report
