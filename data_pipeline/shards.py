@@ -396,6 +396,19 @@ class ShardReader:
         end = int(self._frames[last, 0] + self._frames[last, 1])
         os.posix_fadvise(self._open().fileno(), offset, end - offset, os.POSIX_FADV_WILLNEED)
 
+    def cached_view(self, lo: int, hi: int) -> np.ndarray | None:
+        """Raw bytes [lo, hi) as a view into the frame cache when one frame of uniform size holds them and
+        is decompressed already; None otherwise (then use _view). The streaming hot loop's shortcut:
+        no checks, the caller passes a range inside the shard."""
+        u = self._uniform
+        if not u:
+            return None
+        k = lo // u
+        if (hi - 1) // u != k:
+            return None
+        frame = self._cache.get((self._key, k))
+        return None if frame is None else frame[lo - k * u : hi - k * u]
+
     def _view(self, lo: int, hi: int) -> np.ndarray:
         """Raw bytes [lo, hi): a view into the frame cache when one frame holds them, else a new
         array. A view is only valid until the next frame is decompressed (buffers are recycled)."""

@@ -27,7 +27,7 @@ from data_pipeline.mixing import MixtureSchedule
 from data_pipeline.shards import DEFAULT_FRAME_BYTES, CorruptShardError
 from data_pipeline.shuffle import WindowOrder
 from data_pipeline.token_source import ShardSetSource
-from data_pipeline.vocab import IGNORE_INDEX
+from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
 
 MAX_CACHE_FRAMES = 64  # decompressed frames kept per source and process (64 MiB at 1 MiB frames)
 MAP_CHUNK = 1024  # samples mapped to windows per vectorised call while iterating (fewer numpy calls)
@@ -130,6 +130,7 @@ class StreamingByteDataset(IterableDataset):
         self.fingerprint = int(hashlib.blake2b(key.encode(), digest_size=8).hexdigest()[:15], 16)
         self._rank_share = global_batch_size // world_size
         self._next_local = 0  # index, in this rank's own sequence, of the next sample to yield
+        self._stage: np.ndarray | None = None  # uint8 buffer the windows of a micro-batch are copied into
 
     # ---- positions -------------------------------------------------------------------------
 
@@ -163,34 +164,53 @@ class StreamingByteDataset(IterableDataset):
             except CorruptShardError:
                 pass  # reported (or skipped) when the window itself is read
 
-    def _read(self, source_id: int, window: int, out: np.ndarray) -> int:
-        """Fill out with a window's tokens; returns how many are real (not PAD)."""
+    def _read(self, source_id: int, window: int, row: np.ndarray, eods: list[int], at_row: int) -> int:
+        """window_bytes with on_corrupt="skip": a window on a corrupt shard moves to the next readable one."""
         source = self.sources[source_id]
         while True:
-            if self.on_corrupt == "skip":
-                window = source.next_readable(window)
+            window = source.next_readable(window)
+            mark = len(eods)
             try:
-                return source.window(window, out)[1]
+                return source.window_bytes(window, row, eods, at_row)
             except CorruptShardError as e:
-                if self.on_corrupt == "raise" or e.path is None:
+                del eods[mark:]  # the failed window's EOD positions
+                if e.path is None:
                     raise
                 source.mark_bad(e)
 
     def _micro_batch(self, source_ids: list[int], windows: list[int], index: torch.Tensor,
                      sources: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Samples collated: input_ids and labels [n, L] are views of one [n, L + 1] int64 buffer that
-        the windows are decoded into (one uint8 -> int64 cast per byte, no other copy)."""
+        """Samples collated: input_ids and labels [n, L] are views of one [n, L + 1] int64 tensor.
+
+        The windows are copied as bytes into a reused uint8 buffer and cast to int64 by one torch call
+        for the whole micro-batch (about half the cost of casting row by row in numpy); the few tokens
+        that are not bytes (EOD_ID, PAD_ID) are then written by position."""
         size = self.seq_len + 1
-        rows = np.empty((len(windows), size), dtype=np.int64)
-        padded = []  # (row, real tokens) of windows that end in PAD
-        for j, (d, w) in enumerate(zip(source_ids, windows)):
-            if self.on_corrupt == "raise":  # the common case, without the skip machinery
-                real = self.sources[d].window(w, rows[j])[1]
-            else:
-                real = self._read(d, w, rows[j])
-            if real < size:
-                padded.append((j, real))
-        tokens = torch.from_numpy(rows)
+        n = len(windows)
+        if self._stage is None or self._stage.shape[0] < n:
+            self._stage = np.empty((n, size), dtype=np.uint8)
+        stage = self._stage[:n]
+        eods: list[int] = []  # flat positions in the [n, size] buffer
+        if self.on_corrupt == "raise" and len(self.sources) == 1:  # the common case, in one call
+            padded = self.sources[0].fill(windows, stage, range(n), eods)
+        elif self.on_corrupt == "raise":
+            padded = []  # (row, real tokens) of windows that end in PAD
+            ids = np.asarray(source_ids)
+            for d in np.unique(ids).tolist():
+                rows = np.flatnonzero(ids == d).tolist()
+                padded += self.sources[d].fill([windows[j] for j in rows], stage, rows, eods)
+        else:
+            padded = []
+            for j, (d, w, row) in enumerate(zip(source_ids, windows, stage)):
+                real = self._read(d, w, row, eods, j * size)
+                if real < size:
+                    padded.append((j, real))
+        tokens = torch.empty((n, size), dtype=torch.int64)
+        tokens.copy_(torch.from_numpy(stage))
+        if eods:
+            tokens.numpy().reshape(-1)[eods] = EOD_ID  # numpy: a tenth of the cost of a torch index_put here
+        for j, real in padded:
+            tokens[j, real:] = PAD_ID
         labels = tokens[:, 1:]
         if padded:
             labels = labels.clone()

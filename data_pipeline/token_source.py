@@ -30,17 +30,19 @@ RECENTLY_ADVISED = 16  # blocks remembered as advised, so that they are not advi
 MAX_PIECEWISE_EODS = 8  # a window with more documents ending in it is filled through a mask
 
 
-def _copy_pieces(out: np.ndarray, raw: np.ndarray, eods, start: int) -> None:
-    """out = raw with EOD_ID inserted at stream positions eods (window starting at stream position start)."""
+def _copy_pieces(row: np.ndarray, raw: np.ndarray, eods, start: int, eod_out: list[int], at_row: int) -> None:
+    """Fill row with raw around the EOD tokens at stream positions eods (row starts at stream position start).
+
+    The EOD positions are appended to eod_out as at_row + position in row; their bytes in row stay unset."""
     at = 0  # position in raw
-    pos = 0  # position in out
+    pos = 0  # position in row
     for eod in eods:
         n = eod - start - pos
-        out[pos : pos + n] = raw[at : at + n]
-        out[pos + n] = EOD_ID
+        row[pos : pos + n] = raw[at : at + n]
+        eod_out.append(at_row + pos + n)
         at += n
         pos += n + 1
-    out[pos:] = raw[at:]
+    row[pos:] = raw[at:]
 
 
 class ShardSetSource:
@@ -107,23 +109,24 @@ class ShardSetSource:
             self._eod_search.pop(old, None)
         return r
 
-    def _shard_tokens(self, shard: int, s: int, e: int, out: np.ndarray) -> None:
-        """Write shard-local stream tokens [s, e) into out (raw bytes with EOD_ID after each document)."""
+    def _shard_bytes(self, shard: int, s: int, e: int, row: np.ndarray, eods: list[int], at_row: int) -> None:
+        """Shard-local stream tokens [s, e) into the uint8 row: the raw bytes, with the positions of the
+        EOD that follows each document appended to eods (as at_row + position in row)."""
         reader = self.reader(shard)
         search = self._eod_search[shard]
         first = bisect.bisect_left(search, s)
         last = bisect.bisect_left(search, e)
-        raw = reader._view(s - first, e - last)  # copied into out right away (one uint8 -> int64 cast)
+        raw = reader._view(s - first, e - last)  # a view into the frame cache: copied into row right away
         if first == last:
-            out[:] = raw
+            row[:] = raw
         elif last - first <= MAX_PIECEWISE_EODS:
-            _copy_pieces(out, raw, search[first:last], s)
+            _copy_pieces(row, raw, search[first:last], s, eods, at_row)
         else:
             inside = self._eod_positions[shard][first:last] - s
             mask = np.ones(e - s, dtype=bool)
             mask[inside] = False
-            out[mask] = raw
-            out[inside] = EOD_ID
+            row[mask] = raw
+            eods.extend((inside + at_row).tolist())
 
     def shards_of(self, window: int) -> range:
         """Indices of the shards a window reads."""
@@ -135,39 +138,89 @@ class ShardSetSource:
         shard = bisect.bisect_right(self._doc_starts, window) - 1
         return range(shard, shard + 1)
 
-    def window(self, window: int, out: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-        """Tokens (int64, length seq_len + 1) of a window and how many are real (not PAD).
+    def window_bytes(self, window: int, row: np.ndarray, eods: list[int], at_row: int = 0) -> int:
+        """A window's tokens as bytes, the form the hot loop copies (a uint8 copy per byte, no cast).
 
-        out: an int64 array of seq_len + 1 to fill (a row of a micro-batch); a new one by default.
+        row: a uint8 array of seq_len + 1. Tokens that are not bytes are not written: the positions
+        holding EOD_ID are appended to eods (plus at_row, so that a caller filling a [n, seq_len + 1]
+        buffer can pass row index x (seq_len + 1) and get flat positions), and the return value is the
+        number of real tokens: positions from there on hold PAD_ID (pack=False only).
         """
         size = self.seq_len + 1
-        if out is None:
-            out = np.empty(size, dtype=np.int64)
         if self.pack:
             a = window * self.seq_len
             starts = self._token_starts
             shard = bisect.bisect_right(starts, a) - 1
             if a + size <= starts[shard + 1]:  # the common case: one shard
-                self._shard_tokens(shard, a - starts[shard], a + size - starts[shard], out)
-                return out, size
+                self._shard_bytes(shard, a - starts[shard], a + size - starts[shard], row, eods, at_row)
+                return size
             for shard in self.shards_of(window):
                 lo = max(a, starts[shard])
                 hi = min(a + size, starts[shard + 1])
                 if hi > lo:
-                    self._shard_tokens(shard, lo - starts[shard], hi - starts[shard], out[lo - a : hi - a])
-            return out, size
+                    self._shard_bytes(shard, lo - starts[shard], hi - starts[shard], row[lo - a : hi - a],
+                                      eods, at_row + lo - a)
+            return size
         shard = self.shards_of(window)[0]
         k = window - self._doc_starts[shard]
-        ends = self.reader(shard).doc_ends
+        reader = self.reader(shard)
+        ends = reader.doc_ends
         lo = int(ends[k - 1]) if k else 0
         hi = min(int(ends[k]), lo + size)
         n = hi - lo
-        out[:n] = self.reader(shard)._view(lo, hi)
-        if n < size:
-            out[n] = EOD_ID
-            n += 1
-            out[n:] = PAD_ID
-        return out, n
+        row[:n] = reader._view(lo, hi)
+        if n == size:
+            return size
+        eods.append(at_row + n)
+        return n + 1
+
+    def fill(self, windows: list[int], stage: np.ndarray, rows: list[int], eods: list[int]) -> list[tuple[int, int]]:
+        """window_bytes for many windows: windows[i] into stage[rows[i]] (stage: uint8 [n, seq_len + 1]),
+        EOD positions appended to eods as flat positions in stage. Returns (row, real tokens) of the
+        windows that end in PAD.
+
+        One call per micro-batch: the common case, a packed window inside one decompressed frame of
+        an open shard with few document ends, is handled inline (a few integer operations and one
+        copy, plus one per document end); anything else goes through window_bytes.
+        """
+        size = self.seq_len + 1
+        padded = []
+        if not self.pack:
+            for w, r in zip(windows, rows):
+                real = self.window_bytes(w, stage[r], eods, r * size)
+                if real < size:
+                    padded.append((r, real))
+            return padded
+        length, starts, readers, searches = self.seq_len, self._token_starts, self._readers, self._eod_search
+        for w, r in zip(windows, rows):
+            a = w * length
+            shard = bisect.bisect_right(starts, a) - 1
+            s = a - starts[shard]
+            search = searches.get(shard)
+            if search is not None and a + size <= starts[shard + 1]:
+                e = s + size
+                first = bisect.bisect_left(search, s)
+                last = bisect.bisect_left(search, e, first)
+                if last - first <= MAX_PIECEWISE_EODS:
+                    raw = readers[shard].cached_view(s - first, e - last)
+                    if raw is not None:
+                        if first == last:
+                            stage[r] = raw
+                        else:
+                            _copy_pieces(stage[r], raw, search[first:last], s, eods, r * size)
+                        continue
+            self.window_bytes(w, stage[r], eods, r * size)
+        return padded
+
+    def window(self, window: int) -> tuple[np.ndarray, int]:
+        """Tokens (int64, length seq_len + 1) of a window and how many are real (not PAD)."""
+        row = np.empty(self.seq_len + 1, dtype=np.uint8)
+        eods: list[int] = []
+        real = self.window_bytes(window, row, eods)
+        out = row.astype(np.int64)
+        out[eods] = EOD_ID
+        out[real:] = PAD_ID
+        return out, real
 
     def describe(self, window: int) -> tuple[str, str, int]:
         """(shard-set dir, shard file, raw byte offset in that shard) of a window's first token."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import random
 
 import pytest
 import torch
@@ -116,3 +117,27 @@ def test_stream_content_is_unchanged_by_the_fast_paths(corpus):
             w = ds.window_id(i)[1]
             assert torch.equal(inputs, torch.from_numpy(stream[w * L : w * L + L]))
             assert torch.equal(labels, torch.from_numpy(stream[w * L + 1 : w * L + L + 1]))
+
+
+@pytest.mark.parametrize("max_len", [3, 60])
+def test_windows_dense_with_document_ends_hold_every_eod(tmp_path, max_len):
+    """Windows with more document ends than the piecewise copy handles (tiny documents) and with a few:
+    every byte and every EOD lands where the corpus stream has it, including across frames and shards."""
+    from data_corpus_helpers import token_stream
+
+    rng = random.Random(max_len)
+    texts = ["".join(rng.choice("ab\né中") for _ in range(rng.randint(0, max_len))) for _ in range(600)]
+    docs = write_jsonl(tmp_path / "tiny.jsonl", texts)
+    preprocess([docs], tmp_path / "T", shard_size=900, frame_bytes=200, min_doc_bytes=0, progress=False)
+    stream = token_stream(list(iter_documents(tmp_path / "T")))
+    ds = StreamingByteDataset([tmp_path / "T"], seq_len=L, global_batch_size=4, micro_batch_size=4, seed=3,
+                              batched=True, shuffle_block=4, shuffle_window=8)
+    n = ds.epoch_size()
+    eods_seen = 0
+    for batch in itertools.islice(iter(ds), -(-n // 4)):
+        for i, inputs, labels in zip(batch["sample_index"].tolist(), batch["input_ids"], batch["labels"]):
+            w = ds.window_id(i)[1]
+            assert torch.equal(inputs, torch.from_numpy(stream[w * L : w * L + L]))
+            assert torch.equal(labels, torch.from_numpy(stream[w * L + 1 : w * L + L + 1]))
+            eods_seen += int((inputs == 256).sum())
+    assert eods_seen > (n * 9 if max_len == 3 else n // 2)  # the case named was exercised (mask path: > 8 per window)
