@@ -67,6 +67,11 @@ def test_reference_run_logs_the_promised_metrics(reference_1rank):
         assert math.isfinite(r["loss"]) and r["world_size"] == 1
         assert r["bpb"] == pytest.approx(r["loss"] / math.log(2), rel=0.05)  # CE dominates the loss
         assert r["samples_consumed"] == 4 * r["step"]
+        # where the step went: the phases and the rest add up to the step, each non-negative
+        phases = [r[f"time_{p}_s"] for p in ("data", "forward", "backward", "optimizer", "other")]
+        assert min(phases) >= 0 and r["time_forward_s"] > 0 and r["time_backward_s"] > 0
+        assert sum(phases) == pytest.approx(r["step_time_s"], rel=0.05, abs=2e-3)
+        assert 0 < r["cpu_step_s"] and r["cpu_forward_s"] + r["cpu_backward_s"] <= r["cpu_step_s"] + 1e-6
     assert records[-1]["loss"] < records[0]["loss"]
     run_dir = Path(reference_1rank["run"]["dir"])
     assert (run_dir / "config.yaml").is_file()

@@ -35,6 +35,7 @@ from synergy_dist.train.distributed import (
 from synergy_dist.train.ds_config import build_ds_config
 from synergy_dist.train.metrics import MetricsLogger, to_number
 from synergy_dist.train.optimizer import GatedAdamW, lr_at
+from synergy_dist.train.phases import PhaseClock
 from synergy_dist.train.safeguards import Safeguards, Verdict
 
 
@@ -239,6 +240,7 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> dict:
         """Forward/backward over the micro-batches, then the (possibly vetoed) optimizer step."""
+        clock = PhaseClock()
         cfg, dbg, engine = self.cfg, self.cfg.debug, self.engine
         lr = lr_at(self.step, cfg)
         for group in engine.optimizer.param_groups:
@@ -247,8 +249,10 @@ class Trainer:
         sums = torch.zeros(2, dtype=torch.float64)  # loss, bpb summed over micro-batches
         aux_sum: dict = {}
         for micro in range(self.micro_steps):
-            batch = self._next_batch()
-            out = engine(batch["input_ids"], labels=batch["labels"])
+            with clock.phase("data"):
+                batch = self._next_batch()
+            with clock.phase("forward"):
+                out = engine(batch["input_ids"], labels=batch["labels"])
             loss = out.loss
             if batch_number in dbg.nan_loss_batches:
                 loss = loss * float("nan")
@@ -256,20 +260,24 @@ class Trainer:
                 loss = loss * dbg.spike_factor
             if batch_number in dbg.inf_grad_batches:
                 loss = _InfGradient.apply(loss)
-            engine.backward(loss)
+            with clock.phase("backward"):
+                engine.backward(loss)
             if micro < self.micro_steps - 1:
-                engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-step
+                with clock.phase("optimizer"):
+                    engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-step
             sums += torch.tensor([loss.item(), out.aux["bpb"].item()], dtype=torch.float64)
             for key, value in out.aux.items():
                 scalar = isinstance(value, torch.Tensor) and value.numel() == 1
                 aux_sum[key] = aux_sum.get(key, 0.0) + value.item() if scalar else value
         step_loss, step_bpb = self._global_mean(sums / self.micro_steps)
-        verdict, grad_norm = self._guarded_optimizer_step(step_loss)
+        with clock.phase("optimizer"):
+            verdict, grad_norm = self._guarded_optimizer_step(step_loss)
         self.guards.record(verdict, step_loss, grad_norm)
         self._after_update(verdict.apply)
         self.step += 1
         aux = {k: (v / self.micro_steps if isinstance(v, float) else v) for k, v in aux_sum.items()}
-        return {"loss": step_loss, "bpb": step_bpb, "lr": lr, "grad_norm": grad_norm, "verdict": verdict, "aux": aux}
+        return {"loss": step_loss, "bpb": step_bpb, "lr": lr, "grad_norm": grad_norm, "verdict": verdict, "aux": aux,
+                "phases": clock.summary()}
 
     def _guarded_optimizer_step(self, loss: float) -> tuple[Verdict, float]:
         """engine.step() at the accumulation boundary. DeepSpeed computes the global grad norm, then calls
@@ -411,7 +419,7 @@ class Trainer:
                     "step_time_s": elapsed, "bytes_per_s": bytes_per_s, "concept_tokens_per_s": bytes_per_s / concept_ratio,
                     "mfu": (flops_per_byte or 0.0) * bytes_per_s / peak, "world_size": self.world,
                     "samples_consumed": self.samples_consumed(), "data_state": self.train_data.state_at(self.samples_consumed()),
-                    "memory_mb": self._memory_mb(), **aux,
+                    "memory_mb": self._memory_mb(), **result["phases"], **aux,
                 }
                 alarms = self.guards.router_alarms(aux, targets)
                 record["router_alarms"] = len(alarms)
