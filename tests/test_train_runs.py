@@ -1,6 +1,6 @@
 """The trainer in real processes: 1 rank, and 2 ranks (gloo) through `torchrun` and the `deepspeed`
 launcher; resume exactness after kill -9, after a kill mid-save and after SIGTERM; ZeRO stages and
-expert parallelism; elastic 2 -> 1 resume; NaN/Inf skips; spike rollback; grad norm by hand."""
+expert parallelism; elastic 2 -> 1 and 1 -> 2 resume (ZeRO-0/2/3); NaN/Inf skips; spike rollback; grad norm by hand."""
 
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ def test_two_rank_launchers_zero_stages_and_expert_parallel(workdir, sample_dir,
         assert losses[step] == pytest.approx(expected[step], rel=1e-4, abs=1e-5), step
 
 
-@pytest.mark.parametrize("zero,before,after", [(0, 2, 1), (2, 2, 1), (2, 1, 2)])
+@pytest.mark.parametrize("zero,before,after", [(0, 2, 1), (2, 2, 1), (2, 1, 2), (3, 2, 1), (3, 1, 2)])
 def test_elastic_resume_continues_the_same_stream(workdir, sample_dir, reference_1rank, zero, before, after):
     cfg = config(workdir, sample_dir, f"elastic_zero{zero}_{before}_to_{after}", zero=zero)
     launcher = {1: "single", 2: "torchrun"}
@@ -164,6 +164,16 @@ def test_elastic_resume_continues_the_same_stream(workdir, sample_dir, reference
     expected = tl.losses_by_step(reference_1rank)  # same data and math; only reduction order differs
     for step in range(1, STEPS + 1):
         assert losses[step] == pytest.approx(expected[step], rel=1e-5), step
+    if zero == 3 and before == 2:  # our ZeRO-3 consolidation reads the weights as DeepSpeed's own zero_to_fp32 does
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        from synergy_dist.train.elastic import consolidate_zero3_checkpoint
+
+        checkpoints = Path(cfg["run"]["dir"]) / "checkpoints"
+        ours = consolidate_zero3_checkpoint(checkpoints / "step_00000004", 2).params
+        theirs = get_fp32_state_dict_from_zero_checkpoint(str(checkpoints), tag="step_00000004")
+        assert set(ours) == set(theirs)
+        assert all(torch.equal(ours[name]["fp32"], theirs[name]) for name in theirs)
 
 
 def module_state(cfg: dict, step: int) -> dict:

@@ -195,6 +195,10 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int, expert_
         engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True, load_module_strict=True)
         merged = elastic.consolidate_zero_checkpoint(path, saved_world, saved_ep)
         elastic.reshard_into_engine(engine, merged, str(path))
+    elif saved_world != world_size and zero_stage == 3:
+        # DeepSpeed refuses ZeRO-3 optimizer state written by another number of ranks; the model weights
+        # live in that state too (the module file holds empty placeholders), so both come from it.
+        elastic.load_zero3_resharded(engine, path, saved_world)
     elif saved_ep != expert_parallel_size and zero_stage == 0:
         # DeepSpeed would load the optimizer file of this rank's expert-parallel rank, written for other experts.
         engine.load_checkpoint(str(path.parent), tag=path.name, load_module_only=True, load_module_strict=True)

@@ -1,5 +1,6 @@
 """Elastic resume: load optimizer state written by a different number of ranks and/or a different
-expert-parallel size (dense and MoE models; ZeRO-1/2, and ZeRO-0 for a new expert-parallel size).
+expert-parallel size (dense and MoE models; ZeRO-1/2, ZeRO-0 for a new expert-parallel size, and
+ZeRO-3 for a new world size: dense models, as DeepSpeed refuses native MoE under ZeRO-3).
 
 DeepSpeed refuses to re-partition ZeRO-1/2 optimizer state for a new world size, and its universal
 checkpoint conversion fails for MoE with expert parallelism, so we go through a consolidated form:
@@ -204,3 +205,96 @@ def load_stage0_resharded(engine: Any, merged: dict[str, dict[str, torch.Tensor]
                 raise RuntimeError(f"checkpoint {source}: optimizer state of {name} has shape "
                                    f"{tuple(state['exp_avg'].shape)}, the parameter {tuple(param.shape)}")
             optimizer.state[param] = {k: v.to(param.device) if k != "step" else v for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- ZeRO-3
+
+
+def consolidate_zero3_checkpoint(path: Path, world_size: int) -> ConsolidatedOptimizer:
+    """Merge the ZeRO-3 partitions of a checkpoint written by `world_size` ranks into per-parameter tensors.
+
+    ZeRO-3 splits every parameter on its own: flattened, zero-padded to a multiple of the world size, and
+    cut into equal slices, rank r holding slice r. A rank's flat fp32 buffer of an optimizer group is its
+    slices of the group's parameters in order (`param_shapes` of the model-states file gives that order),
+    and the Adam moments of the group have the same layout.
+    """
+    model_file = path / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    if not model_file.is_file():
+        raise FileNotFoundError(f"checkpoint {path} lacks {model_file.name}: it is not a complete ZeRO-3 checkpoint; "
+                                "resume from another checkpoint")
+    shapes = torch.load(model_file, map_location="cpu", weights_only=False)["param_shapes"]
+    ranks = [_load_rank(path, r) for r in range(world_size)]
+    if len(ranks[0]["fp32_flat_groups"]) != len(shapes):
+        raise RuntimeError(f"checkpoint {path} holds {len(ranks[0]['fp32_flat_groups'])} ZeRO-3 sub-groups for "
+                           f"{len(shapes)} parameter groups (zero_optimization.sub_group_size split them): the elastic "
+                           "loader needs one sub-group per group; resume on the world size that wrote it")
+    merged = ConsolidatedOptimizer(moe_groups=[False] * len(shapes))
+    for g, group_shapes in enumerate(shapes):
+        adam = ranks[0]["optimizer_state_dict"]["state"].get(g)  # None: no update applied yet in the saved run
+        flats = []
+        for r in range(world_size):
+            flat = {"fp32": ranks[r]["fp32_flat_groups"][g].float()}
+            for key in ADAM_KEYS[1:]:
+                flat[key] = (torch.zeros_like(flat["fp32"]) if adam is None else
+                             ranks[r]["optimizer_state_dict"]["state"][g][key].float())
+            flats.append(flat)
+        offset = 0
+        for name, shape in group_shapes.items():
+            numel = int(torch.Size(shape).numel())
+            part = -(-numel // world_size)
+            merged.params[name] = {key: torch.cat([f[key][offset:offset + part] for f in flats])[:numel].view(shape).clone()
+                                   for key in ADAM_KEYS}
+            offset += part
+        if offset != flats[0]["fp32"].numel():
+            raise RuntimeError(f"checkpoint {path}: ZeRO-3 group {g} holds {flats[0]['fp32'].numel()} values per rank "
+                               f"but its parameters need {offset} at world size {world_size}: the checkpoint does not "
+                               "match the world size it records")
+        merged.steps.append(None if adam is None else adam["step"].clone())
+    return merged
+
+
+def load_zero3_resharded(engine: Any, path: Path, saved_world: int) -> None:
+    """Collective: resume a ZeRO-3 checkpoint written by `saved_world` ranks on this world size.
+
+    Each rank cuts its slice of every parameter (and of its Adam moments) out of the consolidated state
+    and hands DeepSpeed the state dict it would have saved at this world size; DeepSpeed then restores
+    the fp32 partitions, the Adam state and the model weights from it."""
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, LOSS_SCALER, OPTIMIZER_STATE_DICT
+
+    merged = consolidate_zero3_checkpoint(path, saved_world)
+    zero = engine.optimizer
+    saved = _load_rank(path, 0)
+    if len(zero.fp16_groups) != len(zero.optimizer.param_groups):
+        raise RuntimeError(f"cannot resume {path} elastically: zero_optimization.sub_group_size splits this "
+                           "model's parameter groups; resume on the world size that wrote the checkpoint")
+    if len(zero.fp16_groups) != len(merged.steps):
+        raise RuntimeError(f"checkpoint {path} has {len(merged.steps)} optimizer groups but the model has "
+                           f"{len(zero.fp16_groups)}: it was written for a different model configuration")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    flat_groups, state = [], {}
+    for g, params in enumerate(zero.fp16_groups):
+        names = _local_names(engine, params)
+        missing = [n for n in names if n not in merged.params]
+        if missing:
+            raise RuntimeError(f"checkpoint {path} has no optimizer state for {missing[:3]} ({len(missing)} "
+                               "parameters): it was written for a different model configuration")
+        slices = {key: [] for key in ADAM_KEYS}
+        for name, param in zip(names, params):
+            part = param.ds_tensor.ds_numel  # this world size's slice length
+            for key in ADAM_KEYS:
+                full = torch.zeros(part * world)
+                value = merged.params[name][key].reshape(-1)
+                full[:value.numel()] = value
+                slices[key].append(full[rank * part:(rank + 1) * part])
+        flat = {key: torch.cat(slices[key]) for key in ADAM_KEYS}
+        if flat["fp32"].numel() != zero.fp32_partitioned_groups_flat[g].numel():
+            raise RuntimeError(f"cannot resume {path} elastically: ZeRO-3 group {g} has "
+                               f"{zero.fp32_partitioned_groups_flat[g].numel()} values on this rank where the "
+                               f"parameters' slices make {flat['fp32'].numel()}")
+        flat_groups.append(flat["fp32"])
+        if merged.steps[g] is not None:
+            state[g] = {"step": merged.steps[g].clone(), "exp_avg": flat["exp_avg"], "exp_avg_sq": flat["exp_avg_sq"]}
+    inner = {"state": state, "param_groups": saved["optimizer_state_dict"]["param_groups"]}
+    zero._rigid_load_state_dict({LOSS_SCALER: saved[LOSS_SCALER], "dynamic_loss_scale": saved["dynamic_loss_scale"],
+                                 "overflow": saved["overflow"], OPTIMIZER_STATE_DICT: inner,
+                                 FP32_FLAT_GROUPS: flat_groups}, load_optimizer_states=True)
