@@ -166,6 +166,10 @@ def test_smoke_run_writes_figures_consistent_with_the_trainer_metrics(tmp_path, 
     figures = result["figures"]
 
     # Per-rank throughput: the trainer's bytes_per_s / world_size of steps 2..4, as logged in each run's metrics.
+    for world in (1, 2):  # every timed run uses a fixed router at the config's target: the same work per byte
+        run_yaml = yaml.safe_load((tmp_path / "work" / f"dense-{world}rank.yaml").read_text())
+        assert [s["router"]["kind"] for s in run_yaml["model"]["stages"]] == ["stride"]
+        assert run_yaml["model"]["stages"][0]["router"]["stride"] == 3  # the tiny config targets 3 bytes per concept
     for world in (1, 2):
         records = read_metrics(tmp_path / "work" / f"dense-{world}rank" / "metrics.jsonl")
         assert [r["step"] for r in records] == [1, 2, 3, 4]
