@@ -1,6 +1,7 @@
 """Elastic resume of an MoE model with expert parallelism, in real processes (gloo): 2 ranks with
-expert_parallel_size 2 -> 1 rank (ep 1), and 1 rank -> 2 ranks (ep 2), under ZeRO-2 and ZeRO-0; and
-ZeRO-1 2 ranks ep 1 -> 1 rank (expert groups partitioned over two ranks when saved).
+expert_parallel_size 2 -> 1 rank (ep 1), and 1 rank -> 2 ranks (ep 2), under ZeRO-2 and ZeRO-0;
+ZeRO-1 2 ranks ep 1 -> 1 rank (expert groups partitioned over two ranks when saved); and ZeRO-2
+4 ranks ep 2 <-> 2 ranks ep 2 (expert groups partitioned over two expert-data-parallel ranks).
 
 For each ZeRO stage, uninterrupted runs (one per geometry) train STEPS steps, checkpointing every 2.
 A resumed run starts from one run's step-RESUME_AT checkpoint on the other geometry (through
@@ -30,7 +31,8 @@ RESUME_AT = 2
 N_EXPERTS = tl.TINY_MOE_MIDDLE["moe"]["n_experts"]
 MOE_LAYERS = 2  # the tiny middle: pattern "A" x 2, every block MoE
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down")  # in model order
-GEOMETRIES = {"2ranks_ep2": (2, 2), "1rank_ep1": (1, 1), "2ranks_ep1": (2, 1)}  # (world size, expert-parallel size)
+GEOMETRIES = {"2ranks_ep2": (2, 2), "1rank_ep1": (1, 1), "2ranks_ep1": (2, 1),
+              "4ranks_ep2": (4, 2)}  # (world size, expert-parallel size)
 EXPERT_NAME = re.compile(r"^(?P<prefix>body\.inner\.blocks\.(?P<layer>\d+)\.ffn\.deepspeed_moe\.experts\."
                          r"deepspeed_experts\.)(?P<id>\d+)\.(?P<param>\w+)$")
 EXPERTS = [f"body.inner.blocks.{layer}.ffn.deepspeed_moe.experts.deepspeed_experts.{expert}.{param}"
@@ -156,7 +158,11 @@ def restored_state(dump: Path, ep: int, name: str) -> dict:
     (0, "2ranks_ep2", "1rank_ep1"),
     (0, "1rank_ep1", "2ranks_ep2"),
     (1, "2ranks_ep1", "1rank_ep1"),  # experts partitioned over 2 expert-data-parallel ranks when saved
-], ids=["zero2-2to1", "zero2-1to2", "zero0-2to1", "zero0-1to2", "zero1-2to1-ep1"])
+    # 4 ranks, ep 2 (4 processes on the 2 cores): each expert group split over 2 expert-data-parallel ranks
+    # and the experts over 2 expert-parallel ranks, both at once
+    (2, "4ranks_ep2", "2ranks_ep2"),
+    (2, "2ranks_ep2", "4ranks_ep2"),
+], ids=["zero2-2to1", "zero2-1to2", "zero0-2to1", "zero0-1to2", "zero1-2to1-ep1", "zero2-4to2-ep2", "zero2-2to4-ep2"])
 def test_moe_resumes_on_another_world_and_expert_parallel_size(workdir, sample_dir, zero, source, target):
     (src_world, src_ep), (dst_world, dst_ep) = GEOMETRIES[source], GEOMETRIES[target]
     written_by = uninterrupted(workdir, sample_dir, zero, source)
