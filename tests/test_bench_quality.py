@@ -231,17 +231,65 @@ def test_run_reports_every_row_and_the_goals(corpora, tmp_path):
 
 def test_command_line_quick_run_writes_json_and_markdown(corpora, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "synergy_dist.bench.quality", "--quick", "--corpora", str(corpora),
-                           "--out", str(tmp_path), "--row", "synergy-space", "--eval-bytes", "500"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    bench = [sys.executable, "-m", "synergy_dist.cli.bench", "quality"]
+    proc = subprocess.run([*bench, "--quick", "--corpora", str(corpora), "--out", str(tmp_path), "--row", "synergy-space",
+                           "--eval-bytes", "500"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "quality.json").read_text())
     figures = data["benchmarks"]["quality"]["figures"]
     assert figures["synergy-space/bpb_pydocs_valid"]["value"] > 0
-    assert "## quality" in (tmp_path / "quality.md").read_text()
-    bad = subprocess.run([sys.executable, "-m", "synergy_dist.bench.quality", "--corpora", str(tmp_path / "none"),
-                          "--train-bytes", "4096"], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    markdown = (tmp_path / "quality.md").read_text()
+    assert "## quality" in markdown and "| 5b | synergy-space" in markdown  # the comparison table
+    bad = subprocess.run([*bench, "--corpora", str(tmp_path / "none"), "--train-bytes", "4096"],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "pass --corpora DIR" in bad.stderr
+
+
+def _fake_result(name: str, number: str, bpb: float, bytes_per_concept: float, steps: int = 40) -> dict:
+    """A row result with the fields the table and the plots read (values chosen, not measured)."""
+    curve = [8.0 - 5.0 * i / steps for i in range(steps)]
+    valid = {"bits_per_byte": bpb, "bytes_per_concept": bytes_per_concept, "concepts": 1000 / bytes_per_concept,
+             "groups": {"library": {"bits_per_byte": bpb}}}
+    return {"row": name, "number": number, "what": name, "params_total": 10, "params_active": 10, "train_bytes": 4096 * steps,
+            "steps": steps, "batch_size": 8, "seq_len_units": 512 if name != "llama-bpe" else 128,
+            "train_flops": 1e9, "train_bytes_per_s_cpu": 5000.0, "train_bytes_per_s_wall": 4000.0,
+            "peak_rss_train_mib": 100.0, "rss_with_text_and_model_mib": 90.0, "peak_rss_mib": 120.0, "train_curve": curve,
+            "eval": {"pydocs-valid": valid, "pystdlib-code-heldout": {"bits_per_byte": bpb + 0.1}}}
+
+
+def test_table_from_combines_earlier_runs_into_one_report_with_plots(tmp_path):
+    """Two runs that shared the machine: one report, the table in row order, goals judged, and plots
+    whose drawn numbers are the results' own."""
+    pytest.importorskip("matplotlib")
+    a, b = tmp_path / "a" / "quality", tmp_path / "b" / "quality"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
+    rows = {"synergy-cosine": ("1", 2.3, 3.4), "byte-transformer": ("6", 2.6, 1.0), "llama-bpe": ("7", 2.2, 3.9)}
+    for name, (number, bpb, bpc) in rows.items():
+        (a if name == "synergy-cosine" else b).joinpath(f"{name}.json").write_text(json.dumps(_fake_result(name, number, bpb, bpc)))
+    cfg = quality.QualityConfig(table_from=[str(a), str(b)], work_dir=str(tmp_path / "out" / "quality"))
+    report = quality.run(cfg, "synergy-bench quality --table-from a b")
+    goals = {t.name: t for t in report.targets}
+    assert goals["row 1 bits/byte on pydocs-valid below row 6 (byte-transformer)"].measured == pytest.approx(2.3 / 2.6)
+    assert goals["row 1 bits/byte on pydocs-valid below row 7 (llama-bpe)"].status == "missed"
+    assert goals["row 1 concepts / BPE tokens on pydocs-valid"].measured == pytest.approx(3.9 / 3.4)
+    table = report.appendix.splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["1", "6", "7"]
+    order = list(quality.ROW_NAMES)
+    from synergy_dist.bench import quality_plots
+
+    drawn = quality_plots.plot_bits_per_byte(quality.load_results([str(a), str(b)]), order, tmp_path / "bars.png")
+    assert drawn == {name: (bpb, pytest.approx(bpb + 0.1)) for name, (_, bpb, _) in rows.items()}
+    results = quality.load_results([str(a), str(b)])
+    curves = quality_plots.plot_training_curves(results, order, tmp_path / "curves.png")
+    # byte rows: bits per byte as trained; the BPE row: bits per token / training bytes per token
+    assert curves["synergy-cosine"][0] == pytest.approx(8.0)
+    assert quality_plots.train_bytes_per_unit(results["llama-bpe"]) == 4.0  # 4096 bytes per step / (8 x 128 tokens)
+    assert curves["llama-bpe"][0] == pytest.approx(8.0 / 4.0)
+    for png in ("quality_bits_per_byte.png", "quality_training_curves.png", "quality_compression.png"):
+        assert (tmp_path / "out" / "quality" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(FileNotFoundError, match="--table-from: .* not found; pass the OUT/quality directories"):
+        quality.QualityConfig(table_from=[str(tmp_path / "nowhere")]).validate()
 
 
 @pytest.mark.skipif(not Path("/work/shared/corpora/pydocs-valid.jsonl.zst").is_file(),

@@ -146,10 +146,12 @@ def test_bad_settings_fail_with_the_fix():
         bench.TrainBenchConfig(checkpoint_configs=["/nonexistent.yaml"]).validate()
 
 
-def test_main_reports_a_missing_config_and_exits_2(tmp_path, capsys):
-    status = bench.main(["--out", str(tmp_path), "--checkpoint-config", "/nonexistent.yaml"])
+def test_command_reports_a_missing_config_and_exits_2(tmp_path, capsys):
+    from synergy_dist.cli.bench import main
+
+    status = main(["train", "--out", str(tmp_path), "--checkpoint-config", "/nonexistent.yaml"])
     assert status == 2
-    assert "synergy-bench train: error: train benchmark: config /nonexistent.yaml not found" in capsys.readouterr().err
+    assert "synergy-bench: error: train benchmark: config /nonexistent.yaml not found" in capsys.readouterr().err
     assert not (tmp_path / "train.json").exists()
 
 

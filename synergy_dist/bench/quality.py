@@ -41,8 +41,10 @@ from synergy_dist.bench.quality_rows import (
     row_info,
 )
 from synergy_dist.bench.data import default_corpora_dir
+from synergy_dist.bench.quality_plots import write_plots
 from synergy_dist.bench.report import BenchReport, Figure, Target, ratio
 from synergy_dist.bench.timing import Stopwatch, pin_to_one_core, rss_kib
+from synergy_dist.report import ReportError
 
 TRAIN_FILES = ("pydocs-train.jsonl.zst", "pystdlib-code.jsonl.zst")
 VALID_FILE = "pydocs-valid.jsonl.zst"
@@ -70,9 +72,16 @@ class QualityConfig:
     code_heldout_fraction: float = 0.03  # share of pystdlib-code files held out for the code evaluation
     eval_bytes: int = 0  # evaluate at most this many bytes per evaluation set (whole documents); 0 = all
     bpe_vocab: int = 8192  # byte-level BPE vocabulary of row 7 (8k-32k)
-    work_dir: str = "bench_out/quality"  # the BPE tokenizer and per-row JSON results are kept here
+    work_dir: str = "bench_out/quality"  # the BPE tokenizer, per-row JSON results and plots are kept here
+    table_from: list[str] = field(default_factory=list)  # train nothing: report the <row>.json results in these dirs
 
     def validate(self) -> None:
+        if self.table_from:  # only earlier results are read
+            missing = [d for d in self.table_from if not Path(d).is_dir()]
+            if missing:
+                raise FileNotFoundError(f"quality --table-from: {missing} not found; pass the OUT/quality "
+                                        "directories of earlier runs")
+            return
         if not self.corpora:
             self.corpora = str(default_corpora_dir())
         unknown = [r for r in self.rows if r not in ROW_NAMES]
@@ -495,8 +504,36 @@ def run_worker(job: dict, timeout_s: float = 4 * 3600) -> tuple[dict | None, str
 
 
 def run(cfg: QualityConfig, command: str) -> BenchReport:
+    """Train and evaluate the selected rows (each in its own process), or with table_from only read
+    earlier results (e.g. two runs that shared the machine, one per core); then the figures, the
+    goals, the markdown table and the plots (in work_dir)."""
     cfg.validate()
     report = BenchReport(name="quality", command=command)
+    if cfg.table_from:
+        results = load_results(cfg.table_from)
+        report.notes.append(f"results of earlier runs, read from {', '.join(cfg.table_from)}")
+        report.notes.extend(_settings_of(results))
+    else:
+        results = train_rows(cfg, report)
+    add_figures(report, results)
+    report.notes.extend(table_lines(results))
+    report.appendix = markdown_table(results)
+    try:
+        paths = write_plots(results, list(ROW_NAMES), Path(cfg.work_dir))
+        report.notes.append("plots: " + ", ".join(str(p) for p in paths))
+    except ReportError as err:  # matplotlib is an optional extra
+        report.notes.append(f"no plots: {err}")
+    return report
+
+
+def _settings_of(results: dict[str, dict]) -> list[str]:
+    """The training settings the loaded rows share (or differ in), as notes."""
+    keys = ("train_bytes", "steps", "batch_size")
+    seen = {key: sorted({r[key] for r in results.values() if key in r}) for key in keys}
+    return [f"loaded rows: {', '.join(results)}; " + ", ".join(f"{k} {v[0] if len(v) == 1 else v}" for k, v in seen.items())]
+
+
+def train_rows(cfg: QualityConfig, report: BenchReport) -> dict[str, dict]:
     cpu = pin_to_one_core()
     if cfg.train_bytes == 0:
         measured, error = run_worker({"mode": "calibrate", "cfg": asdict(cfg)})
@@ -520,9 +557,7 @@ def run(cfg: QualityConfig, command: str) -> BenchReport:
             continue
         results[name] = result
         (Path(cfg.work_dir) / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
-    add_figures(report, results)
-    report.notes.extend(table_lines(results))
-    return report
+    return results
 
 
 def add_figures(report: BenchReport, results: dict[str, dict]) -> None:
@@ -620,13 +655,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="training minutes of row 1 on one core; sets --train-bytes (default 15)")
     parser.add_argument("--eval-bytes", type=int, default=None, help="cap per evaluation set (default: all)")
     parser.add_argument("--quality-seq-len", type=int, default=None, help="quality bytes per window (default 512)")
+    parser.add_argument("--table-from", nargs="+", metavar="DIR", default=None,
+                        help="train nothing: report the row results (<row>.json) of earlier runs' OUT/quality "
+                             "directories together (e.g. two runs that shared the machine, one per core)")
 
 
 def config_from_args(args: argparse.Namespace) -> QualityConfig:
     cfg = QualityConfig()
     if getattr(args, "quick", False):  # a smoke run of the harness: 2 steps, small evaluation
         cfg.train_bytes, cfg.seq_len, cfg.batch_size, cfg.eval_bytes = 2 * 4 * 128, 128, 4, 20_000
-    for key, arg in (("rows", "row"), ("corpora", "corpora"), ("train_bytes", "train_bytes"),
+    for key, arg in (("rows", "row"), ("corpora", "corpora"), ("train_bytes", "train_bytes"), ("table_from", "table_from"),
                      ("budget_minutes", "budget_minutes"), ("eval_bytes", "eval_bytes"), ("seq_len", "quality_seq_len")):
         value = getattr(args, arg, None)
         if value is not None:
@@ -637,48 +675,3 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
     if out:
         cfg.work_dir = str(Path(out) / "quality")
     return cfg
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m synergy_dist.bench.quality [--out DIR] [...]`: `synergy-bench quality` plus `--table-from`."""
-    import shlex
-
-    from synergy_dist.bench.report import write_report
-
-    parser = argparse.ArgumentParser(prog="python -m synergy_dist.bench.quality", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench_out", metavar="DIR")
-    parser.add_argument("--corpora", default=None, metavar="DIR",
-                        help="directory of the shared corpora (default: $SYNERGY_CORPORA or ../shared/corpora)")
-    parser.add_argument("--quick", action="store_true", help="smoke-run the harness (2 steps, small evaluation)")
-    parser.add_argument("--table-from", nargs="+", metavar="DIR", default=None,
-                        help="print the markdown table of the row results (<row>.json) in DIR (an earlier run's OUT/quality) and exit")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if args.table_from:  # e.g. two runs that shared the machine, one per core
-        results = load_results(args.table_from)
-        combined = BenchReport(name="quality")
-        add_figures(combined, results)
-        print(markdown_table(results) + "\n")
-        for target in combined.targets:
-            measured = "n/a" if target.measured is None else f"{target.measured:.3f}"
-            print(f"- {target.name}: {measured} (goal {target.op} {target.threshold}): {target.status}")
-        return 0
-    command = shlex.join(["python", "-m", "synergy_dist.bench.quality", *(sys.argv[1:] if argv is None else argv)])
-    load_at_start = [round(x, 2) for x in os.getloadavg()]
-    try:
-        report = run(config_from_args(args), command)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"synergy-bench quality: error: {err}", file=sys.stderr)
-        return 2
-    json_path, md_path = write_report(Path(args.out), [report], stem="quality", load_at_start=load_at_start)
-    with md_path.open("a") as md:  # the table of the rows that ran, as in docs/BENCHMARKS.md
-        md.write("\n" + markdown_table(load_results([str(Path(args.out) / "quality")])) + "\n")
-    print(md_path.read_text())
-    print(f"synergy-bench quality: wrote {json_path} and {md_path}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    sys.exit(main())

@@ -57,6 +57,7 @@ class BenchReport:
     figures: dict[str, Figure] = field(default_factory=dict)  # by Figure.name
     targets: list[Target] = field(default_factory=list)  # goals judged in this run
     notes: list[str] = field(default_factory=list)  # settings and caveats worth reading with the numbers
+    appendix: str = ""  # markdown printed after the notes (e.g. the quality comparison's table)
 
     def add(self, figure: Figure) -> Figure:
         self.figures[figure.name] = figure
@@ -174,6 +175,8 @@ def render_markdown(machine: dict, reports: list[BenchReport]) -> str:
             lines.append(f"- {note}")
         if report.notes:
             lines.append("")
+        if report.appendix:
+            lines += [report.appendix, ""]
     return "\n".join(lines)
 
 

@@ -625,33 +625,3 @@ def config_from_args(args: argparse.Namespace) -> TrainBenchConfig:
     if out:
         cfg.work_dir = str(Path(out) / "train")
     return cfg
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m synergy_dist.bench.train [--out DIR] [...]`: the same run as `synergy-bench train`."""
-    import shlex
-
-    from synergy_dist.bench.report import write_report
-
-    parser = argparse.ArgumentParser(prog="python -m synergy_dist.bench.train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench_out", metavar="DIR")
-    parser.add_argument("--quick", action="store_true", help="smoke-run the harness (few steps, tiny checkpoint)")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    command = shlex.join(["python", "-m", "synergy_dist.bench.train", *(sys.argv[1:] if argv is None else argv)])
-    load_at_start = load_average()
-    try:
-        report = run(config_from_args(args), command)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"synergy-bench train: error: {err}", file=sys.stderr)
-        return 2
-    json_path, md_path = write_report(Path(args.out), [report], stem="train", load_at_start=load_at_start)
-    print(md_path.read_text())
-    print(f"synergy-bench train: wrote {json_path} and {md_path}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    sys.exit(main())

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from synergy_dist.accelerator import set_deepspeed_accelerator
 from synergy_dist.model import moe_routing as routing
 from synergy_dist.model.expert_parallel import (
     expert_group_name,
@@ -22,6 +23,7 @@ from synergy_dist.model.expert_parallel import (
 )
 from synergy_dist.model.moe_experts import LocalExperts, SwiGLUExpert
 
+set_deepspeed_accelerator()
 try:  # DeepSpeed's engine only treats a model as MoE (expert groups, MoE optimizer groups, expert checkpoint
     # files) when it finds an instance of this class (engine._configure_distributed_model), so we subclass it.
     from deepspeed.moe.layer import MoE as _DeepSpeedMoE

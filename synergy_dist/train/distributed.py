@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from synergy_dist.accelerator import set_deepspeed_accelerator, uses_cuda
+
 # Exit status meaning "checkpointed on SIGTERM/SIGUSR1, please requeue me" (slurm/pretrain.sh relies on it).
 REQUEUE_EXIT_CODE = 75
 
@@ -52,7 +54,7 @@ def detect_env() -> DistEnv:
         launcher = "slurm"
     else:
         rank, world, local, launcher = 0, 1, 0, "single"
-    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "") != "cpu":
+    if uses_cuda():
         device, backend = f"cuda:{local % torch.cuda.device_count()}", "nccl"
     else:
         device, backend = "cpu", "gloo"
@@ -61,8 +63,7 @@ def detect_env() -> DistEnv:
 
 def init_distributed(denv: DistEnv) -> None:
     """Set the variables torch.distributed and DeepSpeed expect, then create the process group."""
-    if denv.device_type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported anywhere
+    set_deepspeed_accelerator()  # before deepspeed is imported anywhere
     os.environ["RANK"] = str(denv.rank)
     os.environ["LOCAL_RANK"] = str(denv.local_rank)
     os.environ["WORLD_SIZE"] = str(denv.world_size)
