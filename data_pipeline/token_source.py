@@ -9,6 +9,8 @@ L + 1 tokens, then EOD_ID if it fits, then PAD_ID.
 
 Only the manifest is read up front (window counts come from its per-shard totals); a shard's index
 is read the first time a window touches it, and frames are decompressed on demand with LRU caches.
+Windows are written as bytes (uint8): the positions of EOD_ID and PAD_ID, which do not fit a byte, are
+returned to the caller (StreamingByteDataset writes them after its int64 cast).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.shards import CorruptShardError, FrameCache, ShardReader, load_manifest
-from data_pipeline.vocab import EOD_ID, PAD_ID
 
 log = logging.getLogger(__name__)
 MAX_ADVISED_SHARDS = 4  # read-ahead touches at most this many shards per run of windows
@@ -211,16 +212,6 @@ class ShardSetSource:
                         continue
             self.window_bytes(w, stage[r], eods, r * size)
         return padded
-
-    def window(self, window: int) -> tuple[np.ndarray, int]:
-        """Tokens (int64, length seq_len + 1) of a window and how many are real (not PAD)."""
-        row = np.empty(self.seq_len + 1, dtype=np.uint8)
-        eods: list[int] = []
-        real = self.window_bytes(window, row, eods)
-        out = row.astype(np.int64)
-        out[eods] = EOD_ID
-        out[real:] = PAD_ID
-        return out, real
 
     def describe(self, window: int) -> tuple[str, str, int]:
         """(shard-set dir, shard file, raw byte offset in that shard) of a window's first token."""
