@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synergy_dist.report import require_matplotlib
+from synergy_dist.report import require_matplotlib, save_png
 
 PYDOCS_SET, CODE_SET = "pydocs-valid", "pystdlib-code-heldout"  # the evaluation sets of bench/quality.py
 SMOOTH_STEPS = 25  # moving-average window of the training curves
@@ -61,7 +61,7 @@ def plot_bits_per_byte(results: dict[str, dict], order: list[str], path: Path) -
     ax.grid(axis="x", alpha=0.3)
     ax.set_title("Quality at equal training bytes")
     ax.legend(fontsize=8, loc="best")
-    _save(plt, fig, path)
+    save_png(fig, path)
     return drawn
 
 
@@ -85,7 +85,7 @@ def plot_training_curves(results: dict[str, dict], order: list[str], path: Path)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Training curves")
-    _save(plt, fig, path)
+    save_png(fig, path)
     return drawn
 
 
@@ -104,7 +104,7 @@ def plot_compression(results: dict[str, dict], order: list[str], path: Path) -> 
     ax.set_ylabel("pydocs-valid bits per byte")
     ax.grid(alpha=0.3)
     ax.set_title("Compression against quality")
-    _save(plt, fig, path)
+    save_png(fig, path)
     return drawn
 
 
@@ -118,9 +118,3 @@ def write_plots(results: dict[str, dict], order: list[str], directory: Path) -> 
     plot_training_curves(results, order, paths[1])
     plot_compression(results, order, paths[2])
     return paths
-
-
-def _save(plt, fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)

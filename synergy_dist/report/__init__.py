@@ -20,3 +20,14 @@ def require_matplotlib():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def save_png(fig, path) -> None:
+    """Write a matplotlib figure as a PNG (creating its directory) and free it."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    require_matplotlib().close(fig)

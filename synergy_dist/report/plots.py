@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from synergy_dist.report import ReportError, require_matplotlib
+from synergy_dist.report import ReportError, require_matplotlib, save_png
 
 MOE_LOAD = re.compile(r"^moe/(.+)/tokens_per_expert$")
 
@@ -38,13 +38,6 @@ def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def _save(fig, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    require_matplotlib().close(fig)
-
-
 def plot_bpb(records: list[dict], seq_len: int, path: Path) -> dict:
     """Train and validation bits per byte against training bytes seen (samples consumed x seq_len)."""
     plt = require_matplotlib()
@@ -59,7 +52,7 @@ def plot_bpb(records: list[dict], seq_len: int, path: Path) -> dict:
     ax.set(xlabel="training bytes seen", ylabel="bits per byte", title="bits per byte")
     ax.legend()
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
     return drawn
 
 
@@ -70,7 +63,7 @@ def plot_lr(records: list[dict], path: Path) -> dict:
     ax.plot(steps, lr)
     ax.set(xlabel="step", ylabel="learning rate", title="learning rate")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
     return {"lr": (steps, lr)}
 
 
@@ -92,7 +85,7 @@ def plot_compression(records: list[dict], targets: list[float], path: Path) -> d
     if targets:
         ax.legend()
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
     return drawn
 
 
@@ -124,7 +117,7 @@ def plot_expert_load(records: list[dict], path: Path) -> dict:
         ax.set(ylabel="expert", title=f"{name}: share of tokens per expert")
         fig.colorbar(image, ax=ax)
     axes[-1, 0].set_xlabel("step")
-    _save(fig, path)
+    save_png(fig, path)
     return loads
 
 
@@ -140,7 +133,7 @@ def plot_skipped(records: list[dict], path: Path) -> dict:
     ax.set(xlabel="step", ylabel="skipped updates", title=f"skipped steps: {total[-1] if total else 0}")
     ax.legend()
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_png(fig, path)
     return {"cumulative": (steps, total), "skipped": skipped}
 
 
