@@ -218,12 +218,17 @@ def consolidate_zero3_checkpoint(path: Path, world_size: int) -> ConsolidatedOpt
     slices of the group's parameters in order (`param_shapes` of the model-states file gives that order),
     and the Adam moments of the group have the same layout.
     """
+    return _merge_zero3(path, [_load_rank(path, r) for r in range(world_size)])
+
+
+def _merge_zero3(path: Path, ranks: list[dict]) -> ConsolidatedOptimizer:
+    """consolidate_zero3_checkpoint on the already loaded optimizer files of every saved rank."""
+    world_size = len(ranks)
     model_file = path / "zero_pp_rank_0_mp_rank_00_model_states.pt"
     if not model_file.is_file():
         raise FileNotFoundError(f"checkpoint {path} lacks {model_file.name}: it is not a complete ZeRO-3 checkpoint; "
                                 "resume from another checkpoint")
     shapes = torch.load(model_file, map_location="cpu", weights_only=False)["param_shapes"]
-    ranks = [_load_rank(path, r) for r in range(world_size)]
     if len(ranks[0]["fp32_flat_groups"]) != len(shapes):
         raise RuntimeError(f"checkpoint {path} holds {len(ranks[0]['fp32_flat_groups'])} ZeRO-3 sub-groups for "
                            f"{len(shapes)} parameter groups (zero_optimization.sub_group_size split them): the elastic "
@@ -261,9 +266,10 @@ def load_zero3_resharded(engine: Any, path: Path, saved_world: int) -> None:
     the fp32 partitions, the Adam state and the model weights from it."""
     from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, LOSS_SCALER, OPTIMIZER_STATE_DICT
 
-    merged = consolidate_zero3_checkpoint(path, saved_world)
+    ranks = [_load_rank(path, r) for r in range(saved_world)]
+    merged = _merge_zero3(path, ranks)
     zero = engine.optimizer
-    saved = _load_rank(path, 0)
+    saved = ranks[0]  # loss-scaler state and optimizer hyperparameters, the same on every rank
     if len(zero.fp16_groups) != len(zero.optimizer.param_groups):
         raise RuntimeError(f"cannot resume {path} elastically: zero_optimization.sub_group_size splits this "
                            "model's parameter groups; resume on the world size that wrote the checkpoint")
