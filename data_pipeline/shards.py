@@ -16,6 +16,7 @@ All offsets are 64-bit, so neither a shard nor a frame has a 4 GiB limit. See do
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import struct
@@ -190,11 +191,20 @@ def write_shard(
     )
 
 
+FRAME_KEY_SPAN = 1 << 32  # frames per shard that frame keys can tell apart
+
+
+def frame_key(cache_id: int, k: int) -> int:
+    """The FrameCache key of frame k of the reader with this cache_id (an int: hashing is cheapest)."""
+    return cache_id * FRAME_KEY_SPAN + k
+
+
+_reader_ids = itertools.count(1 << 31)  # default cache ids, above any shard index a source gives out
 RETIRED_BUFFER_BYTES = 64 << 20  # at most this much memory of dead caches is kept for reuse, per process
 _retired: list[np.ndarray] = []  # frame buffers of caches that were cleared or garbage collected
 
 
-def _retire(items: "OrderedDict[tuple, np.ndarray]", free: list[np.ndarray]) -> None:
+def _retire(items: "OrderedDict[int, np.ndarray]", free: list[np.ndarray]) -> None:
     """Keep a dead cache's buffers (bounded) for the next cache: its first frames then decompress
     into memory that is already mapped instead of faulting in fresh pages (~40% slower)."""
     held = sum(b.nbytes for b in _retired)
@@ -222,18 +232,29 @@ class FrameCache:
 
     def __init__(self, capacity: int = 4):
         self.capacity = max(1, capacity)
-        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._items: OrderedDict[int, np.ndarray] = OrderedDict()
         self._free: list[np.ndarray] = []  # buffers of evicted frames
         self._scratch = bytearray()  # compressed bytes of the frame being decompressed
         weakref.finalize(self, _retire, self._items, self._free).atexit = False  # nothing to keep at exit
 
-    def get(self, key: tuple) -> np.ndarray | None:
+    def get(self, key: int) -> np.ndarray | None:
         item = self._items.get(key)
         if item is not None:
             self._items.move_to_end(key)
         return item
 
-    def put(self, key: tuple, value: np.ndarray) -> None:
+    @property
+    def peek(self):
+        """A lookup that leaves the LRU order alone (dict.get): for hot loops that touch() their frames."""
+        return self._items.get
+
+    def touch(self, keys: Iterable[int]) -> None:
+        """Mark these frames (those cached) as just used."""
+        for key in keys:
+            if key in self._items:
+                self._items.move_to_end(key)
+
+    def put(self, key: int, value: np.ndarray) -> None:
         self._items[key] = value
         self._items.move_to_end(key)
         while len(self._items) > self.capacity:
@@ -267,11 +288,15 @@ class ShardReader:
     Decompressed frames are kept in a small LRU cache (pass one to share it between readers).
     """
 
-    def __init__(self, path: str | Path, expected_bytes: int | None = None, cache: FrameCache | None = None):
+    def __init__(self, path: str | Path, expected_bytes: int | None = None, cache: FrameCache | None = None,
+                 cache_id: int | None = None):
+        """cache_id: frame k is cached under frame_key(cache_id, k); readers that share a cache need
+        distinct ids (ShardSetSource uses the shard's index); default: an id unique in this process."""
         self.path = Path(path)
-        self._key = str(self.path)  # cache key: a str hashes once, a Path on every lookup
+        self.cache_id = next(_reader_ids) if cache_id is None else cache_id
         self.expected_bytes = expected_bytes
         self._frames: np.ndarray | None = None  # int64 [F, 3]: offset, compressed size, raw size
+        self.uniform_frame_bytes = 0  # raw bytes of every frame but the last, which holds no more; 0: sizes vary
         self._frame_starts: np.ndarray | None = None  # int64 [F+1]: raw offset where each frame starts
         self._doc_ends: np.ndarray | None = None  # int64 [D]
         self._cache = cache if cache is not None else FrameCache(4)
@@ -319,6 +344,8 @@ class ShardReader:
             raise self._fail("bad trailer magic (file truncated or corrupted at its end)")
         if version != FORMAT_VERSION:
             raise self._fail(f"format version {version}, this code reads {FORMAT_VERSION}")
+        if n_frames >= FRAME_KEY_SPAN:
+            raise self._fail(f"{n_frames} frames: more than this reader can address ({FRAME_KEY_SPAN}); re-shard with larger frames")
         index_bytes = 8 * (3 * n_frames + n_docs)
         if index_offset + index_bytes + TRAILER.size != size:
             raise self._fail("index size does not match the file size (truncated or corrupted)")
@@ -338,7 +365,7 @@ class ShardReader:
         self._frames, self._frame_starts, self._doc_ends = table, frame_starts, doc_ends
         self._raw_total = total
         uniform = n_frames > 0 and bool(np.all(table[:-1, 2] == table[0, 2]) and table[-1, 2] <= table[0, 2])
-        self._uniform = int(table[0, 2]) if uniform and table[0, 2] > 0 else 0  # frame size, or 0
+        self.uniform_frame_bytes = int(table[0, 2]) if uniform and table[0, 2] > 0 else 0
 
     @property
     def doc_ends(self) -> np.ndarray:
@@ -357,7 +384,7 @@ class ShardReader:
 
     def frame(self, k: int) -> np.ndarray:
         """Decompressed frame k as uint8 (cached)."""
-        cached = self._cache.get((self._key, k))
+        cached = self._cache.get(frame_key(self.cache_id, k))
         if cached is not None:
             return cached
         self.load_index()
@@ -380,7 +407,7 @@ class ShardReader:
             raise self._fail(f"frame {k} fails its checksum or cannot be decompressed ({e})") from None
         if got != rsize or extra:
             raise self._fail(f"frame {k} decompressed to {got + len(extra)}+ bytes, index says {rsize}")
-        self._cache.put((self._key, k), arr)
+        self._cache.put(frame_key(self.cache_id, k), arr)
         return arr
 
     def advise(self, lo: int, hi: int) -> None:
@@ -396,19 +423,6 @@ class ShardReader:
         end = int(self._frames[last, 0] + self._frames[last, 1])
         os.posix_fadvise(self._open().fileno(), offset, end - offset, os.POSIX_FADV_WILLNEED)
 
-    def cached_view(self, lo: int, hi: int) -> np.ndarray | None:
-        """Raw bytes [lo, hi) as a view into the frame cache when one frame of uniform size holds them and
-        is decompressed already; None otherwise (then use _view). The streaming hot loop's shortcut:
-        no checks, the caller passes a range inside the shard."""
-        u = self._uniform
-        if not u:
-            return None
-        k = lo // u
-        if (hi - 1) // u != k:
-            return None
-        frame = self._cache.get((self._key, k))
-        return None if frame is None else frame[lo - k * u : hi - k * u]
-
     def _view(self, lo: int, hi: int) -> np.ndarray:
         """Raw bytes [lo, hi): a view into the frame cache when one frame holds them, else a new
         array. A view is only valid until the next frame is decompressed (buffers are recycled)."""
@@ -419,13 +433,14 @@ class ShardReader:
             raise IndexError(f"shard {self.path}: byte range [{lo}, {hi}) outside [0, {self._raw_total})")
         if lo == hi:
             return np.empty(0, dtype=np.uint8)
-        if self._uniform:  # every frame but the last holds frame_bytes: plain division
-            first, last = lo // self._uniform, (hi - 1) // self._uniform
+        u = self.uniform_frame_bytes
+        if u:  # every frame but the last holds u bytes: plain division
+            first, last = lo // u, (hi - 1) // u
         else:
             first = int(starts.searchsorted(lo, side="right")) - 1
             last = int(starts.searchsorted(hi, side="left")) - 1
         if first == last:
-            base = first * self._uniform if self._uniform else int(starts[first])
+            base = first * u if u else int(starts[first])
             return self.frame(first)[lo - base : hi - base]
         out = np.empty(hi - lo, dtype=np.uint8)
         for k in range(first, last + 1):  # copy each frame's part before the next one may evict it

@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -35,6 +35,16 @@ BLOCK_TOKENS = 8 * DEFAULT_FRAME_BYTES  # default level-1 shuffle block, in toke
 GROUP_BLOCKS = 2  # default level-2 group, in blocks
 SAMPLE_KEYS = ("input_ids", "labels", "sample_index", "source_id")
 SourceSpec = str | os.PathLike | tuple[str | os.PathLike, float]
+
+
+class _Chunk(NamedTuple):
+    """The samples __iter__ looks up together: each one's source and window and, unless on_corrupt is
+    "skip", where its source's plan says it lies (plans[source], at index items[sample] of that plan)."""
+
+    source_ids: list[int]
+    windows: list[int]
+    plans: list
+    items: Sequence[int]
 
 
 def _parse_sources(sources: Sequence[SourceSpec]) -> tuple[list[Path], list[float]]:
@@ -131,6 +141,7 @@ class StreamingByteDataset(IterableDataset):
         self._rank_share = global_batch_size // world_size
         self._next_local = 0  # index, in this rank's own sequence, of the next sample to yield
         self._stage: np.ndarray | None = None  # uint8 buffer the windows of a micro-batch are copied into
+        self._stage_tensor: torch.Tensor | None = None  # the same memory, as a tensor
 
     # ---- positions -------------------------------------------------------------------------
 
@@ -178,44 +189,58 @@ class StreamingByteDataset(IterableDataset):
                     raise
                 source.mark_bad(e)
 
-    def _micro_batch(self, source_ids: list[int], windows: list[int], index: torch.Tensor,
-                     sources: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Samples collated: input_ids and labels [n, L] are views of one [n, L + 1] int64 tensor.
+    def _plan(self, source_ids: np.ndarray, windows: np.ndarray) -> _Chunk:
+        """A chunk's samples with their sources' plans (on_corrupt="skip" reads every window through _read)."""
+        if self.on_corrupt != "raise":
+            return _Chunk(source_ids.tolist(), windows.tolist(), [], [])
+        if len(self.sources) == 1:
+            return _Chunk(source_ids.tolist(), windows.tolist(), [self.sources[0].plan(windows)], range(len(windows)))
+        plans: list = [None] * len(self.sources)
+        items = np.empty(len(windows), dtype=np.int64)
+        for d in np.unique(source_ids).tolist():
+            at = np.flatnonzero(source_ids == d)
+            plans[d] = self.sources[d].plan(windows[at])
+            items[at] = np.arange(len(at))
+        return _Chunk(source_ids.tolist(), windows.tolist(), plans, items.tolist())
+
+    def _micro_batch(self, chunk: _Chunk, lo: int, hi: int, index: torch.Tensor, sources: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Samples lo..hi of a chunk, collated: input_ids and labels [n, L] are views of one [n, L + 1] int64 tensor.
 
         The windows are copied as bytes into a reused uint8 buffer and cast to int64 by one torch call
         for the whole micro-batch (about half the cost of casting row by row in numpy); the few tokens
         that are not bytes (EOD_ID, PAD_ID) are then written by position."""
         size = self.seq_len + 1
-        n = len(windows)
-        if self._stage is None or self._stage.shape[0] < n:
+        n = hi - lo
+        if self._stage is None or len(self._stage) < n:
             self._stage = np.empty((n, size), dtype=np.uint8)
-        stage = self._stage[:n]
+            self._stage_tensor = torch.from_numpy(self._stage)
+        stage = self._stage
         eods: list[int] = []  # flat positions in the [n, size] buffer
-        if self.on_corrupt == "raise" and len(self.sources) == 1:  # the common case, in one call
-            padded = self.sources[0].fill(windows, stage, range(n), eods)
-        elif self.on_corrupt == "raise":
+        source_ids = chunk.source_ids
+        if len(self.sources) == 1 and chunk.plans:  # the common case, in one call
+            padded = self.sources[0].fill(chunk.plans[0], range(lo, hi), stage, range(n), eods)
+        elif chunk.plans:
             padded = []  # (row, real tokens) of windows that end in PAD
-            ids = np.asarray(source_ids)
-            for d in np.unique(ids).tolist():
-                rows = np.flatnonzero(ids == d).tolist()
-                padded += self.sources[d].fill([windows[j] for j in rows], stage, rows, eods)
+            for d in sorted(set(source_ids[lo:hi])):
+                rows = [r for r in range(n) if source_ids[lo + r] == d]
+                padded += self.sources[d].fill(chunk.plans[d], [chunk.items[lo + r] for r in rows], stage, rows, eods)
         else:
             padded = []
-            for j, (d, w, row) in enumerate(zip(source_ids, windows, stage)):
-                real = self._read(d, w, row, eods, j * size)
+            for r in range(n):
+                real = self._read(source_ids[lo + r], chunk.windows[lo + r], stage[r], eods, r * size)
                 if real < size:
-                    padded.append((j, real))
+                    padded.append((r, real))
         tokens = torch.empty((n, size), dtype=torch.int64)
-        tokens.copy_(torch.from_numpy(stage))
+        tokens.copy_(self._stage_tensor[:n])
         if eods:
             tokens.numpy().reshape(-1)[eods] = EOD_ID  # numpy: a tenth of the cost of a torch index_put here
-        for j, real in padded:
-            tokens[j, real:] = PAD_ID
+        for r, real in padded:
+            tokens[r, real:] = PAD_ID
         labels = tokens[:, 1:]
         if padded:
             labels = labels.clone()
-            for j, real in padded:
-                labels[j, max(real - 1, 0) :] = IGNORE_INDEX
+            for r, real in padded:
+                labels[r, max(real - 1, 0) :] = IGNORE_INDEX
         return {
             "input_ids": tokens[:, :-1],
             "labels": labels,
@@ -243,15 +268,16 @@ class StreamingByteDataset(IterableDataset):
                     return
             source_ids, windows = self._windows(index)
             self._read_ahead(source_ids, windows)
+            chunk = self._plan(source_ids, windows)
             # the micro-batches' sample_index / source_id tensors, cut by one C++ call each
             index_t, source_t = torch.from_numpy(index).split(m), torch.from_numpy(source_ids).split(m)
-            local, source_ids, windows = local.tolist(), source_ids.tolist(), windows.tolist()
+            local = local.tolist()
             for b, lo in enumerate(range(0, len(local), m)):  # one micro-batch at a time
-                hi = lo + m
-                batch = self._micro_batch(source_ids[lo:hi], windows[lo:hi], index_t[b], source_t[b])
+                hi = min(lo + m, len(local))
+                batch = self._micro_batch(chunk, lo, hi, index_t[b], source_t[b])
                 if self.batched:
                     if workers == 1:
-                        self._next_local = local[lo:hi][-1] + 1
+                        self._next_local = local[hi - 1] + 1
                     yield batch
                     continue
                 # per-sample views, made by four C++ calls instead of four Python calls per sample

@@ -19,11 +19,12 @@ import array
 import bisect
 import logging
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.shards import CorruptShardError, FrameCache, ShardReader, load_manifest
+from data_pipeline.shards import CorruptShardError, FrameCache, ShardReader, frame_key, load_manifest
 
 log = logging.getLogger(__name__)
 MAX_ADVISED_SHARDS = 4  # read-ahead touches at most this many shards per run of windows
@@ -44,6 +45,24 @@ def _copy_pieces(row: np.ndarray, raw: np.ndarray, eods, start: int, eod_out: li
         at += n
         pos += n + 1
     row[pos:] = raw[at:]
+
+
+@dataclass
+class WindowPlan:
+    """Where the windows of a chunk lie (ShardSetSource.plan): lists indexed by position in the chunk.
+
+    keys[j] is the frame-cache key of the frame holding window j's raw bytes, from offsets[j] on, or -1:
+    read it through window_bytes. Its EODs are searches[shards[j]][first[j]:last[j]], stream positions
+    in the shard, where the window starts at starts[j]."""
+
+    windows: list[int]
+    keys: list[int]
+    offsets: list[int]
+    shards: list[int]
+    starts: list[int]
+    first: list[int]
+    last: list[int]
+    searches: dict[int, array.array] = field(default_factory=dict)
 
 
 class ShardSetSource:
@@ -91,7 +110,7 @@ class ShardSetSource:
             self._readers.move_to_end(shard)
             return r
         info = self.manifest.shards[shard]
-        r = ShardReader(self.directory / info.name, expected_bytes=info.file_bytes, cache=self.cache)
+        r = ShardReader(self.directory / info.name, expected_bytes=info.file_bytes, cache=self.cache, cache_id=shard)
         r.load_index()
         if len(r.doc_ends) != info.documents or r.raw_bytes != info.raw_bytes:
             raise CorruptShardError(
@@ -175,42 +194,73 @@ class ShardSetSource:
         eods.append(at_row + n)
         return n + 1
 
-    def fill(self, windows: list[int], stage: np.ndarray, rows: list[int], eods: list[int]) -> list[tuple[int, int]]:
-        """window_bytes for many windows: windows[i] into stage[rows[i]] (stage: uint8 [n, seq_len + 1]),
-        EOD positions appended to eods as flat positions in stage. Returns (row, real tokens) of the
-        windows that end in PAD.
+    def plan(self, windows: np.ndarray) -> WindowPlan:
+        """Locate a chunk of windows with a few vectorised lookups, so that fill copies each with little
+        more than a dictionary lookup.
 
-        One call per micro-batch: the common case, a packed window inside one decompressed frame of
-        an open shard with few document ends, is handled inline (a few integer operations and one
-        copy, plus one per document end); anything else goes through window_bytes.
+        A window is planned when it is packed, lies inside one shard and one frame of uniform size, and
+        holds at most MAX_PIECEWISE_EODS document ends; the others are read through window_bytes. Only
+        shards holding a planned window are opened, at most open_shards of them (a chunk over thousands
+        of tiny shards opens none here). The chunk's frames that are cached are marked as used, since
+        fill looks them up without touching the LRU order.
+        """
+        windows = np.asarray(windows, dtype=np.int64)
+        n, size = len(windows), self.seq_len + 1
+        keys = np.full(n, -1, dtype=np.int64)  # no frame has key -1: fill reads those through window_bytes
+        offsets, first, last, shard_of, starts = (np.zeros(n, dtype=np.int64) for _ in range(5))
+        searches = {}
+        if self.pack and n:
+            a = windows * self.seq_len
+            shard_of = np.searchsorted(self.token_starts, a, side="right") - 1
+            starts = a - self.token_starts[shard_of]
+            inside = a + size <= self.token_starts[shard_of + 1]
+            for shard in np.unique(shard_of[inside])[: self.open_shards].tolist():
+                try:
+                    reader = self.reader(shard)
+                except CorruptShardError:
+                    continue  # its windows go through window_bytes, which raises when they are read
+                u = reader.uniform_frame_bytes
+                if not u:
+                    continue
+                at = np.flatnonzero((shard_of == shard) & inside)
+                s = starts[at]
+                eod_positions = self._eod_positions[shard]
+                f, l = eod_positions.searchsorted(s), eod_positions.searchsorted(s + size)
+                lo, hi = s - f, s + size - l  # the window's raw bytes in the shard
+                k = lo // u
+                planned = ((hi - 1) // u == k) & (l - f <= MAX_PIECEWISE_EODS)
+                keys[at] = np.where(planned, frame_key(shard, k), -1)
+                offsets[at], first[at], last[at] = lo - k * u, f, l
+                searches[shard] = self._eod_search[shard]
+            self.cache.touch(np.unique(keys[keys >= 0]).tolist())
+        return WindowPlan(windows.tolist(), keys.tolist(), offsets.tolist(), shard_of.tolist(), starts.tolist(),
+                          first.tolist(), last.tolist(), searches)
+
+    def fill(self, plan: WindowPlan, items, stage: np.ndarray, rows, eods: list[int]) -> list[tuple[int, int]]:
+        """Windows plan[items[i]] into stage[rows[i]] (stage: uint8 [n, seq_len + 1]), as window_bytes
+        writes them: EOD positions are appended to eods as flat positions in stage. Returns (row, real
+        tokens) of the windows that end in PAD.
+
+        A planned window whose frame is decompressed already costs one dictionary lookup and one copy
+        (plus one per document end); any other goes through window_bytes (which decompresses).
         """
         size = self.seq_len + 1
         padded = []
-        if not self.pack:
-            for w, r in zip(windows, rows):
-                real = self.window_bytes(w, stage[r], eods, r * size)
-                if real < size:
-                    padded.append((r, real))
-            return padded
-        length, starts, readers, searches = self.seq_len, self._token_starts, self._readers, self._eod_search
-        for w, r in zip(windows, rows):
-            a = w * length
-            shard = bisect.bisect_right(starts, a) - 1
-            s = a - starts[shard]
-            search = searches.get(shard)
-            if search is not None and a + size <= starts[shard + 1]:
-                e = s + size
-                first = bisect.bisect_left(search, s)
-                last = bisect.bisect_left(search, e, first)
-                if last - first <= MAX_PIECEWISE_EODS:
-                    raw = readers[shard].cached_view(s - first, e - last)
-                    if raw is not None:
-                        if first == last:
-                            stage[r] = raw
-                        else:
-                            _copy_pieces(stage[r], raw, search[first:last], s, eods, r * size)
-                        continue
-            self.window_bytes(w, stage[r], eods, r * size)
+        cached = self.cache.peek
+        keys, offsets, first, last = plan.keys, plan.offsets, plan.first, plan.last
+        for j, r in zip(items, rows):
+            frame = cached(keys[j])
+            if frame is not None:
+                o, f, l = offsets[j], first[j], last[j]
+                if f == l:
+                    stage[r] = frame[o : o + size]
+                else:
+                    _copy_pieces(stage[r], frame[o : o + size - (l - f)], plan.searches[plan.shards[j]][f:l],
+                                 plan.starts[j], eods, r * size)
+                continue
+            real = self.window_bytes(plan.windows[j], stage[r], eods, r * size)
+            if real < size:
+                padded.append((r, real))
         return padded
 
     def describe(self, window: int) -> tuple[str, str, int]:

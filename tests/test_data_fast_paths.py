@@ -105,18 +105,32 @@ def test_retired_frame_buffers_are_reused_bounded_and_never_leak(corpus, monkeyp
     assert sum(b.nbytes for b in shards._retired) <= 3 * (1 << 20) and len(shards._retired) == 3
 
 
-def test_stream_content_is_unchanged_by_the_fast_paths(corpus):
-    """Shuffled windows equal slices of the corpus token stream, whichever path read them."""
+@pytest.mark.parametrize("max_cache_frames", [None, 1])
+def test_stream_content_is_unchanged_by_the_fast_paths(corpus, monkeypatch, max_cache_frames):
+    """Shuffled windows equal slices of the corpus token stream, whichever path read them: planned
+    windows copied from cached frames, and (with a one-frame cache, which evicts frames that a chunk's
+    plan located) windows that fall back to window_bytes and decompress again."""
     from data_corpus_helpers import token_stream
+    from data_pipeline import stream as stream_module
+    from data_pipeline.token_source import ShardSetSource
 
+    if max_cache_frames is not None:
+        monkeypatch.setattr(stream_module, "MAX_CACHE_FRAMES", max_cache_frames)
+    fallbacks = []
+    window_bytes = ShardSetSource.window_bytes
+    monkeypatch.setattr(ShardSetSource, "window_bytes", lambda self, w, *a: fallbacks.append(w) or window_bytes(self, w, *a))
     stream = token_stream(list(iter_documents(corpus)))
     ds = StreamingByteDataset([corpus], seq_len=L, global_batch_size=8, micro_batch_size=8, seed=2, batched=True, **SMALL)
     n = ds.epoch_size()
+    if max_cache_frames is not None:
+        assert ds.sources[0].cache.capacity == max_cache_frames
     for batch in itertools.islice(iter(ds), -(-n // 8)):
         for i, inputs, labels in zip(batch["sample_index"].tolist(), batch["input_ids"], batch["labels"]):
             w = ds.window_id(i)[1]
             assert torch.equal(inputs, torch.from_numpy(stream[w * L : w * L + L]))
             assert torch.equal(labels, torch.from_numpy(stream[w * L + 1 : w * L + L + 1]))
+    # most windows took the planned path; with one cached frame, most fell back
+    assert (len(fallbacks) < n / 2) == (max_cache_frames is None), (len(fallbacks), n)
 
 
 @pytest.mark.parametrize("max_len", [3, 60])

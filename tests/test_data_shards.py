@@ -11,6 +11,7 @@ from data_pipeline.shards import (
     FrameCache,
     ManifestError,
     ShardReader,
+    frame_key,
     iter_documents,
     load_manifest,
     make_manifest,
@@ -69,9 +70,9 @@ def test_reading_a_range_decompresses_only_the_frames_it_touches(shard_set):
     directory, docs = shard_set
     reader = ShardReader(directory / "shard-000000.bin")
     reader.read(300, 400)  # inside frame 1 (bytes 256..511)
-    assert sorted(k for _, k in reader._cache._items) == [1]
+    assert sorted(reader._cache._items) == [frame_key(reader.cache_id, 1)]
     reader.read(500, 520)  # frames 1 and 2
-    assert sorted(k for _, k in reader._cache._items) == [1, 2]
+    assert sorted(reader._cache._items) == [frame_key(reader.cache_id, k) for k in (1, 2)]
 
 
 def test_index_uses_64_bit_offsets(shard_set):

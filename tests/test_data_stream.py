@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from data_corpus_helpers import make_documents, token_stream, write_jsonl
 from data_pipeline.preprocess import preprocess
-from data_pipeline.shards import CorruptShardError, ManifestError, ShardReader, iter_documents
+from data_pipeline.shards import CorruptShardError, ManifestError, ShardReader, frame_key, iter_documents
 from data_pipeline.stream import StreamingByteDataset
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
 
@@ -320,7 +320,7 @@ def test_read_ahead_advises_every_frame_before_it_is_decompressed(corpora, monke
         return real_advise(self, lo, hi)
 
     def frame(self, k):
-        if self._cache.get((self._key, k)) is None:
+        if self._cache.get(frame_key(self.cache_id, k)) is None:
             start = int(self._frame_starts[k])
             decompressed.append((self.path.name, start, start + int(self._frames[k, 2]), len(advised)))
         return real_frame(self, k)
