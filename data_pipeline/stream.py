@@ -231,7 +231,7 @@ class StreamingByteDataset(IterableDataset):
                 if real < size:
                     padded.append((r, real))
         tokens = torch.empty((n, size), dtype=torch.int64)
-        tokens.copy_(self._stage_tensor[:n])
+        tokens.copy_(self._stage_tensor if n == len(self._stage) else self._stage_tensor[:n])
         if eods:
             tokens.numpy().reshape(-1)[eods] = EOD_ID  # numpy: a tenth of the cost of a torch index_put here
         for r, real in padded:
