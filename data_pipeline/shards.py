@@ -244,9 +244,10 @@ class FrameCache:
         return item
 
     @property
-    def peek(self):
-        """A lookup that leaves the LRU order alone (dict.get): for hot loops that touch() their frames."""
-        return self._items.get
+    def items(self) -> dict[int, np.ndarray]:
+        """The cached frames by key, for hot loops that look them up without touching the LRU order
+        (they touch() their frames instead). Read only: use put() to add."""
+        return self._items
 
     def touch(self, keys: Iterable[int]) -> None:
         """Mark these frames (those cached) as just used."""

@@ -26,6 +26,11 @@ import numpy as np
 
 from data_pipeline.shards import CorruptShardError, FrameCache, ShardReader, frame_key, load_manifest
 
+try:  # the C build of _fill_cached (optional: pip builds it where a compiler exists)
+    from data_pipeline._fill import fill_cached as _native_fill_cached
+except ImportError:
+    _native_fill_cached = None
+
 log = logging.getLogger(__name__)
 MAX_ADVISED_SHARDS = 4  # read-ahead touches at most this many shards per run of windows
 RECENTLY_ADVISED = 16  # blocks remembered as advised, so that they are not advised again
@@ -63,6 +68,34 @@ class WindowPlan:
     first: list[int]
     last: list[int]
     searches: dict[int, array.array] = field(default_factory=dict)
+
+
+def _fill_cached(plan: WindowPlan, frames: dict, stage: np.ndarray, size: int, items, rows,
+                 eods: list[int]) -> list[tuple[int, int]]:
+    """Windows plan[items[i]] into stage[rows[i]] when plan locates them in a frame that frames (the
+    frame cache's dict) holds; returns the (item, row) pairs it did not fill. The reference for
+    data_pipeline/_fill.c, and the fallback where that was not built."""
+    missed = []
+    keys, offsets, first, last = plan.keys, plan.offsets, plan.first, plan.last
+    cached = frames.get  # a plain lookup: plan() marked the chunk's frames as used
+    for j, r in zip(items, rows):
+        frame = cached(keys[j])
+        if frame is None:
+            missed.append((j, r))
+            continue
+        o, f, l = offsets[j], first[j], last[j]
+        if f == l:
+            stage[r] = frame[o : o + size]
+        elif l - f == 1:  # one document end (most windows that have any): _copy_pieces, unrolled
+            p = plan.searches[plan.shards[j]][f] - plan.starts[j]  # its position in the window
+            row = stage[r]
+            row[:p] = frame[o : o + p]
+            row[p + 1 :] = frame[o + p : o + size - 1]
+            eods.append(r * size + p)
+        else:
+            _copy_pieces(stage[r], frame[o : o + size - (l - f)], plan.searches[plan.shards[j]][f:l],
+                         plan.starts[j], eods, r * size)
+    return missed
 
 
 class ShardSetSource:
@@ -242,28 +275,13 @@ class ShardSetSource:
         tokens) of the windows that end in PAD.
 
         A planned window whose frame is decompressed already costs one dictionary lookup and one copy
-        (plus one per document end); any other goes through window_bytes (which decompresses).
+        (plus one per document end), in C where data_pipeline._fill was built; any other goes through
+        window_bytes (which decompresses).
         """
         size = self.seq_len + 1
+        fill_cached = _native_fill_cached or _fill_cached
         padded = []
-        cached = self.cache.peek
-        keys, offsets, first, last = plan.keys, plan.offsets, plan.first, plan.last
-        for j, r in zip(items, rows):
-            frame = cached(keys[j])
-            if frame is not None:
-                o, f, l = offsets[j], first[j], last[j]
-                if f == l:
-                    stage[r] = frame[o : o + size]
-                elif l - f == 1:  # one document end (most windows that have any): _copy_pieces, unrolled
-                    p = plan.searches[plan.shards[j]][f] - plan.starts[j]  # its position in the window
-                    row = stage[r]
-                    row[:p] = frame[o : o + p]
-                    row[p + 1 :] = frame[o + p : o + size - 1]
-                    eods.append(r * size + p)
-                else:
-                    _copy_pieces(stage[r], frame[o : o + size - (l - f)], plan.searches[plan.shards[j]][f:l],
-                                 plan.starts[j], eods, r * size)
-                continue
+        for j, r in fill_cached(plan, self.cache.items, stage, size, items, rows, eods):
             real = self.window_bytes(plan.windows[j], stage[r], eods, r * size)
             if real < size:
                 padded.append((r, real))

@@ -3,16 +3,20 @@ the process-wide pool of retired frame buffers. Each must deliver exactly what t
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
+import os
 import random
+
+import numpy as np
 
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
 from data_corpus_helpers import make_documents, write_jsonl
-from data_pipeline import shards
+from data_pipeline import shards, token_source
 from data_pipeline.preprocess import preprocess
 from data_pipeline.shards import FrameCache, ShardReader, iter_documents, load_manifest
 from data_pipeline.stream import StreamingByteDataset
@@ -105,8 +109,17 @@ def test_retired_frame_buffers_are_reused_bounded_and_never_leak(corpus, monkeyp
     assert sum(b.nbytes for b in shards._retired) <= 3 * (1 << 20) and len(shards._retired) == 3
 
 
+def use_fill(monkeypatch, fill: str) -> None:
+    """Run the stream with the C build of the planned-window copy ("native") or its Python reference."""
+    if fill == "native" and token_source._native_fill_cached is None:
+        pytest.skip("data_pipeline._fill was not built (no C compiler at install time)")
+    if fill == "python":
+        monkeypatch.setattr(token_source, "_native_fill_cached", None)
+
+
+@pytest.mark.parametrize("fill", ["native", "python"])
 @pytest.mark.parametrize("max_cache_frames", [None, 1])
-def test_stream_content_is_unchanged_by_the_fast_paths(corpus, monkeypatch, max_cache_frames):
+def test_stream_content_is_unchanged_by_the_fast_paths(corpus, monkeypatch, max_cache_frames, fill):
     """Shuffled windows equal slices of the corpus token stream, whichever path read them: planned
     windows copied from cached frames, and (with a one-frame cache, which evicts frames that a chunk's
     plan located) windows that fall back to window_bytes and decompress again."""
@@ -114,6 +127,7 @@ def test_stream_content_is_unchanged_by_the_fast_paths(corpus, monkeypatch, max_
     from data_pipeline import stream as stream_module
     from data_pipeline.token_source import ShardSetSource
 
+    use_fill(monkeypatch, fill)
     if max_cache_frames is not None:
         monkeypatch.setattr(stream_module, "MAX_CACHE_FRAMES", max_cache_frames)
     fallbacks = []
@@ -133,12 +147,14 @@ def test_stream_content_is_unchanged_by_the_fast_paths(corpus, monkeypatch, max_
     assert (len(fallbacks) < n / 2) == (max_cache_frames is None), (len(fallbacks), n)
 
 
+@pytest.mark.parametrize("fill", ["native", "python"])
 @pytest.mark.parametrize("max_len", [3, 60])
-def test_windows_dense_with_document_ends_hold_every_eod(tmp_path, max_len):
+def test_windows_dense_with_document_ends_hold_every_eod(tmp_path, monkeypatch, max_len, fill):
     """Windows with more document ends than the piecewise copy handles (tiny documents) and with a few:
     every byte and every EOD lands where the corpus stream has it, including across frames and shards."""
     from data_corpus_helpers import token_stream
 
+    use_fill(monkeypatch, fill)
     rng = random.Random(max_len)
     texts = ["".join(rng.choice("ab\né中") for _ in range(rng.randint(0, max_len))) for _ in range(600)]
     docs = write_jsonl(tmp_path / "tiny.jsonl", texts)
@@ -155,3 +171,47 @@ def test_windows_dense_with_document_ends_hold_every_eod(tmp_path, max_len):
             assert torch.equal(labels, torch.from_numpy(stream[w * L + 1 : w * L + L + 1]))
             eods_seen += int((inputs == 256).sum())
     assert eods_seen > (n * 9 if max_len == 3 else n // 2)  # the case named was exercised (mask path: > 8 per window)
+
+
+def test_native_fill_matches_the_python_reference(corpus):
+    """The C loop and its Python reference write the same bytes and EOD positions, and hand back the same
+    windows: those not planned and those whose frame is not cached. Inconsistent plans raise instead of
+    copying out of bounds."""
+    native = token_source._native_fill_cached
+    if native is None:
+        pytest.skip("data_pipeline._fill was not built (no C compiler at install time)")
+    source = token_source.ShardSetSource(corpus, seq_len=256, cache_frames=64)  # windows with 0-4 EODs
+    size = 257
+    plan = source.plan(np.arange(source.n_windows))
+    for w in range(0, source.n_windows, 2):  # decompress the frames of every other window
+        source.window_bytes(w, np.empty(size, dtype=np.uint8), [])
+    frames = source.cache.items
+    rows = random.Random(0).sample(range(source.n_windows), source.n_windows)  # any row order
+    results = []
+    for fill in (native, token_source._fill_cached):
+        stage, eods = np.zeros((source.n_windows, size), dtype=np.uint8), []
+        missed = fill(plan, frames, stage, size, range(source.n_windows), rows, eods)
+        results.append((stage, sorted(eods), sorted(missed)))
+    (stage_c, eods_c, missed_c), (stage_py, eods_py, missed_py) = results
+    assert np.array_equal(stage_c, stage_py) and eods_c == eods_py and missed_c == missed_py
+    done = [j for j in range(source.n_windows) if (j, rows[j]) not in set(missed_c)]
+    with_eods = [j for j in done if plan.last[j] > plan.first[j]]
+    assert len(done) > source.n_windows / 3 and len(with_eods) > 10 and len(missed_c) > 10
+    assert max(plan.last[j] - plan.first[j] for j in done) >= 2  # the general piecewise case ran too
+
+    j = done[0]
+    stage = np.zeros((2, size), dtype=np.uint8)
+    bad_offset = dataclasses.replace(plan, offsets=[1 << 40] * len(plan.offsets))
+    with pytest.raises(ValueError, match=f"window {j} of the plan: its byte range is outside its frame"):
+        native(bad_offset, frames, stage, size, [j], [0], [])
+    with pytest.raises(ValueError, match="row 2 is outside the stage buffer"):
+        native(plan, frames, stage, size, [j], [2], [])
+    with pytest.raises(IndexError):
+        native(plan, frames, stage, size, [len(plan.keys)], [0], [])
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="only CI promises a C compiler at install time")
+def test_ci_builds_the_native_fill():
+    """A build failure of the optional extension would leave its tests skipped without a word."""
+    assert token_source._native_fill_cached is not None
+
