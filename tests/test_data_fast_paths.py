@@ -1,5 +1,6 @@
-"""The throughput paths of the stream: collated micro-batches (decoded straight into one buffer) and
-the process-wide pool of retired frame buffers. Each must deliver exactly what the plain paths deliver."""
+"""The throughput paths of the stream: collated micro-batches (decoded straight into one buffer), windows
+planned per chunk and copied by the C loop or its Python reference, and the process-wide pool of retired
+frame buffers. Each must deliver exactly what the plain paths deliver."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ import os
 import random
 
 import numpy as np
-
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -214,4 +214,3 @@ def test_native_fill_matches_the_python_reference(corpus):
 def test_ci_builds_the_native_fill():
     """A build failure of the optional extension would leave its tests skipped without a word."""
     assert token_source._native_fill_cached is not None
-
