@@ -244,7 +244,7 @@ class FrameCache:
         return item
 
     @property
-    def items(self) -> dict[int, np.ndarray]:
+    def frames(self) -> dict[int, np.ndarray]:
         """The cached frames by key, for hot loops that look them up without touching the LRU order
         (they touch() their frames instead). Read only: use put() to add."""
         return self._items

@@ -281,7 +281,7 @@ class ShardSetSource:
         size = self.seq_len + 1
         fill_cached = _native_fill_cached or _fill_cached
         padded = []
-        for j, r in fill_cached(plan, self.cache.items, stage, size, items, rows, eods):
+        for j, r in fill_cached(plan, self.cache.frames, stage, size, items, rows, eods):
             real = self.window_bytes(plan.windows[j], stage[r], eods, r * size)
             if real < size:
                 padded.append((r, real))

@@ -185,7 +185,7 @@ def test_native_fill_matches_the_python_reference(corpus):
     plan = source.plan(np.arange(source.n_windows))
     for w in range(0, source.n_windows, 2):  # decompress the frames of every other window
         source.window_bytes(w, np.empty(size, dtype=np.uint8), [])
-    frames = source.cache.items
+    frames = source.cache.frames
     rows = random.Random(0).sample(range(source.n_windows), source.n_windows)  # any row order
     results = []
     for fill in (native, token_source._fill_cached):
