@@ -86,12 +86,6 @@ def _fill_cached(plan: WindowPlan, frames: dict, stage: np.ndarray, size: int, i
         o, f, l = offsets[j], first[j], last[j]
         if f == l:
             stage[r] = frame[o : o + size]
-        elif l - f == 1:  # one document end (most windows that have any): _copy_pieces, unrolled
-            p = plan.searches[plan.shards[j]][f] - plan.starts[j]  # its position in the window
-            row = stage[r]
-            row[:p] = frame[o : o + p]
-            row[p + 1 :] = frame[o + p : o + size - 1]
-            eods.append(r * size + p)
         else:
             _copy_pieces(stage[r], frame[o : o + size - (l - f)], plan.searches[plan.shards[j]][f:l],
                          plan.starts[j], eods, r * size)
