@@ -2,7 +2,7 @@
 
    fill_cached(plan, frames, stage, size, items, rows, eods) -> list of (item, row)
 
-   The same contract as ShardSetSource._fill_cached in token_source.py, which is the reference (and the
+   The same contract as _fill_cached in data_pipeline/token_source.py, which is the reference (and the
    fallback where this module was not built); tests/test_data_fast_paths.py checks that both agree.
 
      plan    a WindowPlan: lists keys, offsets, starts, first, last, shards (one entry per window of the
@@ -14,8 +14,8 @@
 
    A window with key -1 or whose frame is not cached is not touched: its (item, row) is returned for the
    caller's general path. Positions that disagree with the buffers raise ValueError instead of copying
-   out of bounds. Per window this is one dict lookup and one memcpy, plus one per document end: the
-   Python loop spends about 1 us per window on the same steps (docs/DATA.md, "Throughput"). */
+   out of bounds. Per window this is one dict lookup and one memcpy, plus one per document end; the
+   stream runs ~5% faster end to end than with the Python loop (docs/DATA.md, "Throughput"). */
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
