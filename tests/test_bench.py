@@ -184,13 +184,16 @@ def test_cli_names_a_missing_corpus(tmp_path):
 def test_stopwatch_separates_cpu_from_waiting_and_rss_fields():
     import time
 
-    from synergy_dist.bench.timing import Stopwatch, rss_kib
+    from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, rss_kib
 
     clock = Stopwatch()
     time.sleep(0.05)
     assert clock.wall() >= 0.05
     assert clock.cpu() < 0.04  # sleeping uses no CPU: wall time counts it, CPU time does not
-    assert rss_kib("VmHWM") >= rss_kib("VmRSS") > 0
+    now = rss_kib("VmRSS")
+    assert now > 0 and rss_kib("VmHWM") > 0
+    # the peak never reads below a reading already taken, even one above VmHWM (which can lag)
+    assert peak_rss_kib(now) >= now and peak_rss_kib(now, 10 * now) == 10 * now
     with pytest.raises(RuntimeError, match="/proc/self/status has no VmNope"):
         rss_kib("VmNope")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio
-from synergy_dist.bench.timing import Stopwatch, pin_to_one_core, rss_kib
+from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, pin_to_one_core, rss_kib
 
 ANCHOR_DIR = Path(__file__).parent / "anchors"
 MOSAIC_PYTHON_ENV = "SYNERGY_BENCH_MOSAIC_PYTHON"  # env var naming the MosaicML venv's python
@@ -162,11 +162,12 @@ def first_batch_probe(shard_dir: str, seq_len: int, batch_size: int) -> dict:
     batch = next(iter(DataLoader(dataset, batch_size=batch_size, num_workers=0)))
     wall, cpu = clock.wall(), clock.cpu()
     assert batch["input_ids"].shape == (batch_size, seq_len)
+    rss_after = rss_kib("VmRSS")
     return {
         "seconds": wall,
         "cpu_seconds": cpu,
-        "added_rss_mb": (rss_kib("VmRSS") - rss_before) / 1024,
-        "added_peak_rss_mb": (rss_kib("VmHWM") - rss_before) / 1024,
+        "added_rss_mb": (rss_after - rss_before) / 1024,
+        "added_peak_rss_mb": (peak_rss_kib(rss_before, rss_after) - rss_before) / 1024,
     }
 
 

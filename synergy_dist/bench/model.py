@@ -23,7 +23,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 
 from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio
-from synergy_dist.bench.timing import Stopwatch, pin_to_one_core, rss_kib
+from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, pin_to_one_core, rss_kib
 
 ROUTING_SCOPES = ("router", "downsample", "gather_units", "smooth", "upsample", "width_change")
 MIDDLE_SCOPE = "middle"
@@ -261,7 +261,7 @@ def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool)
         "wall_bytes_per_s": [B * L / s for s in wall_seconds],
         "bytes_per_concept": bytes_per_concept,
         "params": sum(p.numel() for p in model.parameters()),
-        "peak_rss_added_mb": (rss_kib("VmHWM") - rss_before) / 1024,
+        "peak_rss_added_mb": (peak_rss_kib(rss_before) - rss_before) / 1024,
     }
     result.update(_flops(model_cfg, L, B, bytes_per_concept))
     units = max(1, round(L / statistics.median(bytes_per_concept))) if model_cfg.stages else L

@@ -43,7 +43,7 @@ from synergy_dist.bench.quality_rows import (
 from synergy_dist.bench.data import default_corpora_dir
 from synergy_dist.bench.quality_plots import write_plots
 from synergy_dist.bench.report import BenchReport, Figure, Target, ratio
-from synergy_dist.bench.timing import Stopwatch, pin_to_one_core, rss_kib
+from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, pin_to_one_core, rss_kib
 from synergy_dist.report import ReportError
 
 TRAIN_FILES = ("pydocs-train.jsonl.zst", "pystdlib-code.jsonl.zst")
@@ -418,14 +418,15 @@ def run_row(name: str, cfg: QualityConfig) -> dict:
     result = {"row": name, "number": row_info(name).number, "what": row_info(name).what, **row.details,
               "train_bytes": trained_bytes, "seq_len_units": row.seq_len, "batch_size": cfg.batch_size}
     result.update(train_row(row, stream, cfg, steps))
-    result["peak_rss_train_mib"] = rss_kib("VmHWM") / 1024  # before evaluation (its batches can peak higher)
+    peak_train = peak_rss_kib(rss_before, rss_model)
+    result["peak_rss_train_mib"] = peak_train / 1024  # before evaluation (its batches can peak higher)
     result["train_bytes_per_s_wall"] = trained_bytes / result["train_wall_s"]
     result["train_bytes_per_s_cpu"] = trained_bytes / result["train_cpu_s"]
     result["train_flops_per_byte"] = result["train_flops"] / trained_bytes
     result["eval"] = evaluate_row(row, evaluation_sets(cfg), cfg.batch_size)
     result["rss_start_mib"] = rss_before / 1024
     result["rss_with_text_and_model_mib"] = rss_model / 1024
-    result["peak_rss_mib"] = rss_kib("VmHWM") / 1024
+    result["peak_rss_mib"] = peak_rss_kib(peak_train) / 1024
     return result
 
 

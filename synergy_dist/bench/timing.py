@@ -47,6 +47,15 @@ def rss_kib(field_name: str = "VmRSS") -> int:
     raise RuntimeError(f"/proc/self/status has no {field_name}")
 
 
+def peak_rss_kib(*seen_kib: float) -> float:
+    """This process's peak RSS so far, in KiB: VmHWM, but never below a reading already taken.
+
+    VmHWM alone is not monotone: Linux sums its per-CPU RSS counters approximately and folds the current RSS
+    into the high-water mark only at some points, so a later VmHWM can read a few hundred KiB below an earlier
+    VmRSS or VmHWM (seen in CI: 660.03 MiB after 660.25 MiB). Pass the earlier readings of the same run."""
+    return max(rss_kib("VmHWM"), *seen_kib)
+
+
 @contextlib.contextmanager
 def restored_affinity() -> Iterator[None]:
     """Give the CPUs this process may use back after a benchmark that pinned it to one core
