@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, N_BYTES, PAD_ID
+from synergy_dist.model.chunking import RoutingOutput
+from synergy_dist.model.synergy import HierarchyStage
 
 PROB_BINS = 10  # histogram bins of the boundary probability over [0, 1]
 
@@ -170,8 +172,6 @@ class Tally:
 # ---------------------------------------------------------------------- router hooks
 def stage_routers(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The boundary router of each hierarchy stage, outermost first (empty for a byte model)."""
-    from synergy_dist.model.synergy import HierarchyStage
-
     routers, node = [], getattr(model, "body", None)
     while isinstance(node, HierarchyStage):
         routers.append(node.router)
@@ -189,9 +189,8 @@ class RouteRecorder:
             self.handles.append(router.register_forward_hook(self._hook(s)))
 
     def _hook(self, stage: int):
-        def record(module, args, output):
-            valid = args[3]  # router(hidden, ids, force, valid, state)
-            self.calls[stage] = (output.prob.detach().float(), output.boundary.detach(), valid.detach())
+        def record(module, args, output: RoutingOutput):
+            self.calls[stage] = (output.prob.detach().float(), output.boundary.detach(), output.valid.detach())
         return record
 
     def close(self) -> None:
@@ -245,12 +244,9 @@ def evaluate_batch(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.T
                            reduction="sum")
     tally = Tally(nats=float(nats), bytes=int(counted.sum()), windows=int(inputs.shape[0]))
     tally.stages = [stage_tally(*recorder.calls[s]) for s in sorted(recorder.calls)]
-    for key, value in out.aux.items():
-        if key.startswith("moe/") and key.endswith("/tokens_per_expert"):
-            name = key[len("moe/"):-len("/tokens_per_expert")]
-            tally.moe.setdefault(name, MoETally()).add_batch(
-                value.detach().float().cpu().numpy(), float(out.aux[f"moe/{name}/dropped_fraction"]),
-                float(out.aux[f"moe/{name}/router_logit_rms"]))
+    for name, layer in out.stats.moe.items():
+        tally.moe.setdefault(name, MoETally()).add_batch(
+            layer.tokens_per_expert.float().cpu().numpy(), float(layer.dropped_fraction), float(layer.router_logit_rms))
     return tally
 
 

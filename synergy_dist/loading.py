@@ -39,7 +39,7 @@ def _single_process_config(values: dict) -> Config:
 def load_model(path: str | Path, device: str = "cpu") -> tuple[torch.nn.Module, Config, Path]:
     """(model in eval mode, its training config, the directory the weights came from)."""
     from synergy_dist.cli.export import ExportError, consolidated_state_dict, resolve_checkpoint
-    from synergy_dist.model import SynergyLM
+    from synergy_dist.model.synergy import SynergyLM
 
     path = Path(path)
     if not path.exists():

@@ -200,7 +200,7 @@ def test_stopwatch_separates_cpu_from_waiting_and_rss_fields():
 
 def test_matched_byte_transformer_is_the_closest():
     from synergy_dist.bench.model import build_config, count_params, matched_byte_transformer
-    from synergy_dist.model.config import tiny_test_config
+    from model_configs import tiny_test_config
 
     cfg = tiny_test_config()
     target = count_params(cfg)
@@ -215,8 +215,8 @@ def test_matched_byte_transformer_is_the_closest():
 
 def test_install_scopes_times_every_routing_piece_of_a_synergy_model():
     from synergy_dist.bench.model import MIDDLE_SCOPE, install_scopes
-    from synergy_dist.model import SynergyLM
-    from synergy_dist.model.config import tiny_test_config
+    from synergy_dist.model.synergy import SynergyLM
+    from model_configs import tiny_test_config
 
     torch.manual_seed(0)
     model = SynergyLM(tiny_test_config(router="cosine"))

@@ -24,7 +24,7 @@ from synergy_dist.bench.quality_rows import (
     moe_middle_config,
     reference_flops_per_byte,
 )
-from synergy_dist.model import SynergyLM
+from synergy_dist.model.synergy import SynergyLM
 from synergy_dist.model.accounting import flops_per_byte, param_counts
 
 REPO = Path(__file__).resolve().parents[1]

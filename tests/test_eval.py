@@ -15,7 +15,8 @@ import torch
 import eval_helpers as eh
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
 from synergy_dist.evaluate import evaluate, evaluate_documents, windows
-from synergy_dist.model import SynergyLM, tiny_test_config
+from model_configs import tiny_test_config
+from synergy_dist.model.synergy import SynergyLM
 
 DOCS = [b"The quick brown fox jumps over the lazy dog.", b"a", b"caf\xc3\xa9 au lait " * 7, b"x" * 31]
 
@@ -60,13 +61,13 @@ def test_bpb_equals_the_models_cross_entropy_on_the_same_bytes(tiny_model):
     out = tiny_model(ids[:, :-1], labels=labels)
     assert tally.bytes == sum(len(d) for d in DOCS) == int((labels != IGNORE_INDEX).sum())
     assert tally.documents == len(DOCS) and tally.windows == n
-    assert tally.summary()["bpb"] == pytest.approx(float(out.aux["ce_loss"]) / math.log(2), rel=1e-5)
+    assert tally.summary()["bpb"] == pytest.approx(float(out.stats.ce_loss) / math.log(2), rel=1e-5)
     # the realised compression equals the model's own statistic on those windows
     units = int((ids[:, :-1] != PAD_ID).sum())
-    concepts = round(float(out.aux["stage0/boundary_rate"]) * units)
+    concepts = round(float(out.stats.stages[0].boundary_rate) * units)
     stage = tally.summary()["stages"][0]
     assert (stage["units"], stage["concepts"]) == (units, concepts)
-    assert stage["bytes_per_concept"] == pytest.approx(float(out.aux["stage0/bytes_per_concept"]), rel=1e-5)
+    assert stage["bytes_per_concept"] == pytest.approx(float(out.stats.stages[0].bytes_per_concept), rel=1e-5)
     assert sum(stage["prob_histogram"]) == units
     assert stage["concept_length"]["mean"] == pytest.approx(units / concepts)
 
@@ -187,7 +188,7 @@ def test_uniform_model_scores_log2_vocab_bits_per_byte():
 
 
 def test_two_stage_statistics_agree_with_the_model():
-    from synergy_dist.model.config import two_stage_config
+    from model_configs import two_stage_config
 
     torch.manual_seed(1)
     model = SynergyLM(two_stage_config()).eval()
@@ -195,19 +196,19 @@ def test_two_stage_statistics_agree_with_the_model():
     stages = evaluate_documents(model, DOCS, seq_len=seq_len, batch_size=16).summary()["stages"]
     assert len(stages) == 2
     ids = torch.from_numpy(np.stack(list(windows(DOCS, seq_len))))[:, :-1]
-    aux = model(ids).aux  # one batch holds every window
+    stats = model(ids).stats  # one batch holds every window
     units0 = int((ids != PAD_ID).sum())
-    concepts0 = round(float(aux["stage0/boundary_rate"]) * units0)
-    concepts1 = round(float(aux["stage1/boundary_rate"]) * concepts0)
+    concepts0 = round(float(stats.stages[0].boundary_rate) * units0)
+    concepts1 = round(float(stats.stages[1].boundary_rate) * concepts0)
     assert (stages[0]["units"], stages[0]["concepts"]) == (units0, concepts0)
     assert (stages[1]["units"], stages[1]["concepts"]) == (concepts0, concepts1)  # stage 1 reads stage 0's concepts
-    assert stages[1]["bytes_per_concept"] == pytest.approx(float(aux["stage1/bytes_per_concept"]), rel=1e-5)
-    assert stages[1]["compression"] == pytest.approx(float(aux["stage1/compression"]), rel=1e-5)
+    assert stages[1]["bytes_per_concept"] == pytest.approx(float(stats.stages[1].bytes_per_concept), rel=1e-5)
+    assert stages[1]["compression"] == pytest.approx(float(stats.stages[1].compression), rel=1e-5)
 
 
 def test_byte_level_model_has_no_concepts():
     from synergy_dist.evaluate import route_text
-    from synergy_dist.model.config import byte_transformer_config
+    from model_configs import byte_transformer_config
 
     torch.manual_seed(0)
     model = SynergyLM(byte_transformer_config(d_model=32, depth=1, n_heads=2)).eval()

@@ -1,22 +1,32 @@
-"""ModelConfig: validation messages, YAML round trip, presets, learning-rate multipliers."""
+"""ModelConfig: validation messages, YAML round trip, the shipped configs, learning-rate multipliers."""
 
 import dataclasses
 import math
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from synergy_dist.model import (
-    PRESETS,
-    ModelConfig,
-    MoEConfig,
-    RouterConfig,
-    StackConfig,
-    StageConfig,
-    SynergyLM,
+from model_configs import (
+    byte_transformer_config,
+    fixed_hierarchy_config,
     tiny_test_config,
+    two_stage_config,
+    yaml_model_config,
 )
 from synergy_dist.model.accounting import param_counts
+from synergy_dist.model.config import ModelConfig, MoEConfig, RouterConfig, StackConfig, StageConfig
+from synergy_dist.model.synergy import SynergyLM
+
+CONFIGS = {
+    "tiny-test": tiny_test_config,
+    "tiny-cpu": lambda: yaml_model_config("tiny-cpu"),
+    "base-100m": lambda: yaml_model_config("base-100m"),
+    "byte-transformer": byte_transformer_config,
+    "fixed-hierarchy": fixed_hierarchy_config,
+    "two-stage": two_stage_config,
+}
 
 
 def test_unknown_layer_letter_names_the_key():
@@ -89,7 +99,7 @@ def test_pattern_parsing_and_moe_layers():
 
 
 def test_yaml_round_trip_builds_the_same_config():
-    cfg = PRESETS["base-100m"]()
+    cfg = yaml_model_config("base-100m")
     text = yaml.safe_dump(dataclasses.asdict(cfg))
     again = ModelConfig(**yaml.safe_load(text))
     assert again == cfg
@@ -100,14 +110,14 @@ def test_unknown_nested_key_is_reported():
         ModelConfig(middle={"layer_pattern": "A"})
 
 
-def test_presets_build_with_expected_sizes():
-    sizes = {name: param_counts(SynergyLM(make()))["total"] for name, make in PRESETS.items()}
+def test_configs_build_with_expected_sizes():
+    sizes = {name: param_counts(SynergyLM(make()))["total"] for name, make in CONFIGS.items()}
     assert 1_000_000 <= sizes["tiny-cpu"] <= 5_000_000
     assert 80_000_000 <= sizes["base-100m"] <= 130_000_000
     assert sizes["tiny-test"] < 200_000
-    assert PRESETS["byte-transformer"]().stages == []
-    assert PRESETS["fixed-hierarchy"]().stages[0].router.kind == "space"
-    assert len(PRESETS["two-stage"]().stages) == 2
+    assert CONFIGS["byte-transformer"]().stages == []
+    assert CONFIGS["fixed-hierarchy"]().stages[0].router.kind == "space"
+    assert len(CONFIGS["two-stage"]().stages) == 2
 
 
 def test_hnet_learning_rate_rule():
@@ -125,3 +135,10 @@ def test_hnet_learning_rate_rule():
     two.middle_lr_mult = 1.0
     assert two.lr_multipliers()[0] == 2.0 and two.lr_multipliers()[2] == 1.0
     assert math.isclose(two.lr_multipliers()[1], 1.52, abs_tol=0.01)
+
+
+def test_model_config_imports_neither_torch_distributed_nor_deepspeed():
+    code = ("import sys, synergy_dist.model.config; "
+            "print(sorted(m for m in ('deepspeed', 'torch.distributed') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.slow
 
 
 def make_model(ep_size: int):
-    from synergy_dist.model import MoEConfig, SynergyLM, tiny_test_config
+    from model_configs import tiny_test_config
+    from synergy_dist.model.config import MoEConfig
+    from synergy_dist.model.synergy import SynergyLM
 
     cfg = tiny_test_config(router="cosine", layers="MA", middle="AA")
     cfg.init_std = 0.2

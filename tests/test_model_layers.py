@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from synergy_dist.model.config import MambaConfig, StackConfig
-from synergy_dist.model.layers import Attention, AttentionCache, RMSNorm, RotaryEmbedding, Stack
-from synergy_dist.model.mamba import Mamba2, MambaCache, ssd_scan, ssd_step
+from synergy_dist.model.layers import Attention, AttentionCache, RMSNorm, RotaryEmbedding
+from synergy_dist.model.mamba import Mamba2, MambaCache
+from synergy_dist.model.ssd import ssd_scan, ssd_step
+from synergy_dist.model.stack import Stack
 
 
 def naive_recurrence(x_dt, log_a, B, C, initial):

@@ -6,7 +6,7 @@ import torch
 
 from data_pipeline.vocab import EOD_ID
 from synergy_dist.model.config import RouterConfig
-from synergy_dist.model.router import BoundaryRouter, RouterState, downsample, ratio_loss, smooth, upsample
+from synergy_dist.model.chunking import BoundaryRouter, RouterState, downsample, ratio_loss, smooth, upsample
 
 
 def starts(ids: torch.Tensor) -> torch.Tensor:

@@ -6,17 +6,10 @@ import pytest
 import torch
 
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
-from synergy_dist.model import (
-    ModelConfig,
-    MoEConfig,
-    StackConfig,
-    SynergyLM,
-    byte_transformer_config,
-    tiny_test_config,
-    two_stage_config,
-)
+from model_configs import byte_transformer_config, tiny_test_config, two_stage_config
+from synergy_dist.model.config import ModelConfig, MoEConfig, StackConfig
 from synergy_dist.model.accounting import flops_per_byte, param_counts
-from synergy_dist.model.synergy import HierarchyStage, sample_next
+from synergy_dist.model.synergy import HierarchyStage, SynergyLM, sample_next
 
 ROUTERS = ["cosine", "gate", "stride", "space"]
 TEXT = b"The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! 0123"
@@ -149,11 +142,13 @@ def test_two_stage_hierarchy_generation_and_stats():
     assert isinstance(model.body.inner, HierarchyStage)
     ids = text_batch(length=96)
     out = model(ids, labels=ids)
+    flat = out.stats.flatten()
     for s in (0, 1):
-        assert f"stage{s}/bytes_per_concept" in out.aux and f"stage{s}/ratio_loss" in out.aux
-    assert out.aux["stage1/bytes_per_concept"] > out.aux["stage0/bytes_per_concept"]
-    total = out.aux["stage0/compression"] * out.aux["stage1/compression"]
-    torch.testing.assert_close(total, out.aux["stage1/bytes_per_concept"])
+        assert f"stage{s}/bytes_per_concept" in flat and f"stage{s}/ratio_loss" in flat
+    stage0, stage1 = out.stats.stages
+    assert stage1.bytes_per_concept > stage0.bytes_per_concept
+    total = stage0.compression * stage1.compression
+    torch.testing.assert_close(total, stage1.bytes_per_concept)
     prompt = b"two stages of concepts "
     assert model.generate(prompt, 30, temperature=1.0, seed=3) == reference_generate(model, prompt, 30, 1.0, 3)
 
@@ -164,8 +159,8 @@ def test_byte_transformer_baseline_shares_the_code():
     cfg.init_std = 0.2
     model = SynergyLM(cfg).eval()
     out = model(text_batch(), labels=text_batch())
-    assert out.aux["bytes_per_concept"].item() == 1.0 and out.aux["ratio_loss"].item() == 0.0
-    assert math.isclose(out.loss.item(), out.aux["ce_loss"].item(), rel_tol=1e-6)
+    assert out.stats.bytes_per_concept.item() == 1.0 and out.stats.ratio_loss.item() == 0.0
+    assert math.isclose(out.loss.item(), out.stats.ce_loss.item(), rel_tol=1e-6)
     assert [g["name"] for g in model.param_groups(0.1)] == ["middle/no_decay", "middle/decay"]
     prompt = b"bytes only "
     assert model.generate(prompt, 25, temperature=0) == reference_generate(model, prompt, 25, 0.0, 0)
@@ -209,11 +204,12 @@ def test_loss_is_ce_plus_weighted_ratio_and_moe_losses():
     labels[:, -1] = IGNORE_INDEX
     out = model(ids, labels=labels)
     ce = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
-    moe = sum(0.01 * out.aux[f"moe/middle.{i}/aux_loss"] + 1e-3 * out.aux[f"moe/middle.{i}/z_loss"] for i in (0, 1))
-    expected = ce + 0.03 * out.aux["ratio_loss"] + moe
+    layers = out.stats.moe
+    moe = sum(0.01 * layers[f"middle.{i}"].aux_loss + 1e-3 * layers[f"middle.{i}"].z_loss for i in (0, 1))
+    expected = ce + 0.03 * out.stats.ratio_loss + moe
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.aux["bpb"], ce.detach() / math.log(2))
-    assert out.aux["moe/middle.0/tokens_per_expert"].shape == (4,)
+    torch.testing.assert_close(out.stats.bpb, ce.detach() / math.log(2))
+    assert out.stats.moe["middle.0"].tokens_per_expert.shape == (4,)
     assert model(ids).loss is None
 
 
@@ -224,7 +220,7 @@ def test_padding_is_not_counted():
     with torch.no_grad():
         a, b = model(ids), model(padded)
     torch.testing.assert_close(a.logits, b.logits[:, :30], atol=1e-5, rtol=1e-5)
-    assert a.aux["bytes_per_concept"] == b.aux["bytes_per_concept"]
+    assert a.stats.bytes_per_concept == b.stats.bytes_per_concept
 
 
 def test_bad_inputs_fail_clearly():
@@ -276,7 +272,7 @@ def test_all_padding_batch_gives_finite_loss_and_still_runs_the_middle():
     model.body.inner.register_forward_hook(lambda mod, args, out: calls.append(args[0].shape[1]))
     ids = torch.full((2, 16), PAD_ID)
     out = model(ids, labels=torch.full((2, 16), IGNORE_INDEX))
-    assert torch.isfinite(out.loss) and out.aux["ce_loss"] == 0.0
+    assert torch.isfinite(out.loss) and out.stats.ce_loss == 0.0
     assert calls == [1]  # one padding slot: MoE collectives are entered on every rank
     out.loss.backward()
 
@@ -289,8 +285,8 @@ def test_moe_in_an_encoder_is_named_and_weighted_by_its_own_config():
     model = SynergyLM(cfg)
     ids = text_batch()
     out = model(ids, labels=ids)
-    aux, z = out.aux["moe/stage0.encoder.0/aux_loss"], out.aux["moe/stage0.encoder.0/z_loss"]
-    expected = out.aux["ce_loss"] + 0.03 * out.aux["ratio_loss"] + 0.5 * aux + 0.25 * z
+    aux, z = out.stats.moe["stage0.encoder.0"].aux_loss, out.stats.moe["stage0.encoder.0"].z_loss
+    expected = out.stats.ce_loss + 0.03 * out.stats.ratio_loss + 0.5 * aux + 0.25 * z
     torch.testing.assert_close(out.loss.detach(), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -6,7 +6,8 @@ import torch
 import zstandard
 
 import synergy_dist
-from synergy_dist.model import SynergyLM, tiny_test_config
+from model_configs import tiny_test_config
+from synergy_dist.model.synergy import SynergyLM
 
 
 def sample_text(n_docs: int) -> bytes:
@@ -45,7 +46,7 @@ def test_tiny_model_overfits_a_few_kilobytes():
     def bpb_on_the_text() -> float:
         model.eval()
         with torch.no_grad():
-            return model(windows[:, :-1], labels=windows[:, 1:]).aux["bpb"].item()
+            return model(windows[:, :-1], labels=windows[:, 1:]).stats.bpb.item()
 
     assert bpb_on_the_text() > 7.0  # about log2(258) at init
     train(model, data, steps=200, lr=3e-3, batch=4, length=128)
@@ -66,6 +67,6 @@ def test_realised_compression_tracks_the_target():
     with torch.no_grad():
         for _ in range(4):
             starts = torch.randint(0, len(data) - 129, (16,), generator=generator)
-            realised.append(model(torch.stack([data[s: s + 128] for s in starts])).aux["bytes_per_concept"].item())
+            realised.append(model(torch.stack([data[s: s + 128] for s in starts])).stats.bytes_per_concept.item())
     mean = sum(realised) / len(realised)
     assert abs(mean - target) / target < 0.2, realised

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from synergy_dist.model import moe_routing as routing
-from synergy_dist.model.moe import (
-    MoEConfig,
+from synergy_dist.model.config import MoEConfig
+import synergy_dist.model.moe.gating as gating
+import synergy_dist.model.moe.losses as losses
+import synergy_dist.model.moe.statistics as moe_statistics
+from synergy_dist.model.moe.layer import (
     MoEFeedForward,
     keep_routers_fp32,
     moe_param_groups,
@@ -46,7 +48,7 @@ def naive_moe(layer: MoEFeedForward, x: torch.Tensor) -> torch.Tensor:
 
 def test_softmax_top_k_gates_are_renormalised_probabilities():
     logits = torch.tensor([[2.0, 0.0, 1.0, -1.0], [0.0, 3.0, 3.0, 0.5]])
-    decision = routing.route_softmax(logits, top_k=2)
+    decision = gating.route_softmax(logits, top_k=2)
     assert decision.expert_ids.tolist() == [[0, 2], [1, 2]] or decision.expert_ids.tolist() == [[0, 2], [2, 1]]
     # token 0: softmax over logits {2, 1} = (e / (e + 1), 1 / (e + 1))
     e = math.e
@@ -69,10 +71,10 @@ def test_layer_output_equals_per_token_reference():
 def test_aux_loss_matches_hand_computation():
     # 4 tokens, 3 experts, top-1. Logits chosen so the probabilities are easy to write down.
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.6, 0.3, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6]]))
-    decision = routing.route_softmax(logits, top_k=1)
-    counts = routing.expert_counts(decision.expert_ids, 3)
+    decision = gating.route_softmax(logits, top_k=1)
+    counts = moe_statistics.expert_counts(decision.expert_ids, 3)
     assert counts.tolist() == [2.0, 1.0, 1.0]
-    aux = routing.switch_aux_loss(decision.probs, counts, torch.tensor(4.0))
+    aux = losses.switch_aux_loss(decision.probs, counts, torch.tensor(4.0))
     f = [2 / 4, 1 / 4, 1 / 4]
     p = [(0.7 + 0.6 + 0.1 + 0.2) / 4, (0.2 + 0.3 + 0.8 + 0.2) / 4, (0.1 + 0.1 + 0.1 + 0.6) / 4]
     expected = 3 * sum(fi * pi for fi, pi in zip(f, p))
@@ -81,8 +83,8 @@ def test_aux_loss_matches_hand_computation():
 
 def test_aux_loss_is_one_under_perfect_balance_and_differentiable():
     logits = torch.zeros(6, 3, requires_grad=True)
-    decision = routing.route_softmax(logits, top_k=1)
-    aux = routing.switch_aux_loss(decision.probs, torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64),
+    decision = gating.route_softmax(logits, top_k=1)
+    aux = losses.switch_aux_loss(decision.probs, torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64),
                                   torch.tensor(6.0))
     assert aux.item() == pytest.approx(1.0, rel=1e-6)
     aux.backward()
@@ -92,8 +94,8 @@ def test_aux_loss_is_one_under_perfect_balance_and_differentiable():
 def test_z_loss_matches_hand_computation():
     logits = torch.tensor([[0.0, 0.0], [1.0, 1.0], [math.log(3.0), 0.0]])
     expected = (math.log(2) ** 2 + (1 + math.log(2)) ** 2 + math.log(4.0) ** 2) / 3
-    assert routing.router_z_loss(logits).item() == pytest.approx(expected, rel=1e-6)
-    assert routing.router_z_loss(torch.zeros(0, 4)).item() == 0.0
+    assert losses.router_z_loss(logits).item() == pytest.approx(expected, rel=1e-6)
+    assert losses.router_z_loss(torch.zeros(0, 4)).item() == 0.0
 
 
 def test_layer_losses_equal_routing_functions_on_its_logits():
@@ -101,12 +103,12 @@ def test_layer_losses_equal_routing_functions_on_its_logits():
     x = torch.randn(2, 6, D_MODEL)
     _, stats = layer(x)
     logits = x.reshape(-1, D_MODEL) @ layer.router.weight.t()
-    decision = routing.route_softmax(logits, 2)
-    counts = routing.expert_counts(decision.expert_ids, 4)
+    decision = gating.route_softmax(logits, 2)
+    counts = moe_statistics.expert_counts(decision.expert_ids, 4)
     assert stats.tokens_per_expert.tolist() == counts.tolist()
-    assert stats.aux_loss.item() == pytest.approx(routing.switch_aux_loss(decision.probs, counts,
+    assert stats.aux_loss.item() == pytest.approx(losses.switch_aux_loss(decision.probs, counts,
                                                                           torch.tensor(24.0)).item(), rel=1e-6)
-    assert stats.z_loss.item() == pytest.approx(routing.router_z_loss(logits).item(), rel=1e-6)
+    assert stats.z_loss.item() == pytest.approx(losses.router_z_loss(logits).item(), rel=1e-6)
     assert stats.router_logit_rms.item() == pytest.approx(logits.square().mean().sqrt().item(), rel=1e-5)
     fraction = counts / counts.sum()
     assert stats.load_entropy.item() == pytest.approx(-(fraction * fraction.log()).sum().item(), rel=1e-5)
@@ -118,15 +120,15 @@ def test_layer_losses_equal_routing_functions_on_its_logits():
 
 def test_capacity_mask_prefers_first_choices_then_token_order():
     expert_ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 2]])
-    keep = routing.capacity_keep_mask(expert_ids, n_experts=3, capacity=2)
+    keep = gating.capacity_keep_mask(expert_ids, n_experts=3, capacity=2)
     # expert 0: first choices of tokens 0, 1, 3 -> tokens 0 and 1 fit; second choice of token 2 is dropped too.
     # expert 1: first choice of token 2, then second choices of tokens 0, 1 -> token 0 fits, token 1 dropped.
     assert keep.tolist() == [[True, True], [True, False], [True, False], [False, True]]
 
 
 def test_expert_capacity_formula():
-    assert routing.expert_capacity(100, 2, 8, 1.25, 4) == math.ceil(1.25 * 100 * 2 / 8)
-    assert routing.expert_capacity(3, 1, 8, 1.0, 4) == 4
+    assert gating.expert_capacity(100, 2, 8, 1.25, 4) == math.ceil(1.25 * 100 * 2 / 8)
+    assert gating.expert_capacity(3, 1, 8, 1.0, 4) == 4
 
 
 def force_all_tokens_to_expert_zero(layer: MoEFeedForward) -> None:
@@ -210,7 +212,7 @@ def test_router_runs_in_fp32_under_bf16_autocast():
     assert y.dtype == torch.bfloat16  # the experts do run in bf16
     logits = x.reshape(-1, D_MODEL) @ layer.router.weight.t()  # fp32 reference
     assert stats.z_loss.dtype == torch.float32
-    assert stats.z_loss.item() == pytest.approx(routing.router_z_loss(logits).item(), rel=1e-6)
+    assert stats.z_loss.item() == pytest.approx(losses.router_z_loss(logits).item(), rel=1e-6)
 
 
 def test_bf16_parameters_are_rejected_until_router_is_fp32_again():
@@ -223,7 +225,7 @@ def test_bf16_parameters_are_rejected_until_router_is_fp32_again():
     y, stats = layer(x)
     assert y.dtype == torch.bfloat16 and layer.router.weight.dtype == torch.float32
     logits = x.reshape(-1, D_MODEL).float() @ layer.router.weight.t()
-    assert stats.z_loss.item() == pytest.approx(routing.router_z_loss(logits).item(), rel=1e-6)
+    assert stats.z_loss.item() == pytest.approx(losses.router_z_loss(logits).item(), rel=1e-6)
 
 
 # ---------------------------------------------------------------- sigmoid_bias balancing
@@ -231,10 +233,10 @@ def test_bf16_parameters_are_rejected_until_router_is_fp32_again():
 
 def test_sigmoid_gates_use_unbiased_scores():
     logits = torch.tensor([[0.0, 1.0, 2.0]])
-    decision = routing.route_sigmoid_bias(logits, 1, torch.tensor([5.0, 0.0, 0.0]))
+    decision = gating.route_sigmoid_bias(logits, 1, torch.tensor([5.0, 0.0, 0.0]))
     assert decision.expert_ids.tolist() == [[0]]  # the bias decided the winner...
     assert decision.gates.tolist() == [[1.0]]  # ...but not the weight (renormalised unbiased score)
-    decision = routing.route_sigmoid_bias(logits, 2, torch.tensor([5.0, 0.0, 0.0]))
+    decision = gating.route_sigmoid_bias(logits, 2, torch.tensor([5.0, 0.0, 0.0]))
     s = torch.sigmoid(logits)[0]
     assert decision.expert_ids.tolist() == [[0, 2]]
     assert decision.gates[0].tolist() == pytest.approx([(s[0] / (s[0] + s[2])).item(),

@@ -21,7 +21,8 @@ VALID_TOKENS = [[9, 5], [3, 7]]  # per step, per rank: ranks hold different numb
 class TinyMoEModel(nn.Module):
     def __init__(self, ep_size: int):
         super().__init__()
-        from synergy_dist.model.moe import MoEConfig, MoEFeedForward
+        from synergy_dist.model.config import MoEConfig
+        from synergy_dist.model.moe.layer import MoEFeedForward
 
         self.inp = nn.Linear(D_MODEL, D_MODEL)
         self.moe = MoEFeedForward(D_MODEL, D_FF, MoEConfig(n_experts=N_EXPERTS, top_k=2, shared_expert=True,
@@ -85,7 +86,7 @@ def run_stage(rank: int, stage: int, reference: dict, checkpoint_dir: str) -> No
     import deepspeed
     from deepspeed.moe.layer import MoE
 
-    from synergy_dist.model.moe import moe_param_groups
+    from synergy_dist.model.moe.layer import moe_param_groups
 
     torch.manual_seed(0)
     model = TinyMoEModel(ep_size=2)
@@ -122,7 +123,7 @@ def run_mixed_precision(rank: int) -> None:
     trains; DeepSpeed's "bf16" mode casts every parameter, which the router refuses with an actionable error."""
     import deepspeed
 
-    from synergy_dist.model.moe import moe_param_groups
+    from synergy_dist.model.moe.layer import moe_param_groups
 
     torch.manual_seed(0)
     model = TinyMoEModel(ep_size=2)

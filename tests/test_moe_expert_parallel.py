@@ -64,8 +64,10 @@ class CollectiveCounter:
 
 
 def run_case(rank: int, overrides: dict, shapes, rank1_grad: bool) -> None:
-    from synergy_dist.model import moe_routing as routing
-    from synergy_dist.model.moe import MoEConfig, MoEFeedForward
+    from synergy_dist.model.config import MoEConfig
+    import synergy_dist.model.moe.gating as gating
+    import synergy_dist.model.moe.losses as losses
+    from synergy_dist.model.moe.layer import MoEFeedForward
     from synergy_dist.model.moe_resharding import consolidate_expert_states, shard_expert_state
 
     cfg = MoEConfig(**{"n_experts": N_EXPERTS, "top_k": 2, "expert_parallel_size": 2, **overrides})
@@ -135,12 +137,12 @@ def run_case(rank: int, overrides: dict, shapes, rank1_grad: bool) -> None:
         ref_x.append(xr)
         logits = reference.router(xr[vr])
         if cfg.scoring == "softmax":
-            probs.append(routing.route_softmax(logits, cfg.top_k).probs)
+            probs.append(gating.route_softmax(logits, cfg.top_k).probs)
         else:
-            probs.append(routing.route_sigmoid_bias(logits, cfg.top_k, reference.selection_bias).probs)
+            probs.append(gating.route_sigmoid_bias(logits, cfg.top_k, reference.selection_bias).probs)
     global_counts = ref_stats[0].tokens_per_expert.double() + ref_stats[1].tokens_per_expert.double()
     n_assign = torch.tensor(float((shapes[0][2] + shapes[1][2]) * cfg.top_k), dtype=torch.float64)
-    ref_aux = [routing.switch_aux_loss(probs[r], global_counts, n_assign) for r in range(2)]
+    ref_aux = [losses.switch_aux_loss(probs[r], global_counts, n_assign) for r in range(2)]
     ref_loss = sum((ref_out[r] * inputs[r][2]).sum() + ref_stats[r].z_loss + 0.1 * ref_aux[r] for r in range(2))
     ref_loss.backward()
 

@@ -44,8 +44,8 @@ def model_concept_count(model, data: bytes) -> int:
     """Boundaries of EOD + data from the model's own statistics, less the EOD's concept."""
     ids = torch.tensor([[EOD_ID, *data]])
     with torch.no_grad():
-        aux = model(ids).aux
-    return round(float(aux["stage0/boundary_rate"]) * ids.shape[1]) - 1
+        stats = model(ids).stats
+    return round(float(stats.stages[0].boundary_rate) * ids.shape[1]) - 1
 
 
 def test_boundary_page_marks_exactly_the_models_concepts(run, report):

@@ -226,7 +226,7 @@ def hand_grad_norm(cfg_dict: dict, sample_dir: Path) -> float:
     """The first step's global grad norm computed directly: mean of the 4 per-sample losses' gradients."""
     from data_pipeline.stream import StreamingByteDataset
     from synergy_dist.config import config_from_dict
-    from synergy_dist.model import SynergyLM
+    from synergy_dist.model.synergy import SynergyLM
     from synergy_dist.train.trainer import seed_everything
 
     cfg = config_from_dict(cfg_dict)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from pathlib import Path
 
 import pytest
+import torch
 
 from synergy_dist.config import SafeguardConfig, load_config
+from synergy_dist.model.moe.statistics import MoEStats
+from synergy_dist.model.statistics import ModelStatistics, StageStatistics
 from synergy_dist.train import checkpoint as ckpt
 from synergy_dist.train.metrics import MetricsLogger, format_duration, read_metrics
 from synergy_dist.train.optimizer import lr_at
@@ -128,17 +132,27 @@ def test_safeguard_state_round_trips():
     assert h.state == g.state and h.state.rollbacks == [{"at_step": 9, "to_step": 6, "skipped_samples": [24, 36]}]
 
 
+def model_statistics(compression: float, layer: str, loads: list[float]) -> ModelStatistics:
+    """Statistics of a one-stage model with one MoE layer; only compression and expert load are set."""
+    zero = torch.zeros(())
+    stage = StageStatistics(**{f.name: zero for f in dataclasses.fields(StageStatistics)})
+    stage.compression = torch.tensor(compression)
+    moe = MoEStats(**{f.name: zero for f in dataclasses.fields(MoEStats)})
+    moe.tokens_per_expert = torch.tensor(loads)
+    return ModelStatistics([stage], {layer: moe})
+
+
 def test_router_alarms():
     g = guards(compression_band=[0.5, 2.0], min_load_entropy_ratio=0.5, dead_expert_fraction=0.05)
-    aux = {"stage0/compression": 9.0, "moe/middle.1/tokens_per_expert": [100.0, 100.0, 1.0, 99.0]}
-    alarms = g.router_alarms(aux, {"stage0": 4.0})
+    stats = model_statistics(9.0, "middle.1", [100.0, 100.0, 1.0, 99.0])
+    alarms = g.router_alarms(stats, {"stage0": 4.0})
     assert alarms == {
         "stage0/compression": "stage0: realised 9.00 inputs/concept is outside [2.00, 8.00] (target 4)",
         "moe/middle.1/dead_experts": "moe/middle.1: dead experts [2] (load < 0.05 x mean)",
     }
-    collapsed = {"stage0/compression": 4.0, "moe/m/tokens_per_expert": [1000.0, 1.0, 1.0, 1.0]}
+    collapsed = model_statistics(4.0, "m", [1000.0, 1.0, 1.0, 1.0])
     assert set(g.router_alarms(collapsed, {"stage0": 4.0})) == {"moe/m/dead_experts", "moe/m/load_entropy"}
-    healthy = {"stage0/compression": 4.4, "moe/m/tokens_per_expert": [90.0, 110.0, 100.0, 100.0]}
+    healthy = model_statistics(4.4, "m", [90.0, 110.0, 100.0, 100.0])
     assert g.router_alarms(healthy, {"stage0": 4.0}) == {}
 
 

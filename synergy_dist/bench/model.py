@@ -70,7 +70,7 @@ def matmul_flops_per_s(n: int, repeats: int = 10) -> list[float]:
 
 
 def build_config(name: str, **kwargs):
-    from synergy_dist.model.config import PRESETS
+    from synergy_dist.bench.quality_rows import PRESETS
 
     if name not in PRESETS:
         raise ValueError(f"model benchmark: unknown preset {name!r}; choose from {sorted(PRESETS)}")
@@ -78,7 +78,7 @@ def build_config(name: str, **kwargs):
 
 
 def count_params(cfg) -> int:
-    from synergy_dist.model import SynergyLM
+    from synergy_dist.model.synergy import SynergyLM
 
     return sum(p.numel() for p in SynergyLM(cfg).parameters())
 
@@ -223,7 +223,7 @@ def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool)
 
     import torch
 
-    from synergy_dist.model import SynergyLM
+    from synergy_dist.model.synergy import SynergyLM
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -243,7 +243,7 @@ def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool)
         out = model(input_ids, labels)
         out.loss.backward()
         optimizer.step()
-        return out.aux
+        return out.stats
 
     for _ in range(cfg.warmup_steps):
         step()
@@ -251,10 +251,10 @@ def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool)
     bytes_per_concept = []
     for _ in range(cfg.steps):
         clock = Stopwatch()
-        aux = step()
+        stats = step()
         seconds.append(clock.cpu())
         wall_seconds.append(clock.wall())
-        bytes_per_concept.append(float(aux["bytes_per_concept"]))
+        bytes_per_concept.append(float(stats.bytes_per_concept))
     result = {
         "step_seconds": seconds,
         "bytes_per_s": [B * L / s for s in seconds],

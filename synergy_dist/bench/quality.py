@@ -253,7 +253,7 @@ def synergy_row(name: str, cfg: QualityConfig) -> RowModel:
     import torch
     import torch.nn.functional as F
 
-    from synergy_dist.model import SynergyLM
+    from synergy_dist.model.synergy import SynergyLM
     from synergy_dist.model.accounting import flops_per_byte, param_counts
 
     model_cfg = model_config(name, cfg.seq_len)
@@ -266,9 +266,9 @@ def synergy_row(name: str, cfg: QualityConfig) -> RowModel:
         nats = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
                                reduction="sum")
         valid = int((inputs != PAD).sum())
-        rate = float(out.aux["boundary_rate"]) if n_stages else 1.0
+        rate = float(out.stats.boundary_rate) if n_stages else 1.0
         stats = {"units": valid, "concepts": rate * valid,
-                 "bytes_per_concept": [max(float(out.aux[f"stage{s}/bytes_per_concept"]), 1.0) for s in range(n_stages)]}
+                 "bytes_per_concept": [max(float(stage.bytes_per_concept), 1.0) for stage in out.stats.stages]}
         return out.loss, nats, stats
 
     def train_flops(stats, inputs):
@@ -287,7 +287,7 @@ def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
 
     from synergy_dist.bench.anchors import llama_bpe
     from synergy_dist.bench.quality_rows import default_config
-    from synergy_dist.model import SynergyLM
+    from synergy_dist.model.synergy import SynergyLM
     from synergy_dist.model.accounting import param_counts
 
     tokenizer_path = Path(cfg.work_dir) / f"bpe-{cfg.bpe_vocab}-seed{cfg.seed}-heldout{cfg.code_heldout_fraction}.json"

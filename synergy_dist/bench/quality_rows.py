@@ -11,20 +11,38 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pathlib import Path
+
+from synergy_dist.config import load_config
 from synergy_dist.model.accounting import flops_per_byte
-from synergy_dist.model.config import (
-    ModelConfig,
-    RouterConfig,
-    byte_transformer_config,
-    fixed_hierarchy_config,
-    mlp_hidden,
-    tiny_cpu_config,
-)
-from synergy_dist.model.moe import MoEConfig
+from synergy_dist.model.config import ModelConfig, MoEConfig, RouterConfig, StackConfig, mlp_hidden
 
 LLAMA_ROW = "llama-bpe"  # row 7: not a ModelConfig, built by the anchor module
 MOE_EXPERTS = 4  # routed experts per middle MoE layer (row 4)
 MOE_TOP_K = 2  # each expert is half the dense MLP, so top-2 computes what the dense MLP computes
+
+
+def tiny_cpu_config() -> ModelConfig:
+    """The model of configs/tiny-cpu.yaml."""
+    return load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml").model
+
+
+def byte_transformer_config(d_model: int = 256, depth: int = 6, n_heads: int = 4) -> ModelConfig:
+    """The plain byte-level Transformer baseline: no router, the 'middle' runs on bytes with RoPE."""
+    return ModelConfig(stages=[], d_middle=d_model,
+                       middle=StackConfig(pattern="A", repeat=depth, n_heads=n_heads, pos_encoding="rope"))
+
+
+def fixed_hierarchy_config(kind: str = "space", stride: int = 4) -> ModelConfig:
+    """The tiny-cpu hierarchy with a fixed router ('stride' every k bytes or 'space' after whitespace)."""
+    cfg = tiny_cpu_config()
+    cfg.stages[0].router = RouterConfig(kind=kind, stride=stride, target_bytes_per_concept=float(stride))
+    cfg.validate()
+    return cfg
+
+
+PRESETS = {"tiny-cpu": tiny_cpu_config, "byte-transformer": byte_transformer_config,
+           "fixed-hierarchy": fixed_hierarchy_config}  # the model benchmark's configs by name
 
 
 @dataclass

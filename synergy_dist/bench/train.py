@@ -234,7 +234,7 @@ class PlainLoop:
         import torch
 
         from data_pipeline.stream import StreamingByteDataset
-        from synergy_dist.model import SynergyLM
+        from synergy_dist.model.synergy import SynergyLM
         from synergy_dist.train.trainer import sample_shards, seed_everything
 
         self.cfg = cfg
@@ -256,7 +256,7 @@ class PlainLoop:
     def step(self, step: int) -> None:
         import torch
 
-        from synergy_dist.model.moe import update_moe_biases
+        from synergy_dist.model.moe.layer import update_moe_biases
         from synergy_dist.train.optimizer import lr_at
 
         for group in self.optimizer.param_groups:

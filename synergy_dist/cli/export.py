@@ -73,7 +73,7 @@ def load_exported(directory: str | Path, device: str = "cpu") -> torch.nn.Module
     """Rebuild the SynergyLM of an export (experts local: expert_parallel_size=1) and load its weights."""
     from safetensors.torch import load_file
 
-    from synergy_dist.model import SynergyLM
+    from synergy_dist.model.synergy import SynergyLM
 
     directory = Path(directory)
     values = yaml.safe_load((directory / "config.yaml").read_text())

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from torch import nn
 
 from synergy_dist.model.config import ModelConfig, StackConfig, mlp_hidden
-from synergy_dist.model.moe import MoEFeedForward
+from synergy_dist.model.moe.layer import MoEFeedForward
+from synergy_dist.model.synergy import HierarchyStage
 
 
 def _count(module: nn.Module | None) -> int:
@@ -23,8 +24,6 @@ def _count(module: nn.Module | None) -> int:
 def param_counts(model: nn.Module) -> dict[str, int]:
     """Parameters per part: embedding, head, stage{s}/{encoder,router,decoder,other}, middle,
     experts (all MoE expert weights), total, and active (per token: experts scaled by top_k / n_experts)."""
-    from synergy_dist.model.synergy import HierarchyStage  # local: synergy imports this module's neighbours
-
     counts: dict[str, int] = {"embedding": _count(model.embed)}
     counts["head"] = 0 if model.head.weight is model.embed.weight else _count(model.head)
     node, level = model.body, 0

@@ -17,12 +17,12 @@ import math
 from dataclasses import dataclass, field
 
 from data_pipeline.vocab import VOCAB_SIZE
-from synergy_dist.model.moe import MoEConfig
 
 LAYER_LETTERS = {"A": "causal self-attention", "M": "Mamba-2 style selective SSM"}
 ROUTER_KINDS = ("cosine", "gate", "stride", "space")
 WIDTH_CHANGES = ("pad", "linear")
 POS_ENCODINGS = ("rope", "none")
+MOE_SCORINGS = ("softmax", "sigmoid_bias")
 N_GPT_BYTES_PER_TOKEN = 4.6  # GPT-2 BPE bytes per token on web text (H-Net Eq. 11)
 
 
@@ -36,6 +36,54 @@ class MambaConfig:
     dt_min: float = 1e-3  # initial time-step range (log-uniform)
     dt_max: float = 1e-1
     kernel: str = "auto"  # "auto": mamba_ssm Triton scan when installed and on GPU, else PyTorch | "torch"
+
+
+@dataclass
+class MoEConfig:
+    n_experts: int = 8  # routed experts per MoE layer
+    top_k: int = 2  # experts each token is sent to (Mixtral: 2 of 8)
+    d_ff: int = 0  # hidden width of one SwiGLU expert; 0 = same as the dense MLP of the part
+    shared_expert: bool = False  # one always-on dense expert added to the routed output
+    scoring: str = "softmax"  # "softmax" (softmax over the top-k logits, Mixtral) | "sigmoid_bias" (aux-loss-free, DeepSeek-V3)
+    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (0 disables)
+    z_loss_coef: float = 1e-3  # router z-loss weight (ST-MoE)
+    jitter: float = 0.0  # multiplicative jitter noise on router inputs during training (0 = off)
+    dropless: bool = True  # route every token (no capacity); False = capacity factor with token dropping
+    capacity_factor_train: float = 1.25  # capacity per expert = factor * tokens * top_k / n_experts (when not dropless)
+    capacity_factor_eval: float = 2.0
+    bias_update_rate: float = 1e-3  # step of the per-expert selection bias for sigmoid_bias scoring
+    expert_parallel_size: int = 1  # experts are split across this many ranks (set from the training config)
+    min_capacity: int = 4  # lower bound of the per-expert capacity when not dropless (DeepSpeed's default)
+    router_init_std: float = 0.02  # std of the router weight init (small: near-uniform routing at the start)
+    expert_init_seed: int = 0  # expert g is initialised from seed + g, so ep=1 and ep=2 models match
+
+    def validate(self, where: str = "moe") -> None:
+        """Fail early with the key and the fix; `where` is the section's key (e.g. "model.middle.moe")."""
+        if self.n_experts < 1:
+            raise ValueError(f"{where}.n_experts={self.n_experts} must be >= 1")
+        if self.top_k < 1:
+            raise ValueError(f"{where}.top_k={self.top_k} must be between 1 and {where}.n_experts={self.n_experts}")
+        if self.top_k > self.n_experts:
+            raise ValueError(f"{where}.top_k={self.top_k} is larger than {where}.n_experts={self.n_experts}: "
+                             f"{where}.top_k={self.top_k} must be between 1 and {where}.n_experts={self.n_experts}; "
+                             "lower top_k or add experts")
+        if self.d_ff < 0:
+            raise ValueError(f"{where}.d_ff={self.d_ff} must be >= 0 (0 = width of the dense MLP)")
+        if self.scoring not in MOE_SCORINGS:
+            raise ValueError(f"{where}.scoring={self.scoring!r} is unknown: use one of {', '.join(MOE_SCORINGS)}")
+        for key in ("aux_loss_coef", "z_loss_coef", "jitter", "bias_update_rate"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"{where}.{key}={getattr(self, key)} must be >= 0")
+        if self.jitter >= 1:
+            raise ValueError(f"{where}.jitter={self.jitter} must be < 1 (inputs are scaled by U(1-jitter, 1+jitter))")
+        for key in ("capacity_factor_train", "capacity_factor_eval"):
+            if getattr(self, key) <= 0:
+                raise ValueError(f"{where}.{key}={getattr(self, key)} must be > 0 (or set {where}.dropless=true)")
+        if self.min_capacity < 0:
+            raise ValueError(f"{where}.min_capacity={self.min_capacity} must be >= 0")
+        if self.expert_parallel_size < 1 or self.n_experts % self.expert_parallel_size != 0:
+            raise ValueError(f"{where}.expert_parallel_size={self.expert_parallel_size} must divide "
+                             f"{where}.n_experts={self.n_experts}: pick a divisor of the number of experts")
 
 
 @dataclass
@@ -246,19 +294,8 @@ def _validate_stack(key: str, stack: StackConfig, d_model: int) -> None:
         if not 0 <= i < depth:
             raise ValueError(f"{key}.moe_layers has {i}, outside the {depth} layers of {key}")
     if stack.moe_layer_indices():
-        moe = stack.moe
-        _check_positive(f"{key}.moe.n_experts", moe.n_experts)
-        _check_positive(f"{key}.moe.top_k", moe.top_k)
-        if moe.top_k > moe.n_experts:
-            raise ValueError(
-                f"{key}.moe.top_k={moe.top_k} is larger than {key}.moe.n_experts={moe.n_experts}; "
-                "lower top_k or add experts"
-            )
-        try:
-            moe.validate()
-        except ValueError as err:  # its messages start with "moe.<field>": prefix where this stack lives
-            raise ValueError(f"{key}.{err}") from None
-        if stack.mlp_ratio == 0 and moe.d_ff == 0:
+        stack.moe.validate(f"{key}.moe")
+        if stack.mlp_ratio == 0 and stack.moe.d_ff == 0:
             raise ValueError(f"{key}.moe.d_ff=0 means 'same as the dense MLP' but {key}.mlp_ratio=0; set moe.d_ff")
 
 
@@ -283,97 +320,3 @@ def _validate_router(key: str, router: RouterConfig, is_byte_level: bool) -> Non
 def mlp_hidden(d_model: int, mlp_ratio: float) -> int:
     """SwiGLU hidden width: ratio * d rounded up to a multiple of 8 (fast matmul shapes)."""
     return 8 * math.ceil(mlp_ratio * d_model / 8)
-
-
-# ---------------------------------------------------------------------- presets
-
-
-def tiny_test_config(router: str = "cosine", layers: str = "MA", middle: str = "AM") -> ModelConfig:
-    """A few-thousand-parameter model for unit tests (any router / layer letters)."""
-    mamba = MambaConfig(d_state=8, head_dim=8, chunk_size=8)
-    stack = dict(n_heads=2, mlp_ratio=2.0, mamba=mamba)
-    return ModelConfig(
-        stages=[StageConfig(
-            d_model=32,
-            encoder=StackConfig(pattern=layers, **stack),
-            decoder=StackConfig(pattern=layers, **stack),
-            router=RouterConfig(kind=router, target_bytes_per_concept=3.0, stride=3),
-        )],
-        d_middle=48,
-        middle=StackConfig(pattern=middle, pos_encoding="none", n_heads=2, mlp_ratio=2.0, mamba=mamba),
-    )
-
-
-def tiny_cpu_config() -> ModelConfig:
-    """About 3M parameters: the default CPU training job (1-stage, N=4, Mamba byte level, NoPE middle)."""
-    mamba = MambaConfig(d_state=32, head_dim=32, chunk_size=64)
-    return ModelConfig(
-        stages=[StageConfig(
-            d_model=128,
-            encoder=StackConfig(pattern="MM", mamba=mamba),
-            decoder=StackConfig(pattern="MM", mamba=mamba),
-            router=RouterConfig(kind="cosine", target_bytes_per_concept=4.0),
-        )],
-        d_middle=256,
-        middle=StackConfig(pattern="A", repeat=3, n_heads=4, pos_encoding="none"),
-    )
-
-
-def base_100m_config() -> ModelConfig:
-    """About 110M parameters (75M active per concept): 1-stage N=5, Mamba encoder/decoder, Jamba-style MoE middle (every 2nd layer)."""
-    return ModelConfig(
-        stages=[StageConfig(
-            d_model=512,
-            encoder=StackConfig(pattern="MMMM", mamba=MambaConfig(head_dim=64)),
-            decoder=StackConfig(pattern="MMMM", mamba=MambaConfig(head_dim=64)),
-            router=RouterConfig(kind="cosine", target_bytes_per_concept=5.0),
-        )],
-        d_middle=768,
-        middle=StackConfig(
-            pattern="A", repeat=10, n_heads=12, pos_encoding="none", qk_norm=True,
-            moe_every=2, moe=MoEConfig(n_experts=8, top_k=2, d_ff=512),
-        ),
-    )
-
-
-def byte_transformer_config(d_model: int = 256, depth: int = 6, n_heads: int = 4) -> ModelConfig:
-    """The plain byte-level Transformer baseline: no router, the 'middle' runs on bytes with RoPE."""
-    return ModelConfig(
-        stages=[], d_middle=d_model,
-        middle=StackConfig(pattern="A", repeat=depth, n_heads=n_heads, pos_encoding="rope"),
-    )
-
-
-def fixed_hierarchy_config(kind: str = "space", stride: int = 4) -> ModelConfig:
-    """The tiny-cpu hierarchy with a fixed router ('stride' every k bytes or 'space' after whitespace)."""
-    cfg = tiny_cpu_config()
-    cfg.stages[0].router = RouterConfig(kind=kind, stride=stride, target_bytes_per_concept=float(stride))
-    cfg.validate()
-    return cfg
-
-
-def two_stage_config() -> ModelConfig:
-    """A tiny (3,3)-DC two-stage hierarchy: bytes -> concepts -> super-concepts -> middle."""
-    mamba = MambaConfig(d_state=16, head_dim=16, chunk_size=32)
-    return ModelConfig(
-        stages=[
-            StageConfig(d_model=64, encoder=StackConfig(pattern="MM", mamba=mamba),
-                        decoder=StackConfig(pattern="MM", mamba=mamba),
-                        router=RouterConfig(target_bytes_per_concept=3.0)),
-            StageConfig(d_model=96, encoder=StackConfig(pattern="AM", n_heads=4, mamba=mamba),
-                        decoder=StackConfig(pattern="MA", n_heads=4, mamba=mamba),
-                        router=RouterConfig(target_bytes_per_concept=3.0)),
-        ],
-        d_middle=128,
-        middle=StackConfig(pattern="A", repeat=2, n_heads=4, pos_encoding="none"),
-    )
-
-
-PRESETS = {
-    "tiny-test": tiny_test_config,
-    "tiny-cpu": tiny_cpu_config,
-    "base-100m": base_100m_config,
-    "byte-transformer": byte_transformer_config,
-    "fixed-hierarchy": fixed_hierarchy_config,
-    "two-stage": two_stage_config,
-}

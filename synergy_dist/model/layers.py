@@ -1,6 +1,6 @@
-"""Building blocks: RMSNorm, RoPE, causal attention with KV cache, SwiGLU, and a stack of layers.
+"""Building blocks: RMSNorm, RoPE, causal attention with KV cache, SwiGLU.
 
-Every mixer takes an optional cache. Without one it processes a whole sequence (training); with
+Attention takes an optional cache. Without one it processes a whole sequence (training); with
 one it processes the next T positions after those already cached (prefill and decode), so
 training and generation run the same code.
 """
@@ -12,10 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from synergy_dist.model.config import StackConfig, mlp_hidden
-from synergy_dist.model.moe import MoEFeedForward, MoEStats
+from synergy_dist.model.config import StackConfig
 
 
 class RMSNorm(nn.Module):
@@ -110,64 +108,4 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
-class Block(nn.Module):
-    """Pre-norm residual block: x + mixer(norm(x)), then x + ffn(norm(x)) when the layer has a feed-forward."""
-
-    def __init__(self, letter: str, d_model: int, cfg: StackConfig, eps: float, use_moe: bool):
-        super().__init__()
-        from synergy_dist.model.mamba import Mamba2  # local import: mamba.py imports RMSNorm from here
-
-        self.mixer_norm = RMSNorm(d_model, eps)
-        self.mixer = Attention(d_model, cfg, eps) if letter == "A" else Mamba2(d_model, cfg.mamba, eps)
-        has_mlp = cfg.mlp_ratio > 0 and (letter == "A" or cfg.mlp_on_mamba)
-        self.ffn_norm = RMSNorm(d_model, eps) if (has_mlp or use_moe) else None
-        self.ffn: nn.Module | None = None
-        if use_moe:
-            dense_hidden = mlp_hidden(d_model, cfg.mlp_ratio) if cfg.mlp_ratio > 0 else cfg.moe.d_ff
-            self.ffn = MoEFeedForward(d_model, dense_hidden, cfg.moe)
-        elif has_mlp:
-            self.ffn = SwiGLU(d_model, mlp_hidden(d_model, cfg.mlp_ratio))
-        self.is_moe = use_moe
-
-    def forward(self, x, valid=None, cache=None) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.mixer(self.mixer_norm(x), cache)
-        stats = None
-        if self.ffn is not None:
-            if self.is_moe:
-                y, stats = self.ffn(self.ffn_norm(x), valid)
-            else:
-                y = self.ffn(self.ffn_norm(x))
-            x = x + y
-        return x, stats
-
-
-class Stack(nn.Module):
-    """A network of blocks following a layer pattern, ending with an RMSNorm (H-Net norm balance)."""
-
-    def __init__(self, d_model: int, cfg: StackConfig, eps: float):
-        super().__init__()
-        moe_at = set(cfg.moe_layer_indices())
-        self.blocks = nn.ModuleList(
-            Block(letter, d_model, cfg, eps, use_moe=i in moe_at) for i, letter in enumerate(cfg.layers)
-        )
-        self.final_norm = RMSNorm(d_model, eps)
-        self.checkpoint_activations = False  # recompute dense blocks in backward (set by the trainer)
-
-    def new_cache(self) -> list:
-        return [AttentionCache() if isinstance(b.mixer, Attention) else b.mixer.new_cache() for b in self.blocks]
-
-    def forward(self, x, valid=None, cache: list | None = None) -> tuple[torch.Tensor, dict[int, MoEStats]]:
-        moe_stats: dict[int, MoEStats] = {}
-        for i, block in enumerate(self.blocks):
-            # MoE blocks are never recomputed: a second forward would repeat their all-to-alls and
-            # count their expert load twice.
-            if self.checkpoint_activations and self.training and cache is None and not block.is_moe:
-                x, stats = checkpoint(block, x, valid, None, use_reentrant=False)
-            else:
-                x, stats = block(x, valid, None if cache is None else cache[i])
-            if stats is not None:
-                moe_stats[i] = stats
-        return self.final_norm(x), moe_stats
-
-
-__all__ = ["RMSNorm", "RotaryEmbedding", "Attention", "AttentionCache", "SwiGLU", "Block", "Stack"]
+__all__ = ["RMSNorm", "RotaryEmbedding", "Attention", "AttentionCache", "SwiGLU"]

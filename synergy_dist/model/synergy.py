@@ -20,17 +20,20 @@ from torch import nn
 from torch.profiler import record_function
 
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, N_BYTES, PAD_ID
+from synergy_dist.model.chunking import BoundaryRouter, RouterState, downsample, gather_units, smooth, upsample
 from synergy_dist.model.config import ModelConfig, StageConfig
-from synergy_dist.model.layers import RMSNorm, Stack
-from synergy_dist.model.moe import MoEFeedForward, MoEStats
-from synergy_dist.model.router import BoundaryRouter, RouterState, downsample, gather_units, smooth, upsample
+from synergy_dist.model.layers import RMSNorm
+from synergy_dist.model.moe.layer import MoEFeedForward
+from synergy_dist.model.moe.statistics import MoEStats
+from synergy_dist.model.stack import Stack
+from synergy_dist.model.statistics import ModelStatistics, StageStatistics
 
 
 @dataclass
 class ModelOutput:
-    loss: torch.Tensor | None  # CE + ratio losses + MoE losses (None without labels)
+    loss: torch.Tensor | None  # CE + weighted ratio losses + weighted MoE losses (None without labels)
     logits: torch.Tensor  # (B, L, vocab)
-    aux: dict[str, torch.Tensor]  # losses and routing statistics (see SynergyLM.forward)
+    stats: ModelStatistics  # detached losses and routing statistics
 
 
 @dataclass
@@ -43,13 +46,13 @@ class StageCache:
 
 
 @dataclass
-class StageReport:
-    """Statistics of one stage for one forward call."""
+class StageRouting:
+    """What one stage's router did in one forward call."""
 
     units: torch.Tensor  # valid inputs of this stage
     concepts: torch.Tensor  # concepts it produced
     boundary_rate: torch.Tensor
-    ratio_loss: torch.Tensor
+    ratio_loss: torch.Tensor  # unweighted, differentiable
     ratio_loss_coef: float  # 0 for fixed routers (nothing to train)
 
 
@@ -99,7 +102,7 @@ class HierarchyStage(nn.Module):
 
     def forward(self, x, ids, force, valid, cache: StageCache | None = None):
         """x (B, T, D); ids (B, T) bytes at stage 0 else None; force/valid (B, T) bool.
-        Returns (y, [StageReport per stage, outermost first], {layer name: MoEStats}).
+        Returns (y, [StageRouting per stage, outermost first], {layer name: MoEStats}).
         The record_function labels let benchmarks measure the routing share of a step."""
         hidden, moe = self.encoder(x, valid, cache and cache.encoder)
         moe = {f"stage{self.level}.encoder.{i}": s for i, s in moe.items()}
@@ -108,16 +111,16 @@ class HierarchyStage(nn.Module):
             # Training always runs the inner network (>= 1 slot, maybe all padding) so every rank enters the
             # MoE collectives equally often; generation skips it when no concept opened.
             chunks = downsample(hidden, route.boundary, min_len=1 if cache is None else 0)
-        reports = [StageReport(valid.sum(), route.boundary.sum(), route.boundary_rate, route.ratio_loss,
-                               self.cfg.router.ratio_loss_coef if self.router.learned else 0.0)]
+        routings = [StageRouting(valid.sum(), route.boundary.sum(), route.boundary_rate, route.ratio_loss,
+                                 self.cfg.router.ratio_loss_coef if self.router.learned else 0.0)]
 
         if chunks.x.shape[1] > 0:
             inner_x = self.width.widen(chunks.x)
             if isinstance(self.inner, HierarchyStage):
                 inner_force = gather_units(force, chunks.positions) & chunks.valid
-                inner_y, inner_reports, inner_moe = self.inner(
+                inner_y, inner_routings, inner_moe = self.inner(
                     inner_x, None, inner_force, chunks.valid, cache and cache.inner)
-                reports += inner_reports
+                routings += inner_routings
             else:
                 inner_y, inner_moe = self.inner(inner_x, chunks.valid, cache and cache.inner)
                 inner_moe = {f"middle.{i}": s for i, s in inner_moe.items()}
@@ -136,7 +139,7 @@ class HierarchyStage(nn.Module):
                 cache.last_concept = concepts[:, -1]  # generation runs one sequence, so the last slot is real
         y, dec_moe = self.decoder(up + self.residual(hidden), valid, cache and cache.decoder)
         moe.update({f"stage{self.level}.decoder.{i}": s for i, s in dec_moe.items()})
-        return y, reports, moe
+        return y, routings, moe
 
 
 class SynergyLM(nn.Module):
@@ -180,12 +183,11 @@ class SynergyLM(nn.Module):
         """input_ids (B, L) in [0, vocab); labels (B, L) aligned with the inputs (labels[:, t] is the
         byte that follows input_ids[:, t]), IGNORE_INDEX (-100) skipped.
 
-        aux: ce_loss (nats/byte), bpb, ratio_loss (sum over stages, unweighted), bytes_per_concept and
-        boundary_rate (outermost stage; per stage as "stage{s}/..."), "moe/<layer>/<stat>" per MoE layer.
+        loss = CE + each learned router's ratio_loss_coef x ratio loss + each MoE layer's weighted losses.
         """
         self._check_ids(input_ids, "input_ids")
-        logits, reports, moe = self._run(input_ids, cache=None)
-        aux = self._statistics(reports, moe, logits)
+        logits, routings, moe = self._run(input_ids, cache=None)
+        stats = self._statistics(routings, moe)
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -194,27 +196,25 @@ class SynergyLM(nn.Module):
             n_counted = (labels != IGNORE_INDEX).sum().clamp(min=1)
             ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                  reduction="sum") / n_counted
-            aux["ce_loss"] = ce.detach()
-            aux["bpb"] = ce.detach() / math.log(2)
-            loss = ce + sum((r.ratio_loss_coef * r.ratio_loss for r in reports), ce.new_zeros(()))
-            for name, stats in moe.items():
-                moe_cfg = self._moe_config(name)
-                loss = loss + moe_cfg.aux_loss_coef * stats.aux_loss + moe_cfg.z_loss_coef * stats.z_loss
-        return ModelOutput(loss=loss, logits=logits, aux=aux)
+            stats.ce_loss = ce.detach()
+            stats.bpb = ce.detach() / math.log(2)
+            loss = ce + sum((r.ratio_loss_coef * r.ratio_loss for r in routings), ce.new_zeros(()))
+            loss = loss + sum((layer.loss for layer in moe.values()), ce.new_zeros(()))
+        return ModelOutput(loss=loss, logits=logits, stats=stats)
 
     def _run(self, input_ids: torch.Tensor, cache):
-        """Shared by forward (cache None) and generation. Returns (logits, stage reports, MoE stats)."""
+        """Shared by forward (cache None) and generation. Returns (logits, stage routings, MoE stats)."""
         x = self.embed(input_ids)
         valid = input_ids != PAD_ID
         if isinstance(self.body, HierarchyStage):
             force = self._document_starts(input_ids, cache)
-            y, reports, moe = self.body(x, input_ids, force, valid, cache and cache["body"])
+            y, routings, moe = self.body(x, input_ids, force, valid, cache and cache["body"])
         else:
             y, moe = self.body(x, valid, cache and cache["body"])
-            reports, moe = [], {f"middle.{i}": s for i, s in moe.items()}
+            routings, moe = [], {f"middle.{i}": s for i, s in moe.items()}
         if cache is not None:
             cache["last_id"] = input_ids[:, -1]
-        return self.head(y), reports, moe
+        return self.head(y), routings, moe
 
     @staticmethod
     def _document_starts(input_ids: torch.Tensor, cache) -> torch.Tensor:
@@ -225,35 +225,19 @@ class SynergyLM(nn.Module):
             first = cache["last_id"][:, None] == EOD_ID
         return torch.cat((first, input_ids[:, :-1] == EOD_ID), dim=1)
 
-    def _statistics(self, reports: list[StageReport], moe: dict[str, MoEStats], logits) -> dict[str, torch.Tensor]:
-        aux: dict[str, torch.Tensor] = {}
-        zero = logits.new_zeros((), dtype=torch.float32)
-        ratio = zero
-        bytes_total = reports[0].units.float() if reports else zero
-        for s, r in enumerate(reports):
+    @staticmethod
+    def _statistics(routings: list[StageRouting], moe: dict[str, MoEStats]) -> ModelStatistics:
+        stages = []
+        bytes_total = routings[0].units.float() if routings else None
+        for r in routings:
             concepts = r.concepts.float().clamp(min=1)
-            aux[f"stage{s}/boundary_rate"] = r.boundary_rate.float()
-            aux[f"stage{s}/compression"] = (r.units.float() / concepts).detach()  # inputs per concept, this stage
-            aux[f"stage{s}/bytes_per_concept"] = (bytes_total / concepts).detach()  # bytes per concept, cumulative
-            aux[f"stage{s}/ratio_loss"] = r.ratio_loss.detach().float()
-            ratio = ratio + r.ratio_loss.detach().float()
-        aux["ratio_loss"] = ratio
-        aux["bytes_per_concept"] = aux["stage0/bytes_per_concept"] if reports else zero + 1.0
-        aux["boundary_rate"] = aux["stage0/boundary_rate"] if reports else zero + 1.0
-        for name, stats in moe.items():
-            for key in ("tokens_per_expert", "load_entropy", "max_over_mean_load", "dropped_fraction",
-                        "router_logit_rms", "aux_loss", "z_loss"):
-                aux[f"moe/{name}/{key}"] = getattr(stats, key).detach()
-        return aux
-
-    def _moe_config(self, name: str):
-        """name like 'middle.3' or 'stage1.encoder.0' -> that stack's MoEConfig."""
-        part, _ = name.rsplit(".", 1)
-        if part == "middle":
-            return self.cfg.middle.moe
-        stage, side = part.split(".")
-        stage_cfg = self.cfg.stages[int(stage[len("stage"):])]
-        return (stage_cfg.encoder if side == "encoder" else stage_cfg.decoder).moe
+            stages.append(StageStatistics(
+                units=r.units.float(), concepts=r.concepts.float(), boundary_rate=r.boundary_rate.float(),
+                compression=(r.units.float() / concepts).detach(),  # inputs per concept, this stage
+                bytes_per_concept=(bytes_total / concepts).detach(),  # bytes per concept, cumulative
+                ratio_loss=r.ratio_loss.detach().float(),
+            ))
+        return ModelStatistics(stages, {name: layer.detach() for name, layer in moe.items()})
 
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
         if ids.dim() != 2 or ids.dtype != torch.long:
@@ -314,7 +298,7 @@ class SynergyLM(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Optimizer groups keyed by (part, decay, experts). Each group has "params", "name",
         "weight_decay", "lr_mult" (H-Net LR modulation: stage s or the middle) and "experts": True for MoE
-        expert parameters (allreduce=False). Pass the list through synergy_dist.model.moe.moe_param_groups
+        expert parameters (allreduce=False). Pass the list through synergy_dist.model.moe.layer.moe_param_groups
         to get DeepSpeed's expert-parallel groups. No decay for norms, biases, embeddings, boundary routers
         and SSM dynamics parameters (A_log, dt_bias, D)."""
         multipliers = self.cfg.lr_multipliers()

@@ -11,6 +11,8 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from synergy_dist.config import SafeguardConfig
+from synergy_dist.model.moe.statistics import dead_experts, load_entropy_ratio
+from synergy_dist.model.statistics import ModelStatistics
 
 
 @dataclass
@@ -79,30 +81,29 @@ class Safeguards:
         self.state.rollbacks.append({"at_step": at_step, "to_step": to_step, "skipped_samples": list(skipped_samples)})
 
     # ------------------------------------------------------------------ router health
-    def router_alarms(self, aux: dict, targets: dict[str, float]) -> dict[str, str]:
+    def router_alarms(self, stats: ModelStatistics, targets: dict[str, float]) -> dict[str, str]:
         """Alarms for compression outside the band or collapsing expert load, as {kind: text}.
 
-        aux: the model's statistics (floats); targets: stage name -> the stage's target inputs per concept."""
+        stats: the model's statistics; targets: stage name -> the stage's target inputs per concept."""
         alarms = {}
         lo, hi = self.cfg.compression_band
-        for stage, target in targets.items():
-            realised = aux.get(f"{stage}/compression")  # this stage's inputs per concept
-            if realised is not None and not lo <= realised / target <= hi:
-                alarms[f"{stage}/compression"] = (f"{stage}: realised {realised:.2f} inputs/concept is outside "
+        for s, stage in enumerate(stats.stages):
+            name = f"stage{s}"
+            if name not in targets:
+                continue
+            realised, target = float(stage.compression), targets[name]  # this stage's inputs per concept
+            if not lo <= realised / target <= hi:
+                alarms[f"{name}/compression"] = (f"{name}: realised {realised:.2f} inputs/concept is outside "
                               f"[{lo * target:.2f}, {hi * target:.2f}] (target {target:g})")
-        for key, loads in aux.items():
-            if not key.endswith("/tokens_per_expert") or not isinstance(loads, list) or len(loads) < 2:
+        for name, moe in stats.moe.items():
+            loads = moe.tokens_per_expert.tolist()
+            if len(loads) < 2 or sum(loads) <= 0:
                 continue
-            layer = key[: -len("/tokens_per_expert")]
-            total = sum(loads)
-            if total <= 0:
-                continue
-            mean = total / len(loads)
-            dead = [i for i, x in enumerate(loads) if x < self.cfg.dead_expert_fraction * mean]
+            layer = f"moe/{name}"
+            dead = dead_experts(loads, self.cfg.dead_expert_fraction)
             if dead:
                 alarms[f"{layer}/dead_experts"] = (f"{layer}: dead experts {dead} (load < {self.cfg.dead_expert_fraction:g} x mean)")
-            probs = [x / total for x in loads if x > 0]
-            entropy_ratio = -sum(p * math.log(p) for p in probs) / math.log(len(loads))
+            entropy_ratio = load_entropy_ratio(loads)
             if entropy_ratio < self.cfg.min_load_entropy_ratio:
                 alarms[f"{layer}/load_entropy"] = (f"{layer}: expert load entropy {entropy_ratio:.2f} of the maximum is below "
                               f"{self.cfg.min_load_entropy_ratio:g}")

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from synergy_dist.config import Config, has_moe_layers, model_stacks, save_config, validate_for_world
+from synergy_dist.model.statistics import ModelStatistics
 from synergy_dist.train import checkpoint as ckpt
 from synergy_dist.train.distributed import (
     REQUEUE_EXIT_CODE,
@@ -33,7 +34,7 @@ from synergy_dist.train.distributed import (
     resolve_dtype,
 )
 from synergy_dist.train.ds_config import build_ds_config
-from synergy_dist.train.metrics import MetricsLogger, to_number
+from synergy_dist.train.metrics import MetricsLogger
 from synergy_dist.train.optimizer import GatedAdamW, lr_at
 from synergy_dist.train.phases import PhaseClock
 from synergy_dist.train.safeguards import Safeguards, Verdict
@@ -135,13 +136,13 @@ class Trainer:
                                     batched=True)  # yields collated micro-batches: no per-sample tensors
 
     def _build_model(self) -> torch.nn.Module:
-        from synergy_dist.model import SynergyLM
+        from synergy_dist.model.synergy import SynergyLM
 
         ep = self.cfg.deepspeed.expert_parallel_size
         for stack in model_stacks(self.cfg.model):
             stack.moe.expert_parallel_size = ep
         if has_moe_layers(self.cfg.model):
-            from synergy_dist.model.expert_parallel import init_expert_parallel_groups
+            from synergy_dist.model.moe.expert_parallel import init_expert_parallel_groups
 
             init_expert_parallel_groups(ep)  # DeepSpeed's expert groups must exist before the model
         seed_everything(self.cfg.seed)
@@ -153,7 +154,7 @@ class Trainer:
 
     def _build_engine(self):
         import deepspeed
-        from synergy_dist.model.moe import moe_param_groups
+        from synergy_dist.model.moe.layer import moe_param_groups
 
         groups = self.model.param_groups(self.cfg.optim.weight_decay)
         if has_moe_layers(self.cfg.model):
@@ -247,7 +248,7 @@ class Trainer:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         batch_number = self.samples_consumed() // self.global_batch + 1  # in the data stream, for fault injection
         sums = torch.zeros(2, dtype=torch.float64)  # loss, bpb summed over micro-batches
-        aux_sum: dict = {}
+        stats: list[ModelStatistics] = []
         for micro in range(self.micro_steps):
             with clock.phase("data"):
                 batch = self._next_batch()
@@ -265,18 +266,16 @@ class Trainer:
             if micro < self.micro_steps - 1:
                 with clock.phase("optimizer"):
                     engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-step
-            sums += torch.tensor([loss.item(), out.aux["bpb"].item()], dtype=torch.float64)
-            for key, value in out.aux.items():
-                scalar = isinstance(value, torch.Tensor) and value.numel() == 1
-                aux_sum[key] = aux_sum.get(key, 0.0) + value.item() if scalar else value
+            sums += torch.tensor([loss.item(), out.stats.bpb.item()], dtype=torch.float64)
+            stats.append(out.stats)
         step_loss, step_bpb = self._global_mean(sums / self.micro_steps)
         with clock.phase("optimizer"):
             verdict, grad_norm = self._guarded_optimizer_step(step_loss)
         self.guards.record(verdict, step_loss, grad_norm)
         self._after_update(verdict.apply)
         self.step += 1
-        aux = {k: (v / self.micro_steps if isinstance(v, float) else v) for k, v in aux_sum.items()}
-        return {"loss": step_loss, "bpb": step_bpb, "lr": lr, "grad_norm": grad_norm, "verdict": verdict, "aux": aux,
+        return {"loss": step_loss, "bpb": step_bpb, "lr": lr, "grad_norm": grad_norm, "verdict": verdict,
+                "stats": ModelStatistics.mean(stats),
                 "phases": clock.summary()}
 
     def _guarded_optimizer_step(self, loss: float) -> tuple[Verdict, float]:
@@ -320,13 +319,13 @@ class Trainer:
                     experts += sq
         ep = self.cfg.deepspeed.expert_parallel_size
         if ep > 1:
-            from synergy_dist.model.expert_parallel import get_expert_parallel_group
+            from synergy_dist.model.moe.expert_parallel import get_expert_parallel_group
 
             dist.all_reduce(experts, group=get_expert_parallel_group(ep))
         return math.sqrt(float(dense + experts))
 
     def _after_update(self, applied: bool) -> None:
-        from synergy_dist.model.moe import MoEFeedForward, update_moe_biases
+        from synergy_dist.model.moe.layer import MoEFeedForward, update_moe_biases
 
         if applied:
             update_moe_biases(self.model)
@@ -344,7 +343,7 @@ class Trainer:
         totals = torch.zeros(2, dtype=torch.float64)
         for _, batch in zip(range(self.cfg.train.eval_batches), loader):
             out = self.engine(batch["input_ids"].to(self.env.device), labels=batch["labels"].to(self.env.device))
-            totals += torch.tensor([out.aux["bpb"].item(), 1.0], dtype=torch.float64)
+            totals += torch.tensor([out.stats.bpb.item(), 1.0], dtype=torch.float64)
         self.engine.train()
         bpb, _ = self._global_mean(totals / max(1.0, totals[1].item()))
         return {"eval_bpb": bpb}
@@ -404,12 +403,12 @@ class Trainer:
                 evaluation = self.evaluate()
                 self.metrics.event(f"step {self.step}: validation bpb {evaluation['eval_bpb']:.4f}")
             if evaluation or self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps:
-                aux = {k: to_number(v) for k, v in result["aux"].items()}
+                stats: ModelStatistics = result["stats"]
                 bytes_per_s = bytes_per_step / elapsed
-                innermost = f"stage{len(targets) - 1}/bytes_per_concept"
-                concept_ratio = aux.get(innermost, 1.0) or 1.0  # bytes per innermost concept token
+                # bytes per innermost concept token
+                concept_ratio = (float(stats.stages[-1].bytes_per_concept) if stats.stages else 1.0) or 1.0
                 if flops_per_byte is None:
-                    flops_per_byte = self._flops_per_byte(aux)
+                    flops_per_byte = self._flops_per_byte(stats)
                 record = {
                     "loss": result["loss"], "bpb": result["bpb"], **evaluation, "lr": result["lr"],
                     "grad_norm": result["grad_norm"], "skipped": not verdict.apply, "skip_reason": verdict.reason,
@@ -419,9 +418,9 @@ class Trainer:
                     "step_time_s": elapsed, "bytes_per_s": bytes_per_s, "concept_tokens_per_s": bytes_per_s / concept_ratio,
                     "mfu": (flops_per_byte or 0.0) * bytes_per_s / peak, "world_size": self.world,
                     "samples_consumed": self.samples_consumed(), "data_state": self.train_data.state_at(self.samples_consumed()),
-                    "memory_mb": self._memory_mb(), **result["phases"], **aux,
+                    "memory_mb": self._memory_mb(), **result["phases"], **stats.flatten(),
                 }
-                alarms = self.guards.router_alarms(aux, targets)
+                alarms = self.guards.router_alarms(stats, targets)
                 record["router_alarms"] = len(alarms)
                 for kind, text in alarms.items():
                     if kind not in self.last_alarms:  # print when an alarm starts, not every step it lasts
@@ -451,13 +450,12 @@ class Trainer:
         self.metrics.close()
         return 0
 
-    def _flops_per_byte(self, aux: dict) -> float | None:
+    def _flops_per_byte(self, stats: ModelStatistics) -> float | None:
         try:
             from synergy_dist.model.accounting import flops_per_byte
 
-            stages = len(self.cfg.model.stages)
-            realised = [aux.get(f"stage{i}/bytes_per_concept") for i in range(stages)]
-            return float(flops_per_byte(self.cfg.model, self.cfg.data.seq_len, realised if stages else None))
+            realised = [float(stage.bytes_per_concept) for stage in stats.stages]
+            return float(flops_per_byte(self.cfg.model, self.cfg.data.seq_len, realised or None))
         except Exception as err:  # MFU is informative; never stop training for it
             self.metrics.event(f"MFU unavailable: {err}")
             return 0.0

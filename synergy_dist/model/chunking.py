@@ -20,7 +20,7 @@ from torch import nn
 
 from data_pipeline.vocab import EOD_ID, N_BYTES, PAD_ID
 from synergy_dist.model.config import RouterConfig
-from synergy_dist.model.mamba import ssd_scan
+from synergy_dist.model.ssd import ssd_scan
 
 
 def _space_like_table(vocab_size: int) -> torch.Tensor:
@@ -47,6 +47,7 @@ class RoutingOutput:
     boundary: torch.Tensor  # (B, T) bool b_t (False on invalid positions)
     ratio_loss: torch.Tensor  # scalar, H-Net Eq. 10 (1.0 at the target; can dip below 1)
     boundary_rate: torch.Tensor  # scalar, boundaries / valid units (detached)
+    valid: torch.Tensor  # (B, T) bool, the real (non-padding) units the router was given
 
 
 class BoundaryRouter(nn.Module):
@@ -112,6 +113,7 @@ class BoundaryRouter(nn.Module):
             boundary=boundary,
             ratio_loss=ratio_loss(rate.detach(), mean_prob, self.cfg.target_bytes_per_concept),
             boundary_rate=rate.detach(),
+            valid=valid,
         )
 
     def _doc_positions(self, force: torch.Tensor, state: RouterState | None) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""Token-choice top-k routing math for the MoE layer: scores, selection, capacity, losses, load statistics.
+"""The expert gate of an MoE layer and token-choice top-k routing: scores, selection, capacity, jitter.
 
-Everything here is a pure function of float32 tensors so it can be checked by hand in tests.
+The gate's weight and logits stay float32 whatever the model's dtype (small logit differences decide routing).
+Everything but the gate module is a pure function of float32 tensors so it can be checked by hand in tests.
 Notation: N routed tokens, E experts, k experts per token.
 """
 
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 @dataclass
@@ -20,6 +22,35 @@ class Routing:
     expert_ids: torch.Tensor  # (N, k) long, chosen experts, best first
     gates: torch.Tensor  # (N, k) float32, combine weights of the chosen experts (sum to 1 per token)
     probs: torch.Tensor  # (N, E) float32, normalised router probabilities (used by the aux loss)
+
+
+class ExpertGate(nn.Module):
+    """Linear scores of each expert, kept and computed in float32.
+
+    A plain parameter rather than nn.Linear: DeepSpeed's torch_autocast mode marks nn.Linear weights for bf16
+    gradient communication, and generic Linear re-initialisers would overwrite the small gate init.
+    """
+
+    def __init__(self, d_model: int, n_experts: int, init_std: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(n_experts, d_model, dtype=torch.float32))
+        nn.init.normal_(self.weight, 0.0, init_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.dtype != torch.float32:
+            raise RuntimeError(
+                f"MoE router weight is {self.weight.dtype}, it must stay torch.float32. Something cast the model "
+                "(model.to(bfloat16)/.half(), or DeepSpeed's \"bf16\": {\"enabled\": true} which casts every "
+                "parameter): train bf16 with fp32 parameters + autocast instead (DeepSpeed \"torch_autocast\": "
+                "{\"enabled\": true, \"dtype\": \"bfloat16\"}), or cast the model back with "
+                "synergy_dist.model.moe.layer.keep_routers_fp32(model)")
+        return router_logits(x, self.weight)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Router logits in float32, outside any autocast region."""
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return F.linear(x.float(), weight.float())
 
 
 def route_softmax(logits: torch.Tensor, top_k: int) -> Routing:
@@ -38,28 +69,6 @@ def route_sigmoid_bias(logits: torch.Tensor, top_k: int, selection_bias: torch.T
     gates = chosen / chosen.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     probs = scores / scores.sum(dim=-1, keepdim=True).clamp_min(1e-20)
     return Routing(expert_ids=expert_ids, gates=gates, probs=probs)
-
-
-def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """(E,) float64 number of (token, expert) assignments per expert."""
-    return torch.bincount(expert_ids.reshape(-1), minlength=n_experts).to(torch.float64)
-
-
-def switch_aux_loss(probs: torch.Tensor, counts: torch.Tensor, n_assignments: torch.Tensor) -> torch.Tensor:
-    """Switch load-balancing loss E * sum_i f_i * P_i (= 1 under perfect balance).
-
-    f_i = counts_i / n_assignments is the dispatch fraction (not differentiable; the caller may pass counts summed
-    over the whole global batch), P_i the mean router probability over the local tokens (differentiable).
-    """
-    n_experts = probs.shape[-1]
-    fraction = (counts / n_assignments.clamp_min(1)).to(probs.dtype)
-    mean_prob = probs.sum(dim=0) / max(probs.shape[0], 1)
-    return n_experts * (fraction * mean_prob).sum()
-
-
-def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """ST-MoE z-loss: mean over tokens of logsumexp(logits)^2 (0 when there are no tokens)."""
-    return torch.logsumexp(logits, dim=-1).square().sum() / max(logits.shape[0], 1)
 
 
 def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float, min_capacity: int) -> int:
@@ -84,34 +93,7 @@ def capacity_keep_mask(expert_ids: torch.Tensor, n_experts: int, capacity: int) 
     return (rank < capacity).reshape(top_k, n_tokens).t()
 
 
-def load_statistics(counts: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Router-health numbers from per-expert counts (see references B.10). All float32 scalars."""
-    counts = counts.to(torch.float64)
-    n_experts = counts.numel()
-    total = counts.sum()
-    if total <= 0:
-        zero = torch.zeros((), dtype=torch.float32, device=counts.device)
-        return {"load_entropy": zero, "load_entropy_normalized": zero, "max_over_mean_load": zero,
-                "min_over_mean_load": zero, "dead_experts": zero}
-    fraction = counts / total
-    entropy = -(fraction * torch.log(fraction.clamp_min(1e-30))).sum()
-    mean = total / n_experts
-    return {
-        "load_entropy": entropy.float(),
-        "load_entropy_normalized": (entropy / math.log(n_experts)).float() if n_experts > 1 else entropy.float(),
-        "max_over_mean_load": (counts.max() / mean).float(),
-        "min_over_mean_load": (counts.min() / mean).float(),
-        "dead_experts": (fraction < 0.1 / n_experts).sum().float(),
-    }
-
-
 def multiplicative_jitter(x: torch.Tensor, eps: float) -> torch.Tensor:
     """Switch input jitter: multiply by U(1 - eps, 1 + eps)."""
     noise = torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
     return x * noise
-
-
-def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Router logits in float32, outside any autocast region."""
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return F.linear(x.float(), weight.float())

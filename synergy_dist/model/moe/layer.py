@@ -1,27 +1,37 @@
-"""Mixture-of-Experts feed-forward layer: fp32 router, load balancing, z-loss, capacity or dropless, expert parallel.
+"""Mixture-of-Experts feed-forward layer: fp32 gate, load balancing, z-loss, capacity or dropless, expert parallel.
 
 forward(x (B, T, D), valid (B, T) bool | None) -> (y (B, T, D), MoEStats). Only valid tokens are routed;
-padding tokens get y = 0. The routing math lives in moe_routing.py, the experts in moe_experts.py and the
-token exchange between ranks in expert_parallel.py. See docs/MOE.md for how the trainer wires it up.
+padding tokens get y = 0. The gate and routing math live in gating.py, the losses in losses.py, the load
+statistics in statistics.py, the experts in experts.py and the token exchange between ranks in
+expert_parallel.py. See docs/MOE.md for how the trainer wires it up.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from synergy_dist.accelerator import set_deepspeed_accelerator
-from synergy_dist.model import moe_routing as routing
-from synergy_dist.model.expert_parallel import (
+from synergy_dist.model.config import MoEConfig
+from synergy_dist.model.moe.expert_parallel import (
     expert_group_name,
     get_expert_parallel_group,
     init_expert_parallel_groups,
     run_experts_parallel,
 )
-from synergy_dist.model.moe_experts import LocalExperts, SwiGLUExpert
+from synergy_dist.model.moe.experts import LocalExperts, SwiGLUExpert
+from synergy_dist.model.moe.gating import (
+    ExpertGate,
+    Routing,
+    capacity_keep_mask,
+    expert_capacity,
+    multiplicative_jitter,
+    route_sigmoid_bias,
+    route_softmax,
+)
+from synergy_dist.model.moe.losses import router_z_loss, switch_aux_loss
+from synergy_dist.model.moe.statistics import MoEStats, expert_counts, load_statistics
 
 set_deepspeed_accelerator()
 try:  # DeepSpeed's engine only treats a model as MoE (expert groups, MoE optimizer groups, expert checkpoint
@@ -29,90 +39,6 @@ try:  # DeepSpeed's engine only treats a model as MoE (expert groups, MoE optimi
     from deepspeed.moe.layer import MoE as _DeepSpeedMoE
 except ImportError:  # the layer works without DeepSpeed (export, evaluation)
     _DeepSpeedMoE = nn.Module
-
-SCORINGS = ("softmax", "sigmoid_bias")
-
-
-@dataclass
-class MoEConfig:
-    n_experts: int = 8  # routed experts per MoE layer
-    top_k: int = 2  # experts each token is sent to (Mixtral: 2 of 8)
-    d_ff: int = 0  # hidden width of one SwiGLU expert; 0 = same as the dense MLP of the part
-    shared_expert: bool = False  # one always-on dense expert added to the routed output
-    scoring: str = "softmax"  # "softmax" (softmax over the top-k logits, Mixtral) | "sigmoid_bias" (aux-loss-free, DeepSeek-V3)
-    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (0 disables)
-    z_loss_coef: float = 1e-3  # router z-loss weight (ST-MoE)
-    jitter: float = 0.0  # multiplicative jitter noise on router inputs during training (0 = off)
-    dropless: bool = True  # route every token (no capacity); False = capacity factor with token dropping
-    capacity_factor_train: float = 1.25  # capacity per expert = factor * tokens * top_k / n_experts (when not dropless)
-    capacity_factor_eval: float = 2.0
-    bias_update_rate: float = 1e-3  # step of the per-expert selection bias for sigmoid_bias scoring
-    expert_parallel_size: int = 1  # experts are split across this many ranks (set from the training config)
-    min_capacity: int = 4  # lower bound of the per-expert capacity when not dropless (DeepSpeed's default)
-    router_init_std: float = 0.02  # std of the router weight init (small: near-uniform routing at the start)
-    expert_init_seed: int = 0  # expert g is initialised from seed + g, so ep=1 and ep=2 models match
-
-    def validate(self) -> None:
-        """Fail early with the key and the fix."""
-        if self.n_experts < 1:
-            raise ValueError(f"moe.n_experts={self.n_experts} must be >= 1")
-        if not 1 <= self.top_k <= self.n_experts:
-            raise ValueError(f"moe.top_k={self.top_k} must be between 1 and moe.n_experts={self.n_experts}")
-        if self.d_ff < 0:
-            raise ValueError(f"moe.d_ff={self.d_ff} must be >= 0 (0 = width of the dense MLP)")
-        if self.scoring not in SCORINGS:
-            raise ValueError(f"moe.scoring={self.scoring!r} is unknown: use one of {', '.join(SCORINGS)}")
-        for key in ("aux_loss_coef", "z_loss_coef", "jitter", "bias_update_rate"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"moe.{key}={getattr(self, key)} must be >= 0")
-        if self.jitter >= 1:
-            raise ValueError(f"moe.jitter={self.jitter} must be < 1 (inputs are scaled by U(1-jitter, 1+jitter))")
-        for key in ("capacity_factor_train", "capacity_factor_eval"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"moe.{key}={getattr(self, key)} must be > 0 (or set moe.dropless=true)")
-        if self.min_capacity < 0:
-            raise ValueError(f"moe.min_capacity={self.min_capacity} must be >= 0")
-        if self.expert_parallel_size < 1 or self.n_experts % self.expert_parallel_size != 0:
-            raise ValueError(f"moe.expert_parallel_size={self.expert_parallel_size} must divide "
-                             f"moe.n_experts={self.n_experts}: pick a divisor of the number of experts")
-
-
-@dataclass
-class MoEStats:
-    """What one MoE layer reports for one forward call (losses unweighted; the model applies coefficients)."""
-
-    aux_loss: torch.Tensor  # Switch load-balancing loss, differentiable
-    z_loss: torch.Tensor  # router z-loss, differentiable
-    tokens_per_expert: torch.Tensor  # (n_experts,) float, counts over the global batch
-    dropped_fraction: torch.Tensor  # scalar, fraction of (token, expert) assignments dropped by capacity
-    load_entropy: torch.Tensor  # scalar, entropy of the load distribution (nats)
-    max_over_mean_load: torch.Tensor  # scalar
-    router_logit_rms: torch.Tensor  # scalar, magnitude of the router logits
-    extra: dict = field(default_factory=dict)
-
-
-class Router(nn.Module):
-    """Linear scores of each expert, kept and computed in float32.
-
-    A plain parameter rather than nn.Linear: DeepSpeed's torch_autocast mode marks nn.Linear weights for bf16
-    gradient communication, and generic Linear re-initialisers would overwrite the small router init.
-    """
-
-    def __init__(self, d_model: int, n_experts: int, init_std: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(n_experts, d_model, dtype=torch.float32))
-        nn.init.normal_(self.weight, 0.0, init_std)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype != torch.float32:
-            raise RuntimeError(
-                f"MoE router weight is {self.weight.dtype}, it must stay torch.float32. Something cast the model "
-                "(model.to(bfloat16)/.half(), or DeepSpeed's \"bf16\": {\"enabled\": true} which casts every "
-                "parameter): train bf16 with fp32 parameters + autocast instead (DeepSpeed \"torch_autocast\": "
-                "{\"enabled\": true, \"dtype\": \"bfloat16\"}), or cast the model back with "
-                "synergy_dist.model.moe.keep_routers_fp32(model)")
-        return routing.router_logits(x, self.weight)
-
 
 class MoEFeedForward(_DeepSpeedMoE):
     """x: (B, T, D) concept states, valid: (B, T) bool mask of real (non-padding) tokens or None.
@@ -145,7 +71,7 @@ class MoEFeedForward(_DeepSpeedMoE):
             self.ep_rank = dist.get_rank(self.ep_group)
         self.balance_group = None  # process group for the global expert counts; None = world
 
-        self.router = Router(d_model, cfg.n_experts, cfg.router_init_std)
+        self.router = ExpertGate(d_model, cfg.n_experts, cfg.router_init_std)
         self.deepspeed_moe = LocalExperts(d_model, self.d_ff, self.num_local_experts,
                                           first_expert=self.ep_rank * self.num_local_experts,
                                           seed=cfg.expert_init_seed, group_name=self.expert_group_name)
@@ -200,25 +126,25 @@ class MoEFeedForward(_DeepSpeedMoE):
             y = y.reshape(batch, length, d_model)
         return y, self._stats(logits, decision, keep)
 
-    def _route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, routing.Routing]:
+    def _route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         router_input = tokens
         if self.training and self.cfg.jitter > 0:
-            router_input = routing.multiplicative_jitter(tokens.float(), self.cfg.jitter)
+            router_input = multiplicative_jitter(tokens.float(), self.cfg.jitter)
         logits = self.router(router_input)
         if self.cfg.scoring == "softmax":
-            return logits, routing.route_softmax(logits, self.cfg.top_k)
-        return logits, routing.route_sigmoid_bias(logits, self.cfg.top_k, self.selection_bias)
+            return logits, route_softmax(logits, self.cfg.top_k)
+        return logits, route_sigmoid_bias(logits, self.cfg.top_k, self.selection_bias)
 
     def _capacity_mask(self, expert_ids: torch.Tensor) -> torch.Tensor | None:
         """None when dropless; else which assignments fit (capacity from this rank's tokens)."""
         if self.cfg.dropless:
             return None
         factor = self.cfg.capacity_factor_train if self.training else self.cfg.capacity_factor_eval
-        capacity = routing.expert_capacity(expert_ids.shape[0], self.cfg.top_k, self.cfg.n_experts, factor,
+        capacity = expert_capacity(expert_ids.shape[0], self.cfg.top_k, self.cfg.n_experts, factor,
                                            self.cfg.min_capacity)
-        return routing.capacity_keep_mask(expert_ids, self.cfg.n_experts, capacity)
+        return capacity_keep_mask(expert_ids, self.cfg.n_experts, capacity)
 
-    def _run_experts(self, tokens: torch.Tensor, decision: routing.Routing, keep: torch.Tensor | None) -> torch.Tensor:
+    def _run_experts(self, tokens: torch.Tensor, decision: Routing, keep: torch.Tensor | None) -> torch.Tensor:
         """Sort kept (token, expert) assignments by expert, run experts on contiguous slices, gate and sum."""
         n_tokens, top_k = decision.expert_ids.shape
         token_of = torch.arange(n_tokens, device=tokens.device).unsqueeze(1).expand(n_tokens, top_k)
@@ -239,9 +165,9 @@ class MoEFeedForward(_DeepSpeedMoE):
 
     # ------------------------------------------------------------------ losses and statistics
 
-    def _stats(self, logits: torch.Tensor, decision: routing.Routing, keep: torch.Tensor | None) -> MoEStats:
+    def _stats(self, logits: torch.Tensor, decision: Routing, keep: torch.Tensor | None) -> MoEStats:
         n_experts = self.cfg.n_experts
-        counts = routing.expert_counts(decision.expert_ids, n_experts)
+        counts = expert_counts(decision.expert_ids, n_experts)
         n_assignments = decision.expert_ids.numel()
         dropped = 0 if keep is None else int((~keep).sum())
         summary = torch.cat([counts, torch.tensor([float(n_assignments), float(dropped)], dtype=torch.float64,
@@ -252,31 +178,20 @@ class MoEFeedForward(_DeepSpeedMoE):
         if self.training:
             self.load_since_update += counts
 
-        aux = routing.switch_aux_loss(decision.probs, counts, n_assignments)
-        z = routing.router_z_loss(logits)
-        health = routing.load_statistics(counts)
+        aux = switch_aux_loss(decision.probs, counts, n_assignments)
+        z = router_z_loss(logits)
+        load = load_statistics(counts)
         with torch.no_grad():
-            lse = torch.logsumexp(logits, dim=-1) if logits.shape[0] else logits.new_zeros(1)
             rms = logits.square().mean().sqrt() if logits.numel() else logits.new_zeros(())
-        extra = {
-            "load_entropy_normalized": health["load_entropy_normalized"],
-            "min_over_mean_load": health["min_over_mean_load"],
-            "dead_experts": health["dead_experts"],
-            "router_z_mean": lse.mean(),
-            "router_z_max": lse.max(),
-            "tokens_routed": n_assignments.float() / self.cfg.top_k,
-        }
-        if self.cfg.scoring == "sigmoid_bias":
-            extra["selection_bias_absmax"] = self.selection_bias.abs().max()
         return MoEStats(
             aux_loss=aux,
             z_loss=z,
+            loss=self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z,
             tokens_per_expert=counts.float(),
             dropped_fraction=(dropped / n_assignments.clamp_min(1)).float(),
-            load_entropy=health["load_entropy"],
-            max_over_mean_load=health["max_over_mean_load"],
+            load_entropy=load.load_entropy,
+            max_over_mean_load=load.max_over_mean_load,
             router_logit_rms=rms.float(),
-            extra=extra,
         )
 
     # ------------------------------------------------------------------ aux-loss-free balancing
@@ -307,7 +222,7 @@ def keep_routers_fp32(model: nn.Module) -> int:
     load accumulators to float64. Returns how many router weights changed."""
     changed = 0
     for module in model.modules():
-        if isinstance(module, Router) and module.weight.dtype != torch.float32:
+        if isinstance(module, ExpertGate) and module.weight.dtype != torch.float32:
             module.weight.data = module.weight.data.float()
             changed += 1
         if isinstance(module, MoEFeedForward):
@@ -346,5 +261,4 @@ def moe_param_groups(model_or_groups: nn.Module | list[dict] | dict) -> list[dic
     return result
 
 
-__all__ = ["MoEConfig", "MoEStats", "MoEFeedForward", "Router", "update_moe_biases", "keep_routers_fp32",
-           "moe_param_groups"]
+__all__ = ["MoEFeedForward", "update_moe_biases", "keep_routers_fp32", "moe_param_groups"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from synergy_dist.model.moe_experts import LocalExperts
+from synergy_dist.model.moe.experts import LocalExperts
 
 
 def expert_group_name(ep_size: int) -> str:
@@ -39,7 +39,7 @@ def init_expert_parallel_groups(ep_size: int) -> None:
     if ep_size < 1 or world % ep_size != 0:
         raise ValueError(f"expert_parallel_size={ep_size} must divide the world size {world}: "
                          "set it to a divisor of the number of ranks")
-    import deepspeed
+    import deepspeed  # heavy (~1.2 s); only expert parallelism needs its groups
     from deepspeed.utils import groups
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing group, initialises nothing new
@@ -49,7 +49,7 @@ def init_expert_parallel_groups(ep_size: int) -> None:
 
 def get_expert_parallel_group(ep_size: int):
     """This rank's expert-parallel process group (created by init_expert_parallel_groups)."""
-    from deepspeed.utils import groups
+    from deepspeed.utils import groups  # heavy (~1.2 s); only expert parallelism needs its groups
 
     return groups._get_expert_parallel_group(expert_group_name(ep_size))
 
