@@ -8,6 +8,7 @@ import torch
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
 from model_configs import byte_transformer_config, tiny_test_config, two_stage_config
 from synergy_dist.model.config import ModelConfig, MoEConfig, StackConfig
+from synergy_dist.model.statistics import ModelStatistics
 from synergy_dist.model.accounting import flops_per_byte, param_counts
 from synergy_dist.model.synergy import HierarchyStage, SynergyLM, sample_next
 
@@ -370,3 +371,19 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
     assert grads_a.keys() == grads_b.keys()
     for name in grads_a:
         assert torch.allclose(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-7), name
+
+
+def test_statistics_of_micro_batches_average_and_flatten_to_the_metric_keys():
+    model = build("cosine", "MA", moe=True)
+    first, second = text_batch(), text_batch(offset=5)
+    a, b = model(first, labels=first).stats, model(second, labels=second).stats
+    mean = ModelStatistics.mean([a, b])
+    torch.testing.assert_close(mean.bpb, (a.bpb + b.bpb) / 2)
+    torch.testing.assert_close(mean.stages[0].compression, (a.stages[0].compression + b.stages[0].compression) / 2)
+    torch.testing.assert_close(mean.moe["middle.0"].tokens_per_expert,
+                               (a.moe["middle.0"].tokens_per_expert + b.moe["middle.0"].tokens_per_expert) / 2)
+    flat = mean.flatten()
+    assert flat["stage0/compression"] == pytest.approx(mean.stages[0].compression.item())
+    assert flat["bytes_per_concept"] == flat["stage0/bytes_per_concept"]
+    assert isinstance(flat["moe/middle.0/tokens_per_expert"], list) and len(flat["moe/middle.0/tokens_per_expert"]) == 4
+    assert "ce_loss" not in model(first).stats.flatten()  # no labels: no cross entropy

@@ -118,6 +118,19 @@ def test_layer_losses_equal_routing_functions_on_its_logits():
 # ---------------------------------------------------------------- capacity
 
 
+def test_dead_experts_are_below_the_given_fraction_of_the_mean_load():
+    assert moe_statistics.dead_experts(torch.tensor([100.0, 100.0, 1.0, 99.0]), 0.05) == [2]
+    assert moe_statistics.dead_experts([100.0, 100.0, 10.0, 90.0], 0.05) == []
+    assert moe_statistics.dead_experts([100.0, 100.0, 10.0, 90.0], 0.2) == [2]
+    assert moe_statistics.dead_experts([0.0, 0.0], 0.1) == []  # nothing routed: no verdict
+
+
+def test_layer_loss_applies_its_own_coefficients():
+    layer = make_layer(aux_loss_coef=0.5, z_loss_coef=0.25)
+    _, stats = layer(torch.randn(2, 6, D_MODEL))
+    torch.testing.assert_close(stats.loss, 0.5 * stats.aux_loss + 0.25 * stats.z_loss)
+
+
 def test_capacity_mask_prefers_first_choices_then_token_order():
     expert_ids = torch.tensor([[0, 1], [0, 1], [1, 0], [0, 2]])
     keep = gating.capacity_keep_mask(expert_ids, n_experts=3, capacity=2)
