@@ -9,6 +9,7 @@ the key and the fix, before any compute starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -292,16 +293,60 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _set_dotted(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.get(part)
+def _list_index(items: list, part: str, where: str, text: str) -> int:
+    """The item index `part` names in the list at `where`, or a ConfigError saying why it names none."""
+    if not part.isdigit():
+        raise ConfigError(f"override '{text}': {where} is a list; '{part}' is not an item index "
+                          f"(write {where}.0 for its first item)")
+    index = int(part)
+    if index >= len(items):
+        span = f"(indices 0..{len(items) - 1})" if items else f"(replace the whole list: {where}=[...])"
+        raise ConfigError(f"override '{text}': {where} has {len(items)} item(s) {span}")
+    return index
+
+
+_MISSING = object()
+
+
+def _default_at(path: list[str]) -> Any:
+    """The plain default value at a dotted path (list items by index), or _MISSING."""
+    node: Any = to_plain(Config())
+    for part in path:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
+
+
+def _set_dotted(tree: dict, path: list[str], value: Any, text: str) -> None:
+    """tree[path] = value, where a numeric part indexes a list (model.stages.0.router.kind=gate).
+
+    A list the tree does not hold yet is first copied from the defaults, so an item override changes
+    that item's named key only; naming the list itself replaces it whole (data.sources=[a, b])."""
+    node: Any = tree
+    for depth, part in enumerate(path):
+        key: Any = _list_index(node, part, ".".join(path[:depth]), text) if isinstance(node, list) else part
+        if depth == len(path) - 1:
+            node[key] = value
+            return
+        child = node[key] if isinstance(node, list) else node.get(key)
         if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
+            default = _default_at(path[: depth + 1])
+            if isinstance(default, list):
+                child = node[key] = copy.deepcopy(default)
+            elif default is None or default is _MISSING or isinstance(default, dict):
+                child = node[key] = {}
+            else:
+                child = default  # a value: reported just below
+        if not isinstance(child, (dict, list)):
+            where, below = ".".join(path[: depth + 1]), path[depth + 1]
+            if below.isdigit():
+                raise ConfigError(f"override '{text}': {where} is a value, not a list; it has no item {below}")
             raise ConfigError(f"override '{'.'.join(path)}': '{part}' is a value, not a section")
         node = child
-    node[path[-1]] = value
 
 
 def config_from_dict(values: dict, overrides: list[str] | None = None) -> Config:
@@ -309,7 +354,7 @@ def config_from_dict(values: dict, overrides: list[str] | None = None) -> Config
     tree = json.loads(json.dumps(values or {}))  # deep copy of plain data
     for text in overrides or []:
         path, value = parse_override(text)
-        _set_dotted(tree, path, value)
+        _set_dotted(tree, path, value, text)
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg

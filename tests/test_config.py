@@ -36,6 +36,42 @@ def test_defaults_build_and_overrides_change_only_named_keys():
     assert cfg.checkpoint.every_steps == default.checkpoint.every_steps
 
 
+def test_overrides_reach_list_items_and_a_named_list_is_replaced_whole():
+    tiny = load_config(REPO / "configs" / "tiny-cpu.yaml", ["model.stages.0.router.kind=gate"])
+    stage = tiny.model.stages[0]
+    assert stage.router.kind == "gate"
+    # The item keeps the file's other values; only the named key changed.
+    assert (stage.d_model, stage.router.target_bytes_per_concept, stage.encoder.mamba.d_state) == (128, 4.0, 32)
+    # A list the file does not set is taken from the defaults before its item changes.
+    default = load_config(None, ["model.stages.0.router.kind=gate"])
+    assert default.model.stages[0].router.kind == "gate"
+    assert default.model.stages[0].d_model == Config().model.stages[0].d_model
+    assert load_config(None, ["data.sources=[a, b]", "data.sources.1=c"]).data.sources == ["a", "c"]
+    assert load_config(None, ["data.sources=[a, b]", "data.sources=[d]"]).data.sources == ["d"]
+
+
+LIST_OVERRIDE_ERRORS = [
+    (["model.stages.3.router.kind=gate"],
+     "override 'model.stages.3.router.kind=gate': model.stages has 1 item(s) (indices 0..0)"),
+    (["data.sources.0=x"], "override 'data.sources.0=x': data.sources has 0 item(s) (replace the whole list: "
+                           "data.sources=[...])"),
+    (["model.stages.router.kind=gate"], "override 'model.stages.router.kind=gate': model.stages is a list; "
+                                        "'router' is not an item index (write model.stages.0 for its first item)"),
+    (["model.stages.-1.router.kind=gate"], "override 'model.stages.-1.router.kind=gate': model.stages is a list; "
+                                           "'-1' is not an item index (write model.stages.0 for its first item)"),
+    (["data.seq_len.0=5"], "override 'data.seq_len.0=5': data.seq_len is a value, not a list; it has no item 0"),
+    (["train.lr.x=1"], "override 'train.lr.x': 'lr' is a value, not a section"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", LIST_OVERRIDE_ERRORS, ids=[" ".join(o) for o, _ in LIST_OVERRIDE_ERRORS])
+@pytest.mark.parametrize("path", [None, REPO / "configs" / "tiny-cpu.yaml"], ids=["defaults", "tiny-cpu"])
+def test_list_item_override_errors_name_the_list(path, overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(path, overrides)
+    assert str(err.value) == message
+
+
 def test_yaml_file_then_overrides_and_round_trip(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"run": {"dir": "runs/x"}, "train": {"max_steps": 7, "lr": 1e-3},
