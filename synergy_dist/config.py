@@ -21,16 +21,11 @@ from typing import Any
 
 import yaml
 
+from synergy_dist.model.config import ModelConfig
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key and the fix."""
-
-
-def _model_config_class() -> type:
-    # The model package owns ModelConfig; imported here so the trainer config nests it.
-    from synergy_dist.model.config import ModelConfig
-
-    return ModelConfig
 
 
 @dataclass
@@ -148,7 +143,7 @@ class DebugConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)  # where the run lives
-    model: Any = field(default_factory=lambda: _model_config_class()())  # synergy_dist.model.config.ModelConfig
+    model: ModelConfig = field(default_factory=ModelConfig)  # stages, middle, widths (synergy_dist/model/config.py)
     data: DataConfig = field(default_factory=DataConfig)  # shard sets, window length, loader workers
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and clipping
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # learning-rate shape
@@ -180,8 +175,6 @@ class Config:
 
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
-    if cls is Config:
-        hints["model"] = _model_config_class()
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
 
 
@@ -388,15 +381,15 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def model_stacks(model_cfg: Any) -> list:
+def model_stacks(model_cfg: ModelConfig) -> list:
     """Every layer stack of the model config (stage encoders/decoders and the middle)."""
     stacks = [model_cfg.middle]
-    for stage in getattr(model_cfg, "stages", []):
+    for stage in model_cfg.stages:
         stacks += [stage.encoder, stage.decoder]
     return stacks
 
 
-def has_moe_layers(model_cfg: Any) -> bool:
+def has_moe_layers(model_cfg: ModelConfig) -> bool:
     return any(stack.moe_layer_indices() for stack in model_stacks(model_cfg))
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -222,6 +224,20 @@ def test_cli_reports_config_error_before_any_compute(capsys):
     assert main(["train.lr=-1"]) == 2
     assert capsys.readouterr().err.strip() == (
         "synergy-train: configuration error: train.lr=-1.0 must be a positive number (e.g. train.lr=3e-4)")
+
+
+@pytest.mark.xfail(strict=False, reason="passes once MoEConfig leaves moe.py (helper MODEL's branch)")
+def test_loading_a_config_imports_neither_deepspeed_nor_torch_distributed():
+    """A bad config is reported without paying for the heavy imports (DeepSpeed alone takes ~1.2 s)."""
+    probe = ("import sys\n"
+             "import synergy_dist.config as c\n"
+             "try:\n"
+             "    c.load_config('configs/tiny-cpu.yaml', ['train.lr=oops'])\n"
+             "except c.ConfigError:\n"
+             "    pass\n"
+             "print(sorted(m for m in ('deepspeed', 'torch.distributed') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
 
 
 def test_deepspeed_json_is_generated_and_extra_json_merged(tmp_path):
