@@ -130,12 +130,13 @@ class TrainConfig:
 
 @dataclass
 class DebugConfig:
-    # Fault injection for tests. Faults are keyed by global batch of the data stream (1-based), so a
-    # "poisoned batch" stays poisoned, and a rollback that skips past it leaves it behind.
+    # Fault injection for tests (applied by synergy_dist/train/fault_injection.py). Faults are keyed by
+    # global batch of the data stream (1-based), so a "poisoned batch" stays poisoned, and a rollback
+    # that skips past it leaves it behind.
     nan_loss_batches: list = field(default_factory=list)  # make the loss NaN on these batches
     inf_grad_batches: list = field(default_factory=list)  # make the gradients Inf (loss stays finite) on these batches
     spike_loss_batches: list = field(default_factory=list)  # multiply the loss by spike_factor on these batches
-    spike_factor: float = 100.0  # loss multiplier used by spike_loss_steps
+    spike_factor: float = 100.0  # loss multiplier used by spike_loss_batches
     kill_in_save_at_step: int = 0  # SIGKILL this process half-way through saving the checkpoint of this step
     hang_after_step: int = 0  # wait (up to 10 min, or until SIGTERM/SIGUSR1) after this step, for a test's kill -9
 

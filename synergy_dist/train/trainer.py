@@ -33,22 +33,11 @@ from synergy_dist.train.distributed import (
     resolve_dtype,
 )
 from synergy_dist.train.ds_config import build_ds_config
+from synergy_dist.train.fault_injection import FaultInjector
 from synergy_dist.train.metrics import MetricsLogger, to_number
 from synergy_dist.train.optimizer import GatedAdamW, lr_at
 from synergy_dist.train.phases import PhaseClock
 from synergy_dist.train.safeguards import Safeguards, Verdict
-
-
-class _InfGradient(torch.autograd.Function):
-    """Fault injection: identity forward, infinite gradient backward (a finite loss with bad grads)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
 
 
 def seed_everything(seed: int) -> None:
@@ -114,6 +103,7 @@ class Trainer:
         seed_everything(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))  # per-rank stream (MoE jitter, dropout)
 
         self.guards = Safeguards(cfg.safeguards)
+        self.faults = FaultInjector(cfg.debug)
         self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.train.max_steps,
                                      cfg.log.tensorboard, cfg.log.console)
         self.step = 0  # optimizer steps done (applied or skipped)
@@ -200,9 +190,8 @@ class Trainer:
 
     def save(self) -> None:
         c = self.cfg.checkpoint
-        kill = self.cfg.debug.kill_in_save_at_step == self.step
         self.last_checkpoint = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, self._trainer_state(),
-                                                    self.rank, self.world, kill_half_way=kill)
+                                                    self.rank, self.world, on_rank_files_written=self.faults.on_save(self.step))
         if self.env.is_main:
             ckpt.prune(self.ckpt_root, c.keep_last, c.keep_every)
             self.metrics.event(f"checkpoint saved: {self.last_checkpoint}")
@@ -241,7 +230,7 @@ class Trainer:
     def train_step(self) -> dict:
         """Forward/backward over the micro-batches, then the (possibly vetoed) optimizer step."""
         clock = PhaseClock()
-        cfg, dbg, engine = self.cfg, self.cfg.debug, self.engine
+        cfg, engine = self.cfg, self.engine
         lr = lr_at(self.step, cfg)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
@@ -253,13 +242,7 @@ class Trainer:
                 batch = self._next_batch()
             with clock.phase("forward"):
                 out = engine(batch["input_ids"], labels=batch["labels"])
-            loss = out.loss
-            if batch_number in dbg.nan_loss_batches:
-                loss = loss * float("nan")
-            if batch_number in dbg.spike_loss_batches:
-                loss = loss * dbg.spike_factor
-            if batch_number in dbg.inf_grad_batches:
-                loss = _InfGradient.apply(loss)
+            loss = self.faults.on_loss(out.loss, batch_number)
             with clock.phase("backward"):
                 engine.backward(loss)
             if micro < self.micro_steps - 1:
@@ -436,10 +419,7 @@ class Trainer:
                 return REQUEUE_EXIT_CODE
             if due and self.step < cfg.train.max_steps:
                 self.save()
-            if cfg.debug.hang_after_step == self.step:
-                deadline = time.time() + 600  # a test kills us here, or signals us to go on and stop
-                while self.stop_signal is None and time.time() < deadline:
-                    time.sleep(0.02)
+            self.faults.after_step(self.step, lambda: self.stop_signal is not None)
         if cfg.checkpoint.save_at_end and (self.last_checkpoint is None or ckpt.tag_for(self.step) != self.last_checkpoint.name):
             self.save()
         sample = self.generate_sample()
