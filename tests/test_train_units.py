@@ -1,4 +1,5 @@
-"""Trainer pieces without processes: checkpoint discovery/retention, safeguards, LR schedule, metrics."""
+"""Trainer pieces without processes: checkpoint discovery/retention, safeguards, LR schedule, metrics,
+fault injection, stop-signal handlers."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 from synergy_dist.config import SafeguardConfig, load_config
 from synergy_dist.train import checkpoint as ckpt
 from synergy_dist.train.metrics import MetricsLogger, format_duration, read_metrics
-from synergy_dist.train.optimizer import lr_at
 from synergy_dist.train.safeguards import Safeguards
+from synergy_dist.train.schedule import lr_at
 
 
 def fake_checkpoint(root: Path, step: int, complete: bool = True, payload: bytes = b"x" * 100) -> Path:
@@ -226,7 +227,7 @@ def test_each_checkout_preprocesses_the_bundled_sample_into_its_own_cache(tmp_pa
     import shutil
 
     import synergy_dist
-    from synergy_dist.train.trainer import sample_shards
+    from synergy_dist.train.data import sample_shards
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     cfg = load_config(None, [])
@@ -265,3 +266,22 @@ def test_fault_injection_poisons_only_the_named_batches():
     idle = FaultInjector(DebugConfig())
     assert idle.on_save(0) is None and idle.on_loss(x, 0) is x
     idle.after_step(0, signalled=lambda: False)
+
+
+def test_stop_signal_handlers_are_restored_after_the_block_returns_or_raises():
+    import os
+    import signal
+
+    from synergy_dist.train.trainer import stop_signal_handlers
+
+    received = []
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    with stop_signal_handlers(lambda signum, frame: received.append(signum)):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+    assert received == [signal.SIGUSR1]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    with pytest.raises(RuntimeError):
+        with stop_signal_handlers(lambda signum, frame: None):
+            raise RuntimeError("a step failed")
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -1,8 +1,9 @@
 """The training loop. Read it top to bottom:
 
     Trainer(cfg)   launch env -> process group -> data -> model -> DeepSpeed engine -> resume
-    fit()          for each step: micro-batches (forward, backward) -> safeguards -> optimizer step
-                   -> metrics -> evaluation -> checkpoint -> stop on a signal; at the end a sample
+    fit()          for each step: train_step() (micro-batches: forward, backward; safeguards; optimizer
+                   step), then at named points: skip report or rollback -> evaluation -> metrics record
+                   -> stop on a signal -> checkpoint -> fault injection; at the end a checkpoint and a sample
 
 Exit status of fit(): 0 when train.max_steps is reached, REQUEUE_EXIT_CODE (75) after a
 SIGTERM/SIGUSR1 checkpoint.
@@ -10,21 +11,22 @@ SIGTERM/SIGUSR1 checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import random
 import resource
 import signal
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from synergy_dist.config import Config, has_moe_layers, model_stacks, save_config, validate_for_world
+from synergy_dist.model import SynergyLM
 from synergy_dist.train import checkpoint as ckpt
+from synergy_dist.train.data import build_dataset, data_sources
 from synergy_dist.train.distributed import (
     REQUEUE_EXIT_CODE,
     detect_env,
@@ -35,32 +37,25 @@ from synergy_dist.train.distributed import (
 from synergy_dist.train.ds_config import build_ds_config
 from synergy_dist.train.fault_injection import FaultInjector
 from synergy_dist.train.metrics import MetricsLogger, to_number
-from synergy_dist.train.optimizer import GatedAdamW, lr_at
+from synergy_dist.train.optimizer import GatedAdamW
 from synergy_dist.train.phases import PhaseClock
 from synergy_dist.train.safeguards import Safeguards, Verdict
+from synergy_dist.train.schedule import lr_at
+from synergy_dist.train.seeding import rank_seed, seed_everything
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # checkpoint, then exit with REQUEUE_EXIT_CODE
 
 
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def sample_shards(cfg: Config, is_main: bool) -> tuple[list, list]:
-    """Train/valid shard sets of the bundled sample corpus, preprocessed once (by rank 0) on first use."""
-    from synergy_dist import SAMPLE_CORPUS
-
-    fraction = cfg.data.sample_valid_fraction
-    # The preprocess plan records its input path, so each installation (checkout) gets its own cache.
-    key = hashlib.sha256(f"{SAMPLE_CORPUS.resolve()}-{SAMPLE_CORPUS.stat().st_size}-{fraction}".encode()).hexdigest()[:12]
-    out = Path(cfg.data.sample_dir or Path.home() / ".cache" / "synergy_dist" / f"sample-{key}")
-    if is_main:
-        from data_pipeline.preprocess import preprocess
-
-        preprocess([str(SAMPLE_CORPUS)], out, valid_fraction=fraction, progress=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return [str(out / "train")], [str(out / "valid")]
+@contextmanager
+def stop_signal_handlers(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """`handler` for SIGTERM and SIGUSR1 inside the block; the previous handlers again after it,
+    whether the block returns or raises."""
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)  # None: installed outside Python
 
 
 class Trainer:
@@ -85,22 +80,18 @@ class Trainer:
         self.global_batch = cfg.global_batch_sequences()
 
         # Data: the sources, or the bundled sample corpus.
-        train_sources, valid_sources = list(cfg.data.sources), list(cfg.data.valid_sources)
-        if not train_sources:
-            train_sources, sample_valid = sample_shards(cfg, self.env.is_main)
-            valid_sources = valid_sources or sample_valid
-        if cfg.data.weights:
-            train_sources = list(zip(train_sources, cfg.data.weights))
-        self.train_data = self._dataset(train_sources, rank=self.rank, world=self.world, global_batch=self.global_batch)
+        train_sources, valid_sources = data_sources(cfg, self.env.is_main)
+        self.train_data = build_dataset(cfg, train_sources, rank=self.rank, world=self.world,
+                                        global_batch=self.global_batch)
         self.valid_data = None
         if valid_sources and cfg.train.eval_every_steps:
             eval_global = self.world * cfg.batch.micro_batch_size
-            self.valid_data = self._dataset(valid_sources, rank=self.rank, world=self.world, global_batch=eval_global)
+            self.valid_data = build_dataset(cfg, valid_sources, rank=self.rank, world=self.world, global_batch=eval_global)
 
         # Model, identical on every rank (same seed), then DeepSpeed.
         self.model = self._build_model()
         self.engine = self._build_engine()
-        seed_everything(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))  # per-rank stream (MoE jitter, dropout)
+        seed_everything(rank_seed(cfg.seed, self.rank))  # per-rank stream (MoE jitter, dropout)
 
         self.guards = Safeguards(cfg.safeguards)
         self.faults = FaultInjector(cfg.debug)
@@ -111,22 +102,13 @@ class Trainer:
         self.stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
         self.last_alarms: set[str] = set()
+        self.peak_flops = peak_flops_per_second(self.env.device_type, self.dtype) * self.world  # for MFU
+        self.flops_per_byte: float | None = None  # for MFU, from the first logged step's compression
         if cfg.checkpoint.resume:
             self._resume()
 
     # ------------------------------------------------------------------ building
-    def _dataset(self, sources: list, rank: int, world: int, global_batch: int):
-        from data_pipeline.stream import StreamingByteDataset
-
-        return StreamingByteDataset(sources, seq_len=self.cfg.data.seq_len, global_batch_size=global_batch,
-                                    micro_batch_size=self.cfg.batch.micro_batch_size, seed=self.cfg.seed,
-                                    rank=rank, world_size=world, pack=self.cfg.data.pack,
-                                    on_corrupt=self.cfg.data.on_corrupt,
-                                    batched=True)  # yields collated micro-batches: no per-sample tensors
-
     def _build_model(self) -> torch.nn.Module:
-        from synergy_dist.model import SynergyLM
-
         ep = self.cfg.deepspeed.expert_parallel_size
         for stack in model_stacks(self.cfg.model):
             stack.moe.expert_parallel_size = ep
@@ -181,7 +163,7 @@ class Trainer:
             return
         state = ckpt.load_checkpoint(self.engine, path, self.rank, self.world, self.cfg.deepspeed.expert_parallel_size)
         if state["world_size"] != self.world:
-            seed_everything(self.cfg.seed * 1_000_003 + 7919 * (self.rank + 1) + state["step"])
+            seed_everything(rank_seed(self.cfg.seed, self.rank, state["step"]))
         self.step, self.data_offset = state["step"], state["data_offset"]
         self.guards.load_state_dict(state["safeguards"])
         self.last_checkpoint = path
@@ -340,7 +322,7 @@ class Trainer:
         self.engine.eval()
         model = self.engine.module
         if self.cfg.deepspeed.zero_stage == 3:
-            import deepspeed
+            import deepspeed  # heavy, and only after init_distributed() chose DeepSpeed's accelerator
 
             with deepspeed.zero.GatheredParameters(list(model.parameters())):
                 text = model.generate(t.sample_prompt.encode(), t.sample_bytes, temperature=0.8, top_k=40, seed=self.cfg.seed)
@@ -353,74 +335,105 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ the loop
+    def fit(self) -> int:
+        """Train to train.max_steps (returns 0), or until a SIGTERM/SIGUSR1 checkpoint (returns 75)."""
+        try:
+            with stop_signal_handlers(self._on_signal):
+                self._restart_data()
+                while self.step < self.cfg.train.max_steps:
+                    started = time.perf_counter()
+                    result = self.train_step()
+                    elapsed = time.perf_counter() - started
+                    self._report_skip(result)
+                    if result["verdict"].rollback:
+                        self._rollback()
+                        continue
+                    evaluation = self._evaluate_if_due()
+                    self._log_if_due(result, elapsed, evaluation)
+                    if self._stop_requested() and self.step < self.cfg.train.max_steps:
+                        return self._checkpoint_and_requeue()
+                    self._checkpoint_if_due()
+                    self.faults.after_step(self.step, lambda: self.stop_signal is not None)
+                self._finish()
+                return 0
+        finally:
+            self.metrics.close()
+
+    # ------------------------------------------------------------------ what fit() calls at its named points
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum  # finish the current step, then checkpoint and exit
 
     def _stop_requested(self) -> bool:
+        """Whether any rank was signalled (collective: every rank stops at the same step)."""
         flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0])
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def fit(self) -> int:
+    def _checkpoint_and_requeue(self) -> int:
+        self.save()
+        self.metrics.event(f"signal received: checkpoint at step {self.step}, exiting with {REQUEUE_EXIT_CODE}")
+        return REQUEUE_EXIT_CODE
+
+    def _report_skip(self, result: dict) -> None:
+        verdict: Verdict = result["verdict"]
+        if not verdict.apply:
+            self.metrics.event(f"step {self.step}: update skipped ({verdict.reason}), loss {result['loss']:.4f}, "
+                               f"grad norm {result['grad_norm']:.4g}")
+
+    def _evaluate_if_due(self) -> dict:
+        """Validation bpb every train.eval_every_steps ({} on other steps)."""
+        if self.valid_data is None or self.step % self.cfg.train.eval_every_steps != 0:
+            return {}
+        evaluation = self.evaluate()
+        self.metrics.event(f"step {self.step}: validation bpb {evaluation['eval_bpb']:.4f}")
+        return evaluation
+
+    def _log_if_due(self, result: dict, elapsed: float, evaluation: dict) -> None:
+        """The metrics record (metrics.jsonl, TensorBoard, console line) and router alarms, every
+        log.every_steps, on evaluation steps and at the last step."""
         cfg = self.cfg
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGUSR1, self._on_signal)
-        self._restart_data()
-        bytes_per_step = self.global_batch * cfg.data.seq_len
-        peak = peak_flops_per_second(self.env.device_type, self.dtype) * self.world
-        flops_per_byte = None
+        if not (evaluation or self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps):
+            return
+        verdict: Verdict = result["verdict"]
         targets = {f"stage{i}": s.router.target_bytes_per_concept for i, s in enumerate(cfg.model.stages)}
-        while self.step < cfg.train.max_steps:
-            started = time.perf_counter()
-            result = self.train_step()
-            elapsed = time.perf_counter() - started
-            verdict: Verdict = result["verdict"]
-            if not verdict.apply:
-                self.metrics.event(f"step {self.step}: update skipped ({verdict.reason}), loss {result['loss']:.4f}, "
-                                   f"grad norm {result['grad_norm']:.4g}")
-            if verdict.rollback:
-                self._rollback()
-                continue
-            evaluation = {}
-            if self.valid_data is not None and self.step % cfg.train.eval_every_steps == 0:
-                evaluation = self.evaluate()
-                self.metrics.event(f"step {self.step}: validation bpb {evaluation['eval_bpb']:.4f}")
-            if evaluation or self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps:
-                aux = {k: to_number(v) for k, v in result["aux"].items()}
-                bytes_per_s = bytes_per_step / elapsed
-                innermost = f"stage{len(targets) - 1}/bytes_per_concept"
-                concept_ratio = aux.get(innermost, 1.0) or 1.0  # bytes per innermost concept token
-                if flops_per_byte is None:
-                    flops_per_byte = self._flops_per_byte(aux)
-                record = {
-                    "loss": result["loss"], "bpb": result["bpb"], **evaluation, "lr": result["lr"],
-                    "grad_norm": result["grad_norm"], "skipped": not verdict.apply, "skip_reason": verdict.reason,
-                    "skipped_steps": self.guards.state.skipped_nonfinite + self.guards.state.skipped_spikes,
-                    "skipped_nonfinite": self.guards.state.skipped_nonfinite,
-                    "skipped_spikes": self.guards.state.skipped_spikes, "rollbacks": len(self.guards.state.rollbacks),
-                    "step_time_s": elapsed, "bytes_per_s": bytes_per_s, "concept_tokens_per_s": bytes_per_s / concept_ratio,
-                    "mfu": (flops_per_byte or 0.0) * bytes_per_s / peak, "world_size": self.world,
-                    "samples_consumed": self.samples_consumed(), "data_state": self.train_data.state_at(self.samples_consumed()),
-                    "memory_mb": self._memory_mb(), **result["phases"], **aux,
-                }
-                alarms = self.guards.router_alarms(aux, targets)
-                record["router_alarms"] = len(alarms)
-                for kind, text in alarms.items():
-                    if kind not in self.last_alarms:  # print when an alarm starts, not every step it lasts
-                        self.metrics.event(f"step {self.step}: router alarm: {text}")
-                self.last_alarms = set(alarms)
-                self.metrics.log(self.step, record)
-            due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
-            if self._stop_requested() and self.step < cfg.train.max_steps:
-                self.save()
-                self.metrics.event(f"signal received: checkpoint at step {self.step}, exiting with {REQUEUE_EXIT_CODE}")
-                self.metrics.close()
-                return REQUEUE_EXIT_CODE
-            if due and self.step < cfg.train.max_steps:
-                self.save()
-            self.faults.after_step(self.step, lambda: self.stop_signal is not None)
-        if cfg.checkpoint.save_at_end and (self.last_checkpoint is None or ckpt.tag_for(self.step) != self.last_checkpoint.name):
+        aux = {k: to_number(v) for k, v in result["aux"].items()}
+        bytes_per_s = self.global_batch * cfg.data.seq_len / elapsed
+        innermost = f"stage{len(targets) - 1}/bytes_per_concept"
+        concept_ratio = aux.get(innermost, 1.0) or 1.0  # bytes per innermost concept token
+        if self.flops_per_byte is None:
+            self.flops_per_byte = self._flops_per_byte(aux)
+        record = {
+            "loss": result["loss"], "bpb": result["bpb"], **evaluation, "lr": result["lr"],
+            "grad_norm": result["grad_norm"], "skipped": not verdict.apply, "skip_reason": verdict.reason,
+            "skipped_steps": self.guards.state.skipped_nonfinite + self.guards.state.skipped_spikes,
+            "skipped_nonfinite": self.guards.state.skipped_nonfinite,
+            "skipped_spikes": self.guards.state.skipped_spikes, "rollbacks": len(self.guards.state.rollbacks),
+            "step_time_s": elapsed, "bytes_per_s": bytes_per_s, "concept_tokens_per_s": bytes_per_s / concept_ratio,
+            "mfu": (self.flops_per_byte or 0.0) * bytes_per_s / self.peak_flops, "world_size": self.world,
+            "samples_consumed": self.samples_consumed(), "data_state": self.train_data.state_at(self.samples_consumed()),
+            "memory_mb": self._memory_mb(), **result["phases"], **aux,
+        }
+        record["router_alarms"] = self._raise_router_alarms(aux, targets)
+        self.metrics.log(self.step, record)
+
+    def _raise_router_alarms(self, aux: dict, targets: dict[str, float]) -> int:
+        """Report each router alarm when it starts, not every step it lasts; returns how many are on."""
+        alarms = self.guards.router_alarms(aux, targets)
+        for kind, text in alarms.items():
+            if kind not in self.last_alarms:
+                self.metrics.event(f"step {self.step}: router alarm: {text}")
+        self.last_alarms = set(alarms)
+        return len(alarms)
+
+    def _checkpoint_if_due(self) -> None:
+        every = self.cfg.checkpoint.every_steps
+        if every and self.step % every == 0 and self.step < self.cfg.train.max_steps:
+            self.save()
+
+    def _finish(self) -> None:
+        """At train.max_steps: the final checkpoint (unless this step's exists) and the sample."""
+        if self.cfg.checkpoint.save_at_end and (self.last_checkpoint is None or ckpt.tag_for(self.step) != self.last_checkpoint.name):
             self.save()
         sample = self.generate_sample()
         if self.env.is_main:
@@ -428,8 +441,6 @@ class Trainer:
                   f"{self.run_dir / 'metrics.jsonl'}\n  sample:     {sample}", flush=True)
             if sample is not None:
                 print(f"--- sample ---\n{sample.read_bytes().decode('utf-8', errors='replace')}\n--------------", flush=True)
-        self.metrics.close()
-        return 0
 
     def _flops_per_byte(self, aux: dict) -> float | None:
         try:
