@@ -9,6 +9,7 @@ the key and the fix, before any compute starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -20,16 +21,11 @@ from typing import Any
 
 import yaml
 
+from synergy_dist.model.config import ModelConfig
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key and the fix."""
-
-
-def _model_config_class() -> type:
-    # The model package owns ModelConfig; imported here so the trainer config nests it.
-    from synergy_dist.model.config import ModelConfig
-
-    return ModelConfig
 
 
 @dataclass
@@ -134,12 +130,13 @@ class TrainConfig:
 
 @dataclass
 class DebugConfig:
-    # Fault injection for tests. Faults are keyed by global batch of the data stream (1-based), so a
-    # "poisoned batch" stays poisoned, and a rollback that skips past it leaves it behind.
+    # Fault injection for tests (applied by synergy_dist/train/fault_injection.py). Faults are keyed by
+    # global batch of the data stream (1-based), so a "poisoned batch" stays poisoned, and a rollback
+    # that skips past it leaves it behind.
     nan_loss_batches: list = field(default_factory=list)  # make the loss NaN on these batches
     inf_grad_batches: list = field(default_factory=list)  # make the gradients Inf (loss stays finite) on these batches
     spike_loss_batches: list = field(default_factory=list)  # multiply the loss by spike_factor on these batches
-    spike_factor: float = 100.0  # loss multiplier used by spike_loss_steps
+    spike_factor: float = 100.0  # loss multiplier used by spike_loss_batches
     kill_in_save_at_step: int = 0  # SIGKILL this process half-way through saving the checkpoint of this step
     hang_after_step: int = 0  # wait (up to 10 min, or until SIGTERM/SIGUSR1) after this step, for a test's kill -9
 
@@ -147,7 +144,7 @@ class DebugConfig:
 @dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)  # where the run lives
-    model: Any = field(default_factory=lambda: _model_config_class()())  # synergy_dist.model.config.ModelConfig
+    model: ModelConfig = field(default_factory=ModelConfig)  # stages, middle, widths (synergy_dist/model/config.py)
     data: DataConfig = field(default_factory=DataConfig)  # shard sets, window length, loader workers
     optim: OptimConfig = field(default_factory=OptimConfig)  # AdamW and clipping
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # learning-rate shape
@@ -179,8 +176,6 @@ class Config:
 
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
-    if cls is Config:
-        hints["model"] = _model_config_class()
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
 
 
@@ -292,16 +287,60 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
-def _set_dotted(tree: dict, path: list[str], value: Any) -> None:
-    node = tree
-    for part in path[:-1]:
-        child = node.get(part)
+def _list_index(items: list, part: str, where: str, text: str) -> int:
+    """The item index `part` names in the list at `where`, or a ConfigError saying why it names none."""
+    if not part.isdigit():
+        raise ConfigError(f"override '{text}': {where} is a list; '{part}' is not an item index "
+                          f"(write {where}.0 for its first item)")
+    index = int(part)
+    if index >= len(items):
+        span = f"(indices 0..{len(items) - 1})" if items else f"(replace the whole list: {where}=[...])"
+        raise ConfigError(f"override '{text}': {where} has {len(items)} item(s) {span}")
+    return index
+
+
+_MISSING = object()
+
+
+def _default_at(path: list[str]) -> Any:
+    """The plain default value at a dotted path (list items by index), or _MISSING."""
+    node: Any = to_plain(Config())
+    for part in path:
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return _MISSING
+    return node
+
+
+def _set_dotted(tree: dict, path: list[str], value: Any, text: str) -> None:
+    """tree[path] = value, where a numeric part indexes a list (model.stages.0.router.kind=gate).
+
+    A list the tree does not hold yet is first copied from the defaults, so an item override changes
+    that item's named key only; naming the list itself replaces it whole (data.sources=[a, b])."""
+    node: Any = tree
+    for depth, part in enumerate(path):
+        key: Any = _list_index(node, part, ".".join(path[:depth]), text) if isinstance(node, list) else part
+        if depth == len(path) - 1:
+            node[key] = value
+            return
+        child = node[key] if isinstance(node, list) else node.get(key)
         if child is None:
-            child = node[part] = {}
-        if not isinstance(child, dict):
+            default = _default_at(path[: depth + 1])
+            if isinstance(default, list):
+                child = node[key] = copy.deepcopy(default)
+            elif default is None or default is _MISSING or isinstance(default, dict):
+                child = node[key] = {}
+            else:
+                child = default  # a value: reported just below
+        if not isinstance(child, (dict, list)):
+            where, below = ".".join(path[: depth + 1]), path[depth + 1]
+            if below.isdigit():
+                raise ConfigError(f"override '{text}': {where} is a value, not a list; it has no item {below}")
             raise ConfigError(f"override '{'.'.join(path)}': '{part}' is a value, not a section")
         node = child
-    node[path[-1]] = value
 
 
 def config_from_dict(values: dict, overrides: list[str] | None = None) -> Config:
@@ -309,7 +348,7 @@ def config_from_dict(values: dict, overrides: list[str] | None = None) -> Config
     tree = json.loads(json.dumps(values or {}))  # deep copy of plain data
     for text in overrides or []:
         path, value = parse_override(text)
-        _set_dotted(tree, path, value)
+        _set_dotted(tree, path, value, text)
     cfg = _build(Config, tree, "")
     validate(cfg)
     return cfg
@@ -343,15 +382,15 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def model_stacks(model_cfg: Any) -> list:
+def model_stacks(model_cfg: ModelConfig) -> list:
     """Every layer stack of the model config (stage encoders/decoders and the middle)."""
     stacks = [model_cfg.middle]
-    for stage in getattr(model_cfg, "stages", []):
+    for stage in model_cfg.stages:
         stacks += [stage.encoder, stage.decoder]
     return stacks
 
 
-def has_moe_layers(model_cfg: Any) -> bool:
+def has_moe_layers(model_cfg: ModelConfig) -> bool:
     return any(stack.moe_layer_indices() for stack in model_stacks(model_cfg))
 
 

@@ -227,7 +227,7 @@ def hand_grad_norm(cfg_dict: dict, sample_dir: Path) -> float:
     from data_pipeline.stream import StreamingByteDataset
     from synergy_dist.config import config_from_dict
     from synergy_dist.model.synergy import SynergyLM
-    from synergy_dist.train.trainer import seed_everything
+    from synergy_dist.train.seeding import seed_everything
 
     cfg = config_from_dict(cfg_dict)
     seed_everything(cfg.seed)

@@ -1,4 +1,5 @@
-"""Trainer pieces without processes: checkpoint discovery/retention, safeguards, LR schedule, metrics."""
+"""Trainer pieces without processes: checkpoint discovery/retention, safeguards, LR schedule, metrics,
+fault injection, stop-signal handlers."""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ from synergy_dist.model.moe.statistics import MoEStats
 from synergy_dist.model.statistics import ModelStatistics, StageStatistics
 from synergy_dist.train import checkpoint as ckpt
 from synergy_dist.train.metrics import MetricsLogger, format_duration, read_metrics
-from synergy_dist.train.optimizer import lr_at
 from synergy_dist.train.safeguards import Safeguards
+from synergy_dist.train.schedule import lr_at
 
 
 def fake_checkpoint(root: Path, step: int, complete: bool = True, payload: bytes = b"x" * 100) -> Path:
@@ -240,7 +241,7 @@ def test_each_checkout_preprocesses_the_bundled_sample_into_its_own_cache(tmp_pa
     import shutil
 
     import synergy_dist
-    from synergy_dist.train.trainer import sample_shards
+    from synergy_dist.train.data import sample_shards
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     cfg = load_config(None, [])
@@ -255,3 +256,46 @@ def test_each_checkout_preprocesses_the_bundled_sample_into_its_own_cache(tmp_pa
         found.append(train[0])
     assert found[0] != found[1]
     assert all(str(tmp_path / "home" / ".cache" / "synergy_dist") in path for path in found)
+
+
+def test_fault_injection_poisons_only_the_named_batches():
+    import torch
+
+    from synergy_dist.config import DebugConfig
+    from synergy_dist.train.fault_injection import FaultInjector
+
+    faults = FaultInjector(DebugConfig(nan_loss_batches=[2], inf_grad_batches=[3], spike_loss_batches=[4],
+                                       spike_factor=10.0, kill_in_save_at_step=6, hang_after_step=5))
+    x = torch.tensor(2.0, requires_grad=True)
+    assert faults.on_loss(x * 1.5, 1).item() == 3.0
+    assert math.isnan(faults.on_loss(x * 1.5, 2).item())
+    assert faults.on_loss(x * 1.5, 4).item() == 30.0
+    poisoned = faults.on_loss(x * 1.5, 3)
+    assert poisoned.item() == 3.0  # the loss stays finite, its gradients do not
+    poisoned.backward()
+    assert math.isinf(x.grad.item())
+    assert faults.on_save(5) is None and callable(faults.on_save(6))
+    faults.after_step(4, signalled=lambda: False)  # not the hang step: returns at once
+    faults.after_step(5, signalled=lambda: True)  # the hang step, already signalled: returns at once
+    idle = FaultInjector(DebugConfig())
+    assert idle.on_save(0) is None and idle.on_loss(x, 0) is x
+    idle.after_step(0, signalled=lambda: False)
+
+
+def test_stop_signal_handlers_are_restored_after_the_block_returns_or_raises():
+    import os
+    import signal
+
+    from synergy_dist.train.trainer import stop_signal_handlers
+
+    received = []
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    with stop_signal_handlers(lambda signum, frame: received.append(signum)):
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signal.getsignal(signal.SIGTERM) is not before[signal.SIGTERM]
+    assert received == [signal.SIGUSR1]
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+    with pytest.raises(RuntimeError):
+        with stop_signal_handlers(lambda signum, frame: None):
+            raise RuntimeError("a step failed")
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -235,7 +235,8 @@ class PlainLoop:
 
         from data_pipeline.stream import StreamingByteDataset
         from synergy_dist.model.synergy import SynergyLM
-        from synergy_dist.train.trainer import sample_shards, seed_everything
+        from synergy_dist.train.data import sample_shards
+        from synergy_dist.train.seeding import seed_everything
 
         self.cfg = cfg
         self.micro_steps = cfg.grad_accumulation_steps(1)
@@ -257,7 +258,7 @@ class PlainLoop:
         import torch
 
         from synergy_dist.model.moe.layer import update_moe_biases
-        from synergy_dist.train.optimizer import lr_at
+        from synergy_dist.train.schedule import lr_at
 
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.cfg) * group.get("lr_mult", 1.0)

@@ -41,7 +41,7 @@ def validation_text(cfg, max_bytes: int) -> bytes:
 
     sources = list(cfg.data.valid_sources)
     if not sources and not cfg.data.sources:  # the run trained on the bundled sample corpus
-        from synergy_dist.train.trainer import sample_shards
+        from synergy_dist.train.data import sample_shards
 
         sources = sample_shards(cfg, is_main=True)[1]  # a no-op when the run already preprocessed it
     for source in sources:

@@ -34,8 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     # MKL's results may depend on memory alignment; a resumed process allocates differently, so ask
     # for alignment-independent results (needed for bitwise-equal losses after a resume on CPU).
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+    # Heavy imports (torch.distributed, DeepSpeed, the trainer) only after the config is valid.
     from synergy_dist.train.distributed import detect_env
-    from synergy_dist.train.trainer import train  # heavy imports only after the config is valid
+    from synergy_dist.train.trainer import train
 
     try:
         status = train(cfg)

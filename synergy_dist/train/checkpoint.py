@@ -19,11 +19,10 @@ import os
 import random
 import re
 import shutil
-import signal
 import warnings
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -119,8 +118,10 @@ def find_latest_complete(root: Path, verify_files: bool = True) -> Path | None:
 
 
 def save_checkpoint(engine: Any, root: Path, step: int, trainer_state: dict, rank: int, world_size: int,
-                    kill_half_way: bool = False) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint directory."""
+                    on_rank_files_written: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint directory.
+
+    on_rank_files_written(path) runs once this rank's files are written, before the ranks meet."""
     path = root / tag_for(step)
     if rank == 0:
         if path.exists():  # a leftover from an earlier, interrupted attempt at this step
@@ -130,8 +131,8 @@ def save_checkpoint(engine: Any, root: Path, step: int, trainer_state: dict, ran
         dist.barrier()
     engine.save_checkpoint(str(root), tag=path.name, client_state={"step": step}, save_latest=False)
     torch.save(rng_state(), path / f"rank_{rank:05d}.pt")
-    if kill_half_way:  # fault injection for tests: die with part of the checkpoint on disk
-        os.kill(os.getpid(), signal.SIGKILL)
+    if on_rank_files_written is not None:
+        on_rank_files_written(path)
     if world_size > 1:
         dist.barrier()  # every rank has written its files
     if rank == 0:

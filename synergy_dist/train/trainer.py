@@ -1,8 +1,9 @@
 """The training loop. Read it top to bottom:
 
     Trainer(cfg)   launch env -> process group -> data -> model -> DeepSpeed engine -> resume
-    fit()          for each step: micro-batches (forward, backward) -> safeguards -> optimizer step
-                   -> metrics -> evaluation -> checkpoint -> stop on a signal; at the end a sample
+    fit()          for each step: train_step() (micro-batches: forward, backward; safeguards; optimizer
+                   step), then at named points: skip report or rollback -> evaluation -> metrics record
+                   -> stop on a signal -> checkpoint -> fault injection; at the end a checkpoint and a sample
 
 Exit status of fit(): 0 when train.max_steps is reached, REQUEUE_EXIT_CODE (75) after a
 SIGTERM/SIGUSR1 checkpoint.
@@ -10,22 +11,26 @@ SIGTERM/SIGUSR1 checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import random
 import resource
 import signal
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from synergy_dist.config import Config, has_moe_layers, model_stacks, save_config, validate_for_world
+from synergy_dist.model.accounting import flops_per_byte
+from synergy_dist.model.moe.expert_parallel import get_expert_parallel_group, init_expert_parallel_groups
+from synergy_dist.model.moe.layer import MoEFeedForward, moe_param_groups, update_moe_biases
 from synergy_dist.model.statistics import ModelStatistics
+from synergy_dist.model.synergy import SynergyLM
 from synergy_dist.train import checkpoint as ckpt
+from synergy_dist.train.data import build_dataset, data_sources
 from synergy_dist.train.distributed import (
     REQUEUE_EXIT_CODE,
     detect_env,
@@ -34,45 +39,27 @@ from synergy_dist.train.distributed import (
     resolve_dtype,
 )
 from synergy_dist.train.ds_config import build_ds_config
+from synergy_dist.train.fault_injection import FaultInjector
 from synergy_dist.train.metrics import MetricsLogger
-from synergy_dist.train.optimizer import GatedAdamW, lr_at
+from synergy_dist.train.optimizer import GatedAdamW
 from synergy_dist.train.phases import PhaseClock
 from synergy_dist.train.safeguards import Safeguards, Verdict
+from synergy_dist.train.schedule import lr_at
+from synergy_dist.train.seeding import rank_seed, seed_everything
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # checkpoint, then exit with REQUEUE_EXIT_CODE
 
 
-class _InfGradient(torch.autograd.Function):
-    """Fault injection: identity forward, infinite gradient backward (a finite loss with bad grads)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def sample_shards(cfg: Config, is_main: bool) -> tuple[list, list]:
-    """Train/valid shard sets of the bundled sample corpus, preprocessed once (by rank 0) on first use."""
-    from synergy_dist import SAMPLE_CORPUS
-
-    fraction = cfg.data.sample_valid_fraction
-    # The preprocess plan records its input path, so each installation (checkout) gets its own cache.
-    key = hashlib.sha256(f"{SAMPLE_CORPUS.resolve()}-{SAMPLE_CORPUS.stat().st_size}-{fraction}".encode()).hexdigest()[:12]
-    out = Path(cfg.data.sample_dir or Path.home() / ".cache" / "synergy_dist" / f"sample-{key}")
-    if is_main:
-        from data_pipeline.preprocess import preprocess
-
-        preprocess([str(SAMPLE_CORPUS)], out, valid_fraction=fraction, progress=True)
-    if dist.is_initialized():
-        dist.barrier()
-    return [str(out / "train")], [str(out / "valid")]
+@contextmanager
+def stop_signal_handlers(handler: Callable[[int, object], None]) -> Iterator[None]:
+    """`handler` for SIGTERM and SIGUSR1 inside the block; the previous handlers again after it,
+    whether the block returns or raises."""
+    previous = {sig: signal.signal(sig, handler) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)  # None: installed outside Python
 
 
 class Trainer:
@@ -97,24 +84,21 @@ class Trainer:
         self.global_batch = cfg.global_batch_sequences()
 
         # Data: the sources, or the bundled sample corpus.
-        train_sources, valid_sources = list(cfg.data.sources), list(cfg.data.valid_sources)
-        if not train_sources:
-            train_sources, sample_valid = sample_shards(cfg, self.env.is_main)
-            valid_sources = valid_sources or sample_valid
-        if cfg.data.weights:
-            train_sources = list(zip(train_sources, cfg.data.weights))
-        self.train_data = self._dataset(train_sources, rank=self.rank, world=self.world, global_batch=self.global_batch)
+        train_sources, valid_sources = data_sources(cfg, self.env.is_main)
+        self.train_data = build_dataset(cfg, train_sources, rank=self.rank, world=self.world,
+                                        global_batch=self.global_batch)
         self.valid_data = None
         if valid_sources and cfg.train.eval_every_steps:
             eval_global = self.world * cfg.batch.micro_batch_size
-            self.valid_data = self._dataset(valid_sources, rank=self.rank, world=self.world, global_batch=eval_global)
+            self.valid_data = build_dataset(cfg, valid_sources, rank=self.rank, world=self.world, global_batch=eval_global)
 
         # Model, identical on every rank (same seed), then DeepSpeed.
         self.model = self._build_model()
         self.engine = self._build_engine()
-        seed_everything(cfg.seed * 1_000_003 + 7919 * (self.rank + 1))  # per-rank stream (MoE jitter, dropout)
+        seed_everything(rank_seed(cfg.seed, self.rank))  # per-rank stream (MoE jitter, dropout)
 
         self.guards = Safeguards(cfg.safeguards)
+        self.faults = FaultInjector(cfg.debug)
         self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.train.max_steps,
                                      cfg.log.tensorboard, cfg.log.console)
         self.step = 0  # optimizer steps done (applied or skipped)
@@ -122,28 +106,17 @@ class Trainer:
         self.stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
         self.last_alarms: set[str] = set()
+        self.peak_flops = peak_flops_per_second(self.env.device_type, self.dtype) * self.world  # for MFU
+        self.flops_per_byte: float | None = None  # for MFU, from the first logged step's compression
         if cfg.checkpoint.resume:
             self._resume()
 
     # ------------------------------------------------------------------ building
-    def _dataset(self, sources: list, rank: int, world: int, global_batch: int):
-        from data_pipeline.stream import StreamingByteDataset
-
-        return StreamingByteDataset(sources, seq_len=self.cfg.data.seq_len, global_batch_size=global_batch,
-                                    micro_batch_size=self.cfg.batch.micro_batch_size, seed=self.cfg.seed,
-                                    rank=rank, world_size=world, pack=self.cfg.data.pack,
-                                    on_corrupt=self.cfg.data.on_corrupt,
-                                    batched=True)  # yields collated micro-batches: no per-sample tensors
-
     def _build_model(self) -> torch.nn.Module:
-        from synergy_dist.model.synergy import SynergyLM
-
         ep = self.cfg.deepspeed.expert_parallel_size
         for stack in model_stacks(self.cfg.model):
             stack.moe.expert_parallel_size = ep
         if has_moe_layers(self.cfg.model):
-            from synergy_dist.model.moe.expert_parallel import init_expert_parallel_groups
-
             init_expert_parallel_groups(ep)  # DeepSpeed's expert groups must exist before the model
         seed_everything(self.cfg.seed)
         model = SynergyLM(self.cfg.model)
@@ -153,8 +126,7 @@ class Trainer:
         return model.to(self.env.device)
 
     def _build_engine(self):
-        import deepspeed
-        from synergy_dist.model.moe.layer import moe_param_groups
+        import deepspeed  # after synergy_dist.accelerator's policy, which the model modules apply on import
 
         groups = self.model.param_groups(self.cfg.optim.weight_decay)
         if has_moe_layers(self.cfg.model):
@@ -192,7 +164,7 @@ class Trainer:
             return
         state = ckpt.load_checkpoint(self.engine, path, self.rank, self.world, self.cfg.deepspeed.expert_parallel_size)
         if state["world_size"] != self.world:
-            seed_everything(self.cfg.seed * 1_000_003 + 7919 * (self.rank + 1) + state["step"])
+            seed_everything(rank_seed(self.cfg.seed, self.rank, state["step"]))
         self.step, self.data_offset = state["step"], state["data_offset"]
         self.guards.load_state_dict(state["safeguards"])
         self.last_checkpoint = path
@@ -201,9 +173,8 @@ class Trainer:
 
     def save(self) -> None:
         c = self.cfg.checkpoint
-        kill = self.cfg.debug.kill_in_save_at_step == self.step
         self.last_checkpoint = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, self._trainer_state(),
-                                                    self.rank, self.world, kill_half_way=kill)
+                                                    self.rank, self.world, on_rank_files_written=self.faults.on_save(self.step))
         if self.env.is_main:
             ckpt.prune(self.ckpt_root, c.keep_last, c.keep_every)
             self.metrics.event(f"checkpoint saved: {self.last_checkpoint}")
@@ -242,7 +213,7 @@ class Trainer:
     def train_step(self) -> dict:
         """Forward/backward over the micro-batches, then the (possibly vetoed) optimizer step."""
         clock = PhaseClock()
-        cfg, dbg, engine = self.cfg, self.cfg.debug, self.engine
+        cfg, engine = self.cfg, self.engine
         lr = lr_at(self.step, cfg)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
@@ -254,13 +225,7 @@ class Trainer:
                 batch = self._next_batch()
             with clock.phase("forward"):
                 out = engine(batch["input_ids"], labels=batch["labels"])
-            loss = out.loss
-            if batch_number in dbg.nan_loss_batches:
-                loss = loss * float("nan")
-            if batch_number in dbg.spike_loss_batches:
-                loss = loss * dbg.spike_factor
-            if batch_number in dbg.inf_grad_batches:
-                loss = _InfGradient.apply(loss)
+            loss = self.faults.on_loss(out.loss, batch_number)
             with clock.phase("backward"):
                 engine.backward(loss)
             if micro < self.micro_steps - 1:
@@ -319,14 +284,10 @@ class Trainer:
                     experts += sq
         ep = self.cfg.deepspeed.expert_parallel_size
         if ep > 1:
-            from synergy_dist.model.moe.expert_parallel import get_expert_parallel_group
-
             dist.all_reduce(experts, group=get_expert_parallel_group(ep))
         return math.sqrt(float(dense + experts))
 
     def _after_update(self, applied: bool) -> None:
-        from synergy_dist.model.moe.layer import MoEFeedForward, update_moe_biases
-
         if applied:
             update_moe_biases(self.model)
         else:  # forget the load counted for a vetoed step
@@ -356,7 +317,7 @@ class Trainer:
         self.engine.eval()
         model = self.engine.module
         if self.cfg.deepspeed.zero_stage == 3:
-            import deepspeed
+            import deepspeed  # heavy, and only after init_distributed() chose DeepSpeed's accelerator
 
             with deepspeed.zero.GatheredParameters(list(model.parameters())):
                 text = model.generate(t.sample_prompt.encode(), t.sample_bytes, temperature=0.8, top_k=40, seed=self.cfg.seed)
@@ -369,77 +330,105 @@ class Trainer:
         return path
 
     # ------------------------------------------------------------------ the loop
+    def fit(self) -> int:
+        """Train to train.max_steps (returns 0), or until a SIGTERM/SIGUSR1 checkpoint (returns 75)."""
+        try:
+            with stop_signal_handlers(self._on_signal):
+                self._restart_data()
+                while self.step < self.cfg.train.max_steps:
+                    started = time.perf_counter()
+                    result = self.train_step()
+                    elapsed = time.perf_counter() - started
+                    self._report_skip(result)
+                    if result["verdict"].rollback:
+                        self._rollback()
+                        continue
+                    evaluation = self._evaluate_if_due()
+                    self._log_if_due(result, elapsed, evaluation)
+                    if self._stop_requested() and self.step < self.cfg.train.max_steps:
+                        return self._checkpoint_and_requeue()
+                    self._checkpoint_if_due()
+                    self.faults.after_step(self.step, lambda: self.stop_signal is not None)
+                self._finish()
+                return 0
+        finally:
+            self.metrics.close()
+
+    # ------------------------------------------------------------------ what fit() calls at its named points
     def _on_signal(self, signum, frame) -> None:
         self.stop_signal = signum  # finish the current step, then checkpoint and exit
 
     def _stop_requested(self) -> bool:
+        """Whether any rank was signalled (collective: every rank stops at the same step)."""
         flag = torch.tensor([1.0 if self.stop_signal is not None else 0.0])
         if self.world > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
-    def fit(self) -> int:
+    def _checkpoint_and_requeue(self) -> int:
+        self.save()
+        self.metrics.event(f"signal received: checkpoint at step {self.step}, exiting with {REQUEUE_EXIT_CODE}")
+        return REQUEUE_EXIT_CODE
+
+    def _report_skip(self, result: dict) -> None:
+        verdict: Verdict = result["verdict"]
+        if not verdict.apply:
+            self.metrics.event(f"step {self.step}: update skipped ({verdict.reason}), loss {result['loss']:.4f}, "
+                               f"grad norm {result['grad_norm']:.4g}")
+
+    def _evaluate_if_due(self) -> dict:
+        """Validation bpb every train.eval_every_steps ({} on other steps)."""
+        if self.valid_data is None or self.step % self.cfg.train.eval_every_steps != 0:
+            return {}
+        evaluation = self.evaluate()
+        self.metrics.event(f"step {self.step}: validation bpb {evaluation['eval_bpb']:.4f}")
+        return evaluation
+
+    def _log_if_due(self, result: dict, elapsed: float, evaluation: dict) -> None:
+        """The metrics record (metrics.jsonl, TensorBoard, console line) and router alarms, every
+        log.every_steps, on evaluation steps and at the last step."""
         cfg = self.cfg
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGUSR1, self._on_signal)
-        self._restart_data()
-        bytes_per_step = self.global_batch * cfg.data.seq_len
-        peak = peak_flops_per_second(self.env.device_type, self.dtype) * self.world
-        flops_per_byte = None
+        if not (evaluation or self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps):
+            return
+        verdict: Verdict = result["verdict"]
         targets = {f"stage{i}": s.router.target_bytes_per_concept for i, s in enumerate(cfg.model.stages)}
-        while self.step < cfg.train.max_steps:
-            started = time.perf_counter()
-            result = self.train_step()
-            elapsed = time.perf_counter() - started
-            verdict: Verdict = result["verdict"]
-            if not verdict.apply:
-                self.metrics.event(f"step {self.step}: update skipped ({verdict.reason}), loss {result['loss']:.4f}, "
-                                   f"grad norm {result['grad_norm']:.4g}")
-            if verdict.rollback:
-                self._rollback()
-                continue
-            evaluation = {}
-            if self.valid_data is not None and self.step % cfg.train.eval_every_steps == 0:
-                evaluation = self.evaluate()
-                self.metrics.event(f"step {self.step}: validation bpb {evaluation['eval_bpb']:.4f}")
-            if evaluation or self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps:
-                stats: ModelStatistics = result["stats"]
-                bytes_per_s = bytes_per_step / elapsed
-                # bytes per innermost concept token
-                concept_ratio = (float(stats.stages[-1].bytes_per_concept) if stats.stages else 1.0) or 1.0
-                if flops_per_byte is None:
-                    flops_per_byte = self._flops_per_byte(stats)
-                record = {
-                    "loss": result["loss"], "bpb": result["bpb"], **evaluation, "lr": result["lr"],
-                    "grad_norm": result["grad_norm"], "skipped": not verdict.apply, "skip_reason": verdict.reason,
-                    "skipped_steps": self.guards.state.skipped_nonfinite + self.guards.state.skipped_spikes,
-                    "skipped_nonfinite": self.guards.state.skipped_nonfinite,
-                    "skipped_spikes": self.guards.state.skipped_spikes, "rollbacks": len(self.guards.state.rollbacks),
-                    "step_time_s": elapsed, "bytes_per_s": bytes_per_s, "concept_tokens_per_s": bytes_per_s / concept_ratio,
-                    "mfu": (flops_per_byte or 0.0) * bytes_per_s / peak, "world_size": self.world,
-                    "samples_consumed": self.samples_consumed(), "data_state": self.train_data.state_at(self.samples_consumed()),
-                    "memory_mb": self._memory_mb(), **result["phases"], **stats.flatten(),
-                }
-                alarms = self.guards.router_alarms(stats, targets)
-                record["router_alarms"] = len(alarms)
-                for kind, text in alarms.items():
-                    if kind not in self.last_alarms:  # print when an alarm starts, not every step it lasts
-                        self.metrics.event(f"step {self.step}: router alarm: {text}")
-                self.last_alarms = set(alarms)
-                self.metrics.log(self.step, record)
-            due = cfg.checkpoint.every_steps and self.step % cfg.checkpoint.every_steps == 0
-            if self._stop_requested() and self.step < cfg.train.max_steps:
-                self.save()
-                self.metrics.event(f"signal received: checkpoint at step {self.step}, exiting with {REQUEUE_EXIT_CODE}")
-                self.metrics.close()
-                return REQUEUE_EXIT_CODE
-            if due and self.step < cfg.train.max_steps:
-                self.save()
-            if cfg.debug.hang_after_step == self.step:
-                deadline = time.time() + 600  # a test kills us here, or signals us to go on and stop
-                while self.stop_signal is None and time.time() < deadline:
-                    time.sleep(0.02)
-        if cfg.checkpoint.save_at_end and (self.last_checkpoint is None or ckpt.tag_for(self.step) != self.last_checkpoint.name):
+        stats: ModelStatistics = result["stats"]
+        bytes_per_s = self.global_batch * cfg.data.seq_len / elapsed
+        # bytes per innermost concept token
+        concept_ratio = (float(stats.stages[-1].bytes_per_concept) if stats.stages else 1.0) or 1.0
+        if self.flops_per_byte is None:
+            self.flops_per_byte = self._flops_per_byte(stats)
+        record = {
+            "loss": result["loss"], "bpb": result["bpb"], **evaluation, "lr": result["lr"],
+            "grad_norm": result["grad_norm"], "skipped": not verdict.apply, "skip_reason": verdict.reason,
+            "skipped_steps": self.guards.state.skipped_nonfinite + self.guards.state.skipped_spikes,
+            "skipped_nonfinite": self.guards.state.skipped_nonfinite,
+            "skipped_spikes": self.guards.state.skipped_spikes, "rollbacks": len(self.guards.state.rollbacks),
+            "step_time_s": elapsed, "bytes_per_s": bytes_per_s, "concept_tokens_per_s": bytes_per_s / concept_ratio,
+            "mfu": (self.flops_per_byte or 0.0) * bytes_per_s / self.peak_flops, "world_size": self.world,
+            "samples_consumed": self.samples_consumed(), "data_state": self.train_data.state_at(self.samples_consumed()),
+            "memory_mb": self._memory_mb(), **result["phases"], **stats.flatten(),
+        }
+        record["router_alarms"] = self._raise_router_alarms(stats, targets)
+        self.metrics.log(self.step, record)
+
+    def _raise_router_alarms(self, stats: ModelStatistics, targets: dict[str, float]) -> int:
+        """Report each router alarm when it starts, not every step it lasts; returns how many are on."""
+        alarms = self.guards.router_alarms(stats, targets)
+        for kind, text in alarms.items():
+            if kind not in self.last_alarms:
+                self.metrics.event(f"step {self.step}: router alarm: {text}")
+        self.last_alarms = set(alarms)
+        return len(alarms)
+
+    def _checkpoint_if_due(self) -> None:
+        every = self.cfg.checkpoint.every_steps
+        if every and self.step % every == 0 and self.step < self.cfg.train.max_steps:
+            self.save()
+
+    def _finish(self) -> None:
+        """At train.max_steps: the final checkpoint (unless this step's exists) and the sample."""
+        if self.cfg.checkpoint.save_at_end and (self.last_checkpoint is None or ckpt.tag_for(self.step) != self.last_checkpoint.name):
             self.save()
         sample = self.generate_sample()
         if self.env.is_main:
@@ -447,13 +436,9 @@ class Trainer:
                   f"{self.run_dir / 'metrics.jsonl'}\n  sample:     {sample}", flush=True)
             if sample is not None:
                 print(f"--- sample ---\n{sample.read_bytes().decode('utf-8', errors='replace')}\n--------------", flush=True)
-        self.metrics.close()
-        return 0
 
     def _flops_per_byte(self, stats: ModelStatistics) -> float | None:
         try:
-            from synergy_dist.model.accounting import flops_per_byte
-
             realised = [float(stage.bytes_per_concept) for stage in stats.stages]
             return float(flops_per_byte(self.cfg.model, self.cfg.data.seq_len, realised or None))
         except Exception as err:  # MFU is informative; never stop training for it

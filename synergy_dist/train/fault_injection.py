@@ -1,0 +1,71 @@
+"""Fault injection for tests: everything the config's `debug:` section asks for, behind three hooks.
+
+    faults = FaultInjector(cfg.debug)
+    loss = faults.on_loss(loss, batch_number)                    # NaN loss, Inf gradients, loss spike
+    save_checkpoint(..., on_rank_files_written=faults.on_save(step))   # SIGKILL half-way through a save
+    faults.after_step(step, signalled)                           # hang until killed or signalled
+
+Faults are keyed by the global batch of the data stream (1-based), so a poisoned batch stays poisoned
+and a rollback that skips past it leaves it behind. With the defaults every hook does nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from synergy_dist.config import DebugConfig
+
+HANG_LIMIT_S = 600.0  # the longest a debug hang waits for the test that asked for it
+
+
+class _InfGradient(torch.autograd.Function):
+    """Identity forward, infinite gradient backward: a finite loss with non-finite gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def _kill_self(path: Path) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)  # dies with part of the checkpoint at `path` on disk
+
+
+class FaultInjector:
+    def __init__(self, cfg: DebugConfig):
+        self.cfg = cfg
+
+    def on_loss(self, loss: torch.Tensor, batch_number: int) -> torch.Tensor:
+        """The loss to back-propagate for global batch `batch_number`: NaN, spiked and/or with Inf gradients
+        when the config poisons that batch, else `loss` itself."""
+        cfg = self.cfg
+        if batch_number in cfg.nan_loss_batches:
+            loss = loss * float("nan")
+        if batch_number in cfg.spike_loss_batches:
+            loss = loss * cfg.spike_factor
+        if batch_number in cfg.inf_grad_batches:
+            loss = _InfGradient.apply(loss)
+        return loss
+
+    def on_save(self, step: int) -> Callable[[Path], None] | None:
+        """The hook for save_checkpoint's on_rank_files_written: SIGKILL once this rank's files of the
+        checkpoint of `step` are written, when the config asks for it; else None."""
+        return _kill_self if step and step == self.cfg.kill_in_save_at_step else None
+
+    def after_step(self, step: int, signalled: Callable[[], bool]) -> None:
+        """After step `hang_after_step`, wait until `signalled()` (SIGTERM/SIGUSR1 arrived) or HANG_LIMIT_S
+        passed: a test kills the process here (kill -9) or signals it to checkpoint and stop."""
+        if not step or step != self.cfg.hang_after_step:
+            return
+        deadline = time.time() + HANG_LIMIT_S
+        while not signalled() and time.time() < deadline:
+            time.sleep(0.02)
