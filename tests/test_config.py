@@ -226,7 +226,6 @@ def test_cli_reports_config_error_before_any_compute(capsys):
         "synergy-train: configuration error: train.lr=-1.0 must be a positive number (e.g. train.lr=3e-4)")
 
 
-@pytest.mark.xfail(strict=False, reason="passes once MoEConfig leaves moe.py (helper MODEL's branch)")
 def test_loading_a_config_imports_neither_deepspeed_nor_torch_distributed():
     """A bad config is reported without paying for the heavy imports (DeepSpeed alone takes ~1.2 s)."""
     probe = ("import sys\n"
