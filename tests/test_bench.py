@@ -17,9 +17,9 @@ import pytest
 import torch
 import zstandard
 
-from synergy_dist.bench.anchors.packing import EOD_ID, pack_windows
+from benchmarks.anchors.packing import EOD_ID, pack_windows
 from synergy_dist.bench.model import scope_times
-from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio, render_markdown, to_json
+from synergy_dist.bench.results import BenchResults, Target, figure_from, missing, ratio, render_markdown, to_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_figure_is_the_median_and_keeps_repeats():
 
 
 def test_json_and_markdown_content():
-    report = BenchReport(name="data", command="synergy-bench data")
+    report = BenchResults(name="data", command="synergy-bench data")
     report.add(figure_from("ours", [2e8, 3e8, 2.5e8], "B/s", "our stream"))
     report.add(figure_from("raw", [4e8], "B/s"))
     report.add(missing("mosaic", "B/s", "no venv at /x"))
@@ -118,9 +118,10 @@ def _write_corpus(path: Path, n_docs: int = 60) -> Path:
     return path
 
 
-def _bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    return subprocess.run([sys.executable, "-m", "synergy_dist.cli.bench", *args], cwd=tmp_path,
+def _bench(args: list[str], tmp_path: Path, module: str = "synergy_dist.cli.bench") -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -128,8 +129,8 @@ def _bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 def test_data_bench_quick_reports_ratios_and_missing_anchor(tmp_path):
     corpus = _write_corpus(tmp_path / "corpus.jsonl.zst")
     out = tmp_path / "out"
-    proc = _bench(["data", "--quick", "--out", str(out), "--corpus", str(corpus), "--cache", str(tmp_path / "cache"),
-                   "--mosaic-python", str(tmp_path / "no-venv" / "python")], tmp_path)
+    proc = _bench(["--quick", "--out", str(out), "--corpus", str(corpus), "--cache", str(tmp_path / "cache"),
+                   "--mosaic-python", str(tmp_path / "no-venv" / "python")], tmp_path, module="benchmarks.data_anchors")
     assert proc.returncode == 0, proc.stderr
     data = json.loads((out / "data.json").read_text())
     assert {"date_utc", "nproc", "cpu_model", "ram_gib"} <= set(data["machine"])
@@ -151,7 +152,7 @@ def test_data_bench_quick_reports_ratios_and_missing_anchor(tmp_path):
     assert targets["time to first batch, 50 shards"]["measured"] == figures["first_batch_seconds"]["value"]
     markdown = (out / "data.md").read_text()
     assert "| stream vs raw zstd decompression |" in markdown
-    assert "Command: `synergy-bench data --quick" in markdown
+    assert "Command: `python -m benchmarks.data_anchors --quick" in markdown
 
 
 @pytest.mark.slow
@@ -230,15 +231,16 @@ def test_install_scopes_times_every_routing_piece_of_a_synergy_model():
 
 
 def test_anchor_failure_is_reported_with_its_reason(tmp_path):
-    from synergy_dist.bench.data import ANCHOR_DIR, _last_json_line, run_script
+    from benchmarks.data_anchors import ANCHOR_DIR, run_script
+    from synergy_dist.bench.data import last_json_line
 
     result, reason = run_script("/bin/false", ANCHOR_DIR / "mosaic_stream.py", [])
     assert result is None and reason == "mosaic_stream.py exited with 1: (no output)"
     result, reason = run_script(str(tmp_path / "missing-python"), ANCHOR_DIR / "mosaic_stream.py", [])
     assert result is None and reason.startswith("mosaic_stream.py could not run: ")
-    assert _last_json_line('noise\n{"a": 1}\nmore noise\n') == {"a": 1}
+    assert last_json_line('noise\n{"a": 1}\nmore noise\n') == {"a": 1}
     with pytest.raises(ValueError, match="no JSON result line in the anchor's output"):
-        _last_json_line("no json here")
+        last_json_line("no json here")
 
 
 def test_restored_affinity_gives_the_cpus_back_after_pinning():
@@ -254,7 +256,7 @@ def test_restored_affinity_gives_the_cpus_back_after_pinning():
 def test_cli_offers_every_benchmark_and_all():
     from synergy_dist.cli.bench import BENCHMARKS, build_parser
 
-    assert list(BENCHMARKS) == ["data", "model", "train", "quality"]
+    assert list(BENCHMARKS) == ["data", "model", "train"]
     parser = build_parser()
     for name in [*BENCHMARKS, "all"]:
         assert parser.parse_args([name]).benchmark == name

@@ -1,4 +1,4 @@
-"""`synergy-bench quality`: the harness and its arithmetic on tiny synthetic text (never benchmark figures)."""
+"""`python -m benchmarks.quality`: the harness and its arithmetic on tiny synthetic text (never benchmark figures)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 import zstandard
 
-from synergy_dist.bench import quality
-from synergy_dist.bench.anchors import llama_bpe
-from synergy_dist.bench.quality_rows import (
+from benchmarks import quality
+from benchmarks.anchors import llama_bpe
+from benchmarks.quality_rows import (
     BYTE_TRANSFORMER_ROW,
     MOE_EXPERTS,
     default_config,
@@ -231,7 +231,7 @@ def test_run_reports_every_row_and_the_goals(corpora, tmp_path):
 
 def test_command_line_quick_run_writes_json_and_markdown(corpora, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    bench = [sys.executable, "-m", "synergy_dist.cli.bench", "quality"]
+    bench = [sys.executable, "-m", "benchmarks.quality"]
     proc = subprocess.run([*bench, "--quick", "--corpora", str(corpora), "--out", str(tmp_path), "--row", "synergy-space",
                            "--eval-bytes", "500"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -268,7 +268,7 @@ def test_table_from_combines_earlier_runs_into_one_report_with_plots(tmp_path):
     for name, (number, bpb, bpc) in rows.items():
         (a if name == "synergy-cosine" else b).joinpath(f"{name}.json").write_text(json.dumps(_fake_result(name, number, bpb, bpc)))
     cfg = quality.QualityConfig(table_from=[str(a), str(b)], work_dir=str(tmp_path / "out" / "quality"))
-    report = quality.run(cfg, "synergy-bench quality --table-from a b")
+    report = quality.run(cfg, "python -m benchmarks.quality --table-from a b")
     goals = {t.name: t for t in report.targets}
     assert goals["row 1 bits/byte on pydocs-valid below row 6 (byte-transformer)"].measured == pytest.approx(2.3 / 2.6)
     assert goals["row 1 bits/byte on pydocs-valid below row 7 (llama-bpe)"].status == "missed"
@@ -276,7 +276,7 @@ def test_table_from_combines_earlier_runs_into_one_report_with_plots(tmp_path):
     table = report.appendix.splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == ["1", "6", "7"]
     order = list(quality.ROW_NAMES)
-    from synergy_dist.bench import quality_plots
+    from benchmarks import quality_plots
 
     drawn = quality_plots.plot_bits_per_byte(quality.load_results([str(a), str(b)]), order, tmp_path / "bars.png")
     assert drawn == {name: (bpb, pytest.approx(bpb + 0.1)) for name, (_, bpb, _) in rows.items()}

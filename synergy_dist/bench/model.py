@@ -22,7 +22,7 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 
-from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio
+from synergy_dist.bench.results import BenchResults, Target, figure_from, missing, ratio
 from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, pin_to_one_core, rss_kib
 
 ROUTING_SCOPES = ("router", "downsample", "gather_units", "smooth", "upsample", "width_change")
@@ -316,8 +316,8 @@ def run_model(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool) -
 # ---------------------------------------------------------------------------------- the benchmark
 
 
-def run(cfg: ModelBenchConfig, command: str) -> BenchReport:
-    report = BenchReport(name="model", command=command)
+def run(cfg: ModelBenchConfig, command: str) -> BenchResults:
+    report = BenchResults(name="model", command=command)
     cpu = pin_to_one_core()
     report.notes.append(f"process pinned to CPU {cpu}; each model trains in its own subprocess on that CPU "
                         f"(torch threads 1); batch {cfg.batch_size} x seq_len {cfg.seq_len}, AdamW, "
@@ -375,7 +375,7 @@ def run(cfg: ModelBenchConfig, command: str) -> BenchReport:
     return report
 
 
-def _add_model_figures(report: BenchReport, key: str, result: dict, what: str) -> None:
+def _add_model_figures(report: BenchResults, key: str, result: dict, what: str) -> None:
     report.add(figure_from(f"{key}_bytes_per_s", result["bytes_per_s"], "B/s",
                            f"{what}, {result['params']:,} parameters, training-step bytes per CPU second"))
     report.add(figure_from(f"{key}_bytes_per_s_wall", result["wall_bytes_per_s"], "B/s", "the same, wall clock"))
@@ -389,7 +389,7 @@ def _add_model_figures(report: BenchReport, key: str, result: dict, what: str) -
                                "accounting training FLOPs (3x forward) / step CPU time / ceiling"))
 
 
-def _add_middle_mfu(report: BenchReport, key: str, result: dict, ceiling_gflops: float | None) -> None:
+def _add_middle_mfu(report: BenchResults, key: str, result: dict, ceiling_gflops: float | None) -> None:
     middle_flops = result.get("middle_flops_per_step")
     if middle_flops and ceiling_gflops:
         mfu = [100 * middle_flops / s / (ceiling_gflops * 1e9) for s in result["middle_seconds"]]
@@ -400,7 +400,7 @@ def _add_middle_mfu(report: BenchReport, key: str, result: dict, ceiling_gflops:
         report.add(missing(f"{key}_middle_mfu", "%", "middle FLOPs or the ceiling not available"))
 
 
-def _add_routing_share(report: BenchReport, key: str, result: dict) -> None:
+def _add_routing_share(report: BenchResults, key: str, result: dict) -> None:
     profiles = result.get("scope_seconds")
     if not profiles:
         report.add(missing(f"{key}_routing_share", "%", "no profiled step (model without stages or --no-profile)"))

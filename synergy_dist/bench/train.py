@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from synergy_dist.bench.report import BenchReport, Figure, Target, figure_from, missing, ratio
+from synergy_dist.bench.results import BenchResults, Figure, Target, figure_from, missing, ratio
 
 REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ("dense", "moe")
@@ -422,7 +422,7 @@ def run_worker(job: str, kwargs: dict, log: Path, world: int = 1) -> tuple[dict 
 # ---------------------------------------------------------------------------------- the benchmark
 
 
-def measure_checkpoints(cfg: TrainBenchConfig, report: BenchReport, work: Path) -> None:
+def measure_checkpoints(cfg: TrainBenchConfig, report: BenchResults, work: Path) -> None:
     for config in cfg.checkpoint_configs:
         name = Path(config).stem
         load = load_average()
@@ -450,7 +450,7 @@ def measure_checkpoints(cfg: TrainBenchConfig, report: BenchReport, work: Path) 
                                f"process peak RSS {result['peak_rss_mib']:,.0f} MiB"))
 
 
-def measure_variant(cfg: TrainBenchConfig, variant: str, report: BenchReport, work: Path) -> None:
+def measure_variant(cfg: TrainBenchConfig, variant: str, report: BenchResults, work: Path) -> None:
     per_rank: dict[int, float | None] = {}
     cpu_per_rank: dict[int, float | None] = {}
     for world in (1, cfg.world_size):
@@ -490,7 +490,7 @@ def measure_variant(cfg: TrainBenchConfig, variant: str, report: BenchReport, wo
                                  SCALING_TARGET))
 
 
-def measure_rank_cpu(cfg: TrainBenchConfig, key: str, config_path: Path, world: int, report: BenchReport,
+def measure_rank_cpu(cfg: TrainBenchConfig, key: str, config_path: Path, world: int, report: BenchResults,
                      work: Path) -> float | None:
     """Median CPU seconds per step and rank of Trainer.train_step(), every rank's steady steps pooled."""
     name = config_path.stem
@@ -510,7 +510,7 @@ def measure_rank_cpu(cfg: TrainBenchConfig, key: str, config_path: Path, world: 
                                   f"{load_average()}")).value
 
 
-def measure_overhead(cfg: TrainBenchConfig, variant: str, config_path: Path, report: BenchReport, work: Path) -> None:
+def measure_overhead(cfg: TrainBenchConfig, variant: str, config_path: Path, report: BenchResults, work: Path) -> None:
     load = load_average()
     result, error = run_worker("overhead", {"config_path": str(config_path), "run_dir": str(work / f"{variant}-overhead"),
                                             "steps": cfg.steps, "warmup_steps": cfg.warmup_steps},
@@ -556,9 +556,9 @@ def use_every_core() -> set[int]:
     return os.sched_getaffinity(0)
 
 
-def run(cfg: TrainBenchConfig, command: str) -> BenchReport:
+def run(cfg: TrainBenchConfig, command: str) -> BenchResults:
     cfg.validate()
-    report = BenchReport(name="train", command=command)
+    report = BenchResults(name="train", command=command)
     cpus = use_every_core()
     if len(cpus) < cfg.world_size:
         report.notes.append(f"only CPUs {sorted(cpus)} are available: {cfg.world_size} ranks share them, the "

@@ -1,4 +1,4 @@
-"""`synergy-bench quality`: bits per byte of SynergyLM variants against a byte Transformer and a Llama/BPE anchor.
+"""`python -m benchmarks.quality`: bits per byte of SynergyLM variants against a byte Transformer and a Llama/BPE anchor.
 
 Protocol (issue 6, "The comparison"):
 - training text: pydocs-train + pystdlib-code (minus a held-out slice of the code, chosen by a hash of
@@ -26,13 +26,14 @@ import json
 import math
 import os
 import random
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from synergy_dist.bench.quality_rows import (
+from benchmarks.quality_rows import (
     LLAMA_ROW,
     REFERENCE_ROW,
     ROW_NAMES,
@@ -40,12 +41,13 @@ from synergy_dist.bench.quality_rows import (
     reference_flops_per_byte,
     row_info,
 )
+from benchmarks.quality_plots import write_plots
 from synergy_dist.bench.data import default_corpora_dir
-from synergy_dist.bench.quality_plots import write_plots
-from synergy_dist.bench.report import BenchReport, Figure, Target, ratio
-from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, pin_to_one_core, rss_kib
+from synergy_dist.bench.results import BenchResults, Figure, Target, ratio, write_results
+from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, pin_to_one_core, restored_affinity, rss_kib
 from synergy_dist.report import ReportError
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout holding benchmarks/
 TRAIN_FILES = ("pydocs-train.jsonl.zst", "pystdlib-code.jsonl.zst")
 VALID_FILE = "pydocs-valid.jsonl.zst"
 CODE_FILE = "pystdlib-code.jsonl.zst"
@@ -285,8 +287,8 @@ def synergy_row(name: str, cfg: QualityConfig) -> RowModel:
 def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
     import torch.nn.functional as F
 
-    from synergy_dist.bench.anchors import llama_bpe
-    from synergy_dist.bench.quality_rows import default_config
+    from benchmarks.anchors import llama_bpe
+    from benchmarks.quality_rows import default_config
     from synergy_dist.model import SynergyLM
     from synergy_dist.model.accounting import param_counts
 
@@ -490,8 +492,9 @@ def worker_main() -> None:
 
 
 def run_worker(job: dict, timeout_s: float = 4 * 3600) -> tuple[dict | None, str]:
-    code = "from synergy_dist.bench.quality import worker_main; worker_main()"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    code = "from benchmarks.quality import worker_main; worker_main()"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))  # finds benchmarks/
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True, env=env,
                           timeout=timeout_s)
     if proc.returncode != 0:
@@ -504,12 +507,12 @@ def run_worker(job: dict, timeout_s: float = 4 * 3600) -> tuple[dict | None, str
 # ---------------------------------------------------------------------------------- the benchmark
 
 
-def run(cfg: QualityConfig, command: str) -> BenchReport:
+def run(cfg: QualityConfig, command: str) -> BenchResults:
     """Train and evaluate the selected rows (each in its own process), or with table_from only read
     earlier results (e.g. two runs that shared the machine, one per core); then the figures, the
     goals, the markdown table and the plots (in work_dir)."""
     cfg.validate()
-    report = BenchReport(name="quality", command=command)
+    report = BenchResults(name="quality", command=command)
     if cfg.table_from:
         results = load_results(cfg.table_from)
         report.notes.append(f"results of earlier runs, read from {', '.join(cfg.table_from)}")
@@ -534,7 +537,7 @@ def _settings_of(results: dict[str, dict]) -> list[str]:
     return [f"loaded rows: {', '.join(results)}; " + ", ".join(f"{k} {v[0] if len(v) == 1 else v}" for k, v in seen.items())]
 
 
-def train_rows(cfg: QualityConfig, report: BenchReport) -> dict[str, dict]:
+def train_rows(cfg: QualityConfig, report: BenchResults) -> dict[str, dict]:
     cpu = pin_to_one_core()
     if cfg.train_bytes == 0:
         measured, error = run_worker({"mode": "calibrate", "cfg": asdict(cfg)})
@@ -561,7 +564,7 @@ def train_rows(cfg: QualityConfig, report: BenchReport) -> dict[str, dict]:
     return results
 
 
-def add_figures(report: BenchReport, results: dict[str, dict]) -> None:
+def add_figures(report: BenchResults, results: dict[str, dict]) -> None:
     reference = results.get(REFERENCE_ROW)
     for name, r in results.items():
         pydocs = r["eval"].get(PYDOCS_SET, {})
@@ -676,3 +679,35 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
     if out:
         cfg.work_dir = str(Path(out) / "quality")
     return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON + markdown go (default bench_out)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke-run the harness (tiny sizes): checks it works, numbers mean little")
+    parser.add_argument("--corpora", default=None, metavar="DIR",
+                        help="directory of the shared corpora (default: $SYNERGY_CORPORA or ../shared/corpora)")
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = shlex.join(["python", "-m", "benchmarks.quality", *(sys.argv[1:] if argv is None else argv)])
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    try:
+        with restored_affinity():  # training the rows pins this process to one core
+            report = run(config_from_args(args), command)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"quality: error: {e}", file=sys.stderr)
+        return 2
+    json_path, md_path = write_results(Path(args.out), [report], stem="quality", load_at_start=load_at_start)
+    print(md_path.read_text())
+    print(f"quality: wrote {json_path} and {md_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,8 +1,8 @@
-"""The rows of the quality comparison (`synergy-bench quality`), as ModelConfigs.
+"""The rows of the quality comparison (`python -m benchmarks.quality`), as ModelConfigs.
 
 Rows 1-5 share one hierarchy (the tiny-cpu sizes: Mamba byte encoder/decoder at 128, a 3-layer
 attention middle at 256, target N = 4) and differ only in the part the row is about. Row 6 (plain
-byte Transformer) and row 7 (the Llama/BPE anchor, synergy_dist/bench/anchors/llama_bpe.py) are
+byte Transformer) and row 7 (the Llama/BPE anchor, benchmarks/anchors/llama_bpe.py) are
 sized so that their training FLOPs per byte equal row 1's at its target compression.
 """
 
@@ -136,5 +136,5 @@ def model_config(name: str, seq_len: int) -> ModelConfig:
     if name == BYTE_TRANSFORMER_ROW.name:
         return matched_byte_transformer(reference_flops_per_byte(seq_len), seq_len)
     if name == LLAMA_ROW:
-        raise ValueError(f"row {LLAMA_ROW!r} is not a SynergyLM: it is built by synergy_dist.bench.anchors.llama_bpe")
+        raise ValueError(f"row {LLAMA_ROW!r} is not a SynergyLM: it is built by benchmarks.anchors.llama_bpe")
     raise ValueError(f"unknown quality row {name!r}; choose from {ROW_NAMES}")
