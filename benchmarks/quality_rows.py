@@ -1,7 +1,8 @@
 """The rows of the quality comparison (`python -m benchmarks.quality`), as ModelConfigs.
 
-Rows 1-5 share one hierarchy (the tiny-cpu sizes: Mamba byte encoder/decoder at 128, a 3-layer
-attention middle at 256, target N = 4) and differ only in the part the row is about. Row 6 (plain
+Rows 1-5 share one hierarchy (the `model:` section of configs/tiny-cpu.yaml: Mamba byte
+encoder/decoder at 128, a 3-layer attention middle at 256, target N = 4) and differ only in the part
+the row is about. Row 6 (plain
 byte Transformer) and row 7 (the Llama/BPE anchor, benchmarks/anchors/llama_bpe.py) are
 sized so that their training FLOPs per byte equal row 1's at its target compression.
 """
@@ -11,16 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from synergy_dist.bench.model import byte_transformer, load_model_config, with_fixed_router
 from synergy_dist.model.accounting import flops_per_byte
-from synergy_dist.model.config import (
-    ModelConfig,
-    RouterConfig,
-    byte_transformer_config,
-    fixed_hierarchy_config,
-    mlp_hidden,
-    tiny_cpu_config,
-)
+from synergy_dist.model.config import ModelConfig, RouterConfig, mlp_hidden
 from synergy_dist.model.moe import MoEConfig
+
+ROW1_CONFIG = "configs/tiny-cpu.yaml"  # row 1's model; rows 2-6 are built from it
 
 LLAMA_ROW = "llama-bpe"  # row 7: not a ModelConfig, built by the anchor module
 MOE_EXPERTS = 4  # routed experts per middle MoE layer (row 4)
@@ -35,8 +32,8 @@ class QualityRow:
 
 
 def default_config() -> ModelConfig:
-    """Row 1: the default SynergyLM (learned cosine router, NoPE middle), tiny-cpu sizes."""
-    return tiny_cpu_config()
+    """Row 1: the default SynergyLM (learned cosine router, NoPE middle) of configs/tiny-cpu.yaml."""
+    return load_model_config(ROW1_CONFIG)
 
 
 def gate_router_config() -> ModelConfig:
@@ -73,12 +70,12 @@ def moe_middle_config() -> ModelConfig:
 
 def stride_config() -> ModelConfig:
     """Row 5a: fixed hierarchy, a concept every 4 bytes."""
-    return fixed_hierarchy_config(kind="stride", stride=4)
+    return with_fixed_router(default_config(), "stride", 4)
 
 
 def space_config() -> ModelConfig:
     """Row 5b: fixed hierarchy, a concept per word (boundary after whitespace/punctuation)."""
-    return fixed_hierarchy_config(kind="space")
+    return with_fixed_router(default_config(), "space", 4)
 
 
 def matched_byte_transformer(target_flops_per_byte: float, seq_len: int) -> ModelConfig:
@@ -86,10 +83,11 @@ def matched_byte_transformer(target_flops_per_byte: float, seq_len: int) -> Mode
 
     Width multiples of 32 (head dim 32), depth 1-12; ties are broken towards the deeper model.
     """
+    base = default_config()
     best: tuple[float, int, ModelConfig] | None = None
     for d_model in range(64, 513, 32):
         for depth in range(1, 13):
-            cfg = byte_transformer_config(d_model=d_model, depth=depth, n_heads=d_model // 32)
+            cfg = byte_transformer(base, d_model=d_model, depth=depth, n_heads=d_model // 32)
             gap = abs(flops_per_byte(cfg, seq_len) / target_flops_per_byte - 1)
             if best is None or (gap, -depth) < (best[0], -best[1]):
                 best = (gap, depth, cfg)

@@ -87,11 +87,11 @@ def test_scope_times_attributes_forward_and_backward():
     x = torch.randn(512, 256, requires_grad=True)
 
     def step():
-        with torch.profiler.record_function("bench/heavy"):
+        with torch.profiler.record_function("synergy/heavy"):
             h = heavy(x)
             for _ in range(8):
                 h = h @ heavy.weight
-        with torch.profiler.record_function("bench/light"):
+        with torch.profiler.record_function("synergy/light"):
             y = h.sum()
         y.backward()
 
@@ -101,7 +101,7 @@ def test_scope_times_attributes_forward_and_backward():
     events = prof.events()
     times = scope_times(events)
     assert set(times) == {"heavy", "light"}
-    forward_heavy = sum(e.cpu_time_total for e in events if e.name == "bench/heavy") / 1e6
+    forward_heavy = sum(e.cpu_time_total for e in events if e.name == "synergy/heavy") / 1e6
     assert times["heavy"] > forward_heavy > 0  # the backward matmuls were attributed to it too
     assert times["heavy"] > 5 * times["light"] > 0
     step_span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
@@ -200,34 +200,39 @@ def test_stopwatch_separates_cpu_from_waiting_and_rss_fields():
 
 
 def test_matched_byte_transformer_is_the_closest():
-    from synergy_dist.bench.model import build_config, count_params, matched_byte_transformer
+    from synergy_dist.bench.model import byte_transformer, count_params, matched_byte_transformer
     from synergy_dist.model.config import tiny_test_config
 
     cfg = tiny_test_config()
     target = count_params(cfg)
     kwargs, params = matched_byte_transformer(cfg, target)
     assert kwargs["n_heads"] == cfg.middle.n_heads and abs(kwargs["d_model"] - cfg.d_middle) <= 64
-    assert params == count_params(build_config("byte-transformer", **kwargs))
+    assert params == count_params(byte_transformer(cfg, **kwargs))
     for depth in (kwargs["depth"] - 1, kwargs["depth"] + 1):  # neighbours at the same width are no closer
         if depth >= 1:
-            other = count_params(build_config("byte-transformer", **dict(kwargs, depth=depth)))
+            other = count_params(byte_transformer(cfg, **dict(kwargs, depth=depth)))
             assert abs(params - target) <= abs(other - target)
 
 
-def test_install_scopes_times_every_routing_piece_of_a_synergy_model():
-    from synergy_dist.bench.model import MIDDLE_SCOPE, install_scopes
+def test_profiler_labels_time_every_routing_piece_of_a_synergy_model():
+    from synergy_dist.bench.model import MIDDLE_SCOPE, ROUTING_SCOPES, label_middle
     from synergy_dist.model import SynergyLM
     from synergy_dist.model.config import tiny_test_config
 
     torch.manual_seed(0)
     model = SynergyLM(tiny_test_config(router="cosine"))
-    install_scopes(model)
+    handles = label_middle(model)
     ids = torch.randint(0, 256, (2, 64))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(ids, ids).loss.backward()
     times = scope_times(prof.events())
-    for name in ("router", "downsample", "upsample", "smooth", MIDDLE_SCOPE):
+    for name in (*ROUTING_SCOPES, MIDDLE_SCOPE):  # route_down: router + downsample; smooth_up: smooth + upsample
         assert times.get(name, 0.0) > 0, name
+    for handle in handles:
+        handle.remove()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(ids, ids)
+    assert MIDDLE_SCOPE not in scope_times(prof.events())  # the hooks are gone, the model is as built
 
 
 def test_anchor_failure_is_reported_with_its_reason(tmp_path):

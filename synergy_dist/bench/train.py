@@ -38,9 +38,9 @@ from pathlib import Path
 
 import yaml
 
+from synergy_dist.bench.paths import REPO, resolve
 from synergy_dist.bench.results import BenchResults, Figure, Target, figure_from, missing, ratio
 
-REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ("dense", "moe")
 SCALING_TARGET = 0.85  # per-rank throughput at 2 ranks / at 1 rank
 OVERHEAD_TARGET_PERCENT = 5.0  # trainer step time beyond forward + backward + optimizer
@@ -96,12 +96,6 @@ class TrainBenchConfig:
 
     def config_path(self, variant: str) -> Path:
         return resolve(self.dense_config if variant == "dense" else self.moe_config)
-
-
-def resolve(path: str) -> Path:
-    """A config path as given, or relative to the repository (configs/... works from any directory)."""
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO / p
 
 
 # ---------------------------------------------------------------------------------- arithmetic
