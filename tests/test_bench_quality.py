@@ -24,8 +24,11 @@ from benchmarks.quality_rows import (
     moe_middle_config,
     reference_flops_per_byte,
 )
+from data_pipeline.vocab import EOD_ID, PAD_ID
+from synergy_dist.evaluate import windows as windows_of_bytes
 from synergy_dist.model import SynergyLM
 from synergy_dist.model.accounting import flops_per_byte, param_counts
+from synergy_dist.train.optimizer import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_ANCHOR_LIBS = all(importlib.util.find_spec(m) is not None for m in ("transformers", "tokenizers"))
@@ -79,7 +82,8 @@ def test_bits_per_byte_of_a_bpe_model_equals_the_byte_level_chain_rule():
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
-    lrs = [quality.learning_rate(s, 20, 1.0, 0.1, 0.1) for s in range(20)]
+    schedule = quality.training_config(quality.QualityConfig(lr=1.0, warmup_fraction=0.1, min_lr_ratio=0.1), 20)
+    lrs = [lr_at(s, schedule) for s in range(20)]
     assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)  # warm-up of round(0.1 * 20) = 2 steps
     assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
@@ -127,11 +131,16 @@ def test_moe_row_has_the_active_parameters_of_row_one_plus_its_routers():
     assert flops_per_byte(moe, 512) == pytest.approx(flops_per_byte(dense, 512) + 3 * 2 * routers / 4, rel=1e-12)
 
 
-def test_document_windows_predict_every_unit_once():
-    windows = quality.document_windows([10, 11, 12, 13, 14], start=256, seq_len=2)
-    assert windows == [([256, 10], [10, 11]), ([11, 12], [12, 13]), ([13], [14])]
-    inputs, labels = quality.padded(windows, 2, pad=257)
-    assert inputs.tolist()[-1] == [13, 257] and labels.tolist()[-1] == [14, -100]
+def test_token_windows_predict_every_unit_once_like_the_library():
+    windows = quality.token_windows([[10, 11, 12, 13, 14]], separator=256, pad=257, seq_len=2)
+    assert windows == [[256, 10, 11], [11, 12, 13], [13, 14, 256]]
+    inputs, labels = quality.token_window_batch(windows, separator=256)
+    assert inputs.tolist()[-1] == [13, 14] and labels.tolist()[-1] == [14, -100]  # the separator is not counted
+    assert sorted(u for u in labels.flatten().tolist() if u != -100) == [10, 11, 12, 13, 14]
+    docs = [b"hello", b"", b"a longer document", b"xyz" * 5]  # the BPE row's windows are synergy_dist.evaluate's
+    for seq_len in (1, 3, 8, 64):
+        ours = quality.token_windows([list(d) for d in docs], EOD_ID, PAD_ID, seq_len)
+        assert ours == [w.tolist() for w in windows_of_bytes(docs, seq_len)]
 
 
 def test_token_stream_covers_the_byte_budget_in_whole_steps():

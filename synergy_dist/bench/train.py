@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from synergy_dist.bench.loop import PlainLoop
 from synergy_dist.bench.paths import REPO, resolve
 from synergy_dist.bench.results import BenchResults, Figure, Target, figure_from, missing, ratio
 
@@ -220,18 +221,16 @@ def launch(config_path: Path, world: int, steps: int) -> tuple[list[dict], str]:
 # ---------------------------------------------------------------------------------- overhead (worker)
 
 
-class PlainLoop:
-    """The model's forward + backward + torch AdamW step on the trainer's batches, no trainer around it:
-    same config, init seed, data stream, micro-batching, learning-rate schedule and gradient clipping."""
+class PlainBaseline:
+    """The model's forward + backward + torch AdamW step on the trainer's batches, no trainer around it
+    (bench/loop.py): same config, init seed, data stream, micro-batching, learning-rate schedule and
+    gradient clipping."""
 
     def __init__(self, cfg, steps: int):
-        import torch
-
         from data_pipeline.stream import StreamingByteDataset
         from synergy_dist.model import SynergyLM
         from synergy_dist.train.trainer import sample_shards, seed_everything
 
-        self.cfg = cfg
         self.micro_steps = cfg.grad_accumulation_steps(1)
         sources = list(cfg.data.sources) or sample_shards(cfg, is_main=True)[0]
         data = StreamingByteDataset(sources, seq_len=cfg.data.seq_len, global_batch_size=cfg.global_batch_sequences(),
@@ -242,28 +241,12 @@ class PlainLoop:
         seed_everything(cfg.seed)
         self.model = SynergyLM(cfg.model)
         self.model.train()
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(o.weight_decay), lr=cfg.train.lr,
-                                           betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.loop = PlainLoop(self.model, self.model.param_groups(cfg.optim.weight_decay), cfg)
 
     def step(self, step: int) -> None:
-        import torch
-
-        from synergy_dist.model.moe import update_moe_biases
-        from synergy_dist.train.optimizer import lr_at
-
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.cfg) * group.get("lr_mult", 1.0)
-        for micro in range(self.micro_steps):
-            batch = self.batches[step * self.micro_steps + micro]
-            out = self.model(batch["input_ids"], labels=batch["labels"])
-            (out.loss / self.micro_steps).backward()
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_moe_biases(self.model)
+        first = step * self.micro_steps
+        self.loop.step(step, self.batches[first:first + self.micro_steps],
+                       lambda batch: (self.model(batch["input_ids"], labels=batch["labels"]).loss, None))
 
 
 def overhead_steps(config_path: str, run_dir: str, steps: int, warmup_steps: int) -> dict:
@@ -280,7 +263,7 @@ def overhead_steps(config_path: str, run_dir: str, steps: int, warmup_steps: int
     torch.set_num_threads(1)
     trainer = Trainer(cfg)
     trainer._restart_data()
-    plain = PlainLoop(cfg, steps)
+    plain = PlainBaseline(cfg, steps)
     times: dict[str, list[float]] = {"trainer_wall_s": [], "trainer_cpu_s": [], "plain_wall_s": [], "plain_cpu_s": [],
                                      "own_cpu_s": []}
     for step in range(steps):
