@@ -2,7 +2,8 @@
 
 One run, one core (pinned), same text, same sequence length; the models come from a training
 config's `model:` section (`--config`, default configs/tiny-cpu.yaml):
-- each model trains for a few steps (AdamW, forward + backward + step) in its own fresh process, so
+- each model trains for a few steps (bench/loop.py: forward + backward + clipping + AdamW step with the
+  library's optimizer settings) in its own fresh process, so
   its peak resident memory is its own; bytes/s = batch * seq_len / median step CPU time;
 - the byte Transformer (the same config with no stages and a RoPE attention middle; the middle's
   heads, a width near the middle's) has the width/depth whose parameter count is the closest to SynergyLM's;
@@ -24,9 +25,11 @@ import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, replace
 
+from synergy_dist.bench.loop import PlainLoop
 from synergy_dist.bench.paths import resolve
 from synergy_dist.bench.results import BenchResults, Target, figure_from, missing, ratio
 from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, pin_to_one_core, rss_kib
+from synergy_dist.config import Config, ScheduleConfig, TrainConfig
 from synergy_dist.model.config import ModelConfig, RouterConfig, StackConfig
 
 SCOPE_PREFIX = "synergy/"  # the model's own profiler labels: synergy/stage{s}/route_down, synergy/stage{s}/smooth_up
@@ -236,6 +239,12 @@ def time_middle(model, batch: int, units: int, repeats: int = 3) -> list[float]:
     return seconds[1:]
 
 
+def step_config(lr: float) -> Config:
+    """The timed step's settings: the library's AdamW defaults (betas, eps, weight decay, clipping) at a constant lr
+    (not validated as a training config: lr 0, the default here, keeps the weights fixed)."""
+    return Config(train=TrainConfig(lr=lr), schedule=ScheduleConfig(kind="constant", warmup_steps=0))
+
+
 def realised_bytes_per_concept(out) -> float:
     """Bytes per concept the forward call realised (cumulative over the stages; 1 for a byte model)."""
     return float(out.aux["bytes_per_concept"])
@@ -260,14 +269,15 @@ def train_steps(model_cfg: ModelConfig, cfg: ModelBenchConfig, profile: bool) ->
 
     model = SynergyLM(model_cfg)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    settings = step_config(cfg.lr)
+    loop = PlainLoop(model, model.param_groups(settings.optim.weight_decay), settings)
+
+    def forward(batch):
+        out = model(*batch)
+        return out.loss, realised_bytes_per_concept(out)
 
     def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        out = model(input_ids, labels)
-        out.loss.backward()
-        optimizer.step()
-        return realised_bytes_per_concept(out)
+        return loop.step(0, [(input_ids, labels)], forward)[0]
 
     for _ in range(cfg.warmup_steps):
         step()
