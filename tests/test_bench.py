@@ -156,6 +156,25 @@ def test_data_bench_quick_reports_ratios_and_missing_anchor(tmp_path):
 
 
 @pytest.mark.slow
+def test_data_bench_alone_measures_our_stream_and_startup_without_anchors(tmp_path):
+    corpus = _write_corpus(tmp_path / "corpus.jsonl.zst")
+    out = tmp_path / "out"
+    proc = _bench(["data", "--quick", "--out", str(out), "--corpus", str(corpus), "--cache", str(tmp_path / "cache")],
+                  tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    bench = json.loads((out / "data.json").read_text())["benchmarks"]["data"]
+    figures = bench["figures"]
+    for name in ("raw_zstd_decompression", "synergy_stream", "first_batch_seconds", "first_batch_added_peak_rss"):
+        assert figures[name]["value"] is not None and figures[name]["value"] > 0, name
+    assert not any(name.startswith(("mosaic", "hf_")) for name in figures)  # the anchors: benchmarks.data_anchors
+    targets = {t["name"]: t for t in bench["targets"]}
+    assert set(targets) == {"stream vs raw zstd decompression", "time to first batch, 50 shards",
+                            "added peak RSS to first batch, 50 shards"}
+    assert targets["stream vs raw zstd decompression"]["measured"] == (
+        figures["synergy_stream"]["value"] / figures["raw_zstd_decompression"]["value"])
+
+
+@pytest.mark.slow
 def test_model_bench_quick_reports_ratio_and_routing_share(tmp_path):
     out = tmp_path / "out"
     proc = _bench(["model", "--quick", "--out", str(out), "--seq-len", "128", "--synergy-model", "synergy-stride4"],
