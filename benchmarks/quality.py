@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from benchmarks.quality_plots import write_plots
 from benchmarks.quality_rows import (
     LLAMA_ROW,
     REFERENCE_ROW,
@@ -44,7 +45,6 @@ from benchmarks.quality_rows import (
     reference_flops_per_byte,
     row_info,
 )
-from benchmarks.quality_plots import write_plots
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
 from synergy_dist.bench.data import default_corpora_dir
 from synergy_dist.bench.loop import PlainLoop

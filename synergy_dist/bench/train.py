@@ -326,10 +326,10 @@ def checkpoint_costs(config_path: str, run_dir: str, zero_stage: int, repeats: i
     import torch
     import torch.distributed as dist
 
+    from synergy_dist.bench.timing import rss_kib
     from synergy_dist.config import load_config
     from synergy_dist.train import checkpoint as ckpt
     from synergy_dist.train.trainer import Trainer
-    from synergy_dist.bench.timing import rss_kib
 
     overrides = [f"run.dir={run_dir}", f"deepspeed.zero_stage={zero_stage}", "precision.dtype=fp32",
                  "train.eval_every_steps=0", "train.sample_bytes=0", "train.threads=1", "checkpoint.resume=false",
