@@ -17,9 +17,17 @@ import pytest
 import torch
 import zstandard
 
-from synergy_dist.bench.anchors.packing import EOD_ID, pack_windows
+from benchmarks.anchors.packing import EOD_ID, pack_windows
 from synergy_dist.bench.model import scope_times
-from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio, render_markdown, to_json
+from synergy_dist.bench.results import (
+    BenchResults,
+    Target,
+    figure_from,
+    missing,
+    ratio,
+    render_markdown,
+    to_json,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,7 +53,7 @@ def test_figure_is_the_median_and_keeps_repeats():
 
 
 def test_json_and_markdown_content():
-    report = BenchReport(name="data", command="synergy-bench data")
+    report = BenchResults(name="data", command="synergy-bench data")
     report.add(figure_from("ours", [2e8, 3e8, 2.5e8], "B/s", "our stream"))
     report.add(figure_from("raw", [4e8], "B/s"))
     report.add(missing("mosaic", "B/s", "no venv at /x"))
@@ -87,11 +95,11 @@ def test_scope_times_attributes_forward_and_backward():
     x = torch.randn(512, 256, requires_grad=True)
 
     def step():
-        with torch.profiler.record_function("bench/heavy"):
+        with torch.profiler.record_function("synergy/heavy"):
             h = heavy(x)
             for _ in range(8):
                 h = h @ heavy.weight
-        with torch.profiler.record_function("bench/light"):
+        with torch.profiler.record_function("synergy/light"):
             y = h.sum()
         y.backward()
 
@@ -101,7 +109,7 @@ def test_scope_times_attributes_forward_and_backward():
     events = prof.events()
     times = scope_times(events)
     assert set(times) == {"heavy", "light"}
-    forward_heavy = sum(e.cpu_time_total for e in events if e.name == "bench/heavy") / 1e6
+    forward_heavy = sum(e.cpu_time_total for e in events if e.name == "synergy/heavy") / 1e6
     assert times["heavy"] > forward_heavy > 0  # the backward matmuls were attributed to it too
     assert times["heavy"] > 5 * times["light"] > 0
     step_span = max(e.time_range.end for e in events) - min(e.time_range.start for e in events)
@@ -118,9 +126,10 @@ def _write_corpus(path: Path, n_docs: int = 60) -> Path:
     return path
 
 
-def _bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    return subprocess.run([sys.executable, "-m", "synergy_dist.cli.bench", *args], cwd=tmp_path,
+def _bench(args: list[str], tmp_path: Path, module: str = "synergy_dist.cli.bench") -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -128,8 +137,8 @@ def _bench(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 def test_data_bench_quick_reports_ratios_and_missing_anchor(tmp_path):
     corpus = _write_corpus(tmp_path / "corpus.jsonl.zst")
     out = tmp_path / "out"
-    proc = _bench(["data", "--quick", "--out", str(out), "--corpus", str(corpus), "--cache", str(tmp_path / "cache"),
-                   "--mosaic-python", str(tmp_path / "no-venv" / "python")], tmp_path)
+    proc = _bench(["--quick", "--out", str(out), "--corpus", str(corpus), "--cache", str(tmp_path / "cache"),
+                   "--mosaic-python", str(tmp_path / "no-venv" / "python")], tmp_path, module="benchmarks.data_anchors")
     assert proc.returncode == 0, proc.stderr
     data = json.loads((out / "data.json").read_text())
     assert {"date_utc", "nproc", "cpu_model", "ram_gib"} <= set(data["machine"])
@@ -151,7 +160,26 @@ def test_data_bench_quick_reports_ratios_and_missing_anchor(tmp_path):
     assert targets["time to first batch, 50 shards"]["measured"] == figures["first_batch_seconds"]["value"]
     markdown = (out / "data.md").read_text()
     assert "| stream vs raw zstd decompression |" in markdown
-    assert "Command: `synergy-bench data --quick" in markdown
+    assert "Command: `python -m benchmarks.data_anchors --quick" in markdown
+
+
+@pytest.mark.slow
+def test_data_bench_alone_measures_our_stream_and_startup_without_anchors(tmp_path):
+    corpus = _write_corpus(tmp_path / "corpus.jsonl.zst")
+    out = tmp_path / "out"
+    proc = _bench(["data", "--quick", "--out", str(out), "--corpus", str(corpus), "--cache", str(tmp_path / "cache")],
+                  tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    bench = json.loads((out / "data.json").read_text())["benchmarks"]["data"]
+    figures = bench["figures"]
+    for name in ("raw_zstd_decompression", "synergy_stream", "first_batch_seconds", "first_batch_added_peak_rss"):
+        assert figures[name]["value"] is not None and figures[name]["value"] > 0, name
+    assert not any(name.startswith(("mosaic", "hf_")) for name in figures)  # the anchors: benchmarks.data_anchors
+    targets = {t["name"]: t for t in bench["targets"]}
+    assert set(targets) == {"stream vs raw zstd decompression", "time to first batch, 50 shards",
+                            "added peak RSS to first batch, 50 shards"}
+    assert targets["stream vs raw zstd decompression"]["measured"] == (
+        figures["synergy_stream"]["value"] / figures["raw_zstd_decompression"]["value"])
 
 
 @pytest.mark.slow
@@ -199,46 +227,58 @@ def test_stopwatch_separates_cpu_from_waiting_and_rss_fields():
 
 
 def test_matched_byte_transformer_is_the_closest():
-    from synergy_dist.bench.model import build_config, count_params, matched_byte_transformer
     from model_configs import tiny_test_config
+
+    from synergy_dist.bench.model import (
+        byte_transformer,
+        count_params,
+        matched_byte_transformer,
+    )
 
     cfg = tiny_test_config()
     target = count_params(cfg)
     kwargs, params = matched_byte_transformer(cfg, target)
     assert kwargs["n_heads"] == cfg.middle.n_heads and abs(kwargs["d_model"] - cfg.d_middle) <= 64
-    assert params == count_params(build_config("byte-transformer", **kwargs))
+    assert params == count_params(byte_transformer(cfg, **kwargs))
     for depth in (kwargs["depth"] - 1, kwargs["depth"] + 1):  # neighbours at the same width are no closer
         if depth >= 1:
-            other = count_params(build_config("byte-transformer", **dict(kwargs, depth=depth)))
+            other = count_params(byte_transformer(cfg, **dict(kwargs, depth=depth)))
             assert abs(params - target) <= abs(other - target)
 
 
-def test_install_scopes_times_every_routing_piece_of_a_synergy_model():
-    from synergy_dist.bench.model import MIDDLE_SCOPE, install_scopes
-    from synergy_dist.model.synergy import SynergyLM
+def test_profiler_labels_time_every_routing_piece_of_a_synergy_model():
     from model_configs import tiny_test_config
+
+    from synergy_dist.bench.model import MIDDLE_SCOPE, ROUTING_SCOPES, label_middle
+    from synergy_dist.model.synergy import SynergyLM
 
     torch.manual_seed(0)
     model = SynergyLM(tiny_test_config(router="cosine"))
-    install_scopes(model)
+    handles = label_middle(model)
     ids = torch.randint(0, 256, (2, 64))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         model(ids, ids).loss.backward()
     times = scope_times(prof.events())
-    for name in ("router", "downsample", "upsample", "smooth", MIDDLE_SCOPE):
+    for name in (*ROUTING_SCOPES, MIDDLE_SCOPE):  # route_down: router + downsample; smooth_up: smooth + upsample
         assert times.get(name, 0.0) > 0, name
+    for handle in handles:
+        handle.remove()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(ids, ids)
+    assert MIDDLE_SCOPE not in scope_times(prof.events())  # the hooks are gone, the model is as built
 
 
 def test_anchor_failure_is_reported_with_its_reason(tmp_path):
-    from synergy_dist.bench.data import ANCHOR_DIR, _last_json_line, run_script
+    from benchmarks.data_anchors import ANCHOR_DIR, run_script
+    from synergy_dist.bench.data import last_json_line
 
     result, reason = run_script("/bin/false", ANCHOR_DIR / "mosaic_stream.py", [])
     assert result is None and reason == "mosaic_stream.py exited with 1: (no output)"
     result, reason = run_script(str(tmp_path / "missing-python"), ANCHOR_DIR / "mosaic_stream.py", [])
     assert result is None and reason.startswith("mosaic_stream.py could not run: ")
-    assert _last_json_line('noise\n{"a": 1}\nmore noise\n') == {"a": 1}
+    assert last_json_line('noise\n{"a": 1}\nmore noise\n') == {"a": 1}
     with pytest.raises(ValueError, match="no JSON result line in the anchor's output"):
-        _last_json_line("no json here")
+        last_json_line("no json here")
 
 
 def test_restored_affinity_gives_the_cpus_back_after_pinning():
@@ -254,7 +294,7 @@ def test_restored_affinity_gives_the_cpus_back_after_pinning():
 def test_cli_offers_every_benchmark_and_all():
     from synergy_dist.cli.bench import BENCHMARKS, build_parser
 
-    assert list(BENCHMARKS) == ["data", "model", "train", "quality"]
+    assert list(BENCHMARKS) == ["data", "model", "train"]
     parser = build_parser()
     for name in [*BENCHMARKS, "all"]:
         assert parser.parse_args([name]).benchmark == name

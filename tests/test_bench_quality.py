@@ -1,4 +1,4 @@
-"""`synergy-bench quality`: the harness and its arithmetic on tiny synthetic text (never benchmark figures)."""
+"""`python -m benchmarks.quality`: the harness and its arithmetic on tiny synthetic text (never benchmark figures)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 import torch
 import zstandard
 
-from synergy_dist.bench import quality
-from synergy_dist.bench.anchors import llama_bpe
-from synergy_dist.bench.quality_rows import (
+from benchmarks import quality
+from benchmarks.anchors import llama_bpe
+from benchmarks.quality_rows import (
     BYTE_TRANSFORMER_ROW,
     MOE_EXPERTS,
     default_config,
@@ -24,8 +24,11 @@ from synergy_dist.bench.quality_rows import (
     moe_middle_config,
     reference_flops_per_byte,
 )
-from synergy_dist.model.synergy import SynergyLM
+from data_pipeline.vocab import EOD_ID, PAD_ID
+from synergy_dist.evaluate import windows as windows_of_bytes
 from synergy_dist.model.accounting import flops_per_byte, param_counts
+from synergy_dist.model.synergy import SynergyLM
+from synergy_dist.train.schedule import lr_at
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_ANCHOR_LIBS = all(importlib.util.find_spec(m) is not None for m in ("transformers", "tokenizers"))
@@ -79,7 +82,8 @@ def test_bits_per_byte_of_a_bpe_model_equals_the_byte_level_chain_rule():
 
 
 def test_learning_rate_schedule_warms_up_then_decays_to_the_floor():
-    lrs = [quality.learning_rate(s, 20, 1.0, 0.1, 0.1) for s in range(20)]
+    schedule = quality.training_config(quality.QualityConfig(lr=1.0, warmup_fraction=0.1, min_lr_ratio=0.1), 20)
+    lrs = [lr_at(s, schedule) for s in range(20)]
     assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)  # warm-up of round(0.1 * 20) = 2 steps
     assert lrs[2] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
@@ -127,11 +131,16 @@ def test_moe_row_has_the_active_parameters_of_row_one_plus_its_routers():
     assert flops_per_byte(moe, 512) == pytest.approx(flops_per_byte(dense, 512) + 3 * 2 * routers / 4, rel=1e-12)
 
 
-def test_document_windows_predict_every_unit_once():
-    windows = quality.document_windows([10, 11, 12, 13, 14], start=256, seq_len=2)
-    assert windows == [([256, 10], [10, 11]), ([11, 12], [12, 13]), ([13], [14])]
-    inputs, labels = quality.padded(windows, 2, pad=257)
-    assert inputs.tolist()[-1] == [13, 257] and labels.tolist()[-1] == [14, -100]
+def test_token_windows_predict_every_unit_once_like_the_library():
+    windows = quality.token_windows([[10, 11, 12, 13, 14]], separator=256, pad=257, seq_len=2)
+    assert windows == [[256, 10, 11], [11, 12, 13], [13, 14, 256]]
+    inputs, labels = quality.token_window_batch(windows, separator=256)
+    assert inputs.tolist()[-1] == [13, 14] and labels.tolist()[-1] == [14, -100]  # the separator is not counted
+    assert sorted(u for u in labels.flatten().tolist() if u != -100) == [10, 11, 12, 13, 14]
+    docs = [b"hello", b"", b"a longer document", b"xyz" * 5]  # the BPE row's windows are synergy_dist.evaluate's
+    for seq_len in (1, 3, 8, 64):
+        ours = quality.token_windows([list(d) for d in docs], EOD_ID, PAD_ID, seq_len)
+        assert ours == [w.tolist() for w in windows_of_bytes(docs, seq_len)]
 
 
 def test_token_stream_covers_the_byte_budget_in_whole_steps():
@@ -231,7 +240,7 @@ def test_run_reports_every_row_and_the_goals(corpora, tmp_path):
 
 def test_command_line_quick_run_writes_json_and_markdown(corpora, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    bench = [sys.executable, "-m", "synergy_dist.cli.bench", "quality"]
+    bench = [sys.executable, "-m", "benchmarks.quality"]
     proc = subprocess.run([*bench, "--quick", "--corpora", str(corpora), "--out", str(tmp_path), "--row", "synergy-space",
                            "--eval-bytes", "500"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -268,7 +277,7 @@ def test_table_from_combines_earlier_runs_into_one_report_with_plots(tmp_path):
     for name, (number, bpb, bpc) in rows.items():
         (a if name == "synergy-cosine" else b).joinpath(f"{name}.json").write_text(json.dumps(_fake_result(name, number, bpb, bpc)))
     cfg = quality.QualityConfig(table_from=[str(a), str(b)], work_dir=str(tmp_path / "out" / "quality"))
-    report = quality.run(cfg, "synergy-bench quality --table-from a b")
+    report = quality.run(cfg, "python -m benchmarks.quality --table-from a b")
     goals = {t.name: t for t in report.targets}
     assert goals["row 1 bits/byte on pydocs-valid below row 6 (byte-transformer)"].measured == pytest.approx(2.3 / 2.6)
     assert goals["row 1 bits/byte on pydocs-valid below row 7 (llama-bpe)"].status == "missed"
@@ -276,7 +285,7 @@ def test_table_from_combines_earlier_runs_into_one_report_with_plots(tmp_path):
     table = report.appendix.splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == ["1", "6", "7"]
     order = list(quality.ROW_NAMES)
-    from synergy_dist.bench import quality_plots
+    from benchmarks import quality_plots
 
     drawn = quality_plots.plot_bits_per_byte(quality.load_results([str(a), str(b)]), order, tmp_path / "bars.png")
     assert drawn == {name: (bpb, pytest.approx(bpb + 0.1)) for name, (_, bpb, _) in rows.items()}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from synergy_dist.bench import train as bench
-from synergy_dist.bench.report import write_report
+from synergy_dist.bench.results import write_results
 from synergy_dist.config import load_config
 from synergy_dist.train.metrics import read_metrics
 
@@ -163,7 +163,7 @@ def test_smoke_run_writes_figures_consistent_with_the_trainer_metrics(tmp_path, 
                                  checkpoint_configs=[str(tiny_yaml)], checkpoint_repeats=2,
                                  sample_dir=str(tmp_path / "sample"), work_dir=str(tmp_path / "work"))
     report = bench.run(cfg, "synergy-bench train --quick")
-    json_path, md_path = write_report(tmp_path / "out", [report], stem="train", load_at_start=[0.0, 0.0, 0.0])
+    json_path, md_path = write_results(tmp_path / "out", [report], stem="train", load_at_start=[0.0, 0.0, 0.0])
     result = json.loads(json_path.read_text())["benchmarks"]["train"]
     figures = result["figures"]
 

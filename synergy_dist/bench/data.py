@@ -1,12 +1,12 @@
-"""`synergy-bench data`: how fast the byte stream feeds training, against the limits and the anchors.
+"""`synergy-bench data`: how fast the byte stream feeds training, against the limit of its path.
 
-All in one run, on one core (the process pins itself to a single CPU; anchors inherit it):
+All in one run, on one core (the process pins itself to a single CPU):
 - raw: plain sequential zstd decompression of our shards' bytes (the physical limit of the path);
 - ours: StreamingByteDataset delivering shuffled windows of seq_len bytes (input_ids + labels);
-- anchors: MosaicML `streaming` (own venv, subprocess) and Hugging Face `datasets` streaming of
-  the same jsonl.zst, both packing the same documents into the same windows;
 - startup: a fresh process opens a synthetic set of 10,000 shards and takes its first batch;
   time and added resident memory are measured after the imports.
+The comparisons with MosaicML `streaming` and Hugging Face `datasets` live in the repository's
+benchmarks/ folder (`python -m benchmarks.data_anchors`), which runs this benchmark and adds them.
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio
+from synergy_dist.bench.results import BenchResults, Target, figure_from, missing, ratio
 from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, pin_to_one_core, rss_kib
 
-ANCHOR_DIR = Path(__file__).parent / "anchors"
-MOSAIC_PYTHON_ENV = "SYNERGY_BENCH_MOSAIC_PYTHON"  # env var naming the MosaicML venv's python
-DEFAULT_MOSAIC_PYTHON = "/work/bench-venvs/mosaic/bin/python"
 DEFAULT_CORPORA = ("pydocs-train.jsonl.zst", "pystdlib-code.jsonl.zst")
 
 
@@ -38,15 +35,13 @@ class DataBenchConfig:
     """Settings of one data benchmark run."""
 
     inputs: list[str] = field(default_factory=list)  # jsonl.zst corpora (the "text" field is used)
-    cache_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "synergy-bench-cache"))  # shard sets, MDS shards
+    cache_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "synergy-bench-cache"))  # shard sets
     seq_len: int = 8192  # bytes per training window
-    repeats: int = 3  # measurements per anchor figure and per startup figure (the median is reported)
+    repeats: int = 3  # measurements per startup figure and per anchor figure (the median is reported)
     stream_repeats: int = 9  # measurements of raw decompression and of our stream (~50 ms each; noisy machines)
     shard_size: str = "8MiB"  # raw bytes per shard of the benchmark set (several shards: shard-level shuffle)
     startup_shards: int = 10_000  # shards in the synthetic set for time-to-first-batch
     startup_shard_bytes: int = 4096  # raw bytes in each synthetic shard
-    mosaic_python: str | None = None  # python of the MosaicML venv; None: not available
-    run_hf: bool = True  # run the Hugging Face datasets anchor
     seed: int = 0  # shuffle seed of the first repeat (repeat r uses seed + r)
 
 
@@ -104,32 +99,21 @@ def measure_stream(shard_dir: Path, seq_len: int, seed: int, samples: int) -> tu
     return clock.wall(), clock.cpu(), delivered
 
 
-def _last_json_line(stdout: str) -> dict:
+def last_json_line(stdout: str) -> dict:
     for line in reversed(stdout.strip().splitlines()):
         if line.startswith("{"):
             return json.loads(line)
     raise ValueError("no JSON result line in the anchor's output")
 
 
-def run_script(python: str, script: Path, args: list[str], timeout: float = 1800) -> tuple[dict | None, str]:
-    """Run an anchor script; returns (its JSON result, "") or (None, the reason it failed)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    try:
-        proc = subprocess.run([python, str(script), *args], capture_output=True, text=True, timeout=timeout, env=env)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return None, f"{script.name} could not run: {e}"
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
-        return None, f"{script.name} exited with {proc.returncode}: {tail[0]}"
-    try:
-        return _last_json_line(proc.stdout), ""
-    except ValueError as e:
-        return None, f"{script.name}: {e}"
-
-
 def build_synthetic_shard_set(directory: Path, n_shards: int, shard_bytes: int) -> Path:
     """A shard set of n_shards tiny shards (two random documents each), written once and reused."""
-    from data_pipeline.shards import MANIFEST_NAME, make_manifest, save_manifest, write_shard
+    from data_pipeline.shards import (
+        MANIFEST_NAME,
+        make_manifest,
+        save_manifest,
+        write_shard,
+    )
 
     directory = directory / f"synthetic-{n_shards}x{shard_bytes}"
     if (directory / MANIFEST_NAME).is_file():
@@ -171,8 +155,8 @@ def first_batch_probe(shard_dir: str, seq_len: int, batch_size: int) -> dict:
     }
 
 
-def run(cfg: DataBenchConfig, command: str) -> BenchReport:
-    report = BenchReport(name="data", command=command)
+def run(cfg: DataBenchConfig, command: str) -> BenchResults:
+    report = BenchResults(name="data", command=command)
     if not cfg.inputs:
         raise ValueError("data benchmark: no inputs; pass --corpus FILE.jsonl.zst (or --corpora DIR)")
     for path in cfg.inputs:
@@ -180,12 +164,12 @@ def run(cfg: DataBenchConfig, command: str) -> BenchReport:
             raise FileNotFoundError(f"data benchmark: corpus {path} not found; pass existing --corpus files")
     cpu = pin_to_one_core()
     report.notes.append(f"process pinned to CPU {cpu} (os.sched_setaffinity), torch threads 1, "
-                        f"OMP_NUM_THREADS=1; anchors run as subprocesses on the same CPU")
+                        f"OMP_NUM_THREADS=1; subprocesses run on the same CPU")
     report.notes.append("throughput targets are judged on process CPU time (the machine is shared: wall time "
                         "includes other processes' turns); the *_wall figures give the wall-clock rates")
     report.notes.append(f"inputs: {', '.join(Path(p).name for p in cfg.inputs)}; seq_len {cfg.seq_len}; "
                         f"raw decompression and our stream: one untimed warm-up pass each, then {cfg.stream_repeats} "
-                        f"interleaved repeats; anchors and startup: {cfg.repeats} repeats; medians reported")
+                        f"interleaved repeats; startup: {cfg.repeats} repeats; medians reported")
 
     shard_dir = prepare_shards(cfg)
     from data_pipeline.shards import load_manifest
@@ -214,41 +198,6 @@ def run(cfg: DataBenchConfig, command: str) -> BenchReport:
     report.add(figure_from("synergy_stream", ours, "B/s", f"{how}; CPU time"))
     report.add(figure_from("synergy_stream_wall", ours_wall, "B/s", f"{how}; wall clock"))
 
-    common = ["--seq-len", str(cfg.seq_len), "--repeats", str(cfg.repeats), "--seed", str(cfg.seed)]
-    mosaic_names = ("mosaic_streaming_cold", "mosaic_streaming_warm", "mosaic_streaming_cold_wall",
-                    "mosaic_streaming_warm_wall")
-    if cfg.mosaic_python is None or not Path(cfg.mosaic_python).exists():
-        reason = (f"no MosaicML venv python at {cfg.mosaic_python} (set --mosaic-python or ${MOSAIC_PYTHON_ENV}; "
-                  "see docs/BENCHMARKS.md for the venv recipe)")
-        result = None
-    else:
-        result, reason = run_script(cfg.mosaic_python, ANCHOR_DIR / "mosaic_stream.py",
-                                    [*common, "--work", str(Path(cfg.cache_dir) / "mosaic"), *cfg.inputs])
-    if result is None:
-        for name in mosaic_names:
-            report.add(missing(name, "B/s", reason))
-    else:
-        how = (f"MDS uint16 windows, zstd, {result['num_shards']} shards, shuffle on, batch_size "
-               f"{result['batch_size']}, predownload {result['predownload']}, streaming {result['streaming_version']}")
-        cold = "first epoch from a fresh local cache (includes copying + decompressing the shards)"
-        warm = "second epoch, shards already decompressed locally"
-        report.add(figure_from("mosaic_streaming_cold", result["cold_cpu_bytes_per_s"], "B/s", f"{how}; {cold}; CPU time"))
-        report.add(figure_from("mosaic_streaming_warm", result["warm_cpu_bytes_per_s"], "B/s", f"{how}; {warm}; CPU time"))
-        report.add(figure_from("mosaic_streaming_cold_wall", result["cold_bytes_per_s"], "B/s", f"{cold}; wall clock"))
-        report.add(figure_from("mosaic_streaming_warm_wall", result["warm_bytes_per_s"], "B/s", f"{warm}; wall clock"))
-
-    if cfg.run_hf:
-        result, reason = run_script(sys.executable, ANCHOR_DIR / "hf_datasets_stream.py", [*common, *cfg.inputs])
-    else:
-        result, reason = None, "skipped (--no-hf)"
-    if result is None:
-        report.add(missing("hf_datasets_streaming", "B/s", reason))
-        report.add(missing("hf_datasets_streaming_wall", "B/s", reason))
-    else:
-        how = f"datasets {result['datasets_version']} streaming json, shuffle buffer 1000 docs, packed into the same windows"
-        report.add(figure_from("hf_datasets_streaming", result["cpu_bytes_per_s"], "B/s", f"{how}; CPU time"))
-        report.add(figure_from("hf_datasets_streaming_wall", result["bytes_per_s"], "B/s", f"{how}; wall clock"))
-
     synthetic = build_synthetic_shard_set(Path(cfg.cache_dir), cfg.startup_shards, cfg.startup_shard_bytes)
     startup_s, startup_cpu, startup_mb, startup_peak_mb = [], [], [], []
     probe_args = ["-c", "import json,sys; from synergy_dist.bench.data import first_batch_probe as p; "
@@ -261,7 +210,7 @@ def run(cfg: DataBenchConfig, command: str) -> BenchReport:
             reason = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             report.add(missing("first_batch_seconds", "s", reason))
             break
-        result = _last_json_line(proc.stdout)
+        result = last_json_line(proc.stdout)
         startup_s.append(result["seconds"])
         startup_cpu.append(result["cpu_seconds"])
         startup_mb.append(result["added_rss_mb"])
@@ -277,11 +226,6 @@ def run(cfg: DataBenchConfig, command: str) -> BenchReport:
     v = report.value
     report.targets += [
         Target("stream vs raw zstd decompression", ratio(v("synergy_stream"), v("raw_zstd_decompression")), ">=", 0.5),
-        Target("stream vs MosaicML streaming (cold, same zstd path)",
-               ratio(v("synergy_stream"), v("mosaic_streaming_cold")), ">=", 2.0),
-        Target("stream vs MosaicML streaming (warm, pre-decompressed)",
-               ratio(v("synergy_stream"), v("mosaic_streaming_warm")), ">=", 2.0),
-        Target("stream vs HF datasets streaming", ratio(v("synergy_stream"), v("hf_datasets_streaming")), ">=", 5.0),
         Target(f"time to first batch, {cfg.startup_shards} shards", v("first_batch_seconds"), "<", 2.0, "s"),
         Target(f"added peak RSS to first batch, {cfg.startup_shards} shards", v("first_batch_added_peak_rss"),
                "<", 100.0, "MB"),
@@ -297,9 +241,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", default=None, metavar="DIR",
                         help="cache for the benchmark's shard sets, reused across runs "
                              "(default: $SYNERGY_BENCH_CACHE or <tmp>/synergy-bench-cache)")
-    parser.add_argument("--mosaic-python", default=None, metavar="PATH",
-                        help=f"python of the MosaicML streaming venv (default: ${MOSAIC_PYTHON_ENV} or {DEFAULT_MOSAIC_PYTHON})")
-    parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face datasets anchor")
 
 
 def default_corpora_dir() -> Path:
@@ -319,9 +260,8 @@ def config_from_args(args: argparse.Namespace) -> DataBenchConfig:
         if absent:
             raise FileNotFoundError(f"data benchmark: corpus {absent[0]} not found; pass --corpora DIR "
                                     "(holding pydocs-train.jsonl.zst and pystdlib-code.jsonl.zst) or --corpus FILE")
-    mosaic = args.mosaic_python or os.environ.get(MOSAIC_PYTHON_ENV) or DEFAULT_MOSAIC_PYTHON
     cache = args.cache or os.environ.get("SYNERGY_BENCH_CACHE") or str(Path(tempfile.gettempdir()) / "synergy-bench-cache")
-    cfg = DataBenchConfig(inputs=inputs, cache_dir=cache, mosaic_python=mosaic, run_hf=not args.no_hf)
+    cfg = DataBenchConfig(inputs=inputs, cache_dir=cache)
     if args.quick:  # a smoke run of the harness: small windows, few shards, one repeat
         cfg.seq_len, cfg.repeats, cfg.stream_repeats, cfg.startup_shards, cfg.startup_shard_bytes = 1024, 1, 1, 50, 2048
     return cfg

@@ -1,13 +1,16 @@
 """`synergy-bench model`: training-step speed and memory of SynergyLM against a plain byte Transformer.
 
-One run, one core (pinned), same text, same sequence length:
-- each model trains for a few steps (AdamW, forward + backward + step) in its own fresh process, so
+One run, one core (pinned), same text, same sequence length; the models come from a training
+config's `model:` section (`--config`, default configs/tiny-cpu.yaml):
+- each model trains for a few steps (bench/loop.py: forward + backward + clipping + AdamW step with the
+  library's optimizer settings) in its own fresh process, so
   its peak resident memory is its own; bytes/s = batch * seq_len / median step CPU time;
-- the byte Transformer (RoPE attention; the middle's heads, a width near the middle's) has the
-  width/depth whose parameter count is the closest to SynergyLM's;
-- two more steps per SynergyLM run under torch.profiler with scopes around the router, the
-  down/upsampling functions and the middle network (wrapped from outside, the model is untouched);
-  backward time is attributed to a scope through the autograd sequence numbers of its forward ops;
+- the byte Transformer (the same config with no stages and a RoPE attention middle; the middle's
+  heads, a width near the middle's) has the width/depth whose parameter count is the closest to SynergyLM's;
+- two more steps per SynergyLM run under torch.profiler: the model labels each stage's routing
+  (`synergy/stage{s}/route_down`: router + downsampling; `smooth_up`: smoothing + upsampling) and
+  forward hooks label the middle network; backward time is attributed to a label through the
+  autograd sequence numbers of its forward ops;
 - the middle network is also timed alone (forward + backward on the realised number of concepts);
 - a dense fp32 matmul measured in the same run is the FLOP/s ceiling for MFU.
 """
@@ -15,24 +18,29 @@ One run, one core (pinned), same text, same sequence length:
 from __future__ import annotations
 
 import argparse
-import functools
+import copy
 import json
 import os
 import subprocess
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
-from synergy_dist.bench.report import BenchReport, Target, figure_from, missing, ratio
+from synergy_dist.bench.loop import PlainLoop
+from synergy_dist.bench.paths import resolve
+from synergy_dist.bench.results import BenchResults, Target, figure_from, missing, ratio
 from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, pin_to_one_core, rss_kib
+from synergy_dist.config import Config, ScheduleConfig, TrainConfig
+from synergy_dist.model.config import ModelConfig, RouterConfig, StackConfig
 
-ROUTING_SCOPES = ("router", "downsample", "gather_units", "smooth", "upsample", "width_change")
-MIDDLE_SCOPE = "middle"
-SCOPE_PREFIX = "bench/"
-# rows of the comparison: name -> (config preset, preset arguments)
-SYNERGY_MODELS = {
-    "synergy-cosine": ("tiny-cpu", {}),  # the default tiny model, learned cosine router (target N = 4)
-    "synergy-stride4": ("fixed-hierarchy", {"kind": "stride", "stride": 4}),  # same model, exactly N = 4
-    "synergy-space": ("fixed-hierarchy", {"kind": "space"}),  # same model, a concept per word (N ~ 5-6 on text)
+SCOPE_PREFIX = "synergy/"  # the model's own profiler labels: synergy/stage{s}/route_down, synergy/stage{s}/smooth_up
+ROUTING_SCOPES = ("route_down", "smooth_up")  # per stage: router + downsampling, smoothing + upsampling
+MIDDLE_SCOPE = "middle"  # labelled by forward hooks on the middle network (bench's own label)
+DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
+# rows of the comparison: name -> the fixed router (kind, stride) replacing stage 0's, or None for the config as written
+SYNERGY_MODELS: dict[str, tuple[str, int] | None] = {
+    "synergy-cosine": None,  # the config's model (tiny-cpu: learned cosine router, target N = 4)
+    "synergy-stride4": ("stride", 4),  # same model, exactly N = 4
+    "synergy-space": ("space", 4),  # same model, a concept per word (N ~ 5-6 on text)
 }
 
 
@@ -40,6 +48,7 @@ SYNERGY_MODELS = {
 class ModelBenchConfig:
     """Settings of one model benchmark run."""
 
+    config: str = DEFAULT_CONFIG  # training YAML whose `model:` section is benchmarked (relative: cwd, else the repo)
     seq_len: int = 4096  # bytes per sequence
     batch_size: int = 1  # sequences per step
     steps: int = 4  # timed training steps per model (median reported)
@@ -69,12 +78,33 @@ def matmul_flops_per_s(n: int, repeats: int = 10) -> list[float]:
     return samples
 
 
-def build_config(name: str, **kwargs):
-    from synergy_dist.bench.quality_rows import PRESETS
+def load_model_config(path: str) -> ModelConfig:
+    """The `model:` section of a training YAML (validated with the rest of the config)."""
+    from synergy_dist.config import load_config
 
-    if name not in PRESETS:
-        raise ValueError(f"model benchmark: unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return PRESETS[name](**kwargs)
+    return load_config(resolve(path)).model
+
+
+def with_fixed_router(base: ModelConfig, kind: str, stride: int) -> ModelConfig:
+    """The same model with stage 0's router replaced by a fixed one ("stride" every k bytes, or "space")."""
+    cfg = copy.deepcopy(base)
+    cfg.stages[0].router = RouterConfig(kind=kind, stride=stride, target_bytes_per_concept=float(stride))
+    cfg.validate()
+    return cfg
+
+
+def byte_transformer(base: ModelConfig, d_model: int, depth: int, n_heads: int) -> ModelConfig:
+    """The plain byte-level Transformer of a config: no stages, the middle on bytes as `depth` RoPE attention layers."""
+    cfg = replace(copy.deepcopy(base), stages=[], d_middle=d_model,
+                  middle=StackConfig(pattern="A", repeat=depth, n_heads=n_heads, pos_encoding="rope"))
+    cfg.validate()
+    return cfg
+
+
+def synergy_variant(base: ModelConfig, name: str) -> ModelConfig:
+    """Row `name` of SYNERGY_MODELS built from the config's model."""
+    router = SYNERGY_MODELS[name]
+    return copy.deepcopy(base) if router is None else with_fixed_router(base, *router)
 
 
 def count_params(cfg) -> int:
@@ -94,7 +124,7 @@ def matched_byte_transformer(synergy_cfg, target_params: int, width_slack: int =
             continue
         for depth in range(1, 65):
             kwargs = {"d_model": d_model, "depth": depth, "n_heads": n_heads}
-            params = count_params(build_config("byte-transformer", **kwargs))
+            params = count_params(byte_transformer(synergy_cfg, **kwargs))
             score = (abs(params - target_params), abs(d_model - synergy_cfg.d_middle))
             if best is None or score < best[0]:
                 best = (score, kwargs, params)
@@ -121,34 +151,27 @@ def sample_text(n_bytes: int) -> bytes:
 # ---------------------------------------------------------------------------------- profiling
 
 
-def _scoped(fn, name: str):
+def label_middle(model) -> list:
+    """Label the middle network's forward in the profiler ("synergy/middle") with forward hooks; returns
+    the hook handles (remove() them to stop). The model labels its routing itself."""
     import torch
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        with torch.profiler.record_function(SCOPE_PREFIX + name):
-            return fn(*args, **kwargs)
+    middle = innermost_network(model)
+    scopes = []
 
-    return wrapper
+    def enter(module, args):
+        scopes.append(torch.profiler.record_function(SCOPE_PREFIX + MIDDLE_SCOPE))
+        scopes[-1].__enter__()
 
+    def leave(module, args, output):
+        scopes.pop().__exit__(None, None, None)
 
-def install_scopes(model) -> None:
-    """Wrap the routing functions and modules of a SynergyLM in profiler scopes (this process only)."""
-    from synergy_dist.model import synergy
-
-    for name in ("downsample", "gather_units", "smooth", "upsample"):
-        setattr(synergy, name, _scoped(getattr(synergy, name), name))
-    for module in model.modules():
-        if isinstance(module, synergy.HierarchyStage):
-            module.router.forward = _scoped(module.router.forward, "router")
-            module.width.widen = _scoped(module.width.widen, "width_change")
-            module.width.narrow = _scoped(module.width.narrow, "width_change")
-            if not isinstance(module.inner, synergy.HierarchyStage):
-                module.inner.forward = _scoped(module.inner.forward, MIDDLE_SCOPE)
+    return [middle.register_forward_pre_hook(enter), middle.register_forward_hook(leave)]
 
 
 def scope_times(events) -> dict[str, float]:
-    """Seconds per scope, forward (the scope's own span) + backward (autograd nodes of its forward ops).
+    """Seconds per label under SCOPE_PREFIX, forward (the label's own span) + backward (autograd nodes of
+    its forward ops); a label's name drops the prefix and any "stage{s}/" (stages add up).
 
     The profiler gives every forward op a sequence number; the backward node that autograd runs for
     it ("autograd::engine::evaluate_function: ...") carries the same number.
@@ -168,7 +191,7 @@ def scope_times(events) -> dict[str, float]:
     seq_of: dict[str, set[int]] = {}
     for event in events:
         if event.name.startswith(SCOPE_PREFIX):
-            name = event.name[len(SCOPE_PREFIX):]
+            name = event.name[len(SCOPE_PREFIX):].split("/")[-1]
             parent = event.cpu_parent
             while parent is not None and not parent.name.startswith(SCOPE_PREFIX):
                 parent = parent.cpu_parent
@@ -216,7 +239,18 @@ def time_middle(model, batch: int, units: int, repeats: int = 3) -> list[float]:
     return seconds[1:]
 
 
-def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool) -> dict:
+def step_config(lr: float) -> Config:
+    """The timed step's settings: the library's AdamW defaults (betas, eps, weight decay, clipping) at a constant lr
+    (not validated as a training config: lr 0, the default here, keeps the weights fixed)."""
+    return Config(train=TrainConfig(lr=lr), schedule=ScheduleConfig(kind="constant", warmup_steps=0))
+
+
+def realised_bytes_per_concept(out) -> float:
+    """Bytes per concept the forward call realised (cumulative over the stages; 1 for a byte model)."""
+    return float(out.stats.bytes_per_concept)
+
+
+def train_steps(model_cfg: ModelConfig, cfg: ModelBenchConfig, profile: bool) -> dict:
     """Run in a fresh process: build the model, train, time each step, measure memory; returns a dict."""
     import gc
     import statistics
@@ -233,17 +267,17 @@ def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool)
     gc.collect()
     rss_before = rss_kib("VmRSS")
 
-    model_cfg = build_config(preset, **kwargs)
     model = SynergyLM(model_cfg)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    settings = step_config(cfg.lr)
+    loop = PlainLoop(model, model.param_groups(settings.optim.weight_decay), settings)
 
-    def step() -> dict:
-        optimizer.zero_grad(set_to_none=True)
-        out = model(input_ids, labels)
-        out.loss.backward()
-        optimizer.step()
-        return out.stats
+    def forward(batch):
+        out = model(*batch)
+        return out.loss, realised_bytes_per_concept(out)
+
+    def step() -> float:
+        return loop.step(0, [(input_ids, labels)], forward)[0]
 
     for _ in range(cfg.warmup_steps):
         step()
@@ -251,10 +285,10 @@ def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool)
     bytes_per_concept = []
     for _ in range(cfg.steps):
         clock = Stopwatch()
-        stats = step()
+        realised = step()
         seconds.append(clock.cpu())
         wall_seconds.append(clock.wall())
-        bytes_per_concept.append(float(stats.bytes_per_concept))
+        bytes_per_concept.append(realised)
     result = {
         "step_seconds": seconds,
         "bytes_per_s": [B * L / s for s in seconds],
@@ -268,7 +302,7 @@ def train_steps(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool)
     result["middle_units"] = units
     result["middle_seconds"] = time_middle(model, B, units)
     if profile and model_cfg.stages:
-        install_scopes(model)
+        label_middle(model)
         result["profiled_step_seconds"], result["scope_seconds"] = [], []
         for _ in range(2):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -298,17 +332,17 @@ def worker_main() -> None:
     """Entry point of the per-model subprocess: argv[1] is a JSON job, the result is printed as JSON."""
     job = json.loads(sys.argv[1])
     cfg = ModelBenchConfig(**job["cfg"])
-    print(json.dumps(train_steps(job["preset"], job["kwargs"], cfg, job["profile"])))
+    print(json.dumps(train_steps(ModelConfig(**job["model"]), cfg, job["profile"])))
 
 
-def run_model(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool) -> tuple[dict | None, str]:
-    job = json.dumps({"preset": preset, "kwargs": kwargs, "cfg": asdict(cfg), "profile": profile})
+def run_model(name: str, model_cfg: ModelConfig, cfg: ModelBenchConfig, profile: bool) -> tuple[dict | None, str]:
+    job = json.dumps({"model": asdict(model_cfg), "cfg": asdict(cfg), "profile": profile})
     code = "from synergy_dist.bench.model import worker_main; worker_main()"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code, job], capture_output=True, text=True, env=env, timeout=3600)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        return None, f"{preset} exited with {proc.returncode}: {tail}"
+        return None, f"{name} exited with {proc.returncode}: {tail}"
     lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
     return json.loads(lines[-1]), ""
 
@@ -316,8 +350,8 @@ def run_model(preset: str, kwargs: dict, cfg: ModelBenchConfig, profile: bool) -
 # ---------------------------------------------------------------------------------- the benchmark
 
 
-def run(cfg: ModelBenchConfig, command: str) -> BenchReport:
-    report = BenchReport(name="model", command=command)
+def run(cfg: ModelBenchConfig, command: str) -> BenchResults:
+    report = BenchResults(name="model", command=command)
     cpu = pin_to_one_core()
     report.notes.append(f"process pinned to CPU {cpu}; each model trains in its own subprocess on that CPU "
                         f"(torch threads 1); batch {cfg.batch_size} x seq_len {cfg.seq_len}, AdamW, "
@@ -329,16 +363,24 @@ def run(cfg: ModelBenchConfig, command: str) -> BenchReport:
     report.notes.append("bytes/s, MFU and the matmul ceiling use process CPU time (the machine is shared: wall "
                         "time includes other processes' turns); *_wall figures give wall-clock bytes/s")
 
+    base = load_model_config(cfg.config)
+    if not base.stages:
+        raise ValueError(f"model benchmark: {cfg.config} has no hierarchy stages (model.stages=[]); pass a "
+                         "SynergyLM config with --config (e.g. configs/tiny-cpu.yaml)")
+    report.notes.append(f"models: the `model:` section of {cfg.config}; the rows replace stage 0's router, the byte "
+                        "Transformer is the same config with no stages and a RoPE attention middle")
     baseline = None
     for name in cfg.synergy_models:
-        preset, kwargs = SYNERGY_MODELS[name]
-        synergy, reason = run_model(preset, kwargs, cfg, cfg.profile)
+        model_cfg = synergy_variant(base, name)
+        synergy, reason = run_model(name, model_cfg, cfg, cfg.profile)
         key = name.replace("-", "_")
         if synergy is None:
             report.add(missing(f"{key}_bytes_per_s", "B/s", reason))
             continue
-        baseline = baseline or (build_config(preset, **kwargs), synergy["params"])
-        _add_model_figures(report, key, synergy, f"SynergyLM {name} (preset {preset} {kwargs})")
+        baseline = baseline or (model_cfg, synergy["params"])
+        router = SYNERGY_MODELS[name]
+        what = "as configured" if router is None else f"stage 0 router {router[0]}, stride {router[1]}"
+        _add_model_figures(report, key, synergy, f"SynergyLM {name} ({cfg.config}, {what})")
         report.add(figure_from(f"{key}_bytes_per_concept", synergy["bytes_per_concept"], "bytes",
                                "realised compression during the timed steps"))
         _add_middle_mfu(report, key, synergy, report.value("matmul_ceiling"))
@@ -353,7 +395,7 @@ def run(cfg: ModelBenchConfig, command: str) -> BenchReport:
         del baselines["byte_transformer_same_width"]
     for key, (kwargs, params) in baselines.items():
         report.notes.append(f"{key}: {kwargs} -> {params:,} parameters (SynergyLM: {baseline[1]:,})")
-        byte_tf, reason = run_model("byte-transformer", kwargs, cfg, profile=False)
+        byte_tf, reason = run_model(key, byte_transformer(base, **kwargs), cfg, profile=False)
         if byte_tf is None:
             report.add(missing(f"{key}_bytes_per_s", "B/s", reason))
             continue
@@ -362,20 +404,20 @@ def run(cfg: ModelBenchConfig, command: str) -> BenchReport:
 
     labels = {"byte_transformer": "byte Transformer (closest parameter count)",
               "byte_transformer_same_width": "byte Transformer at the middle's width"}
-    for preset in cfg.synergy_models:
-        key = preset.replace("-", "_")
+    for name in cfg.synergy_models:
+        key = name.replace("-", "_")
         for baseline_key in baselines:
-            report.targets.append(Target(f"{preset} bytes/s vs {labels[baseline_key]}",
+            report.targets.append(Target(f"{name} bytes/s vs {labels[baseline_key]}",
                                          ratio(report.value(f"{key}_bytes_per_s"),
                                                report.value(f"{baseline_key}_bytes_per_s")), ">=", 1.5))
-        report.targets.append(Target(f"{preset} router + down/upsampling share of step time",
+        report.targets.append(Target(f"{name} router + down/upsampling share of step time",
                                      report.value(f"{key}_routing_share"), "<", 10.0, "%"))
-        report.targets.append(Target(f"{preset} middle-network MFU vs dense matmul ceiling",
+        report.targets.append(Target(f"{name} middle-network MFU vs dense matmul ceiling",
                                      report.value(f"{key}_middle_mfu"), ">=", 30.0, "%"))
     return report
 
 
-def _add_model_figures(report: BenchReport, key: str, result: dict, what: str) -> None:
+def _add_model_figures(report: BenchResults, key: str, result: dict, what: str) -> None:
     report.add(figure_from(f"{key}_bytes_per_s", result["bytes_per_s"], "B/s",
                            f"{what}, {result['params']:,} parameters, training-step bytes per CPU second"))
     report.add(figure_from(f"{key}_bytes_per_s_wall", result["wall_bytes_per_s"], "B/s", "the same, wall clock"))
@@ -389,7 +431,7 @@ def _add_model_figures(report: BenchReport, key: str, result: dict, what: str) -
                                "accounting training FLOPs (3x forward) / step CPU time / ceiling"))
 
 
-def _add_middle_mfu(report: BenchReport, key: str, result: dict, ceiling_gflops: float | None) -> None:
+def _add_middle_mfu(report: BenchResults, key: str, result: dict, ceiling_gflops: float | None) -> None:
     middle_flops = result.get("middle_flops_per_step")
     if middle_flops and ceiling_gflops:
         mfu = [100 * middle_flops / s / (ceiling_gflops * 1e9) for s in result["middle_seconds"]]
@@ -400,7 +442,7 @@ def _add_middle_mfu(report: BenchReport, key: str, result: dict, ceiling_gflops:
         report.add(missing(f"{key}_middle_mfu", "%", "middle FLOPs or the ceiling not available"))
 
 
-def _add_routing_share(report: BenchReport, key: str, result: dict) -> None:
+def _add_routing_share(report: BenchResults, key: str, result: dict) -> None:
     profiles = result.get("scope_seconds")
     if not profiles:
         report.add(missing(f"{key}_routing_share", "%", "no profiled step (model without stages or --no-profile)"))
@@ -411,11 +453,14 @@ def _add_routing_share(report: BenchReport, key: str, result: dict) -> None:
     scopes, step = profiles[-1], result["profiled_step_seconds"][-1]
     breakdown = ", ".join(f"{name} {100 * scopes[name] / step:.1f}%" for name in sorted(scopes))
     report.add(figure_from(f"{key}_routing_share", shares, "%",
-                           f"torch.profiler, forward + backward of the scopes / whole step (incl. AdamW); "
+                           f"torch.profiler, forward + backward of the model's route_down + smooth_up labels (router, "
+                           f"down/upsampling, smoothing) / whole step (incl. AdamW); "
                            f"last profiled step {step:.2f} s: {breakdown}"))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=None, metavar="YAML",
+                        help=f"training config whose model: section is benchmarked (default {DEFAULT_CONFIG})")
     parser.add_argument("--seq-len", type=int, default=None, help="model benchmark sequence length (default 4096)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per model (default 4)")
     parser.add_argument("--synergy-model", action="append", default=None, choices=list(SYNERGY_MODELS),
@@ -428,6 +473,8 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
     cfg = ModelBenchConfig()
     if args.quick:  # a smoke run of the harness
         cfg.seq_len, cfg.steps, cfg.warmup_steps, cfg.matmul_size = 256, 2, 1, 256
+    if getattr(args, "config", None):
+        cfg.config = args.config
     if args.seq_len is not None:
         cfg.seq_len = args.seq_len
     if args.steps is not None:

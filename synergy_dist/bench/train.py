@@ -38,9 +38,17 @@ from pathlib import Path
 
 import yaml
 
-from synergy_dist.bench.report import BenchReport, Figure, Target, figure_from, missing, ratio
+from synergy_dist.bench.loop import PlainLoop
+from synergy_dist.bench.paths import REPO, resolve
+from synergy_dist.bench.results import (
+    BenchResults,
+    Figure,
+    Target,
+    figure_from,
+    missing,
+    ratio,
+)
 
-REPO = Path(__file__).resolve().parents[2]
 VARIANTS = ("dense", "moe")
 SCALING_TARGET = 0.85  # per-rank throughput at 2 ranks / at 1 rank
 OVERHEAD_TARGET_PERCENT = 5.0  # trainer step time beyond forward + backward + optimizer
@@ -96,12 +104,6 @@ class TrainBenchConfig:
 
     def config_path(self, variant: str) -> Path:
         return resolve(self.dense_config if variant == "dense" else self.moe_config)
-
-
-def resolve(path: str) -> Path:
-    """A config path as given, or relative to the repository (configs/... works from any directory)."""
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else REPO / p
 
 
 # ---------------------------------------------------------------------------------- arithmetic
@@ -226,19 +228,17 @@ def launch(config_path: Path, world: int, steps: int) -> tuple[list[dict], str]:
 # ---------------------------------------------------------------------------------- overhead (worker)
 
 
-class PlainLoop:
-    """The model's forward + backward + torch AdamW step on the trainer's batches, no trainer around it:
-    same config, init seed, data stream, micro-batching, learning-rate schedule and gradient clipping."""
+class PlainBaseline:
+    """The model's forward + backward + torch AdamW step on the trainer's batches, no trainer around it
+    (bench/loop.py): same config, init seed, data stream, micro-batching, learning-rate schedule and
+    gradient clipping."""
 
     def __init__(self, cfg, steps: int):
-        import torch
-
         from data_pipeline.stream import StreamingByteDataset
         from synergy_dist.model.synergy import SynergyLM
         from synergy_dist.train.data import sample_shards
         from synergy_dist.train.seeding import seed_everything
 
-        self.cfg = cfg
         self.micro_steps = cfg.grad_accumulation_steps(1)
         sources = list(cfg.data.sources) or sample_shards(cfg, is_main=True)[0]
         data = StreamingByteDataset(sources, seq_len=cfg.data.seq_len, global_batch_size=cfg.global_batch_sequences(),
@@ -249,28 +249,12 @@ class PlainLoop:
         seed_everything(cfg.seed)
         self.model = SynergyLM(cfg.model)
         self.model.train()
-        o = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.model.param_groups(o.weight_decay), lr=cfg.train.lr,
-                                           betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.loop = PlainLoop(self.model, self.model.param_groups(cfg.optim.weight_decay), cfg)
 
     def step(self, step: int) -> None:
-        import torch
-
-        from synergy_dist.model.moe.layer import update_moe_biases
-        from synergy_dist.train.schedule import lr_at
-
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.cfg) * group.get("lr_mult", 1.0)
-        for micro in range(self.micro_steps):
-            batch = self.batches[step * self.micro_steps + micro]
-            out = self.model(batch["input_ids"], labels=batch["labels"])
-            (out.loss / self.micro_steps).backward()
-        if self.cfg.optim.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        update_moe_biases(self.model)
+        first = step * self.micro_steps
+        self.loop.step(step, self.batches[first:first + self.micro_steps],
+                       lambda batch: (self.model(batch["input_ids"], labels=batch["labels"]).loss, None))
 
 
 def overhead_steps(config_path: str, run_dir: str, steps: int, warmup_steps: int) -> dict:
@@ -287,7 +271,7 @@ def overhead_steps(config_path: str, run_dir: str, steps: int, warmup_steps: int
     torch.set_num_threads(1)
     trainer = Trainer(cfg)
     trainer._restart_data()
-    plain = PlainLoop(cfg, steps)
+    plain = PlainBaseline(cfg, steps)
     times: dict[str, list[float]] = {"trainer_wall_s": [], "trainer_cpu_s": [], "plain_wall_s": [], "plain_cpu_s": [],
                                      "own_cpu_s": []}
     for step in range(steps):
@@ -350,10 +334,10 @@ def checkpoint_costs(config_path: str, run_dir: str, zero_stage: int, repeats: i
     import torch
     import torch.distributed as dist
 
+    from synergy_dist.bench.timing import rss_kib
     from synergy_dist.config import load_config
     from synergy_dist.train import checkpoint as ckpt
     from synergy_dist.train.trainer import Trainer
-    from synergy_dist.bench.timing import rss_kib
 
     overrides = [f"run.dir={run_dir}", f"deepspeed.zero_stage={zero_stage}", "precision.dtype=fp32",
                  "train.eval_every_steps=0", "train.sample_bytes=0", "train.threads=1", "checkpoint.resume=false",
@@ -423,7 +407,7 @@ def run_worker(job: str, kwargs: dict, log: Path, world: int = 1) -> tuple[dict 
 # ---------------------------------------------------------------------------------- the benchmark
 
 
-def measure_checkpoints(cfg: TrainBenchConfig, report: BenchReport, work: Path) -> None:
+def measure_checkpoints(cfg: TrainBenchConfig, report: BenchResults, work: Path) -> None:
     for config in cfg.checkpoint_configs:
         name = Path(config).stem
         load = load_average()
@@ -451,7 +435,7 @@ def measure_checkpoints(cfg: TrainBenchConfig, report: BenchReport, work: Path) 
                                f"process peak RSS {result['peak_rss_mib']:,.0f} MiB"))
 
 
-def measure_variant(cfg: TrainBenchConfig, variant: str, report: BenchReport, work: Path) -> None:
+def measure_variant(cfg: TrainBenchConfig, variant: str, report: BenchResults, work: Path) -> None:
     per_rank: dict[int, float | None] = {}
     cpu_per_rank: dict[int, float | None] = {}
     for world in (1, cfg.world_size):
@@ -491,7 +475,7 @@ def measure_variant(cfg: TrainBenchConfig, variant: str, report: BenchReport, wo
                                  SCALING_TARGET))
 
 
-def measure_rank_cpu(cfg: TrainBenchConfig, key: str, config_path: Path, world: int, report: BenchReport,
+def measure_rank_cpu(cfg: TrainBenchConfig, key: str, config_path: Path, world: int, report: BenchResults,
                      work: Path) -> float | None:
     """Median CPU seconds per step and rank of Trainer.train_step(), every rank's steady steps pooled."""
     name = config_path.stem
@@ -511,7 +495,7 @@ def measure_rank_cpu(cfg: TrainBenchConfig, key: str, config_path: Path, world: 
                                   f"{load_average()}")).value
 
 
-def measure_overhead(cfg: TrainBenchConfig, variant: str, config_path: Path, report: BenchReport, work: Path) -> None:
+def measure_overhead(cfg: TrainBenchConfig, variant: str, config_path: Path, report: BenchResults, work: Path) -> None:
     load = load_average()
     result, error = run_worker("overhead", {"config_path": str(config_path), "run_dir": str(work / f"{variant}-overhead"),
                                             "steps": cfg.steps, "warmup_steps": cfg.warmup_steps},
@@ -557,9 +541,9 @@ def use_every_core() -> set[int]:
     return os.sched_getaffinity(0)
 
 
-def run(cfg: TrainBenchConfig, command: str) -> BenchReport:
+def run(cfg: TrainBenchConfig, command: str) -> BenchResults:
     cfg.validate()
-    report = BenchReport(name="train", command=command)
+    report = BenchResults(name="train", command=command)
     cpus = use_every_core()
     if len(cpus) < cfg.world_size:
         report.notes.append(f"only CPUs {sorted(cpus)} are available: {cfg.world_size} ranks share them, the "

@@ -1,7 +1,8 @@
-"""`synergy-bench data|model|train|quality|all [--out DIR] [--quick]`: run benchmarks, write JSON + markdown.
+"""`synergy-bench data|model|train|all [--out DIR] [--quick]`: run benchmarks, write JSON + markdown.
 
 Writes OUT/<name>.json and OUT/<name>.md (name = the benchmark, or "all") and prints the markdown.
 Each benchmark module offers add_arguments(parser), config_from_args(args) and run(cfg, command).
+The research comparisons (quality table, other libraries) run from a checkout: see benchmarks/.
 """
 
 from __future__ import annotations
@@ -17,12 +18,11 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from synergy_dist.bench import data as data_bench  # noqa: E402
 from synergy_dist.bench import model as model_bench  # noqa: E402
-from synergy_dist.bench import quality as quality_bench  # noqa: E402
 from synergy_dist.bench import train as train_bench  # noqa: E402
-from synergy_dist.bench.report import write_report  # noqa: E402
+from synergy_dist.bench.results import write_results  # noqa: E402
 from synergy_dist.bench.timing import restored_affinity  # noqa: E402
 
-BENCHMARKS = {"data": data_bench, "model": model_bench, "train": train_bench, "quality": quality_bench}  # `all` runs them in this order
+BENCHMARKS = {"data": data_bench, "model": model_bench, "train": train_bench}  # `all` runs them in this order
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,16 +42,16 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     selected = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
-    reports = []
+    benches = []
     try:
         for name in selected:
             module = BENCHMARKS[name]
             with restored_affinity():  # data and model pin this process to one core
-                reports.append(module.run(module.config_from_args(args), command))
+                benches.append(module.run(module.config_from_args(args), command))
     except (ValueError, FileNotFoundError) as e:
         print(f"synergy-bench: error: {e}", file=sys.stderr)
         return 2
-    json_path, md_path = write_report(out_dir, reports, stem=args.benchmark, load_at_start=load_at_start)
+    json_path, md_path = write_results(out_dir, benches, stem=args.benchmark, load_at_start=load_at_start)
     print(md_path.read_text())
     print(f"synergy-bench: wrote {json_path} and {md_path}", file=sys.stderr)
     return 0

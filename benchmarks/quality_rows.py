@@ -1,8 +1,9 @@
-"""The rows of the quality comparison (`synergy-bench quality`), as ModelConfigs.
+"""The rows of the quality comparison (`python -m benchmarks.quality`), as ModelConfigs.
 
-Rows 1-5 share one hierarchy (the tiny-cpu sizes: Mamba byte encoder/decoder at 128, a 3-layer
-attention middle at 256, target N = 4) and differ only in the part the row is about. Row 6 (plain
-byte Transformer) and row 7 (the Llama/BPE anchor, synergy_dist/bench/anchors/llama_bpe.py) are
+Rows 1-5 share one hierarchy (the `model:` section of configs/tiny-cpu.yaml: Mamba byte
+encoder/decoder at 128, a 3-layer attention middle at 256, target N = 4) and differ only in the part
+the row is about. Row 6 (plain
+byte Transformer) and row 7 (the Llama/BPE anchor, benchmarks/anchors/llama_bpe.py) are
 sized so that their training FLOPs per byte equal row 1's at its target compression.
 """
 
@@ -11,38 +12,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pathlib import Path
-
-from synergy_dist.config import load_config
+from synergy_dist.bench.model import (
+    byte_transformer,
+    load_model_config,
+    with_fixed_router,
+)
 from synergy_dist.model.accounting import flops_per_byte
-from synergy_dist.model.config import ModelConfig, MoEConfig, RouterConfig, StackConfig, mlp_hidden
+from synergy_dist.model.config import ModelConfig, MoEConfig, RouterConfig, mlp_hidden
+
+ROW1_CONFIG = "configs/tiny-cpu.yaml"  # row 1's model; rows 2-6 are built from it
 
 LLAMA_ROW = "llama-bpe"  # row 7: not a ModelConfig, built by the anchor module
 MOE_EXPERTS = 4  # routed experts per middle MoE layer (row 4)
 MOE_TOP_K = 2  # each expert is half the dense MLP, so top-2 computes what the dense MLP computes
-
-
-def tiny_cpu_config() -> ModelConfig:
-    """The model of configs/tiny-cpu.yaml."""
-    return load_config(Path(__file__).resolve().parents[2] / "configs" / "tiny-cpu.yaml").model
-
-
-def byte_transformer_config(d_model: int = 256, depth: int = 6, n_heads: int = 4) -> ModelConfig:
-    """The plain byte-level Transformer baseline: no router, the 'middle' runs on bytes with RoPE."""
-    return ModelConfig(stages=[], d_middle=d_model,
-                       middle=StackConfig(pattern="A", repeat=depth, n_heads=n_heads, pos_encoding="rope"))
-
-
-def fixed_hierarchy_config(kind: str = "space", stride: int = 4) -> ModelConfig:
-    """The tiny-cpu hierarchy with a fixed router ('stride' every k bytes or 'space' after whitespace)."""
-    cfg = tiny_cpu_config()
-    cfg.stages[0].router = RouterConfig(kind=kind, stride=stride, target_bytes_per_concept=float(stride))
-    cfg.validate()
-    return cfg
-
-
-PRESETS = {"tiny-cpu": tiny_cpu_config, "byte-transformer": byte_transformer_config,
-           "fixed-hierarchy": fixed_hierarchy_config}  # the model benchmark's configs by name
 
 
 @dataclass
@@ -53,8 +35,8 @@ class QualityRow:
 
 
 def default_config() -> ModelConfig:
-    """Row 1: the default SynergyLM (learned cosine router, NoPE middle), tiny-cpu sizes."""
-    return tiny_cpu_config()
+    """Row 1: the default SynergyLM (learned cosine router, NoPE middle) of configs/tiny-cpu.yaml."""
+    return load_model_config(ROW1_CONFIG)
 
 
 def gate_router_config() -> ModelConfig:
@@ -91,12 +73,12 @@ def moe_middle_config() -> ModelConfig:
 
 def stride_config() -> ModelConfig:
     """Row 5a: fixed hierarchy, a concept every 4 bytes."""
-    return fixed_hierarchy_config(kind="stride", stride=4)
+    return with_fixed_router(default_config(), "stride", 4)
 
 
 def space_config() -> ModelConfig:
     """Row 5b: fixed hierarchy, a concept per word (boundary after whitespace/punctuation)."""
-    return fixed_hierarchy_config(kind="space")
+    return with_fixed_router(default_config(), "space", 4)
 
 
 def matched_byte_transformer(target_flops_per_byte: float, seq_len: int) -> ModelConfig:
@@ -104,10 +86,11 @@ def matched_byte_transformer(target_flops_per_byte: float, seq_len: int) -> Mode
 
     Width multiples of 32 (head dim 32), depth 1-12; ties are broken towards the deeper model.
     """
+    base = default_config()
     best: tuple[float, int, ModelConfig] | None = None
     for d_model in range(64, 513, 32):
         for depth in range(1, 13):
-            cfg = byte_transformer_config(d_model=d_model, depth=depth, n_heads=d_model // 32)
+            cfg = byte_transformer(base, d_model=d_model, depth=depth, n_heads=d_model // 32)
             gap = abs(flops_per_byte(cfg, seq_len) / target_flops_per_byte - 1)
             if best is None or (gap, -depth) < (best[0], -best[1]):
                 best = (gap, depth, cfg)
@@ -154,5 +137,5 @@ def model_config(name: str, seq_len: int) -> ModelConfig:
     if name == BYTE_TRANSFORMER_ROW.name:
         return matched_byte_transformer(reference_flops_per_byte(seq_len), seq_len)
     if name == LLAMA_ROW:
-        raise ValueError(f"row {LLAMA_ROW!r} is not a SynergyLM: it is built by synergy_dist.bench.anchors.llama_bpe")
+        raise ValueError(f"row {LLAMA_ROW!r} is not a SynergyLM: it is built by benchmarks.anchors.llama_bpe")
     raise ValueError(f"unknown quality row {name!r}; choose from {ROW_NAMES}")

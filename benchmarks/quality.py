@@ -1,17 +1,20 @@
-"""`synergy-bench quality`: bits per byte of SynergyLM variants against a byte Transformer and a Llama/BPE anchor.
+"""`python -m benchmarks.quality`: bits per byte of SynergyLM variants against a byte Transformer and a Llama/BPE anchor.
 
 Protocol (issue 6, "The comparison"):
 - training text: pydocs-train + pystdlib-code (minus a held-out slice of the code, chosen by a hash of
   each file's path), documents shuffled once with the seed and joined as `EOD doc EOD doc ...`;
   every row reads the same prefix of that stream, in the same order, with the same batch size,
-  schedule (AdamW, linear warm-up then cosine), seed and number of training bytes;
+  schedule (AdamW, linear warm-up then cosine: synergy_dist's lr_at), seed and number of training bytes,
+  trained by the benchmarks' one plain loop (synergy_dist/bench/loop.py);
 - compute: rows 6 and 7 are sized so that their training FLOPs per byte equal row 1's at its target
   compression (quality_rows.py); the FLOPs actually spent are measured per step from the realised
   compression (accounting.flops_per_byte) or the BPE token count, and reported relative to row 1;
 - evaluation: bits per byte = total nats / (ln 2 * total UTF-8 bytes) over every byte of every
-  document of pydocs-valid (each document read from its start, in windows of seq_len units) and of
-  the held-out code, plus per pydocs section (library, c-api, howto, ...); bytes per concept (or per
-  BPE token) on pydocs-valid;
+  document of pydocs-valid and of the held-out code, plus per pydocs section (library, c-api, howto,
+  ...), read the way synergy_dist.evaluate reads a source: the section's documents in order as
+  `EOD doc EOD doc ... EOD`, in windows of seq_len units that overlap by one, EOD predictions not
+  counted (byte rows: synergy_dist.evaluate itself; the BPE row: the same windows over token ids);
+  bytes per concept (or per BPE token) on pydocs-valid;
 - each row trains in its own process on one pinned core: training bytes/s (wall and CPU time) and
   that process's peak resident memory are its own.
 """
@@ -26,13 +29,15 @@ import json
 import math
 import os
 import random
+import shlex
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from synergy_dist.bench.quality_rows import (
+from benchmarks.quality_plots import write_plots
+from benchmarks.quality_rows import (
     LLAMA_ROW,
     REFERENCE_ROW,
     ROW_NAMES,
@@ -40,17 +45,31 @@ from synergy_dist.bench.quality_rows import (
     reference_flops_per_byte,
     row_info,
 )
+from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
 from synergy_dist.bench.data import default_corpora_dir
-from synergy_dist.bench.quality_plots import write_plots
-from synergy_dist.bench.report import BenchReport, Figure, Target, ratio
-from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, pin_to_one_core, rss_kib
+from synergy_dist.bench.loop import PlainLoop
+from synergy_dist.bench.results import (
+    BenchResults,
+    Figure,
+    Target,
+    ratio,
+    write_results,
+)
+from synergy_dist.bench.timing import (
+    Stopwatch,
+    peak_rss_kib,
+    pin_to_one_core,
+    restored_affinity,
+    rss_kib,
+)
+from synergy_dist.config import Config, config_from_dict
 from synergy_dist.report import ReportError
 
+REPO = Path(__file__).resolve().parents[1]  # the checkout holding benchmarks/
 TRAIN_FILES = ("pydocs-train.jsonl.zst", "pystdlib-code.jsonl.zst")
 VALID_FILE = "pydocs-valid.jsonl.zst"
 CODE_FILE = "pystdlib-code.jsonl.zst"
 PYDOCS_SET, CODE_SET = "pydocs-valid", "pystdlib-code-heldout"
-EOD, PAD, IGNORE = 256, 257, -100  # data_pipeline/vocab.py ids (kept literal: the anchor worker shares this file)
 LN2 = math.log(2.0)
 FLOPS_TOLERANCE = 0.15  # rows' measured training FLOPs may differ from row 1's by this fraction (realised compression varies)
 
@@ -121,13 +140,16 @@ def bits_per_byte(total_nats: float, total_bytes: int) -> float:
     return total_nats / (LN2 * total_bytes)
 
 
-def learning_rate(step: int, steps: int, peak: float, warmup_fraction: float, min_lr_ratio: float) -> float:
-    """Linear warm-up from peak/warmup to peak, then cosine from peak to min_lr_ratio * peak at the last step."""
-    warmup = max(1, round(warmup_fraction * steps))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - 1 - warmup)
-    return peak * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+def training_config(cfg: QualityConfig, steps: int) -> Config:
+    """The rows' optimizer and schedule as a training Config (what PlainLoop and lr_at read): AdamW betas
+    0.9/0.95, linear warm-up over warmup_fraction of the steps, then cosine down to min_lr_ratio x lr at
+    the last step (lr_at reaches the floor at step train.max_steps; the last step is steps - 1)."""
+    return config_from_dict({
+        "train": {"lr": cfg.lr, "max_steps": max(1, steps - 1)},
+        "schedule": {"kind": "cosine", "warmup_steps": max(1, round(cfg.warmup_fraction * steps)),
+                     "min_lr_ratio": cfg.min_lr_ratio},
+        "optim": {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip},
+    })
 
 
 def train_bytes_for_budget(bytes_per_s: float, minutes: float, batch_size: int, seq_len: int) -> int:
@@ -212,21 +234,24 @@ def packed_batches(stream: list[int], seq_len: int, batch_size: int, steps: int)
         yield batch[:, :-1], batch[:, 1:]
 
 
-def document_windows(units: list[int], start: int, seq_len: int) -> list[tuple[list[int], list[int]]]:
-    """Every unit of a document predicted once: inputs (start + units)[i*T : i*T+T], labels shifted by one
-    (the last window's inputs stop where its labels stop, so concepts are counted only where a unit is predicted)."""
-    seq = [start, *units]
-    return [(seq[i:min(i + seq_len, len(units))], seq[i + 1:i + seq_len + 1]) for i in range(0, len(units), seq_len)]
+def token_windows(documents: list[list[int]], separator: int, pad: int, seq_len: int) -> list[list[int]]:
+    """synergy_dist.evaluate.windows over token ids (the BPE row): windows of seq_len + 1 ids over
+    `sep doc sep doc ... sep`, consecutive windows sharing one id, the last one padded with `pad`."""
+    stream = [separator]
+    for doc in documents:
+        stream += [*doc, separator]
+    span = seq_len + 1
+    return [stream[i:i + span] + [pad] * max(0, i + span - len(stream)) for i in range(0, len(stream) - 1, seq_len)]
 
 
-def padded(windows: list[tuple[list[int], list[int]]], seq_len: int, pad: int):
+def token_window_batch(rows: list[list[int]], separator: int):
+    """(inputs, labels) of token windows; predictions of the separator (and of padding) are not counted,
+    like synergy_dist.evaluate.window_batch does for EOD and PAD."""
     import torch
 
-    inputs = torch.full((len(windows), seq_len), pad, dtype=torch.long)
-    labels = torch.full((len(windows), seq_len), IGNORE, dtype=torch.long)
-    for i, (x, y) in enumerate(windows):
-        inputs[i, :len(x)] = torch.tensor(x)
-        labels[i, :len(y)] = torch.tensor(y)
+    ids = torch.tensor(rows, dtype=torch.long)
+    inputs, labels = ids[:, :-1].clone(), ids[:, 1:].clone()
+    labels[labels == separator] = IGNORE_INDEX
     return inputs, labels
 
 
@@ -241,8 +266,8 @@ class RowModel:
     param_groups: list[dict]  # optimizer groups (with an optional "lr_mult")
     loss: Callable  # (inputs, labels) -> (mean loss to minimise, summed nats of labels, stats dict)
     train_flops: Callable  # (stats, inputs) -> measured training FLOPs of that step
+    evaluate: Callable  # (texts, batch_size) -> {"nats", "bytes", "units", "concepts", "documents"} over the texts in order
     separator: int  # the document start unit
-    pad: int  # the unit that fills short evaluation windows
     seq_len: int  # units per window
     encode: Callable  # text -> units
     details: dict  # params, sizes and design FLOPs, reported as they are
@@ -253,8 +278,9 @@ def synergy_row(name: str, cfg: QualityConfig) -> RowModel:
     import torch
     import torch.nn.functional as F
 
-    from synergy_dist.model.synergy import SynergyLM
+    from synergy_dist.evaluate import evaluate_documents
     from synergy_dist.model.accounting import flops_per_byte, param_counts
+    from synergy_dist.model.synergy import SynergyLM
 
     model_cfg = model_config(name, cfg.seq_len)
     torch.manual_seed(cfg.seed)
@@ -263,13 +289,15 @@ def synergy_row(name: str, cfg: QualityConfig) -> RowModel:
 
     def loss(inputs, labels):
         out = model(inputs, labels=labels)
-        nats = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE,
+        nats = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                reduction="sum")
-        valid = int((inputs != PAD).sum())
-        rate = float(out.stats.boundary_rate) if n_stages else 1.0
-        stats = {"units": valid, "concepts": rate * valid,
-                 "bytes_per_concept": [max(float(stage.bytes_per_concept), 1.0) for stage in out.stats.stages]}
-        return out.loss, nats, stats
+        return out.loss, nats, forward_stats(out, inputs, n_stages)
+
+    def evaluate(texts, batch_size):
+        tally = evaluate_documents(model, (t.encode() for t in texts), cfg.seq_len, batch_size)
+        concepts = tally.stages[0].concepts if tally.stages else tally.bytes  # a byte model: every byte
+        return {"nats": tally.nats, "bytes": tally.bytes, "units": tally.bytes, "concepts": concepts,
+                "documents": tally.documents}
 
     def train_flops(stats, inputs):
         return flops_per_byte(model_cfg, cfg.seq_len, stats["bytes_per_concept"] or None) * inputs.numel()
@@ -278,17 +306,26 @@ def synergy_row(name: str, cfg: QualityConfig) -> RowModel:
     details = {"params_total": counts["total"], "params_active": counts["active"],
                "design_train_flops_per_byte": flops_per_byte(model_cfg, cfg.seq_len),
                "model_config": asdict(model_cfg)}
-    return RowModel(model, model.param_groups(cfg.weight_decay), loss, train_flops, EOD, PAD, cfg.seq_len,
+    return RowModel(model, model.param_groups(cfg.weight_decay), loss, train_flops, evaluate, EOD_ID, cfg.seq_len,
                     lambda text: list(text.encode()), details)
+
+
+def forward_stats(out, inputs, n_stages: int) -> dict:
+    """What a training step of a byte row reports: valid inputs ("units"), stage-0 concepts, and the bytes
+    per concept (cumulative, at least 1) each stage realised."""
+    valid = int((inputs != PAD_ID).sum())
+    rate = float(out.stats.boundary_rate) if n_stages else 1.0
+    return {"units": valid, "concepts": rate * valid,
+            "bytes_per_concept": [max(float(stage.bytes_per_concept), 1.0) for stage in out.stats.stages]}
 
 
 def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
     import torch.nn.functional as F
 
-    from synergy_dist.bench.anchors import llama_bpe
-    from synergy_dist.bench.quality_rows import default_config
-    from synergy_dist.model.synergy import SynergyLM
+    from benchmarks.anchors import llama_bpe
+    from benchmarks.quality_rows import default_config
     from synergy_dist.model.accounting import param_counts
+    from synergy_dist.model.synergy import SynergyLM
 
     tokenizer_path = Path(cfg.work_dir) / f"bpe-{cfg.bpe_vocab}-seed{cfg.seed}-heldout{cfg.code_heldout_fraction}.json"
     if tokenizer_path.is_file():
@@ -300,6 +337,7 @@ def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
         tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(tokenizer_path))
     lengths = llama_bpe.token_byte_lengths(tokenizer)
+    separator = tokenizer.token_to_id(llama_bpe.SEPARATOR)  # 0: the document start / end token
     sample = _docs_covering(train_docs, 2_000_000)  # the stream's first ~2 MB: bytes per token for the sizing
     sample_bytes = sum(len(t.encode()) for t in sample)
     bytes_per_token = sample_bytes / sum(len(e.ids) for e in tokenizer.encode_batch(sample))
@@ -312,9 +350,25 @@ def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
 
     def loss(inputs, labels):
         logits = llama_bpe.next_token_logits(model, inputs).float().flatten(0, 1)
-        nats = F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE, reduction="sum")
-        count = int((labels != IGNORE).sum())  # tokens predicted: each is one "concept" of the BPE model
+        nats = F.cross_entropy(logits, labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+        count = int((labels != IGNORE_INDEX).sum())  # tokens predicted: each is one "concept" of the BPE model
         return nats / max(count, 1), nats, {"units": count, "concepts": count}
+
+    def evaluate(texts, batch_size):
+        import torch
+
+        rows = token_windows([tokenizer.encode(t).ids for t in texts], separator, separator, seq_len)
+        total = {"nats": 0.0, "bytes": sum(len(t.encode()) for t in texts), "units": 0, "concepts": 0,
+                 "documents": len(texts)}
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(rows), batch_size):
+                _, nats, stats = loss(*token_window_batch(rows[i:i + batch_size], separator))
+                total["nats"] += float(nats)
+                total["units"] += stats["units"]
+                total["concepts"] += stats["concepts"]
+        model.train()
+        return total
 
     def train_flops(stats, inputs):
         return llama_bpe.flops_per_token(size, seq_len) * inputs.numel()
@@ -327,34 +381,24 @@ def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
                "design_train_flops_per_byte": llama_bpe.flops_per_token(size, seq_len) / bytes_per_token,
                "transformers_attention": getattr(model.config, "_attn_implementation", "unknown")}
     details["params_active"] = details["params_total"]
-    return RowModel(model, groups, loss, train_flops, 0, 0, seq_len, lambda text: tokenizer.encode(text).ids,
-                    details, lengths)
+    return RowModel(model, groups, loss, train_flops, evaluate, separator, seq_len,
+                    lambda text: tokenizer.encode(text).ids, details, lengths)
 
 
 def train_row(row: RowModel, stream: list[int], cfg: QualityConfig, steps: int) -> dict:
     import torch
 
     torch.manual_seed(cfg.seed)
-    groups = [dict(g, lr_mult=g.get("lr_mult", 1.0)) for g in row.param_groups]
-    optimizer = torch.optim.AdamW([{k: v for k, v in g.items() if k in ("params", "weight_decay")} for g in groups],
-                                  lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8)
-    params = [p for g in groups for p in g["params"]]
+    loop = PlainLoop(row.module, row.param_groups, training_config(cfg, steps))
     row.module.train()
     flops, losses, units, concepts = 0.0, [], 0, 0.0
     clock = Stopwatch()
     for step, (inputs, labels) in enumerate(packed_batches(stream, row.seq_len, cfg.batch_size, steps)):
-        lr = learning_rate(step, steps, cfg.lr, cfg.warmup_fraction, cfg.min_lr_ratio)
-        for group, spec in zip(optimizer.param_groups, groups):
-            group["lr"] = lr * spec["lr_mult"]
-        loss, nats, stats = row.loss(inputs, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+        [(nats, stats)] = loop.step(step, [(inputs, labels)], lambda batch: _loss_and_info(row, batch))
         flops += row.train_flops(stats, inputs)
         units += stats["units"]
         concepts += stats["concepts"]
-        losses.append(float(nats.detach()) / (LN2 * int((labels != IGNORE).sum())))  # train bits per unit
+        losses.append(float(nats.detach()) / (LN2 * int((labels != IGNORE_INDEX).sum())))  # train bits per unit
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"training diverged at step {step}: loss {losses[-1]}")
     wall, cpu = clock.wall(), clock.cpu()
@@ -363,35 +407,27 @@ def train_row(row: RowModel, stream: list[int], cfg: QualityConfig, steps: int) 
             "train_bits_per_unit_last10": sum(losses[-10:]) / len(losses[-10:]), "train_curve": losses}
 
 
-def evaluate_row(row: RowModel, sets: dict[str, list[tuple[str, str]]], batch_size: int) -> dict:
-    """Per set and group: summed nats, UTF-8 bytes, units read (tokens or bytes) and concepts."""
-    import torch
+def _loss_and_info(row: RowModel, batch: tuple) -> tuple:
+    """PlainLoop's (loss, info) from a row's (loss, nats, stats)."""
+    loss, nats, stats = row.loss(*batch)
+    return loss, (nats, stats)
 
-    row.module.eval()
+
+def evaluate_row(row: RowModel, sets: dict[str, list[tuple[str, str]]], batch_size: int) -> dict:
+    """Per set and group (a pydocs section): summed nats, UTF-8 bytes, units read (tokens or bytes) and
+    concepts; each group's documents are read in order as one stream (row.evaluate)."""
     results = {}
-    with torch.no_grad():
-        for name, docs in sets.items():
-            groups: dict[str, dict] = {}
-            for group, text in docs:
-                acc = groups.setdefault(group, {"nats": 0.0, "bytes": 0, "units": 0, "concepts": 0.0, "documents": 0})
-                acc["bytes"] += len(text.encode())
-                acc["documents"] += 1
-                units = row.encode(text)
-                windows = document_windows(units, row.separator, row.seq_len)
-                for i in range(0, len(windows), batch_size):
-                    inputs, labels = padded(windows[i:i + batch_size], row.seq_len, row.pad)
-                    _, nats, stats = row.loss(inputs, labels)
-                    acc["nats"] += float(nats)
-                    acc["units"] += int((labels != IGNORE).sum())
-                    acc["concepts"] += stats["concepts"]
-            total = {k: sum(g[k] for g in groups.values()) for k in ("nats", "bytes", "units", "concepts", "documents")}
-            results[name] = {
-                "bits_per_byte": bits_per_byte(total["nats"], total["bytes"]),
-                "bytes_per_unit": total["bytes"] / total["units"],  # bytes per BPE token (1.0 for byte rows)
-                "bytes_per_concept": total["bytes"] / total["concepts"],  # per concept (BPE: per token)
-                "concepts": total["concepts"], **total,
-                "groups": {g: dict(v, bits_per_byte=bits_per_byte(v["nats"], v["bytes"])) for g, v in sorted(groups.items())},
-            }
+    for name, docs in sets.items():
+        groups = {group: row.evaluate([t for g, t in docs if g == group], batch_size)
+                  for group in dict.fromkeys(g for g, _ in docs)}
+        total = {k: sum(g[k] for g in groups.values()) for k in ("nats", "bytes", "units", "concepts", "documents")}
+        results[name] = {
+            "bits_per_byte": bits_per_byte(total["nats"], total["bytes"]),
+            "bytes_per_unit": total["bytes"] / total["units"],  # bytes per BPE token (1.0 for byte rows)
+            "bytes_per_concept": total["bytes"] / total["concepts"],  # per concept (BPE: per token)
+            "concepts": total["concepts"], **total,
+            "groups": {g: dict(v, bits_per_byte=bits_per_byte(v["nats"], v["bytes"])) for g, v in sorted(groups.items())},
+        }
     return results
 
 
@@ -411,7 +447,7 @@ def run_row(name: str, cfg: QualityConfig) -> dict:
                                                               train_bytes, cfg.batch_size * row.seq_len)
     else:
         row = synergy_row(name, cfg)
-        stream = unit_stream([list(t.encode()) for t in _docs_covering(train_docs, train_bytes + 1)], EOD,
+        stream = unit_stream([list(t.encode()) for t in _docs_covering(train_docs, train_bytes + 1)], EOD_ID,
                              train_bytes + 1)
         trained_bytes = train_bytes
     rss_model = rss_kib("VmRSS")
@@ -466,16 +502,13 @@ def calibrate(cfg: QualityConfig, steps: int = 3) -> float:
     torch.set_num_threads(1)
     row = synergy_row(REFERENCE_ROW, cfg)
     docs = _docs_covering(training_documents(cfg), (steps + 1) * cfg.batch_size * cfg.seq_len + 1)
-    stream = unit_stream([list(t.encode()) for t in docs], EOD, (steps + 1) * cfg.batch_size * cfg.seq_len + 1)
-    optimizer = torch.optim.AdamW(row.module.parameters(), lr=cfg.lr)
+    stream = unit_stream([list(t.encode()) for t in docs], EOD_ID, (steps + 1) * cfg.batch_size * cfg.seq_len + 1)
+    loop = PlainLoop(row.module, row.param_groups, training_config(cfg, steps + 1))
     clock = None
     for step, (inputs, labels) in enumerate(packed_batches(stream, cfg.seq_len, cfg.batch_size, steps + 1)):
         if step == 1:
             clock = Stopwatch()
-        loss, _, _ = row.loss(inputs, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        loop.step(step, [(inputs, labels)], lambda batch: _loss_and_info(row, batch))
     return steps * cfg.batch_size * cfg.seq_len / clock.cpu()
 
 
@@ -490,8 +523,9 @@ def worker_main() -> None:
 
 
 def run_worker(job: dict, timeout_s: float = 4 * 3600) -> tuple[dict | None, str]:
-    code = "from synergy_dist.bench.quality import worker_main; worker_main()"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    code = "from benchmarks.quality import worker_main; worker_main()"
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))  # finds benchmarks/
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True, env=env,
                           timeout=timeout_s)
     if proc.returncode != 0:
@@ -504,12 +538,12 @@ def run_worker(job: dict, timeout_s: float = 4 * 3600) -> tuple[dict | None, str
 # ---------------------------------------------------------------------------------- the benchmark
 
 
-def run(cfg: QualityConfig, command: str) -> BenchReport:
+def run(cfg: QualityConfig, command: str) -> BenchResults:
     """Train and evaluate the selected rows (each in its own process), or with table_from only read
     earlier results (e.g. two runs that shared the machine, one per core); then the figures, the
     goals, the markdown table and the plots (in work_dir)."""
     cfg.validate()
-    report = BenchReport(name="quality", command=command)
+    report = BenchResults(name="quality", command=command)
     if cfg.table_from:
         results = load_results(cfg.table_from)
         report.notes.append(f"results of earlier runs, read from {', '.join(cfg.table_from)}")
@@ -534,7 +568,7 @@ def _settings_of(results: dict[str, dict]) -> list[str]:
     return [f"loaded rows: {', '.join(results)}; " + ", ".join(f"{k} {v[0] if len(v) == 1 else v}" for k, v in seen.items())]
 
 
-def train_rows(cfg: QualityConfig, report: BenchReport) -> dict[str, dict]:
+def train_rows(cfg: QualityConfig, report: BenchResults) -> dict[str, dict]:
     cpu = pin_to_one_core()
     if cfg.train_bytes == 0:
         measured, error = run_worker({"mode": "calibrate", "cfg": asdict(cfg)})
@@ -561,7 +595,7 @@ def train_rows(cfg: QualityConfig, report: BenchReport) -> dict[str, dict]:
     return results
 
 
-def add_figures(report: BenchReport, results: dict[str, dict]) -> None:
+def add_figures(report: BenchResults, results: dict[str, dict]) -> None:
     reference = results.get(REFERENCE_ROW)
     for name, r in results.items():
         pydocs = r["eval"].get(PYDOCS_SET, {})
@@ -676,3 +710,35 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
     if out:
         cfg.work_dir = str(Path(out) / "quality")
     return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON + markdown go (default bench_out)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke-run the harness (tiny sizes): checks it works, numbers mean little")
+    parser.add_argument("--corpora", default=None, metavar="DIR",
+                        help="directory of the shared corpora (default: $SYNERGY_CORPORA or ../shared/corpora)")
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    command = shlex.join(["python", "-m", "benchmarks.quality", *(sys.argv[1:] if argv is None else argv)])
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
+    try:
+        with restored_affinity():  # training the rows pins this process to one core
+            report = run(config_from_args(args), command)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"quality: error: {e}", file=sys.stderr)
+        return 2
+    json_path, md_path = write_results(Path(args.out), [report], stem="quality", load_at_start=load_at_start)
+    print(md_path.read_text())
+    print(f"quality: wrote {json_path} and {md_path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,4 +1,4 @@
-"""PNG plots of the quality comparison (`synergy-bench quality`), from the rows' result JSON.
+"""PNG plots of the quality comparison (`python -m benchmarks.quality`), from the rows' result JSON.
 
 Each function writes one PNG and returns the numbers it drew, so that tests compare them with the
 results instead of only checking that a file exists.
@@ -12,7 +12,7 @@ import numpy as np
 
 from synergy_dist.report import require_matplotlib, save_png
 
-PYDOCS_SET, CODE_SET = "pydocs-valid", "pystdlib-code-heldout"  # the evaluation sets of bench/quality.py
+PYDOCS_SET, CODE_SET = "pydocs-valid", "pystdlib-code-heldout"  # the evaluation sets of benchmarks/quality.py
 SMOOTH_STEPS = 25  # moving-average window of the training curves
 
 

@@ -1,6 +1,6 @@
-"""What every benchmark reports: the machine, the date, figures, targets; written as JSON + markdown.
+"""What every benchmark records: the machine, the date, figures, targets; written as JSON + markdown.
 
-A benchmark fills a `BenchReport` with `Figure`s (a median over repeats, with the raw repeats kept)
+A benchmark fills a `BenchResults` with `Figure`s (a median over repeats, with the raw repeats kept)
 and `Target`s (a figure or a ratio of two figures checked against a threshold). Ratios are always
 between figures measured in the same run, because the machine is shared and absolute speeds drift.
 """
@@ -49,7 +49,7 @@ class Target:
 
 
 @dataclass
-class BenchReport:
+class BenchResults:
     """Everything one benchmark (data, model, ...) measured in one run."""
 
     name: str = ""  # benchmark name: "data" or "model"
@@ -144,7 +144,7 @@ def _fmt(value: float | None, unit: str = "") -> str:
     return f"{text} {unit}".strip() if unit not in ("x",) else f"{text}x"
 
 
-def render_markdown(machine: dict, reports: list[BenchReport]) -> str:
+def render_markdown(machine: dict, benches: list[BenchResults]) -> str:
     """A readable summary: machine, then per benchmark a targets table and a figures table."""
     lines = [
         "# synergy-bench results",
@@ -156,40 +156,40 @@ def render_markdown(machine: dict, reports: list[BenchReport]) -> str:
         f"- python {machine['python']}, torch {machine['torch']}",
         "",
     ]
-    for report in reports:
-        lines += [f"## {report.name}", "", f"Command: `{report.command}`", ""]
-        if report.targets:
+    for bench in benches:
+        lines += [f"## {bench.name}", "", f"Command: `{bench.command}`", ""]
+        if bench.targets:
             lines += ["| goal | measured | target | status |", "|---|---|---|---|"]
-            for target in report.targets:
+            for target in bench.targets:
                 lines.append(
                     f"| {target.name} | {_fmt(target.measured, target.unit)} | "
                     f"{target.op} {_fmt(target.threshold, target.unit)} | {target.status} |"
                 )
             lines.append("")
         lines += ["| figure | median | repeats | how |", "|---|---|---|---|"]
-        for figure in report.figures.values():
+        for figure in bench.figures.values():
             repeats = ", ".join(_fmt(s, figure.unit) for s in figure.samples)
             lines.append(f"| {figure.name} | {_fmt(figure.value, figure.unit)} | {repeats} | {figure.detail} |")
         lines.append("")
-        for note in report.notes:
+        for note in bench.notes:
             lines.append(f"- {note}")
-        if report.notes:
+        if bench.notes:
             lines.append("")
-        if report.appendix:
-            lines += [report.appendix, ""]
+        if bench.appendix:
+            lines += [bench.appendix, ""]
     return "\n".join(lines)
 
 
-def to_json(machine: dict, reports: list[BenchReport]) -> dict:
+def to_json(machine: dict, benches: list[BenchResults]) -> dict:
     out = {"machine": machine, "benchmarks": {}}
-    for report in reports:
-        entry = asdict(report)
-        entry["targets"] = [dict(asdict(t), status=t.status) for t in report.targets]
-        out["benchmarks"][report.name] = entry
+    for bench in benches:
+        entry = asdict(bench)
+        entry["targets"] = [dict(asdict(t), status=t.status) for t in bench.targets]
+        out["benchmarks"][bench.name] = entry
     return out
 
 
-def write_report(out_dir: Path, reports: list[BenchReport], stem: str = "results",
+def write_results(out_dir: Path, benches: list[BenchResults], stem: str = "results",
                  load_at_start: list[float] | None = None) -> tuple[Path, Path]:
     """Write OUT/<stem>.json and OUT/<stem>.md; returns both paths."""
     out_dir = Path(out_dir)
@@ -198,6 +198,6 @@ def write_report(out_dir: Path, reports: list[BenchReport], stem: str = "results
     machine["load_average_at_start"] = load_at_start
     json_path = out_dir / f"{stem}.json"
     md_path = out_dir / f"{stem}.md"
-    json_path.write_text(json.dumps(to_json(machine, reports), indent=2) + "\n")
-    md_path.write_text(render_markdown(machine, reports) + "\n")
+    json_path.write_text(json.dumps(to_json(machine, benches), indent=2) + "\n")
+    md_path.write_text(render_markdown(machine, benches) + "\n")
     return json_path, md_path
