@@ -36,7 +36,7 @@ def run_config(run_dir: Path):
 
 def validation_text(cfg, max_bytes: int) -> bytes:
     """The first document of the run's validation data."""
-    from data_pipeline.shards import iter_documents
+    from data_pipeline.shards import iter_shard_documents
     from synergy_dist.report import ReportError
 
     sources = list(cfg.data.valid_sources)
@@ -45,7 +45,7 @@ def validation_text(cfg, max_bytes: int) -> bytes:
 
         sources = sample_shards(cfg, is_main=True)[1]  # a no-op when the run already preprocessed it
     for source in sources:
-        for document in iter_documents(source):
+        for document in iter_shard_documents(source):
             if document:
                 return document[:max_bytes]
     raise ReportError("the run has no validation text (data.valid_sources is empty); pass --text FILE")
