@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from synergy_dist.config import SafeguardConfig, load_config
-from synergy_dist.train import checkpoint as ckpt
+from synergy_dist.checkpoint import store as ckpt
 from synergy_dist.train.metrics import MetricsLogger, format_duration, read_metrics
 from synergy_dist.train.optimizer import lr_at
 from synergy_dist.train.safeguards import Safeguards

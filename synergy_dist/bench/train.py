@@ -350,7 +350,7 @@ def checkpoint_costs(config_path: str, run_dir: str, zero_stage: int, repeats: i
     import torch.distributed as dist
 
     from synergy_dist.config import load_config
-    from synergy_dist.train import checkpoint as ckpt
+    from synergy_dist.checkpoint import store as ckpt
     from synergy_dist.train.trainer import Trainer
     from synergy_dist.bench.timing import rss_kib
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import random
 import resource
 import signal
@@ -23,8 +24,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from synergy_dist.config import Config, has_moe_layers, model_stacks, save_config, validate_for_world
-from synergy_dist.train import checkpoint as ckpt
+from synergy_dist.checkpoint import store as ckpt
+from synergy_dist.config import Config, has_moe_layers, save_config, set_expert_parallel_size, validate_for_world
 from synergy_dist.train.distributed import (
     REQUEUE_EXIT_CODE,
     detect_env,
@@ -138,8 +139,7 @@ class Trainer:
         from synergy_dist.model import SynergyLM
 
         ep = self.cfg.deepspeed.expert_parallel_size
-        for stack in model_stacks(self.cfg.model):
-            stack.moe.expert_parallel_size = ep
+        set_expert_parallel_size(self.cfg, ep)
         if has_moe_layers(self.cfg.model):
             from synergy_dist.model.expert_parallel import init_expert_parallel_groups
 
@@ -200,9 +200,12 @@ class Trainer:
 
     def save(self) -> None:
         c = self.cfg.checkpoint
-        kill = self.cfg.debug.kill_in_save_at_step == self.step
+        kill = None
+        if self.cfg.debug.kill_in_save_at_step == self.step:  # fault injection: die with part of the checkpoint on disk
+            def kill(_path: Path) -> None:
+                os.kill(os.getpid(), signal.SIGKILL)
         self.last_checkpoint = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, self._trainer_state(),
-                                                    self.rank, self.world, kill_half_way=kill)
+                                                    self.rank, self.world, on_rank_files_written=kill)
         if self.env.is_main:
             ckpt.prune(self.ckpt_root, c.keep_last, c.keep_every)
             self.metrics.event(f"checkpoint saved: {self.last_checkpoint}")
