@@ -24,9 +24,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.mixing import MixtureSchedule
+from data_pipeline.shard_source import ShardSetSource
 from data_pipeline.shards import DEFAULT_FRAME_BYTES, CorruptShardError
 from data_pipeline.shuffle import WindowOrder
-from data_pipeline.shard_source import ShardSetSource
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
 
 MAX_CACHE_FRAMES = 64  # decompressed frames kept per source and process (64 MiB at 1 MiB frames)

@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_corpus_helpers import make_documents, write_jsonl
-from data_pipeline import shards, shard_source
+from data_pipeline import shard_source, shards
 from data_pipeline.preprocess import preprocess
 from data_pipeline.shards import FrameCache, ShardReader, iter_shard_documents, load_manifest
 from data_pipeline.stream import StreamingByteDataset
