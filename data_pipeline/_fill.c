@@ -1,16 +1,16 @@
 /* The streaming hot loop in C: copy planned windows out of cached frames into a micro-batch buffer.
 
-   fill_cached(plan, frames, stage, size, items, rows, eods) -> list of (item, row)
+   fill_cached(plan, frames, buffer, size, items, rows, eods) -> list of (item, row)
 
-   The same contract as _fill_cached in data_pipeline/token_source.py, which is the reference (and the
+   The same contract as _fill_cached in data_pipeline/shard_source.py, which is the reference (and the
    fallback where this module was not built); tests/test_data_fast_paths.py checks that both agree.
 
      plan    a WindowPlan: lists keys, offsets, starts, first, last, shards (one entry per window of the
              chunk) and searches, a dict shard -> array('q') of that shard's EOD stream positions
      frames  the FrameCache's dict: frame key -> uint8 array (looked up without touching its LRU order)
-     stage   a writable C-contiguous uint8 buffer of rows of `size` bytes
-     items, rows  iterables of equal length: window plan[item] goes to stage row `row`
-     eods    a list; the flat stage position of every EOD token written is appended to it
+     buffer  a writable C-contiguous uint8 buffer of rows of `size` bytes
+     items, rows  iterables of equal length: window plan[item] goes to buffer row `row`
+     eods    a list; the flat buffer position of every EOD token written is appended to it
 
    A window with key -1 or whose frame is not cached is not touched: its (item, row) is returned for the
    caller's general path. Positions that disagree with the buffers raise ValueError instead of copying
@@ -105,9 +105,9 @@ done:
 
 static PyObject *fill_cached(PyObject *module, PyObject *args)
 {
-    PyObject *plan, *frames, *stage_obj, *items, *rows, *eods;
+    PyObject *plan, *frames, *batch_obj, *items, *rows, *eods;
     Py_ssize_t size;
-    if (!PyArg_ParseTuple(args, "OO!OnOOO!:fill_cached", &plan, &PyDict_Type, &frames, &stage_obj, &size,
+    if (!PyArg_ParseTuple(args, "OO!OnOOO!:fill_cached", &plan, &PyDict_Type, &frames, &batch_obj, &size,
                           &items, &rows, &PyList_Type, &eods))
         return NULL;
     if (size < 1)
@@ -115,7 +115,7 @@ static PyObject *fill_cached(PyObject *module, PyObject *args)
     static const char *names[] = {"keys", "offsets", "starts", "first", "last", "shards"};
     PyObject *lists[6] = {NULL};
     PyObject *searches = NULL, *missed = NULL, *item_iter = NULL, *row_iter = NULL, *result = NULL;
-    Py_buffer stage = {0};
+    Py_buffer batch = {0};
     for (int i = 0; i < 6; i++)
         if ((lists[i] = list_attr(plan, names[i])) == NULL)
             goto done;
@@ -125,7 +125,7 @@ static PyObject *fill_cached(PyObject *module, PyObject *args)
         PyErr_SetString(PyExc_TypeError, "fill_cached: plan.searches must be a dict");
         goto done;
     }
-    if (PyObject_GetBuffer(stage_obj, &stage, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+    if (PyObject_GetBuffer(batch_obj, &batch, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
         goto done;
     if ((missed = PyList_New(0)) == NULL || (item_iter = PyObject_GetIter(items)) == NULL ||
         (row_iter = PyObject_GetIter(rows)) == NULL)
@@ -140,8 +140,8 @@ static PyObject *fill_cached(PyObject *module, PyObject *args)
             PyErr_SetString(PyExc_ValueError, "fill_cached: fewer rows than items");
             ok = 0;
         }
-        if (ok && (r < 0 || r >= stage.len / size)) {
-            PyErr_Format(PyExc_ValueError, "fill_cached: row %lld is outside the stage buffer", r);
+        if (ok && (r < 0 || r >= batch.len / size)) {
+            PyErr_Format(PyExc_ValueError, "fill_cached: row %lld is outside the batch buffer", r);
             ok = 0;
         }
         PyObject *frame = NULL;
@@ -158,7 +158,7 @@ static PyObject *fill_cached(PyObject *module, PyObject *args)
             Py_buffer buffer;
             ok = PyObject_GetBuffer(frame, &buffer, PyBUF_C_CONTIGUOUS) == 0;
             if (ok) {
-                ok = copy_window(lists, searches, &buffer, (char *)stage.buf + r * size, size, j,
+                ok = copy_window(lists, searches, &buffer, (char *)batch.buf + r * size, size, j,
                                  (Py_ssize_t)(r * size), eods) == 0;
                 PyBuffer_Release(&buffer);
             }
@@ -179,13 +179,13 @@ done:
     Py_XDECREF(missed);
     Py_XDECREF(item_iter);
     Py_XDECREF(row_iter);
-    if (stage.obj != NULL)
-        PyBuffer_Release(&stage);
+    if (batch.obj != NULL)
+        PyBuffer_Release(&batch);
     return result;
 }
 
 static PyMethodDef methods[] = {
-    {"fill_cached", fill_cached, METH_VARARGS, "Copy planned windows out of cached frames (see token_source.py)."},
+    {"fill_cached", fill_cached, METH_VARARGS, "Copy planned windows out of cached frames (see shard_source.py)."},
     {NULL, NULL, 0, NULL},
 };
 

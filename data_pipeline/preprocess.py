@@ -310,7 +310,7 @@ def _run(inputs: list[str], opts: PreprocessOptions, builders: dict[str, ShardSe
     bar = tqdm(unit=" docs", file=sys.stderr, disable=not progress, mininterval=0.5, dynamic_ncols=True)
     started = last = time.time()
     try:
-        for document in readers.iter_documents(inputs, opts.text_field, opts.split, opts.config):
+        for document in readers.read_input_documents(inputs, opts.text_field, opts.split, opts.config):
             counts["read"] += 1
             if len(document) < opts.min_doc_bytes:
                 counts["short"] += 1

@@ -139,7 +139,7 @@ def read_hf_dataset(name: str, field: str, split: str, config: str | None) -> It
         yield _to_bytes(_field(record, field, where), field, where)
 
 
-def iter_documents(inputs: list[str], text_field: str = "text", split: str = "train", config: str | None = None) -> Iterator[bytes]:
+def read_input_documents(inputs: list[str], text_field: str = "text", split: str = "train", config: str | None = None) -> Iterator[bytes]:
     """All documents of all inputs, in input order (inputs already expanded)."""
     for item in inputs:
         suffix = _suffix(item) if os.path.exists(item) and not os.path.isdir(item) else None

@@ -463,7 +463,7 @@ class ShardReader:
             yield self.document(k)
 
 
-def iter_documents(directory: str | Path) -> Iterator[bytes]:
+def iter_shard_documents(directory: str | Path) -> Iterator[bytes]:
     """Every document of a shard set, in stream order."""
     manifest = load_manifest(directory)
     for info in manifest.shards:

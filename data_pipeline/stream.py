@@ -24,9 +24,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data_pipeline.mixing import MixtureSchedule
+from data_pipeline.shard_source import ShardSetSource
 from data_pipeline.shards import DEFAULT_FRAME_BYTES, CorruptShardError
 from data_pipeline.shuffle import WindowOrder
-from data_pipeline.token_source import ShardSetSource
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
 
 MAX_CACHE_FRAMES = 64  # decompressed frames kept per source and process (64 MiB at 1 MiB frames)
@@ -140,8 +140,8 @@ class StreamingByteDataset(IterableDataset):
         self.fingerprint = int(hashlib.blake2b(key.encode(), digest_size=8).hexdigest()[:15], 16)
         self._rank_share = global_batch_size // world_size
         self._next_local = 0  # index, in this rank's own sequence, of the next sample to yield
-        self._stage: np.ndarray | None = None  # uint8 buffer the windows of a micro-batch are copied into
-        self._stage_tensor: torch.Tensor | None = None  # the same memory, as a tensor
+        self._batch_buffer: np.ndarray | None = None  # uint8 buffer the windows of a micro-batch are copied into
+        self._batch_buffer_tensor: torch.Tensor | None = None  # the same memory, as a tensor
 
     # ---- positions -------------------------------------------------------------------------
 
@@ -211,27 +211,27 @@ class StreamingByteDataset(IterableDataset):
         that are not bytes (EOD_ID, PAD_ID) are then written by position."""
         size = self.seq_len + 1
         n = hi - lo
-        if self._stage is None or len(self._stage) < n:
-            self._stage = np.empty((n, size), dtype=np.uint8)
-            self._stage_tensor = torch.from_numpy(self._stage)
-        stage = self._stage
+        if self._batch_buffer is None or len(self._batch_buffer) < n:
+            self._batch_buffer = np.empty((n, size), dtype=np.uint8)
+            self._batch_buffer_tensor = torch.from_numpy(self._batch_buffer)
+        buffer = self._batch_buffer
         eods: list[int] = []  # flat positions in the [n, size] buffer
         source_ids = chunk.source_ids
         if len(self.sources) == 1 and chunk.plans:  # the common case, in one call
-            padded = self.sources[0].fill(chunk.plans[0], range(lo, hi), stage, range(n), eods)
+            padded = self.sources[0].fill(chunk.plans[0], range(lo, hi), buffer, range(n), eods)
         elif chunk.plans:
             padded = []  # (row, real tokens) of windows that end in PAD
             for d in sorted(set(source_ids[lo:hi])):
                 rows = [r for r in range(n) if source_ids[lo + r] == d]
-                padded += self.sources[d].fill(chunk.plans[d], [chunk.items[lo + r] for r in rows], stage, rows, eods)
+                padded += self.sources[d].fill(chunk.plans[d], [chunk.items[lo + r] for r in rows], buffer, rows, eods)
         else:
             padded = []
             for r in range(n):
-                real = self._read(source_ids[lo + r], chunk.windows[lo + r], stage[r], eods, r * size)
+                real = self._read(source_ids[lo + r], chunk.windows[lo + r], buffer[r], eods, r * size)
                 if real < size:
                     padded.append((r, real))
         tokens = torch.empty((n, size), dtype=torch.int64)
-        tokens.copy_(self._stage_tensor if n == len(self._stage) else self._stage_tensor[:n])
+        tokens.copy_(self._batch_buffer_tensor if n == len(self._batch_buffer) else self._batch_buffer_tensor[:n])
         if eods:
             tokens.numpy().reshape(-1)[eods] = EOD_ID  # numpy: a tenth of the cost of a torch index_put here
         for r, real in padded:

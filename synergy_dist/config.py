@@ -394,6 +394,14 @@ def has_moe_layers(model_cfg: ModelConfig) -> bool:
     return any(stack.moe_layer_indices() for stack in model_stacks(model_cfg))
 
 
+def set_expert_parallel_size(cfg: Config, ep: int) -> None:
+    """Set the expert-parallel size everywhere the config holds it: the deepspeed section and every
+    stack's MoE config (the model builds each rank's expert bank from the latter)."""
+    cfg.deepspeed.expert_parallel_size = ep
+    for stack in model_stacks(cfg.model):
+        stack.moe.expert_parallel_size = ep
+
+
 _OWNED_DEEPSPEED_KEYS = {
     "train_batch_size": "batch.global_batch_size", "train_micro_batch_size_per_gpu": "batch.micro_batch_size",
     "gradient_accumulation_steps": "batch.global_batch_size", "optimizer": "optim.* and train.lr",

@@ -280,14 +280,14 @@ def evaluate_documents(model: torch.nn.Module, documents: Iterable[bytes], seq_l
 
 def evaluate(model: torch.nn.Module, sources: dict[str, str], seq_len: int, batch_size: int = 8) -> dict:
     """{name: shard-set directory} -> {"overall": summary, "sources": {name: summary}}."""
-    from data_pipeline.shards import iter_documents
+    from data_pipeline.shards import iter_shard_documents
 
     if not sources:
         raise ValueError("evaluate needs at least one data source")
     overall = Tally()
     per_source = {}
     for name, directory in sources.items():
-        tally = evaluate_documents(model, iter_documents(directory), seq_len, batch_size)
+        tally = evaluate_documents(model, iter_shard_documents(directory), seq_len, batch_size)
         per_source[name] = tally.summary()
         overall.add(tally)
     return {"seq_len": seq_len, "batch_size": batch_size, "overall": overall.summary(), "sources": per_source}

@@ -31,7 +31,7 @@ def exported(cfg: dict) -> Path:
     run_dir = Path(cfg["run"]["dir"])
     out = run_dir.parent / "moe_ep2_export"
     if not (out / "model.safetensors").is_file():
-        from synergy_dist.cli.export import export
+        from synergy_dist.export import export
 
         export(run_dir, out)
     return out

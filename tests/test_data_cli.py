@@ -13,7 +13,7 @@ import torch
 from data_corpus_helpers import make_documents, write_jsonl
 from data_pipeline.cli import main
 from data_pipeline.preprocess import preprocess
-from data_pipeline.shards import iter_documents, load_manifest, verify_shard_set
+from data_pipeline.shards import iter_shard_documents, load_manifest, verify_shard_set
 from data_pipeline.stream import StreamingByteDataset
 
 
@@ -68,7 +68,7 @@ def test_merge_equals_a_single_preprocess_of_all_inputs(two_sets):
     assert verify_shard_set(root / "M") == []
     merged, single = load_manifest(root / "M"), load_manifest(root / "single")
     assert merged.total_documents == single.total_documents and merged.total_bytes == single.total_bytes
-    assert list(iter_documents(root / "M")) == list(iter_documents(root / "single"))
+    assert list(iter_shard_documents(root / "M")) == list(iter_shard_documents(root / "single"))
     assert len(merged.shards) == len(load_manifest(root / "A").shards) + len(load_manifest(root / "B").shards)
 
     def stream(directory):

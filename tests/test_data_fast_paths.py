@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_corpus_helpers import make_documents, write_jsonl
-from data_pipeline import shards, token_source
+from data_pipeline import shard_source, shards
 from data_pipeline.preprocess import preprocess
-from data_pipeline.shards import FrameCache, ShardReader, iter_documents, load_manifest
+from data_pipeline.shards import FrameCache, ShardReader, iter_shard_documents, load_manifest
 from data_pipeline.stream import StreamingByteDataset
 
 L = 32
@@ -96,7 +96,7 @@ def test_retired_frame_buffers_are_reused_bounded_and_never_leak(corpus, monkeyp
     fresh = FrameCache(8)
     assert id(fresh.buffer(10)) in bases and len(shards._retired) == 2  # the next cache takes them
     # reading through caches that reuse retired buffers still returns the right bytes
-    documents = list(iter_documents(corpus))
+    documents = list(iter_shard_documents(corpus))
     again = ShardReader(path, cache=FrameCache(1))
     assert [again.document(k) for k in range(manifest.shards[0].documents)] == documents[: manifest.shards[0].documents]
     # the pool is bounded
@@ -111,10 +111,10 @@ def test_retired_frame_buffers_are_reused_bounded_and_never_leak(corpus, monkeyp
 
 def use_fill(monkeypatch, fill: str) -> None:
     """Run the stream with the C build of the planned-window copy ("native") or its Python reference."""
-    if fill == "native" and token_source._native_fill_cached is None:
+    if fill == "native" and shard_source._native_fill_cached is None:
         pytest.skip("data_pipeline._fill was not built (no C compiler at install time)")
     if fill == "python":
-        monkeypatch.setattr(token_source, "_native_fill_cached", None)
+        monkeypatch.setattr(shard_source, "_native_fill_cached", None)
 
 
 @pytest.mark.parametrize("fill", ["native", "python"])
@@ -125,7 +125,7 @@ def test_stream_content_is_unchanged_by_the_fast_paths(corpus, monkeypatch, max_
     plan located) windows that fall back to window_bytes and decompress again."""
     from data_corpus_helpers import token_stream
     from data_pipeline import stream as stream_module
-    from data_pipeline.token_source import ShardSetSource
+    from data_pipeline.shard_source import ShardSetSource
 
     use_fill(monkeypatch, fill)
     if max_cache_frames is not None:
@@ -133,7 +133,7 @@ def test_stream_content_is_unchanged_by_the_fast_paths(corpus, monkeypatch, max_
     fallbacks = []
     window_bytes = ShardSetSource.window_bytes
     monkeypatch.setattr(ShardSetSource, "window_bytes", lambda self, w, *a: fallbacks.append(w) or window_bytes(self, w, *a))
-    stream = token_stream(list(iter_documents(corpus)))
+    stream = token_stream(list(iter_shard_documents(corpus)))
     ds = StreamingByteDataset([corpus], seq_len=L, global_batch_size=8, micro_batch_size=8, seed=2, batched=True, **SMALL)
     n = ds.epoch_size()
     if max_cache_frames is not None:
@@ -159,7 +159,7 @@ def test_windows_dense_with_document_ends_hold_every_eod(tmp_path, monkeypatch, 
     texts = ["".join(rng.choice("ab\né中") for _ in range(rng.randint(0, max_len))) for _ in range(600)]
     docs = write_jsonl(tmp_path / "tiny.jsonl", texts)
     preprocess([docs], tmp_path / "T", shard_size=900, frame_bytes=200, min_doc_bytes=0, progress=False)
-    stream = token_stream(list(iter_documents(tmp_path / "T")))
+    stream = token_stream(list(iter_shard_documents(tmp_path / "T")))
     ds = StreamingByteDataset([tmp_path / "T"], seq_len=L, global_batch_size=4, micro_batch_size=4, seed=3,
                               batched=True, shuffle_block=4, shuffle_window=8)
     n = ds.epoch_size()
@@ -177,10 +177,10 @@ def test_native_fill_matches_the_python_reference(corpus):
     """The C loop and its Python reference write the same bytes and EOD positions, and hand back the same
     windows: those not planned and those whose frame is not cached. Inconsistent plans raise instead of
     copying out of bounds."""
-    native = token_source._native_fill_cached
+    native = shard_source._native_fill_cached
     if native is None:
         pytest.skip("data_pipeline._fill was not built (no C compiler at install time)")
-    source = token_source.ShardSetSource(corpus, seq_len=256, cache_frames=64)  # windows with 0-4 EODs
+    source = shard_source.ShardSetSource(corpus, seq_len=256, cache_frames=64)  # windows with 0-4 EODs
     size = 257
     plan = source.plan(np.arange(source.n_windows))
     for w in range(0, source.n_windows, 2):  # decompress the frames of every other window
@@ -188,7 +188,7 @@ def test_native_fill_matches_the_python_reference(corpus):
     frames = source.cache.frames
     rows = random.Random(0).sample(range(source.n_windows), source.n_windows)  # any row order
     results = []
-    for fill in (native, token_source._fill_cached):
+    for fill in (native, shard_source._fill_cached):
         stage, eods = np.zeros((source.n_windows, size), dtype=np.uint8), []
         missed = fill(plan, frames, stage, size, range(source.n_windows), rows, eods)
         results.append((stage, sorted(eods), sorted(missed)))
@@ -204,7 +204,7 @@ def test_native_fill_matches_the_python_reference(corpus):
     bad_offset = dataclasses.replace(plan, offsets=[1 << 40] * len(plan.offsets))
     with pytest.raises(ValueError, match=f"window {j} of the plan: its byte range is outside its frame"):
         native(bad_offset, frames, stage, size, [j], [0], [])
-    with pytest.raises(ValueError, match="row 2 is outside the stage buffer"):
+    with pytest.raises(ValueError, match="row 2 is outside the batch buffer"):
         native(plan, frames, stage, size, [j], [2], [])
     with pytest.raises(IndexError):
         native(plan, frames, stage, size, [len(plan.keys)], [0], [])
@@ -213,4 +213,4 @@ def test_native_fill_matches_the_python_reference(corpus):
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="only CI promises a C compiler at install time")
 def test_ci_builds_the_native_fill():
     """A build failure of the optional extension would leave its tests skipped without a word."""
-    assert token_source._native_fill_cached is not None
+    assert shard_source._native_fill_cached is not None

@@ -20,7 +20,7 @@ import zstandard
 from data_corpus_helpers import make_documents, write_jsonl
 from data_pipeline.preprocess import PreprocessError, parse_size, preprocess
 from data_pipeline.readers import InputError
-from data_pipeline.shards import iter_documents, load_manifest, verify_shard_set
+from data_pipeline.shards import iter_shard_documents, load_manifest, verify_shard_set
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1")
 
@@ -42,14 +42,14 @@ def test_every_local_input_kind_round_trips_in_order(tmp_path):
     inputs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz", tmp_path / "c.jsonl.zst", tmp_path / "d.parquet", tmp_path / "e.txt"]
     result = preprocess(inputs, out, shard_size=2000, frame_bytes=512, min_doc_bytes=0, progress=False)
     assert result == {"train": out}
-    assert list(iter_documents(out)) == _bytes(docs)
+    assert list(iter_shard_documents(out)) == _bytes(docs)
     manifest = load_manifest(out)
     assert len(manifest.shards) > 3 and manifest.total_documents == 60
     assert verify_shard_set(out) == []
     # a glob expands in sorted order: the same documents
     out2 = tmp_path / "out2"
     preprocess([str(tmp_path / "*.jsonl*")], out2, min_doc_bytes=0, progress=False)
-    assert list(iter_documents(out2)) == _bytes(a + b + c)  # a.jsonl, b.jsonl.gz, c.jsonl.zst
+    assert list(iter_shard_documents(out2)) == _bytes(a + b + c)  # a.jsonl, b.jsonl.gz, c.jsonl.zst
 
 
 def test_hugging_face_datasets_path_streams(tmp_path):
@@ -58,7 +58,7 @@ def test_hugging_face_datasets_path_streams(tmp_path):
     write_jsonl(tmp_path / "hf" / "train.jsonl", docs, field="content")
     out = tmp_path / "out"
     preprocess([str(tmp_path / "hf")], out, text_field="content", min_doc_bytes=0, progress=False)
-    assert list(iter_documents(out)) == _bytes(docs)
+    assert list(iter_shard_documents(out)) == _bytes(docs)
 
 
 def test_filters_limits_dedup_and_validation_split(tmp_path):
@@ -67,26 +67,26 @@ def test_filters_limits_dedup_and_validation_split(tmp_path):
     full = [d.encode() for d in docs]
 
     preprocess([src], tmp_path / "limit", max_docs=37, min_doc_bytes=0, progress=False)
-    assert list(iter_documents(tmp_path / "limit")) == full[:37]
+    assert list(iter_shard_documents(tmp_path / "limit")) == full[:37]
 
     preprocess([src], tmp_path / "bytes", max_bytes=5000, min_doc_bytes=0, progress=False)
-    kept = list(iter_documents(tmp_path / "bytes"))
+    kept = list(iter_shard_documents(tmp_path / "bytes"))
     assert sum(map(len, kept)) >= 5000 > sum(map(len, kept[:-1])) and kept == full[: len(kept)]
 
     preprocess([src], tmp_path / "min", min_doc_bytes=200, progress=False)
-    assert list(iter_documents(tmp_path / "min")) == [d for d in full if len(d) >= 200]
+    assert list(iter_shard_documents(tmp_path / "min")) == [d for d in full if len(d) >= 200]
 
     preprocess([src], tmp_path / "dedup", dedup=True, min_doc_bytes=0, progress=False)
     unique = list(dict.fromkeys(full))
-    assert len(unique) < len(full) and list(iter_documents(tmp_path / "dedup")) == unique
+    assert len(unique) < len(full) and list(iter_shard_documents(tmp_path / "dedup")) == unique
 
     result = preprocess([src], tmp_path / "split", valid_fraction=0.2, seed=7, min_doc_bytes=0, progress=False)
     assert result == {"train": tmp_path / "split" / "train", "valid": tmp_path / "split" / "valid"}
-    train, valid = list(iter_documents(result["train"])), list(iter_documents(result["valid"]))
+    train, valid = list(iter_shard_documents(result["train"])), list(iter_shard_documents(result["valid"]))
     assert len(train) + len(valid) == len(full) and 30 <= len(valid) <= 90
     assert sorted(train + valid) == sorted(full) and not set(train) & set(valid)  # duplicates land together
     again = preprocess([src], tmp_path / "split2", valid_fraction=0.2, seed=7, min_doc_bytes=0, progress=False)
-    assert list(iter_documents(again["valid"])) == valid  # deterministic by document hash
+    assert list(iter_shard_documents(again["valid"])) == valid  # deterministic by document hash
 
 
 def test_parallel_workers_write_the_same_shards_as_one(tmp_path):
@@ -157,7 +157,7 @@ def test_resume_after_sigkill_neither_duplicates_nor_loses(tmp_path):
     preprocess([reference], tmp_path / "clean", shard_size="4KiB", progress=False)
     resumed, clean = load_manifest(out), load_manifest(tmp_path / "clean")
     assert [(s.name, s.sha256, s.documents) for s in resumed.shards] == [(s.name, s.sha256, s.documents) for s in clean.shards]
-    assert list(iter_documents(out)) == [d.encode() for d in docs]
+    assert list(iter_shard_documents(out)) == [d.encode() for d in docs]
     assert verify_shard_set(out) == []
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("shard-")) == ["manifest.json"]
 
@@ -170,7 +170,7 @@ def test_concurrent_runs_on_one_output_are_serialised(tmp_path):
     outputs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     assert sum("is already complete" in o for o in outputs) == 1
-    assert list(iter_documents(tmp_path / "o")) == [d.encode() for d in make_documents(300, seed=10)]
+    assert list(iter_shard_documents(tmp_path / "o")) == [d.encode() for d in make_documents(300, seed=10)]
     assert verify_shard_set(tmp_path / "o") == []
 
 
@@ -228,7 +228,7 @@ def test_a_failed_first_attempt_does_not_block_the_corrected_command(tmp_path):
     with pytest.raises(InputError, match="no field 'text'"):
         preprocess([src], tmp_path / "o", progress=False)
     preprocess([src], tmp_path / "o", text_field="body", progress=False)
-    assert list(iter_documents(tmp_path / "o")) == [d.encode() for d in make_documents(20, seed=13)]
+    assert list(iter_shard_documents(tmp_path / "o")) == [d.encode() for d in make_documents(20, seed=13)]
 
 
 def test_an_unfinished_run_with_other_options_is_refused(tmp_path):

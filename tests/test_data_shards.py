@@ -12,7 +12,7 @@ from data_pipeline.shards import (
     ManifestError,
     ShardReader,
     frame_key,
-    iter_documents,
+    iter_shard_documents,
     load_manifest,
     make_manifest,
     save_manifest,
@@ -41,7 +41,7 @@ def shard_set(tmp_path):
 
 def test_round_trip_exact_bytes_and_ranges(shard_set):
     directory, docs = shard_set
-    assert list(iter_documents(directory)) == docs
+    assert list(iter_shard_documents(directory)) == docs
     manifest = load_manifest(directory)
     assert manifest.total_documents == 40 and manifest.total_bytes == sum(map(len, docs))
     reader = ShardReader(directory / "shard-000000.bin")

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 
 from data_corpus_helpers import make_documents, token_stream, write_jsonl
 from data_pipeline.preprocess import preprocess
-from data_pipeline.shards import CorruptShardError, ManifestError, ShardReader, frame_key, iter_documents
+from data_pipeline.shards import CorruptShardError, ManifestError, ShardReader, frame_key, iter_shard_documents
 from data_pipeline.stream import StreamingByteDataset
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
 
@@ -50,7 +50,7 @@ def same(xs, ys):
 
 def test_packed_stream_reproduces_the_corpus_exactly(corpora):
     A, _ = corpora
-    stream = token_stream(list(iter_documents(A)))
+    stream = token_stream(list(iter_shard_documents(A)))
     ds = StreamingByteDataset([A], seq_len=L, global_batch_size=4, micro_batch_size=2, shuffle=False)
     n = ds.epoch_size()
     assert n == (len(stream) - 1) // L
@@ -85,7 +85,7 @@ def test_shuffled_epochs_are_permutations_of_the_same_windows_and_differ(corpora
 
 def test_one_document_per_window_pads_and_masks(corpora):
     _, B = corpora
-    docs = list(iter_documents(B))
+    docs = list(iter_shard_documents(B))
     seq = 64
     ds = StreamingByteDataset([B], seq_len=seq, global_batch_size=4, micro_batch_size=2, pack=False, shuffle=False)
     assert ds.epoch_size() == len(docs)
@@ -235,7 +235,7 @@ def test_corrupt_shard_raises_naming_it_or_is_skipped(corpora, tmp_path, caplog)
     with pytest.raises(CorruptShardError, match=r"shard .*shard-000001\.bin: frame 0 fails its checksum"):
         take(ds, n)
     skipping = StreamingByteDataset([bad], seq_len=L, global_batch_size=4, micro_batch_size=2, shuffle=False, on_corrupt="skip")
-    with caplog.at_level(logging.WARNING, logger="data_pipeline.token_source"):
+    with caplog.at_level(logging.WARNING, logger="data_pipeline.shard_source"):
         samples = take(skipping, n)
     assert ids(samples) == list(range(n))
     assert any("skipping corrupt shard" in r.message and "shard-000001.bin" in r.message for r in caplog.records)

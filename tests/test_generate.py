@@ -9,7 +9,8 @@ import io
 import pytest
 
 import eval_helpers as eh
-from synergy_dist.cli.generate import main, stream
+from synergy_dist.cli.generate import main
+from synergy_dist.generation import stream
 from synergy_dist.loading import load_model
 
 

@@ -340,7 +340,7 @@ def test_moe_param_groups_split_expert_parameters():
 
 
 def test_shard_then_consolidate_is_identity_and_renumbers_experts():
-    from synergy_dist.model.moe_resharding import consolidate_expert_states, shard_expert_state
+    from synergy_dist.checkpoint.expert_layout import consolidate_expert_states, shard_expert_state
 
     model = torch.nn.Sequential(torch.nn.Linear(D_MODEL, D_MODEL), make_layer(shared_expert=True))
     full = model.state_dict()
@@ -356,7 +356,7 @@ def test_shard_then_consolidate_is_identity_and_renumbers_experts():
 
 
 def test_resharding_errors_name_the_problem():
-    from synergy_dist.model.moe_resharding import consolidate_expert_states, shard_expert_state
+    from synergy_dist.checkpoint.expert_layout import consolidate_expert_states, shard_expert_state
 
     full = make_layer().state_dict()  # 4 experts
     with pytest.raises(ValueError, match="4 experts under 'deepspeed_moe.experts.deepspeed_experts.' cannot be "

@@ -68,7 +68,7 @@ def run_case(rank: int, overrides: dict, shapes, rank1_grad: bool) -> None:
     import synergy_dist.model.moe.gating as gating
     import synergy_dist.model.moe.losses as losses
     from synergy_dist.model.moe.layer import MoEFeedForward
-    from synergy_dist.model.moe_resharding import consolidate_expert_states, shard_expert_state
+    from synergy_dist.checkpoint.expert_layout import consolidate_expert_states, shard_expert_state
 
     cfg = MoEConfig(**{"n_experts": N_EXPERTS, "top_k": 2, "expert_parallel_size": 2, **overrides})
     torch.manual_seed(0)

@@ -101,10 +101,10 @@ def test_plots_draw_the_metrics(run, report, tmp_path):
 
 
 def test_report_defaults_to_the_runs_validation_text(run, tmp_path):
-    from data_pipeline.shards import iter_documents
+    from data_pipeline.shards import iter_shard_documents
 
     assert main([run["run"]["dir"], "--output", str(tmp_path), "--max-bytes", "300"]) == 0
-    first = next(iter_documents(Path(run["data"]["sample_dir"]) / "valid"))[:300]
+    first = next(iter_shard_documents(Path(run["data"]["sample_dir"]) / "valid"))[:300]
     spans = SPAN.findall((tmp_path / "boundaries.html").read_text(encoding="utf-8"))
     assert "".join(html.unescape(s[3]) for s in spans) == first.decode("utf-8", errors="replace")
 

@@ -306,7 +306,7 @@ def submit_preprocess_array(jobs: Jobs, tmp_path: Path, inputs: Path, extra_args
 
 @pytest.mark.parametrize("valid_fraction", [0.0, 0.2])
 def test_preprocess_array_merges_to_the_same_documents_as_one_process(jobs, tmp_path, valid_fraction):
-    from data_pipeline.shards import iter_documents, load_manifest, verify_shard_set
+    from data_pipeline.shards import iter_shard_documents, load_manifest, verify_shard_set
 
     inputs = tmp_path / "inputs"
     inputs.mkdir()
@@ -333,8 +333,8 @@ def test_preprocess_array_merges_to_the_same_documents_as_one_process(jobs, tmp_
     for split in splits:
         merged = tmp_path / "merged" / split
         assert verify_shard_set(merged) == []
-        merged_docs = list(iter_documents(merged))
-        assert merged_docs == list(iter_documents(single / split))
+        merged_docs = list(iter_shard_documents(merged))
+        assert merged_docs == list(iter_shard_documents(single / split))
         total += len(merged_docs)
     assert total == 80
     if valid_fraction > 0:

@@ -202,7 +202,7 @@ def test_consolidation_names_every_expert_globally_and_names_a_missing_file(work
     """Runs in this process (the consolidation only reads files): the consolidated form of a 2-rank ep=2
     checkpoint holds every expert of every layer once, under its global id; a missing partition file is
     reported by name."""
-    from synergy_dist.train.elastic import consolidate_zero_checkpoint
+    from synergy_dist.checkpoint.elastic import consolidate_zero_checkpoint
 
     run = uninterrupted(workdir, sample_dir, 2, "2ranks_ep2")
     checkpoint = Path(run["run"]["dir"]) / "checkpoints" / f"step_{RESUME_AT:08d}"
@@ -219,7 +219,7 @@ def test_consolidation_names_every_expert_globally_and_names_a_missing_file(work
 
 
 def test_expert_names_move_between_expert_parallel_sizes():
-    from synergy_dist.model.moe_resharding import experts_per_layer, relayout_expert_names, to_global_key
+    from synergy_dist.checkpoint.expert_layout import experts_per_layer, relayout_expert_names, to_global_key
 
     prefix = "body.inner.blocks.0.ffn.deepspeed_moe.experts.deepspeed_experts."
     on_rank = [f"{prefix}{i}.{p}" for i in range(2) for p in EXPERT_PARAMS]  # 2 local experts

@@ -167,7 +167,7 @@ def test_elastic_resume_continues_the_same_stream(workdir, sample_dir, reference
     if zero == 3 and before == 2:  # our ZeRO-3 consolidation reads the weights as DeepSpeed's own zero_to_fp32 does
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        from synergy_dist.train.elastic import consolidate_zero3_checkpoint
+        from synergy_dist.checkpoint.elastic import consolidate_zero3_checkpoint
 
         checkpoints = Path(cfg["run"]["dir"]) / "checkpoints"
         ours = consolidate_zero3_checkpoint(checkpoints / "step_00000004", 2).params
@@ -272,9 +272,9 @@ def ensure_run(cfg: dict, launcher: str, nproc: int) -> dict:
 
 def exported_loss(directory: Path, sample_dir: Path) -> float:
     from data_pipeline.stream import StreamingByteDataset
-    from synergy_dist.cli.export import load_exported
+    from synergy_dist.loading import load_model
 
-    model = load_exported(directory)
+    model = load_model(directory)[0]
     data = StreamingByteDataset([str(sample_dir / "train")], seq_len=64, global_batch_size=4, micro_batch_size=4,
                                 seed=1, rank=0, world_size=1)
     batch = torch.utils.data.default_collate([s for _, s in zip(range(4), data)])

@@ -336,7 +336,7 @@ def checkpoint_costs(config_path: str, run_dir: str, zero_stage: int, repeats: i
 
     from synergy_dist.bench.timing import rss_kib
     from synergy_dist.config import load_config
-    from synergy_dist.train import checkpoint as ckpt
+    from synergy_dist.checkpoint import store as ckpt
     from synergy_dist.train.trainer import Trainer
 
     overrides = [f"run.dir={run_dir}", f"deepspeed.zero_stage={zero_stage}", "precision.dtype=fp32",

@@ -16,67 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-RAW_SUFFIXES = (".jsonl", ".jsonl.zst", ".jsonl.gz", ".parquet", ".txt")
-
-
-class DataError(ValueError):
-    """A --data item that is neither a shard set nor a readable raw file."""
-
-
-def source_name(item: str, taken: set[str]) -> str:
-    """A short, unique name for a --data item (its last path component, the full path when ambiguous)."""
-    name = Path(item.rstrip("/")).name or item
-    return item if name in taken else name
-
-
-def shard_sets(items: list[str], workdir: Path, text_field: str = "text") -> dict[str, str]:
-    """{source name: shard-set directory}; raw files are preprocessed into workdir."""
-    from data_pipeline.preprocess import preprocess
-
-    found: dict[str, str] = {}
-    for i, item in enumerate(items):
-        path = Path(item)
-        name = source_name(item, set(found))
-        if path.is_dir():
-            if (path / "manifest.json").is_file():
-                found[name] = str(path)
-            elif (path / "valid" / "manifest.json").is_file():
-                raise DataError(f"--data {item} holds a train/valid split, not one shard set; pass {path / 'valid'}")
-            else:
-                raise DataError(f"--data {item} is a directory without manifest.json; pass a shard set made by "
-                                "synergy-preprocess (or a raw .jsonl/.jsonl.zst/.txt/.parquet file)")
-        elif path.is_file() and path.name.endswith(RAW_SUFFIXES):
-            out = workdir / f"source-{i}"
-            preprocess([str(path)], out, progress=False, text_field=text_field)
-            found[name] = str(out)
-        elif path.is_file():
-            raise DataError(f"--data {item}: unknown file type; use one of {', '.join(RAW_SUFFIXES)} or a shard set")
-        else:
-            raise DataError(f"--data {item} does not exist")
-    return found
-
-
-def run(args: argparse.Namespace) -> dict:
-    from synergy_dist.evaluate import evaluate
-    from synergy_dist.loading import load_model
-
-    if args.batch_size < 1:
-        raise DataError(f"--batch-size {args.batch_size} must be >= 1")
-    if args.seq_len is not None and args.seq_len < 1:
-        raise DataError(f"--seq-len {args.seq_len} must be >= 1")
-    model, cfg, where = load_model(args.checkpoint, args.device)
-    seq_len = args.seq_len or cfg.data.seq_len
-    with tempfile.TemporaryDirectory(prefix="synergy-eval-") as tmp:
-        sources = shard_sets(args.data, Path(tmp), args.text_field)
-        result = evaluate(model, sources, seq_len=seq_len, batch_size=args.batch_size)
-    result["checkpoint"] = str(where)
-    result["data"] = {name: str(Path(item)) for name, item in zip(result["sources"], args.data)}
-    return result
+from synergy_dist.eval_checkpoint import DataError, evaluate_checkpoint
+from synergy_dist.evaluate import format_table
+from synergy_dist.loading import LoadError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,12 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from synergy_dist.evaluate import format_table
-    from synergy_dist.loading import LoadError
-
     args = build_parser().parse_args(argv)
     try:
-        result = run(args)
+        result = evaluate_checkpoint(args.checkpoint, args.data, args.seq_len, args.batch_size, args.text_field,
+                                     args.device)
     except (LoadError, DataError) as err:
         print(f"synergy-eval: {err}", file=sys.stderr)
         return 2

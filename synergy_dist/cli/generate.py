@@ -11,27 +11,12 @@ U+FFFD). Generation stops after --max-bytes bytes or when the model ends the doc
 from __future__ import annotations
 
 import argparse
-import codecs
 import sys
-from typing import TextIO
 
 import torch
 
-
-def stream(model: torch.nn.Module, prompt: bytes, out: TextIO, max_bytes: int, temperature: float = 1.0,
-           top_k: int | None = None, top_p: float | None = None, seed: int | None = None) -> bytes:
-    """Write the continuation of prompt to out as it is generated; returns its bytes."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    produced = bytearray()
-    for piece in model.generate_iter(prompt, max_bytes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed):
-        produced += piece
-        text = decoder.decode(piece)
-        if text:
-            out.write(text)
-            out.flush()
-    out.write(decoder.decode(b"", final=True))  # an unfinished character at the end becomes U+FFFD
-    out.flush()
-    return bytes(produced)
+from synergy_dist.generation import stream
+from synergy_dist.loading import LoadError, load_model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,8 +48,6 @@ def check(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from synergy_dist.loading import LoadError, load_model
-
     args = build_parser().parse_args(argv)
     problem = check(args)
     if problem:

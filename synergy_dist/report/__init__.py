@@ -5,6 +5,8 @@ matplotlib is an optional dependency (`pip install synergy-dist[viz]`); the HTML
 
 from __future__ import annotations
 
+from pathlib import Path
+
 
 class ReportError(RuntimeError):
     """A report that cannot be made: missing matplotlib, an empty run directory, no text."""
@@ -13,7 +15,7 @@ class ReportError(RuntimeError):
 def require_matplotlib():
     """pyplot on the non-interactive Agg backend, or a ReportError naming the extra to install."""
     try:
-        import matplotlib
+        import matplotlib  # optional dependency (the viz extra)
     except ImportError:
         raise ReportError("synergy-report needs matplotlib for its PNG plots: pip install synergy-dist[viz]") from None
     matplotlib.use("Agg")
@@ -24,8 +26,6 @@ def require_matplotlib():
 
 def save_png(fig, path) -> None:
     """Write a matplotlib figure as a PNG (creating its directory) and free it."""
-    from pathlib import Path
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()

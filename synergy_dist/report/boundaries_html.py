@@ -58,7 +58,7 @@ def render_html(routed: RoutedText, title: str = "concept boundaries") -> str:
 def render_png(routed: RoutedText, path: Path, columns: int = 80, max_rows: int = 60) -> int:
     """The same marking as a PNG grid of characters (one cell per character); returns the concepts drawn."""
     plt = require_matplotlib()
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Rectangle  # optional dependency, present once require_matplotlib passed
 
     cells = []  # (row, col, char, concept index)
     row = col = 0

@@ -23,13 +23,13 @@ from typing import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from synergy_dist.config import Config, has_moe_layers, model_stacks, save_config, validate_for_world
+from synergy_dist.config import Config, has_moe_layers, save_config, set_expert_parallel_size, validate_for_world
+from synergy_dist.checkpoint import store as ckpt
 from synergy_dist.model.accounting import flops_per_byte
 from synergy_dist.model.moe.expert_parallel import get_expert_parallel_group, init_expert_parallel_groups
 from synergy_dist.model.moe.layer import MoEFeedForward, moe_param_groups, update_moe_biases
 from synergy_dist.model.statistics import ModelStatistics
 from synergy_dist.model.synergy import SynergyLM
-from synergy_dist.train import checkpoint as ckpt
 from synergy_dist.train.data import build_dataset, data_sources
 from synergy_dist.train.distributed import (
     REQUEUE_EXIT_CODE,
@@ -114,8 +114,7 @@ class Trainer:
     # ------------------------------------------------------------------ building
     def _build_model(self) -> torch.nn.Module:
         ep = self.cfg.deepspeed.expert_parallel_size
-        for stack in model_stacks(self.cfg.model):
-            stack.moe.expert_parallel_size = ep
+        set_expert_parallel_size(self.cfg, ep)
         if has_moe_layers(self.cfg.model):
             init_expert_parallel_groups(ep)  # DeepSpeed's expert groups must exist before the model
         seed_everything(self.cfg.seed)

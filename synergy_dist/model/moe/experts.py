@@ -2,7 +2,8 @@
 
 Parameter names follow DeepSpeed's native MoE layout (`deepspeed_moe.experts.deepspeed_experts.<i>.*`) because
 DeepSpeed's engine splits expert weights into per-expert checkpoint files by matching exactly that pattern
-(engine._save_moe_checkpoint / load_moe_state_dict). Nothing else in this file is DeepSpeed-specific.
+(engine._save_moe_checkpoint / load_moe_state_dict); those files are described in
+synergy_dist/checkpoint/deepspeed_files.py. Nothing else in this file is DeepSpeed-specific.
 """
 
 from __future__ import annotations

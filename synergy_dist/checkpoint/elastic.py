@@ -8,19 +8,20 @@ checkpoint conversion fails for MoE with expert parallelism, so we go through a 
     saved partitions  --consolidate-->  {global parameter name: fp32 weight, exp_avg, exp_avg_sq}
                       --reshard------>  this rank's flat partition of every optimizer group
 
-Layout of a ZeRO-1/2 checkpoint written by W ranks with expert-parallel size P (DeepSpeed's defaults):
+Layout of a ZeRO-1/2 checkpoint written by W ranks with expert-parallel size P (file names and keys:
+deepspeed_files.py):
 - each optimizer group is one flat fp32 buffer (its parameters concatenated in group order, zero-padded
-  at the end) split evenly over the group's data-parallel ranks; zero_pp_rank_<r>_... holds rank r's slice
+  at the end) split evenly over the group's data-parallel ranks; rank r's optimizer file holds its slice
   and its Adam moments;
 - dense groups are split over all W ranks (in rank order);
 - expert ("moe") groups are split over the expert-data-parallel group: the W / P ranks that hold the same
   experts, ranks p, p + P, p + 2P, ... for expert-parallel rank p = r % P;
 - rank p's expert-parallel names are local (deepspeed_experts.<i>); global expert = p * (E / P) + i;
-- mp_rank_00_model_states.pt (rank 0) lists every group's parameter names and shapes in flat order, in
-  rank 0's local names; every expert-parallel rank has the same local shapes.
+- rank 0's model-states file lists every group's parameter names and shapes in flat order, in rank 0's
+  local names; every expert-parallel rank has the same local shapes.
 
 ZeRO-0 checkpoints of MoE models hold the whole torch optimizer state once per expert-parallel rank
-(expp_rank_<p>_mp_rank_00_optim_states.pt, state keyed by parameter index in group order); expert
+(state keyed by parameter index in group order); expert
 groups list rank p's experts in model order (layer, local expert, parameter). Without expert
 parallelism (or with the same expert-parallel size) DeepSpeed loads ZeRO-0 state on any world size.
 """
@@ -34,7 +35,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from synergy_dist.model.moe_resharding import experts_per_layer, relayout_expert_names, to_global_key
+from synergy_dist.checkpoint.deepspeed_files import (
+    ZeroPartition,
+    model_states_file,
+    read_expert_parallel_optimizer,
+    read_param_shapes,
+    read_zero_partition,
+    zero3_model_states_file,
+    zero3_state_dict,
+)
+from synergy_dist.checkpoint.expert_layout import experts_per_layer, relayout_expert_names, to_global_key
 
 ADAM_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
@@ -48,16 +58,12 @@ class ConsolidatedOptimizer:
     moe_groups: list[bool] = field(default_factory=list)  # whether each optimizer group holds experts
 
 
-def _load_rank(path: Path, rank: int) -> dict:
-    file = path / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"
-    if not file.is_file():
-        raise FileNotFoundError(f"checkpoint {path} lacks {file.name}: it is incomplete for the world size it "
-                                "records; resume from another checkpoint")
-    state = torch.load(file, map_location="cpu", weights_only=False)["optimizer_state_dict"]
-    if any(any(p) for p in state.get("param_alignment_paddings", [[]])):
+def _load_rank(path: Path, rank: int, zero_stage: int) -> ZeroPartition:
+    partition = read_zero_partition(path, rank, zero_stage)
+    if partition.alignment_padded:
         raise RuntimeError(f"checkpoint {path}: ZeRO parameter alignment padding is not supported by the "
                            "elastic loader; resume on the world size that wrote it")
-    return state
+    return partition
 
 
 def consolidate_zero_checkpoint(path: Path, world_size: int, ep_size: int) -> ConsolidatedOptimizer:
@@ -66,9 +72,9 @@ def consolidate_zero_checkpoint(path: Path, world_size: int, ep_size: int) -> Co
     if world_size % ep_size:
         raise ValueError(f"checkpoint {path}: expert_parallel_size={ep_size} does not divide its world size "
                          f"{world_size}")
-    shapes = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["param_shapes"]
-    ranks = [_load_rank(path, r) for r in range(world_size)]
-    groups = ranks[0]["base_optimizer_state"]["param_groups"]
+    shapes = read_param_shapes(model_states_file(path))
+    ranks = [_load_rank(path, r, zero_stage=2) for r in range(world_size)]
+    groups = ranks[0].param_groups
     merged = ConsolidatedOptimizer(moe_groups=[bool(g.get("moe")) for g in groups])
     for g, group_shapes in enumerate(shapes):
         names = list(group_shapes)
@@ -78,12 +84,12 @@ def consolidate_zero_checkpoint(path: Path, world_size: int, ep_size: int) -> Co
         else:  # one flat buffer over every rank
             owners = {0: list(range(world_size))}
         numel = {name: int(torch.Size(shape).numel()) for name, shape in group_shapes.items()}
-        adam = ranks[0]["base_optimizer_state"]["state"].get(g)  # None: no update applied yet in the saved run
+        adam = ranks[0].adam.get(g)  # None: no update applied yet in the saved run
         for ep_rank, holders in owners.items():
-            flats = {"fp32": torch.cat([ranks[r]["single_partition_of_fp32_groups"][g].float() for r in holders])}
+            flats = {"fp32": torch.cat([ranks[r].fp32[g].float() for r in holders])}
             for key in ADAM_KEYS[1:]:
                 flats[key] = (torch.zeros_like(flats["fp32"]) if adam is None else
-                              torch.cat([ranks[r]["base_optimizer_state"]["state"][g][key].float() for r in holders]))
+                              torch.cat([ranks[r].adam[g][key].float() for r in holders]))
             if sum(numel.values()) > flats["fp32"].numel():
                 raise RuntimeError(f"checkpoint {path}: optimizer group {g} holds {flats['fp32'].numel()} values but "
                                    f"its parameters need {sum(numel.values())}: the checkpoint does not match the "
@@ -104,7 +110,7 @@ def _local_names(engine: Any, params: list) -> list[str]:
 
 def _global_names(engine: Any, params: list) -> list[str]:
     """Global (ep=1) names of a group's parameters on this rank."""
-    from deepspeed.utils import groups
+    from deepspeed.utils import groups  # deferred: DeepSpeed takes ~1.2 s to import
 
     names = _local_names(engine, params)
     n_local = experts_per_layer(names)
@@ -161,16 +167,12 @@ def reshard_into_engine(engine: Any, merged: ConsolidatedOptimizer, source: str)
 def consolidate_stage0_checkpoint(engine: Any, path: Path, ep_size: int) -> dict[str, dict[str, torch.Tensor]]:
     """{global parameter name: its torch optimizer state} of a ZeRO-0 MoE checkpoint written with
     expert-parallel size `ep_size`, read with the current model's parameter groups as the key."""
-    from deepspeed.utils import groups
+    from deepspeed.utils import groups  # deferred: DeepSpeed takes ~1.2 s to import
 
     current = engine.optimizer.param_groups
     merged: dict[str, dict[str, torch.Tensor]] = {}
     for ep_rank in range(ep_size):
-        file = path / f"expp_rank_{ep_rank}_mp_rank_00_optim_states.pt"
-        if not file.is_file():
-            raise FileNotFoundError(f"checkpoint {path} lacks {file.name}: it is incomplete for "
-                                    f"expert_parallel_size={ep_size}; resume from another checkpoint")
-        saved = torch.load(file, map_location="cpu", weights_only=False)["optimizer"]
+        saved = read_expert_parallel_optimizer(path, ep_rank, ep_size)
         if len(saved["param_groups"]) != len(current):
             raise RuntimeError(f"checkpoint {path} has {len(saved['param_groups'])} optimizer groups but the model "
                                f"has {len(current)}: it was written for a different model configuration")
@@ -215,33 +217,32 @@ def consolidate_zero3_checkpoint(path: Path, world_size: int) -> ConsolidatedOpt
 
     ZeRO-3 splits every parameter on its own: flattened, zero-padded to a multiple of the world size, and
     cut into equal slices, rank r holding slice r. A rank's flat fp32 buffer of an optimizer group is its
-    slices of the group's parameters in order (`param_shapes` of the model-states file gives that order),
-    and the Adam moments of the group have the same layout.
+    slices of the group's parameters in order (the parameter shapes of rank 0's model-states file give that
+    order), and the Adam moments of the group have the same layout.
     """
-    return _merge_zero3(path, [_load_rank(path, r) for r in range(world_size)])
+    return _merge_zero3(path, [_load_rank(path, r, zero_stage=3) for r in range(world_size)])
 
 
-def _merge_zero3(path: Path, ranks: list[dict]) -> ConsolidatedOptimizer:
+def _merge_zero3(path: Path, ranks: list[ZeroPartition]) -> ConsolidatedOptimizer:
     """consolidate_zero3_checkpoint on the already loaded optimizer files of every saved rank."""
     world_size = len(ranks)
-    model_file = path / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    model_file = zero3_model_states_file(path, 0)
     if not model_file.is_file():
         raise FileNotFoundError(f"checkpoint {path} lacks {model_file.name}: it is not a complete ZeRO-3 checkpoint; "
                                 "resume from another checkpoint")
-    shapes = torch.load(model_file, map_location="cpu", weights_only=False)["param_shapes"]
-    if len(ranks[0]["fp32_flat_groups"]) != len(shapes):
-        raise RuntimeError(f"checkpoint {path} holds {len(ranks[0]['fp32_flat_groups'])} ZeRO-3 sub-groups for "
+    shapes = read_param_shapes(model_file)
+    if len(ranks[0].fp32) != len(shapes):
+        raise RuntimeError(f"checkpoint {path} holds {len(ranks[0].fp32)} ZeRO-3 sub-groups for "
                            f"{len(shapes)} parameter groups (zero_optimization.sub_group_size split them): the elastic "
                            "loader needs one sub-group per group; resume on the world size that wrote it")
     merged = ConsolidatedOptimizer(moe_groups=[False] * len(shapes))
     for g, group_shapes in enumerate(shapes):
-        adam = ranks[0]["optimizer_state_dict"]["state"].get(g)  # None: no update applied yet in the saved run
+        adam = ranks[0].adam.get(g)  # None: no update applied yet in the saved run
         flats = []
         for r in range(world_size):
-            flat = {"fp32": ranks[r]["fp32_flat_groups"][g].float()}
+            flat = {"fp32": ranks[r].fp32[g].float()}
             for key in ADAM_KEYS[1:]:
-                flat[key] = (torch.zeros_like(flat["fp32"]) if adam is None else
-                             ranks[r]["optimizer_state_dict"]["state"][g][key].float())
+                flat[key] = (torch.zeros_like(flat["fp32"]) if adam is None else ranks[r].adam[g][key].float())
             flats.append(flat)
         offset = 0
         for name, shape in group_shapes.items():
@@ -264,9 +265,7 @@ def load_zero3_resharded(engine: Any, path: Path, saved_world: int) -> None:
     Each rank cuts its slice of every parameter (and of its Adam moments) out of the consolidated state
     and hands DeepSpeed the state dict it would have saved at this world size; DeepSpeed then restores
     the fp32 partitions, the Adam state and the model weights from it."""
-    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, LOSS_SCALER, OPTIMIZER_STATE_DICT
-
-    ranks = [_load_rank(path, r) for r in range(saved_world)]
+    ranks = [_load_rank(path, r, zero_stage=3) for r in range(saved_world)]
     merged = _merge_zero3(path, ranks)
     zero = engine.optimizer
     saved = ranks[0]  # loss-scaler state and optimizer hyperparameters, the same on every rank
@@ -300,7 +299,4 @@ def load_zero3_resharded(engine: Any, path: Path, saved_world: int) -> None:
         flat_groups.append(flat["fp32"])
         if merged.steps[g] is not None:
             state[g] = {"step": merged.steps[g].clone(), "exp_avg": flat["exp_avg"], "exp_avg_sq": flat["exp_avg_sq"]}
-    inner = {"state": state, "param_groups": saved["optimizer_state_dict"]["param_groups"]}
-    zero._rigid_load_state_dict({LOSS_SCALER: saved[LOSS_SCALER], "dynamic_loss_scale": saved["dynamic_loss_scale"],
-                                 "overflow": saved["overflow"], OPTIMIZER_STATE_DICT: inner,
-                                 FP32_FLAT_GROUPS: flat_groups}, load_optimizer_states=True)
+    zero._rigid_load_state_dict(zero3_state_dict(saved, state, flat_groups), load_optimizer_states=True)

@@ -70,9 +70,9 @@ class WindowPlan:
     searches: dict[int, array.array] = field(default_factory=dict)
 
 
-def _fill_cached(plan: WindowPlan, frames: dict, stage: np.ndarray, size: int, items, rows,
+def _fill_cached(plan: WindowPlan, frames: dict, buffer: np.ndarray, size: int, items, rows,
                  eods: list[int]) -> list[tuple[int, int]]:
-    """Windows plan[items[i]] into stage[rows[i]] when plan locates them in a frame that frames (the
+    """Windows plan[items[i]] into buffer[rows[i]] when plan locates them in a frame that frames (the
     frame cache's dict) holds; returns the (item, row) pairs it did not fill. The reference for
     data_pipeline/_fill.c, and the fallback where that was not built."""
     missed = []
@@ -85,9 +85,9 @@ def _fill_cached(plan: WindowPlan, frames: dict, stage: np.ndarray, size: int, i
             continue
         o, f, l = offsets[j], first[j], last[j]
         if f == l:
-            stage[r] = frame[o : o + size]
+            buffer[r] = frame[o : o + size]
         else:
-            _copy_pieces(stage[r], frame[o : o + size - (l - f)], plan.searches[plan.shards[j]][f:l],
+            _copy_pieces(buffer[r], frame[o : o + size - (l - f)], plan.searches[plan.shards[j]][f:l],
                          plan.starts[j], eods, r * size)
     return missed
 
@@ -263,9 +263,9 @@ class ShardSetSource:
         return WindowPlan(windows.tolist(), keys.tolist(), offsets.tolist(), shard_of.tolist(), starts.tolist(),
                           first.tolist(), last.tolist(), searches)
 
-    def fill(self, plan: WindowPlan, items, stage: np.ndarray, rows, eods: list[int]) -> list[tuple[int, int]]:
-        """Windows plan[items[i]] into stage[rows[i]] (stage: uint8 [n, seq_len + 1]), as window_bytes
-        writes them: EOD positions are appended to eods as flat positions in stage. Returns (row, real
+    def fill(self, plan: WindowPlan, items, buffer: np.ndarray, rows, eods: list[int]) -> list[tuple[int, int]]:
+        """Windows plan[items[i]] into buffer[rows[i]] (buffer: uint8 [n, seq_len + 1]), as window_bytes
+        writes them: EOD positions are appended to eods as flat positions in buffer. Returns (row, real
         tokens) of the windows that end in PAD.
 
         A planned window whose frame is decompressed already costs one dictionary lookup and one copy
@@ -275,8 +275,8 @@ class ShardSetSource:
         size = self.seq_len + 1
         fill_cached = _native_fill_cached or _fill_cached
         padded = []
-        for j, r in fill_cached(plan, self.cache.frames, stage, size, items, rows, eods):
-            real = self.window_bytes(plan.windows[j], stage[r], eods, r * size)
+        for j, r in fill_cached(plan, self.cache.frames, buffer, size, items, rows, eods):
+            real = self.window_bytes(plan.windows[j], buffer[r], eods, r * size)
             if real < size:
                 padded.append((r, real))
         return padded

@@ -3,6 +3,7 @@ load it, and prune old ones.
 
 Layout of one checkpoint, RUN_DIR/checkpoints/step_00000100/:
     DeepSpeed's files (model, optimizer partitions, expert shards)   written by engine.save_checkpoint
+                        (names and contents: deepspeed_files.py)
     rank_00000.pt ...   every rank's RNG states                        written by each rank
     trainer_state.json  step, data position, safeguard state, config   written by rank 0
     COMPLETE            JSON list of every file with size and CRC32    written by rank 0, LAST
@@ -21,14 +22,15 @@ import re
 import shutil
 import warnings
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from synergy_dist.train import elastic
+from synergy_dist.checkpoint import elastic
 
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
@@ -104,6 +106,26 @@ def check_complete(path: Path, verify_files: bool = True) -> str | None:
     return None
 
 
+class CheckpointNotFound(ValueError):
+    """A path that is neither a complete checkpoint nor a run directory holding one."""
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A complete checkpoint directory, given it or a run directory (its newest complete one)."""
+    if (path / TRAINER_STATE).is_file():
+        return path
+    found = find_latest_complete(path / "checkpoints")
+    if found is None:
+        raise CheckpointNotFound(f"'{path}' is neither a checkpoint directory nor a run directory with a complete "
+                                 "checkpoint under checkpoints/; pass RUN_DIR or RUN_DIR/checkpoints/step_XXXXXXXX")
+    return found
+
+
+def read_trainer_state(path: Path) -> dict:
+    """The trainer state saved with the checkpoint at `path` (step, data position, config, ...)."""
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
 def find_latest_complete(root: Path, verify_files: bool = True) -> Path | None:
     """Newest complete, intact checkpoint under `root`; warns about every newer one it skips."""
     for _, path in reversed(list_step_dirs(root)):
@@ -121,7 +143,8 @@ def save_checkpoint(engine: Any, root: Path, step: int, trainer_state: dict, ran
                     on_rank_files_written: Callable[[Path], None] | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory.
 
-    on_rank_files_written(path) runs once this rank's files are written, before the ranks meet."""
+    on_rank_files_written(path) runs on each rank once its own files are written, before the ranks wait
+    for each other and the completion marker is written (fault injection in tests)."""
     path = root / tag_for(step)
     if rank == 0:
         if path.exists():  # a leftover from an earlier, interrupted attempt at this step
@@ -178,7 +201,7 @@ def prune(root: Path, keep_last: int, keep_every: int) -> list[Path]:
 def saved_geometry(path: Path) -> tuple[int, int]:
     """(world size, expert-parallel size) that wrote the checkpoint at `path`."""
     world = json.loads((path / MARKER).read_text())["world_size"]
-    config = json.loads((path / TRAINER_STATE).read_text()).get("config", {})
+    config = read_trainer_state(path).get("config", {})
     return world, int(config.get("deepspeed", {}).get("expert_parallel_size", 1))
 
 
@@ -186,7 +209,7 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int, expert_
     """Collective: restore engine state and this rank's RNG; returns the trainer state.
 
     A checkpoint written by another number of ranks or expert-parallel size is re-sharded (elastic.py)."""
-    state = json.loads((path / TRAINER_STATE).read_text())
+    state = read_trainer_state(path)
     saved_world, saved_ep = saved_geometry(path)
     zero_stage = engine.zero_optimization_stage()
     if (saved_world, saved_ep) != (world_size, expert_parallel_size) and zero_stage in (1, 2):
