@@ -20,11 +20,11 @@ import re
 import sys
 import time
 from collections import deque
+from collections.abc import Iterable
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
 
 from tqdm import tqdm
 

@@ -23,9 +23,9 @@ import struct
 import weakref
 import zlib
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import zstandard
@@ -88,7 +88,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=1) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "manifest") -> "Manifest":
+    def from_dict(cls, data: dict, where: str = "manifest") -> Manifest:
         if data.get("format") != MANIFEST_FORMAT:
             raise ManifestError(f"{where}: not a synergy shard-set manifest (format={data.get('format')!r})")
         if data.get("version") != FORMAT_VERSION:
@@ -204,7 +204,7 @@ RETIRED_BUFFER_BYTES = 64 << 20  # at most this much memory of dead caches is ke
 _retired: list[np.ndarray] = []  # frame buffers of caches that were cleared or garbage collected
 
 
-def _retire(items: "OrderedDict[int, np.ndarray]", free: list[np.ndarray]) -> None:
+def _retire(items: OrderedDict[int, np.ndarray], free: list[np.ndarray]) -> None:
     """Keep a dead cache's buffers (bounded) for the next cache: its first frames then decompress
     into memory that is already mapped instead of faulting in fresh pages (~40% slower)."""
     held = sum(b.nbytes for b in _retired)

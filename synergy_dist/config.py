@@ -1,6 +1,6 @@
 """The one typed training configuration: dataclasses, YAML loading, dotted overrides, validation.
 
-    cfg = load_config("configs/tiny-cpu.yaml", ["train.lr=3e-4", "model.middle.n_layers=12"])
+    cfg = load_config("configs/tiny-cpu.yaml", ["train.lr=3e-4", "model.middle.repeat=12", "model.stages.0.router.kind=gate"])
 
 Every knob has a default here; YAML files and command-line overrides only change values. Anything
 that is wrong (unknown key, bad type, bad value, inconsistent combination) raises ConfigError naming

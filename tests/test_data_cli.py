@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import torch
-
 from data_corpus_helpers import make_documents, write_jsonl
+
 from data_pipeline.cli import main
 from data_pipeline.preprocess import preprocess
 from data_pipeline.shards import iter_shard_documents, load_manifest, verify_shard_set

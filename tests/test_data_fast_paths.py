@@ -13,9 +13,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from data_corpus_helpers import make_documents, write_jsonl
 from torch.utils.data import DataLoader
 
-from data_corpus_helpers import make_documents, write_jsonl
 from data_pipeline import shard_source, shards
 from data_pipeline.preprocess import preprocess
 from data_pipeline.shards import FrameCache, ShardReader, iter_shard_documents, load_manifest
@@ -124,6 +124,7 @@ def test_stream_content_is_unchanged_by_the_fast_paths(corpus, monkeypatch, max_
     windows copied from cached frames, and (with a one-frame cache, which evicts frames that a chunk's
     plan located) windows that fall back to window_bytes and decompress again."""
     from data_corpus_helpers import token_stream
+
     from data_pipeline import stream as stream_module
     from data_pipeline.shard_source import ShardSetSource
 
@@ -189,25 +190,25 @@ def test_native_fill_matches_the_python_reference(corpus):
     rows = random.Random(0).sample(range(source.n_windows), source.n_windows)  # any row order
     results = []
     for fill in (native, shard_source._fill_cached):
-        stage, eods = np.zeros((source.n_windows, size), dtype=np.uint8), []
-        missed = fill(plan, frames, stage, size, range(source.n_windows), rows, eods)
-        results.append((stage, sorted(eods), sorted(missed)))
-    (stage_c, eods_c, missed_c), (stage_py, eods_py, missed_py) = results
-    assert np.array_equal(stage_c, stage_py) and eods_c == eods_py and missed_c == missed_py
+        buffer, eods = np.zeros((source.n_windows, size), dtype=np.uint8), []
+        missed = fill(plan, frames, buffer, size, range(source.n_windows), rows, eods)
+        results.append((buffer, sorted(eods), sorted(missed)))
+    (buffer_c, eods_c, missed_c), (buffer_py, eods_py, missed_py) = results
+    assert np.array_equal(buffer_c, buffer_py) and eods_c == eods_py and missed_c == missed_py
     done = [j for j in range(source.n_windows) if (j, rows[j]) not in set(missed_c)]
     with_eods = [j for j in done if plan.last[j] > plan.first[j]]
     assert len(done) > source.n_windows / 3 and len(with_eods) > 10 and len(missed_c) > 10
     assert max(plan.last[j] - plan.first[j] for j in done) >= 2  # the general piecewise case ran too
 
     j = done[0]
-    stage = np.zeros((2, size), dtype=np.uint8)
+    buffer = np.zeros((2, size), dtype=np.uint8)
     bad_offset = dataclasses.replace(plan, offsets=[1 << 40] * len(plan.offsets))
     with pytest.raises(ValueError, match=f"window {j} of the plan: its byte range is outside its frame"):
-        native(bad_offset, frames, stage, size, [j], [0], [])
+        native(bad_offset, frames, buffer, size, [j], [0], [])
     with pytest.raises(ValueError, match="row 2 is outside the batch buffer"):
-        native(plan, frames, stage, size, [j], [2], [])
+        native(plan, frames, buffer, size, [j], [2], [])
     with pytest.raises(IndexError):
-        native(plan, frames, stage, size, [len(plan.keys)], [0], [])
+        native(plan, frames, buffer, size, [len(plan.keys)], [0], [])
 
 
 @pytest.mark.skipif(os.environ.get("CI") != "true", reason="only CI promises a C compiler at install time")

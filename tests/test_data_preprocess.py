@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-
 from data_corpus_helpers import make_documents, write_jsonl
+
 from data_pipeline.preprocess import PreprocessError, parse_size, preprocess
 from data_pipeline.readers import InputError
 from data_pipeline.shards import iter_shard_documents, load_manifest, verify_shard_set

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from data_corpus_helpers import make_documents, token_stream, write_jsonl
+
 from data_pipeline.preprocess import preprocess
 from data_pipeline.shards import CorruptShardError, ManifestError, ShardReader, frame_key, iter_shard_documents
 from data_pipeline.stream import StreamingByteDataset

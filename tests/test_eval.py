@@ -8,14 +8,14 @@ import json
 import math
 from pathlib import Path
 
+import eval_helpers as eh
 import numpy as np
 import pytest
 import torch
+from model_configs import tiny_test_config
 
-import eval_helpers as eh
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
 from synergy_dist.evaluate import evaluate, evaluate_documents, windows
-from model_configs import tiny_test_config
 from synergy_dist.model.synergy import SynergyLM
 
 DOCS = [b"The quick brown fox jumps over the lazy dog.", b"a", b"caf\xc3\xa9 au lait " * 7, b"x" * 31]
@@ -207,8 +207,9 @@ def test_two_stage_statistics_agree_with_the_model():
 
 
 def test_byte_level_model_has_no_concepts():
-    from synergy_dist.evaluate import route_text
     from model_configs import byte_transformer_config
+
+    from synergy_dist.evaluate import route_text
 
     torch.manual_seed(0)
     model = SynergyLM(byte_transformer_config(d_model=32, depth=1, n_heads=2)).eval()

@@ -6,9 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 
+import eval_helpers as eh
 import pytest
 
-import eval_helpers as eh
 from synergy_dist.cli.generate import main
 from synergy_dist.generation import stream
 from synergy_dist.loading import load_model

@@ -5,8 +5,8 @@ import math
 import torch
 
 from data_pipeline.vocab import EOD_ID
-from synergy_dist.model.config import RouterConfig
 from synergy_dist.model.chunking import BoundaryRouter, RouterState, downsample, ratio_loss, smooth, upsample
+from synergy_dist.model.config import RouterConfig
 
 
 def starts(ids: torch.Tensor) -> torch.Tensor:

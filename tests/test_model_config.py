@@ -7,7 +7,6 @@ import sys
 
 import pytest
 import yaml
-
 from model_configs import (
     byte_transformer_config,
     fixed_hierarchy_config,
@@ -15,6 +14,7 @@ from model_configs import (
     two_stage_config,
     yaml_model_config,
 )
+
 from synergy_dist.model.accounting import param_counts
 from synergy_dist.model.config import ModelConfig, MoEConfig, RouterConfig, StackConfig, StageConfig
 from synergy_dist.model.synergy import SynergyLM

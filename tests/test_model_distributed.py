@@ -11,7 +11,6 @@ import os
 
 import pytest
 import torch
-
 from two_ranks import run_on_two_ranks
 
 pytestmark = pytest.mark.slow
@@ -19,6 +18,7 @@ pytestmark = pytest.mark.slow
 
 def make_model(ep_size: int):
     from model_configs import tiny_test_config
+
     from synergy_dist.model.config import MoEConfig
     from synergy_dist.model.synergy import SynergyLM
 

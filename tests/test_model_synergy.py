@@ -4,12 +4,12 @@ import math
 
 import pytest
 import torch
+from model_configs import byte_transformer_config, tiny_test_config, two_stage_config
 
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
-from model_configs import byte_transformer_config, tiny_test_config, two_stage_config
+from synergy_dist.model.accounting import flops_per_byte, param_counts
 from synergy_dist.model.config import ModelConfig, MoEConfig, StackConfig
 from synergy_dist.model.statistics import ModelStatistics
-from synergy_dist.model.accounting import flops_per_byte, param_counts
 from synergy_dist.model.synergy import HierarchyStage, SynergyLM, sample_next
 
 ROUTERS = ["cosine", "gate", "stride", "space"]

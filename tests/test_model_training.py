@@ -4,9 +4,9 @@ import json
 
 import torch
 import zstandard
+from model_configs import tiny_test_config
 
 import synergy_dist
-from model_configs import tiny_test_config
 from synergy_dist.model.synergy import SynergyLM
 
 

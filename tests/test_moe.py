@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from synergy_dist.model.config import MoEConfig
 import synergy_dist.model.moe.gating as gating
 import synergy_dist.model.moe.losses as losses
 import synergy_dist.model.moe.statistics as moe_statistics
+from synergy_dist.model.config import MoEConfig
 from synergy_dist.model.moe.layer import (
     MoEFeedForward,
     keep_routers_fp32,

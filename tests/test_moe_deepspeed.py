@@ -11,7 +11,6 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch import nn
-
 from two_ranks import run_on_two_ranks
 
 D_MODEL, D_FF, N_EXPERTS, LR, CLIP = 8, 12, 4, 1e-2, 1.0

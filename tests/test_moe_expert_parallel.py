@@ -10,7 +10,6 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.distributed as dist
-
 from two_ranks import run_on_two_ranks
 
 D_MODEL, D_FF, N_EXPERTS = 8, 12, 4
@@ -64,11 +63,11 @@ class CollectiveCounter:
 
 
 def run_case(rank: int, overrides: dict, shapes, rank1_grad: bool) -> None:
-    from synergy_dist.model.config import MoEConfig
     import synergy_dist.model.moe.gating as gating
     import synergy_dist.model.moe.losses as losses
-    from synergy_dist.model.moe.layer import MoEFeedForward
     from synergy_dist.checkpoint.expert_layout import consolidate_expert_states, shard_expert_state
+    from synergy_dist.model.config import MoEConfig
+    from synergy_dist.model.moe.layer import MoEFeedForward
 
     cfg = MoEConfig(**{"n_experts": N_EXPERTS, "top_k": 2, "expert_parallel_size": 2, **overrides})
     torch.manual_seed(0)

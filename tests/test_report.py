@@ -8,11 +8,11 @@ import re
 import sys
 from pathlib import Path
 
+import eval_helpers as eh
 import numpy as np
 import pytest
 import torch
 
-import eval_helpers as eh
 from data_pipeline.vocab import EOD_ID
 from synergy_dist.cli.report import main
 from synergy_dist.evaluate import route_text

@@ -36,3 +36,30 @@ def test_sample_corpus_is_small_and_licensed():
     sample = ROOT / "synergy_dist" / "sample_data"
     assert (sample / "sample.jsonl.zst").stat().st_size < 400_000
     assert "Python Software Foundation" in (sample / "LICENSE-PSF.txt").read_text()
+
+
+def architecture_paths() -> set[str]:
+    """Every repository path named in backticks on docs/ARCHITECTURE.md."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    names = re.findall(r"`([A-Za-z_][\w./*-]*/[\w./*-]+)`", text)
+    return {name for name in names if not name.startswith(("RUN_DIR", "checkpoints/"))}
+
+
+def test_architecture_map_names_only_existing_files():
+    missing = sorted(p for p in architecture_paths() if not list(ROOT.glob(p)))
+    assert not missing, f"docs/ARCHITECTURE.md names paths that do not exist: {missing}"
+
+
+def test_architecture_map_names_every_module():
+    """The map is complete by construction: each source file of the packages and benchmarks is on it."""
+    named = architecture_paths()
+    sources = [p for pattern in ("synergy_dist/**/*.py", "data_pipeline/**/*.py", "benchmarks/**/*.py",
+                                 "data_pipeline/*.c", "benchmarks/**/*.sh")
+               for p in ROOT.glob(pattern) if p.name != "__init__.py"]
+    unnamed = sorted(str(p.relative_to(ROOT)) for p in sources if str(p.relative_to(ROOT)) not in named)
+    assert not unnamed, f"docs/ARCHITECTURE.md does not place these files: {unnamed}"
+
+
+def test_no_document_points_outside_the_repository():
+    for doc in [ROOT / "README.md", *(ROOT / "docs").glob("*.md")]:
+        assert "DESIGN.md" not in doc.read_text(), f"{doc.name} points at a design file outside the repository"

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-
 import train_launch as tl
+import yaml
 
 pytestmark = pytest.mark.slow
 

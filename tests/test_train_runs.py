@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import train_launch as tl
 
 pytestmark = pytest.mark.slow

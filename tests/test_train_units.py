@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from synergy_dist.checkpoint import store as ckpt
 from synergy_dist.config import SafeguardConfig, load_config
 from synergy_dist.model.moe.statistics import MoEStats
 from synergy_dist.model.statistics import ModelStatistics, StageStatistics
-from synergy_dist.checkpoint import store as ckpt
 from synergy_dist.train.metrics import MetricsLogger, format_duration, read_metrics
 from synergy_dist.train.safeguards import Safeguards
 from synergy_dist.train.schedule import lr_at

@@ -6,7 +6,7 @@ Standalone on purpose (numpy only): the MosaicML anchor runs in a venv without s
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 

@@ -335,8 +335,8 @@ def checkpoint_costs(config_path: str, run_dir: str, zero_stage: int, repeats: i
     import torch.distributed as dist
 
     from synergy_dist.bench.timing import rss_kib
-    from synergy_dist.config import load_config
     from synergy_dist.checkpoint import store as ckpt
+    from synergy_dist.config import load_config
     from synergy_dist.train.trainer import Trainer
 
     overrides = [f"run.dir={run_dir}", f"deepspeed.zero_stage={zero_stage}", "precision.dtype=fp32",

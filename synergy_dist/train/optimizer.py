@@ -7,7 +7,7 @@ leaving parameters and Adam moments untouched, while DeepSpeed's own counters ad
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -16,15 +16,15 @@ import resource
 import signal
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from synergy_dist.config import Config, has_moe_layers, save_config, set_expert_parallel_size, validate_for_world
 from synergy_dist.checkpoint import store as ckpt
+from synergy_dist.config import Config, has_moe_layers, save_config, set_expert_parallel_size, validate_for_world
 from synergy_dist.model.accounting import flops_per_byte
 from synergy_dist.model.moe.expert_parallel import get_expert_parallel_group, init_expert_parallel_groups
 from synergy_dist.model.moe.layer import MoEFeedForward, moe_param_groups, update_moe_biases
