@@ -70,8 +70,10 @@ def add_anchors(report: BenchResults, cfg: data_bench.DataBenchConfig, mosaic_py
                f"{result['batch_size']}, predownload {result['predownload']}, streaming {result['streaming_version']}")
         cold = "first epoch from a fresh local cache (includes copying + decompressing the shards)"
         warm = "second epoch, shards already decompressed locally"
-        report.add(figure_from("mosaic_streaming_cold", result["cold_cpu_bytes_per_s"], "B/s", f"{how}; {cold}; CPU time"))
-        report.add(figure_from("mosaic_streaming_warm", result["warm_cpu_bytes_per_s"], "B/s", f"{how}; {warm}; CPU time"))
+        report.add(figure_from("mosaic_streaming_cold", result["cold_cpu_bytes_per_s"], "B/s",
+                               f"{how}; {cold}; CPU time"))
+        report.add(figure_from("mosaic_streaming_warm", result["warm_cpu_bytes_per_s"], "B/s",
+                               f"{how}; {warm}; CPU time"))
         report.add(figure_from("mosaic_streaming_cold_wall", result["cold_bytes_per_s"], "B/s", f"{cold}; wall clock"))
         report.add(figure_from("mosaic_streaming_warm_wall", result["warm_bytes_per_s"], "B/s", f"{warm}; wall clock"))
 
@@ -83,7 +85,8 @@ def add_anchors(report: BenchResults, cfg: data_bench.DataBenchConfig, mosaic_py
         report.add(missing("hf_datasets_streaming", "B/s", reason))
         report.add(missing("hf_datasets_streaming_wall", "B/s", reason))
     else:
-        how = f"datasets {result['datasets_version']} streaming json, shuffle buffer 1000 docs, packed into the same windows"
+        how = (f"datasets {result['datasets_version']} streaming json, shuffle buffer 1000 docs, "
+               "packed into the same windows")
         report.add(figure_from("hf_datasets_streaming", result["cpu_bytes_per_s"], "B/s", f"{how}; CPU time"))
         report.add(figure_from("hf_datasets_streaming_wall", result["bytes_per_s"], "B/s", f"{how}; wall clock"))
 
@@ -100,12 +103,14 @@ def add_anchors(report: BenchResults, cfg: data_bench.DataBenchConfig, mosaic_py
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.data_anchors", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON + markdown go (default bench_out)")
+    parser.add_argument("--out", default="bench_out", metavar="DIR",
+                        help="where JSON + markdown go (default bench_out)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-run the harness (tiny sizes, one repeat): checks it works, numbers mean little")
     data_bench.add_arguments(parser)
     parser.add_argument("--mosaic-python", default=None, metavar="PATH",
-                        help=f"python of the MosaicML streaming venv (default: ${MOSAIC_PYTHON_ENV} or {DEFAULT_MOSAIC_PYTHON})")
+                        help="python of the MosaicML streaming venv "
+                             f"(default: ${MOSAIC_PYTHON_ENV} or {DEFAULT_MOSAIC_PYTHON})")
     parser.add_argument("--no-hf", action="store_true", help="skip the Hugging Face datasets anchor")
     return parser
 

@@ -1,4 +1,4 @@
-"""`python -m benchmarks.quality`: bits per byte of SynergyLM variants against a byte Transformer and a Llama/BPE anchor.
+"""`python -m benchmarks.quality`: bits per byte of SynergyLM variants vs a byte Transformer and a Llama/BPE anchor.
 
 Protocol (issue 6, "The comparison"):
 - training text: pydocs-train + pystdlib-code (minus a held-out slice of the code, chosen by a hash of
@@ -36,11 +36,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+import zstandard
+
+from benchmarks.anchors import llama_bpe
 from benchmarks.quality_plots import write_plots
 from benchmarks.quality_rows import (
     LLAMA_ROW,
     REFERENCE_ROW,
     ROW_NAMES,
+    default_config,
     model_config,
     reference_flops_per_byte,
     row_info,
@@ -63,6 +69,9 @@ from synergy_dist.bench.timing import (
     rss_kib,
 )
 from synergy_dist.config import Config, config_from_dict
+from synergy_dist.evaluate import evaluate_documents
+from synergy_dist.model.accounting import flops_per_byte, param_counts
+from synergy_dist.model.synergy import SynergyLM
 from synergy_dist.report import ReportError
 
 REPO = Path(__file__).resolve().parents[1]  # the checkout holding benchmarks/
@@ -71,12 +80,14 @@ VALID_FILE = "pydocs-valid.jsonl.zst"
 CODE_FILE = "pystdlib-code.jsonl.zst"
 PYDOCS_SET, CODE_SET = "pydocs-valid", "pystdlib-code-heldout"
 LN2 = math.log(2.0)
-FLOPS_TOLERANCE = 0.15  # rows' measured training FLOPs may differ from row 1's by this fraction (realised compression varies)
+# rows' measured training FLOPs may differ from row 1's by this fraction (realised compression varies)
+FLOPS_TOLERANCE = 0.15
 
 
 @dataclass
 class QualityConfig:
-    corpora: str = ""  # directory of pydocs-train, pystdlib-code, pydocs-valid .jsonl.zst; "" = $SYNERGY_CORPORA or ../shared/corpora
+    # directory of pydocs-train, pystdlib-code, pydocs-valid .jsonl.zst; "" = $SYNERGY_CORPORA or ../shared/corpora
+    corpora: str = ""
     rows: list[str] = field(default_factory=lambda: list(ROW_NAMES))  # which rows to run, in order
     train_bytes: int = 0  # training bytes per row (rounded down to whole steps); 0 = from budget_minutes
     budget_minutes: float = 15.0  # with train_bytes=0: row 1's measured speed x this many minutes of training
@@ -163,8 +174,6 @@ def train_bytes_for_budget(bytes_per_s: float, minutes: float, batch_size: int, 
 
 def read_documents(path: Path) -> list[tuple[str, str]]:
     """(source, text) of each line of a .jsonl.zst file."""
-    import zstandard
-
     with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as reader:
         return [(d.get("source", path.name), d["text"]) for d in map(json.loads, io.TextIOWrapper(reader, "utf-8"))]
 
@@ -224,8 +233,6 @@ def unit_stream(docs: list[list[int]], separator: int, needed: int) -> list[int]
 
 def packed_batches(stream: list[int], seq_len: int, batch_size: int, steps: int) -> Iterator[tuple]:
     """Consecutive windows: window i is units [i*T, i*T + T + 1) (inputs its first T, labels its last T)."""
-    import torch
-
     data = torch.tensor(stream, dtype=torch.long)
     for step in range(steps):
         rows = [data[(step * batch_size + b) * seq_len:(step * batch_size + b + 1) * seq_len + 1]
@@ -247,8 +254,6 @@ def token_windows(documents: list[list[int]], separator: int, pad: int, seq_len:
 def token_window_batch(rows: list[list[int]], separator: int):
     """(inputs, labels) of token windows; predictions of the separator (and of padding) are not counted,
     like synergy_dist.evaluate.window_batch does for EOD and PAD."""
-    import torch
-
     ids = torch.tensor(rows, dtype=torch.long)
     inputs, labels = ids[:, :-1].clone(), ids[:, 1:].clone()
     labels[labels == separator] = IGNORE_INDEX
@@ -266,7 +271,8 @@ class RowModel:
     param_groups: list[dict]  # optimizer groups (with an optional "lr_mult")
     loss: Callable  # (inputs, labels) -> (mean loss to minimise, summed nats of labels, stats dict)
     train_flops: Callable  # (stats, inputs) -> measured training FLOPs of that step
-    evaluate: Callable  # (texts, batch_size) -> {"nats", "bytes", "units", "concepts", "documents"} over the texts in order
+    # (texts, batch_size) -> {"nats", "bytes", "units", "concepts", "documents"} over the texts in order
+    evaluate: Callable
     separator: int  # the document start unit
     seq_len: int  # units per window
     encode: Callable  # text -> units
@@ -275,13 +281,6 @@ class RowModel:
 
 
 def synergy_row(name: str, cfg: QualityConfig) -> RowModel:
-    import torch
-    import torch.nn.functional as F
-
-    from synergy_dist.evaluate import evaluate_documents
-    from synergy_dist.model.accounting import flops_per_byte, param_counts
-    from synergy_dist.model.synergy import SynergyLM
-
     model_cfg = model_config(name, cfg.seq_len)
     torch.manual_seed(cfg.seed)
     model = SynergyLM(model_cfg)
@@ -320,16 +319,9 @@ def forward_stats(out, inputs, n_stages: int) -> dict:
 
 
 def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
-    import torch.nn.functional as F
-
-    from benchmarks.anchors import llama_bpe
-    from benchmarks.quality_rows import default_config
-    from synergy_dist.model.accounting import param_counts
-    from synergy_dist.model.synergy import SynergyLM
-
     tokenizer_path = Path(cfg.work_dir) / f"bpe-{cfg.bpe_vocab}-seed{cfg.seed}-heldout{cfg.code_heldout_fraction}.json"
     if tokenizer_path.is_file():
-        from tokenizers import Tokenizer
+        from tokenizers import Tokenizer  # optional dependency (the anchors extra): only the BPE row needs it
 
         tokenizer = Tokenizer.from_file(str(tokenizer_path))
     else:  # trained on the whole training split (not only the budget's prefix), like a real BPE anchor
@@ -355,8 +347,6 @@ def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
         return nats / max(count, 1), nats, {"units": count, "concepts": count}
 
     def evaluate(texts, batch_size):
-        import torch
-
         rows = token_windows([tokenizer.encode(t).ids for t in texts], separator, separator, seq_len)
         total = {"nats": 0.0, "bytes": sum(len(t.encode()) for t in texts), "units": 0, "concepts": 0,
                  "documents": len(texts)}
@@ -386,8 +376,6 @@ def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
 
 
 def train_row(row: RowModel, stream: list[int], cfg: QualityConfig, steps: int) -> dict:
-    import torch
-
     torch.manual_seed(cfg.seed)
     loop = PlainLoop(row.module, row.param_groups, training_config(cfg, steps))
     row.module.train()
@@ -426,15 +414,14 @@ def evaluate_row(row: RowModel, sets: dict[str, list[tuple[str, str]]], batch_si
             "bytes_per_unit": total["bytes"] / total["units"],  # bytes per BPE token (1.0 for byte rows)
             "bytes_per_concept": total["bytes"] / total["concepts"],  # per concept (BPE: per token)
             "concepts": total["concepts"], **total,
-            "groups": {g: dict(v, bits_per_byte=bits_per_byte(v["nats"], v["bytes"])) for g, v in sorted(groups.items())},
+            "groups": {g: dict(v, bits_per_byte=bits_per_byte(v["nats"], v["bytes"]))
+                       for g, v in sorted(groups.items())},
         }
     return results
 
 
 def run_row(name: str, cfg: QualityConfig) -> dict:
     """Build, train and evaluate one row in this process; returns its JSON-able result."""
-    import torch
-
     torch.set_num_threads(1)
     rss_before = rss_kib("VmRSS")
     train_docs = training_documents(cfg)
@@ -482,7 +469,8 @@ def token_stream_for_bytes(docs: list[list[int]], separator: int, byte_length: l
     UTF-8 bytes; returns (stream with its one extra leading input, steps, bytes of its labels)."""
     stream = unit_stream(docs, separator, sum(len(d) + 1 for d in docs))
     covered = n_labels = 0
-    for n_labels, unit in enumerate(stream[1:], start=1):
+    for unit in stream[1:]:
+        n_labels += 1
         covered += byte_length[unit]
         if covered >= train_bytes:
             break
@@ -497,8 +485,6 @@ def token_stream_for_bytes(docs: list[list[int]], separator: int, byte_length: l
 
 def calibrate(cfg: QualityConfig, steps: int = 3) -> float:
     """Training bytes per CPU second of the reference row (one warm-up step, then `steps` timed)."""
-    import torch
-
     torch.set_num_threads(1)
     row = synergy_row(REFERENCE_ROW, cfg)
     docs = _docs_covering(training_documents(cfg), (steps + 1) * cfg.batch_size * cfg.seq_len + 1)
@@ -565,7 +551,8 @@ def _settings_of(results: dict[str, dict]) -> list[str]:
     """The training settings the loaded rows share (or differ in), as notes."""
     keys = ("train_bytes", "steps", "batch_size")
     seen = {key: sorted({r[key] for r in results.values() if key in r}) for key in keys}
-    return [f"loaded rows: {', '.join(results)}; " + ", ".join(f"{k} {v[0] if len(v) == 1 else v}" for k, v in seen.items())]
+    settings = ", ".join(f"{k} {v[0] if len(v) == 1 else v}" for k, v in seen.items())
+    return [f"loaded rows: {', '.join(results)}; " + settings]
 
 
 def train_rows(cfg: QualityConfig, report: BenchResults) -> dict[str, dict]:
@@ -612,8 +599,10 @@ def add_figures(report: BenchResults, results: dict[str, dict]) -> None:
                           f"{r['train_bytes_per_s_wall']:,.0f} B/s"))
         report.add(Figure(f"{name}/peak_rss_train", r.get("peak_rss_train_mib"), "MiB", [],
                           f"VmHWM of the row's process after training (text + model loaded: "
-                          f"{r['rss_with_text_and_model_mib']:.0f} MiB; after evaluation: {r['peak_rss_mib']:.0f} MiB)"))
-        report.add(Figure(f"{name}/train_flops_vs_row1", ratio(r["train_flops"], reference and reference["train_flops"]),
+                          f"{r['rss_with_text_and_model_mib']:.0f} MiB; after evaluation: "
+                          f"{r['peak_rss_mib']:.0f} MiB)"))
+        report.add(Figure(f"{name}/train_flops_vs_row1",
+                          ratio(r["train_flops"], reference and reference["train_flops"]),
                           "x", [], f"measured {r['train_flops']:.3g} training FLOPs, params {r['params_total']:,}"))
     if reference is None:
         return
@@ -642,15 +631,18 @@ def table_lines(results: dict[str, dict]) -> list[str]:
             + (f", code {code:.3f} bit/B" if code is not None else "")
             + f", {e[PYDOCS_SET]['bytes_per_concept']:.2f} B/{'token' if name == LLAMA_ROW else 'concept'}"
             f", params {r['params_total']:,} (active {r['params_active']:,}), {r['train_flops']:.3g} train FLOPs"
-            f", {r['train_bytes']:,} train bytes, {r['train_bytes_per_s_cpu']:,.0f} B/s (CPU), peak {r['peak_rss_train_mib']:.0f} MiB in training"
-            f"; per pydocs section: " + ", ".join(f"{g} {v['bits_per_byte']:.3f}" for g, v in e[PYDOCS_SET]["groups"].items()))
+            f", {r['train_bytes']:,} train bytes, {r['train_bytes_per_s_cpu']:,.0f} B/s (CPU)"
+            f", peak {r['peak_rss_train_mib']:.0f} MiB in training"
+            f"; per pydocs section: "
+            + ", ".join(f"{g} {v['bits_per_byte']:.3f}" for g, v in e[PYDOCS_SET]["groups"].items()))
     return lines
 
 
 def markdown_table(results: dict[str, dict]) -> str:
     """The comparison as one markdown table, rows in issue-6 order (what docs/BENCHMARKS.md shows)."""
-    lines = ["| row | model | params (active) | pydocs-valid bit/B | held-out code bit/B | bytes per concept / BPE token "
-             "| train FLOPs vs row 1 | train bytes | train bytes/s (CPU) | peak RSS in training |",
+    lines = ["| row | model | params (active) | pydocs-valid bit/B | held-out code bit/B "
+             "| bytes per concept / BPE token | train FLOPs vs row 1 | train bytes | train bytes/s (CPU) "
+             "| peak RSS in training |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     reference = results.get(REFERENCE_ROW)
     for name in sorted(results, key=lambda n: ROW_NAMES.index(n)):
@@ -699,8 +691,9 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
     cfg = QualityConfig()
     if getattr(args, "quick", False):  # a smoke run of the harness: 2 steps, small evaluation
         cfg.train_bytes, cfg.seq_len, cfg.batch_size, cfg.eval_bytes = 2 * 4 * 128, 128, 4, 20_000
-    for key, arg in (("rows", "row"), ("corpora", "corpora"), ("train_bytes", "train_bytes"), ("table_from", "table_from"),
-                     ("budget_minutes", "budget_minutes"), ("eval_bytes", "eval_bytes"), ("seq_len", "quality_seq_len")):
+    for key, arg in (("rows", "row"), ("corpora", "corpora"), ("train_bytes", "train_bytes"),
+                     ("table_from", "table_from"), ("budget_minutes", "budget_minutes"), ("eval_bytes", "eval_bytes"),
+                     ("seq_len", "quality_seq_len")):
         value = getattr(args, arg, None)
         if value is not None:
             setattr(cfg, key, value)
@@ -715,7 +708,8 @@ def config_from_args(args: argparse.Namespace) -> QualityConfig:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON + markdown go (default bench_out)")
+    parser.add_argument("--out", default="bench_out", metavar="DIR",
+                        help="where JSON + markdown go (default bench_out)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-run the harness (tiny sizes): checks it works, numbers mean little")
     parser.add_argument("--corpora", default=None, metavar="DIR",

@@ -32,13 +32,19 @@ def cmd_verify(args) -> int:
         print(f"{args.directory}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     manifest = load_manifest(args.directory)
-    print(f"OK {args.directory}: {len(manifest.shards)} shards, {manifest.total_documents} documents, {manifest.total_bytes} bytes")
+    print(
+        f"OK {args.directory}: {len(manifest.shards)} shards, {manifest.total_documents} documents, "
+        f"{manifest.total_bytes} bytes"
+    )
     return 0
 
 
 def cmd_merge(args) -> int:
     manifest = merge_shard_sets(args.sources, args.output)
-    print(f"merged {len(args.sources)} shard sets into {args.output}: {len(manifest.shards)} shards, {manifest.total_documents} documents")
+    print(
+        f"merged {len(args.sources)} shard sets into {args.output}: {len(manifest.shards)} shards, "
+        f"{manifest.total_documents} documents"
+    )
     return 0
 
 

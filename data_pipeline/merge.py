@@ -43,7 +43,11 @@ def merge_shard_sets(sources: list[str | Path], output: str | Path) -> Manifest:
                 shutil.copyfile(directory / info.name, tmp)
             os.replace(tmp, target)
             merged.append(replace(info, name=name))
-    source = {"merged_from": [{"directory": str(d.resolve()), "source": m.source, "set_hash": m.set_hash} for d, m in manifests]}
+    source = {
+        "merged_from": [
+            {"directory": str(d.resolve()), "source": m.source, "set_hash": m.set_hash} for d, m in manifests
+        ]
+    }
     manifest = make_manifest(merged, source)
     save_manifest(output, manifest)
     return manifest

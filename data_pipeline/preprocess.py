@@ -105,7 +105,9 @@ def content_digest(documents: Iterable[bytes]) -> str:
     return h.hexdigest()
 
 
-def _write_shard_job(directory: str, index: int, documents: list[bytes], digest: str, frame_bytes: int, level: int) -> dict:
+def _write_shard_job(
+    directory: str, index: int, documents: list[bytes], digest: str, frame_bytes: int, level: int
+) -> dict:
     """Runs in a worker: write the shard, then its sidecar (the sidecar marks it done)."""
     path = Path(directory) / f"shard-{index:06d}.bin"
     info = write_shard(path, documents, frame_bytes=frame_bytes, level=level)
@@ -117,7 +119,14 @@ def _write_shard_job(directory: str, index: int, documents: list[bytes], digest:
 class ShardSetBuilder:
     """Cuts one document stream into shards and gets them written (skipping ones already done)."""
 
-    def __init__(self, directory: Path, plan: dict, options: PreprocessOptions, pool: ProcessPoolExecutor | None, max_in_flight: int):
+    def __init__(
+        self,
+        directory: Path,
+        plan: dict,
+        options: PreprocessOptions,
+        pool: ProcessPoolExecutor | None,
+        max_in_flight: int,
+    ):
         self.directory = directory
         self.plan = plan
         self.options = options
@@ -143,7 +152,9 @@ class ShardSetBuilder:
             try:
                 manifest = load_manifest(d)
             except ManifestError as e:
-                raise PreprocessError(f"output {d} holds an unreadable manifest ({e}); delete it or choose another --output") from None
+                raise PreprocessError(
+                    f"output {d} holds an unreadable manifest ({e}); delete it or choose another --output"
+                ) from None
             if manifest.source != self.plan:
                 raise PreprocessError(
                     f"output {d} already holds a different shard set (made from {manifest.source.get('inputs')}); "
@@ -287,7 +298,9 @@ def _preprocess_locked(expanded, output, targets, names, plan_base, opts, worker
     started = time.time()
     # spawn, not fork: workers must not inherit the open input files (a killed run would keep a
     # pipe open) nor the threads of the parent (tqdm's monitor)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    pool = None
+    if workers > 1:
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
     try:
         builders = {n: ShardSetBuilder(targets[n], dict(plan_base, split=n), opts, pool, 2 * workers) for n in names}
         if all(b.complete for b in builders.values()):
@@ -321,7 +334,8 @@ def _run(inputs: list[str], opts: PreprocessOptions, builders: dict[str, ShardSe
                     counts["duplicates"] += 1
                     continue
                 seen.add(key)
-            split = "valid" if opts.valid_fraction > 0 and _valid_hash(document, opts.seed) < opts.valid_fraction else "train"
+            to_valid = opts.valid_fraction > 0 and _valid_hash(document, opts.seed) < opts.valid_fraction
+            split = "valid" if to_valid else "train"
             builders[split].add(document)
             counts["kept"] += 1
             counts["bytes"] += len(document)
@@ -329,7 +343,8 @@ def _run(inputs: list[str], opts: PreprocessOptions, builders: dict[str, ShardSe
             now = time.time()
             if progress and now - last > 0.5:
                 last = now
-                bar.set_postfix_str(f"{counts['bytes'] / 1e6:.1f} MB, {counts['bytes'] / 1e6 / (now - started):.1f} MB/s")
+                megabytes = counts["bytes"] / 1e6
+                bar.set_postfix_str(f"{megabytes:.1f} MB, {megabytes / (now - started):.1f} MB/s")
             if (opts.max_docs is not None and counts["kept"] >= opts.max_docs) or (
                 opts.max_bytes is not None and counts["bytes"] >= opts.max_bytes
             ):
@@ -345,9 +360,13 @@ def _run(inputs: list[str], opts: PreprocessOptions, builders: dict[str, ShardSe
 
 
 def _summary(output: Path, manifests: dict[str, Manifest], counts: dict, seconds: float, reused: int) -> None:
-    parts = [f"{n}: {m.total_documents} docs, {m.total_bytes / 1e6:.2f} MB, {len(m.shards)} shards" for n, m in manifests.items()]
+    parts = [
+        f"{n}: {m.total_documents} docs, {m.total_bytes / 1e6:.2f} MB, {len(m.shards)} shards"
+        for n, m in manifests.items()
+    ]
+    rate = counts["bytes"] / 1e6 / max(seconds, 1e-9)
     print(
-        f"synergy-preprocess: wrote {output} in {seconds:.1f} s ({counts['bytes'] / 1e6 / max(seconds, 1e-9):.1f} MB/s): "
+        f"synergy-preprocess: wrote {output} in {seconds:.1f} s ({rate:.1f} MB/s): "
         f"{'; '.join(parts)}. Read {counts['read']} docs, dropped {counts['short']} short and "
         f"{counts['duplicates']} duplicates; {reused} shards reused from an earlier run.",
         file=sys.stderr,

@@ -105,7 +105,7 @@ def read_jsonl(path: str, suffix: str, field: str) -> Iterator[bytes]:
 
 
 def read_parquet(path: str, field: str) -> Iterator[bytes]:
-    import pyarrow.parquet as pq
+    import pyarrow.parquet as pq  # optional dependency: only Parquet inputs need pyarrow
 
     parquet = pq.ParquetFile(path)
     if field not in parquet.schema_arrow.names:
@@ -125,7 +125,7 @@ def read_txt(path: str) -> Iterator[bytes]:
 
 
 def read_hf_dataset(name: str, field: str, split: str, config: str | None) -> Iterator[bytes]:
-    import datasets
+    import datasets  # optional dependency: only Hugging Face dataset inputs need it (slow to import)
 
     try:
         dataset = datasets.load_dataset(name, config, split=split, streaming=True)
@@ -139,7 +139,9 @@ def read_hf_dataset(name: str, field: str, split: str, config: str | None) -> It
         yield _to_bytes(_field(record, field, where), field, where)
 
 
-def read_input_documents(inputs: list[str], text_field: str = "text", split: str = "train", config: str | None = None) -> Iterator[bytes]:
+def read_input_documents(
+    inputs: list[str], text_field: str = "text", split: str = "train", config: str | None = None
+) -> Iterator[bytes]:
     """All documents of all inputs, in input order (inputs already expanded)."""
     for item in inputs:
         suffix = _suffix(item) if os.path.exists(item) and not os.path.isdir(item) else None

@@ -27,7 +27,7 @@ import numpy as np
 from data_pipeline.shards import CorruptShardError, FrameCache, ShardReader, frame_key, load_manifest
 
 try:  # the C build of _fill_cached (optional: pip builds it where a compiler exists)
-    from data_pipeline._fill import fill_cached as _native_fill_cached
+    from data_pipeline._fill import fill_cached as _native_fill_cached  # optional C extension
 except ImportError:
     _native_fill_cached = None
 
@@ -93,7 +93,9 @@ def _fill_cached(plan: WindowPlan, frames: dict, buffer: np.ndarray, size: int, 
 
 
 class ShardSetSource:
-    def __init__(self, directory: str | Path, seq_len: int, pack: bool = True, open_shards: int = 16, cache_frames: int = 8):
+    def __init__(
+        self, directory: str | Path, seq_len: int, pack: bool = True, open_shards: int = 16, cache_frames: int = 8
+    ):
         self.directory = Path(directory)
         self.manifest = load_manifest(self.directory)
         self.seq_len = seq_len
@@ -123,7 +125,8 @@ class ShardSetSource:
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
         self._advised: OrderedDict[int, None] = OrderedDict()  # recently advised blocks
         self._eod_positions: dict[int, np.ndarray] = {}
-        self._eod_search: dict[int, array.array] = {}  # the same positions: bisect on them is ~5x faster than searchsorted
+        # the same positions: bisect on them is ~5x faster than searchsorted
+        self._eod_search: dict[int, array.array] = {}
 
     def __getstate__(self):  # DataLoader workers start with no open files
         state = self.__dict__.copy()

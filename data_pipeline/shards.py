@@ -340,13 +340,16 @@ class ShardReader:
             raise self._fail(f"truncated: only {size} bytes")
         if os.pread(fd, len(SHARD_MAGIC), 0) != SHARD_MAGIC:
             raise self._fail("bad magic at start of file (not a synergy shard, or corrupted)")
-        index_offset, n_frames, n_docs, crc, version, magic = TRAILER.unpack(os.pread(fd, TRAILER.size, size - TRAILER.size))
+        trailer = os.pread(fd, TRAILER.size, size - TRAILER.size)
+        index_offset, n_frames, n_docs, crc, version, magic = TRAILER.unpack(trailer)
         if magic != TRAILER_MAGIC:
             raise self._fail("bad trailer magic (file truncated or corrupted at its end)")
         if version != FORMAT_VERSION:
             raise self._fail(f"format version {version}, this code reads {FORMAT_VERSION}")
         if n_frames >= FRAME_KEY_SPAN:
-            raise self._fail(f"{n_frames} frames: more than this reader can address ({FRAME_KEY_SPAN}); re-shard with larger frames")
+            raise self._fail(
+                f"{n_frames} frames: more than this reader can address ({FRAME_KEY_SPAN}); re-shard with larger frames"
+            )
         index_bytes = 8 * (3 * n_frames + n_docs)
         if index_offset + index_bytes + TRAILER.size != size:
             raise self._fail("index size does not match the file size (truncated or corrupted)")
@@ -358,7 +361,9 @@ class ShardReader:
         frame_starts = np.zeros(n_frames + 1, dtype=np.int64)
         np.cumsum(table[:, 2], out=frame_starts[1:])
         expected_offsets = len(SHARD_MAGIC) + np.concatenate(([0], np.cumsum(table[:, 1])[:-1])) if n_frames else []
-        if n_frames and (not np.array_equal(table[:, 0], expected_offsets) or table[-1, 0] + table[-1, 1] != index_offset):
+        if n_frames and (
+            not np.array_equal(table[:, 0], expected_offsets) or table[-1, 0] + table[-1, 1] != index_offset
+        ):
             raise self._fail("frame table is inconsistent (corrupted footer)")
         total = int(frame_starts[-1])
         if (n_docs and int(doc_ends[-1]) != total) or np.any(np.diff(doc_ends) < 0):

@@ -96,7 +96,12 @@ class StreamingByteDataset(IterableDataset):
             per-sample tensors and the DataLoader's collate copy.
         """
         super().__init__()
-        for name, value in (("seq_len", seq_len), ("global_batch_size", global_batch_size), ("micro_batch_size", micro_batch_size), ("world_size", world_size)):
+        for name, value in (
+            ("seq_len", seq_len),
+            ("global_batch_size", global_batch_size),
+            ("micro_batch_size", micro_batch_size),
+            ("world_size", world_size),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"StreamingByteDataset: {name} must be a positive integer, got {value!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
@@ -137,7 +142,10 @@ class StreamingByteDataset(IterableDataset):
             WindowOrder(s.n_windows, (seed, int(s.set_hash[:15], 16), i), block, group, shuffle)
             for i, s in enumerate(self.sources)
         ]
-        key = f"{[s.set_hash for s in self.sources]}|{self.schedule.numerators}|{seq_len}|{pack}|{seed}|{shuffle}|{block}|{group}"
+        key = (
+            f"{[s.set_hash for s in self.sources]}|{self.schedule.numerators}|{seq_len}|{pack}|{seed}|{shuffle}"
+            f"|{block}|{group}"
+        )
         self.fingerprint = int(hashlib.blake2b(key.encode(), digest_size=8).hexdigest()[:15], 16)
         self._rank_share = global_batch_size // world_size
         self._next_local = 0  # index, in this rank's own sequence, of the next sample to yield
@@ -204,7 +212,9 @@ class StreamingByteDataset(IterableDataset):
             items[at] = np.arange(len(at))
         return _Chunk(source_ids.tolist(), windows.tolist(), plans, items.tolist())
 
-    def _micro_batch(self, chunk: _Chunk, lo: int, hi: int, index: torch.Tensor, sources: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _micro_batch(
+        self, chunk: _Chunk, lo: int, hi: int, index: torch.Tensor, sources: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """Samples lo..hi of a chunk, collated: input_ids and labels [n, L] are views of one [n, L + 1] int64 tensor.
 
         The windows are copied as bytes into a reused uint8 buffer and cast to int64 by one torch call
@@ -309,7 +319,10 @@ class StreamingByteDataset(IterableDataset):
         """Continue right after the saved position (also on another world size, at a batch boundary)."""
         missing = {"samples", "fingerprint"} - set(state)
         if missing:
-            raise ValueError(f"StreamingByteDataset.load_state_dict: state lacks {sorted(missing)}; pass a dict from state_dict()/state_at()")
+            raise ValueError(
+                f"StreamingByteDataset.load_state_dict: state lacks {sorted(missing)}; "
+                "pass a dict from state_dict()/state_at()"
+            )
         if state["fingerprint"] != self.fingerprint:
             raise ValueError(
                 "StreamingByteDataset.load_state_dict: the state belongs to a different data stream "

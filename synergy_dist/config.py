@@ -1,6 +1,7 @@
 """The one typed training configuration: dataclasses, YAML loading, dotted overrides, validation.
 
-    cfg = load_config("configs/tiny-cpu.yaml", ["train.lr=3e-4", "model.middle.repeat=12", "model.stages.0.router.kind=gate"])
+    cfg = load_config("configs/tiny-cpu.yaml",
+                      ["train.lr=3e-4", "model.middle.repeat=12", "model.stages.0.router.kind=gate"])
 
 Every knob has a default here; YAML files and command-line overrides only change values. Anything
 that is wrong (unknown key, bad type, bad value, inconsistent combination) raises ConfigError naming
@@ -112,7 +113,8 @@ class SafeguardConfig:
     spike_window: int = 100  # steps of running statistics for the spike test
     spike_min_history: int = 50  # applied steps needed before spikes are detected (early training is noisy)
     max_consecutive_spikes: int = 3  # this many spikes in a row -> roll back to the last good checkpoint
-    compression_band: list = field(default_factory=lambda: [0.5, 2.0])  # alarm if bytes/concept / target leaves [lo, hi]
+    # alarm if bytes/concept / target leaves [lo, hi]
+    compression_band: list = field(default_factory=lambda: [0.5, 2.0])
     min_load_entropy_ratio: float = 0.5  # alarm if expert load entropy / log(n_experts) falls below this
     dead_expert_fraction: float = 0.01  # an expert with less than this share of mean load counts as dead
 

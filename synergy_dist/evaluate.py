@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data_pipeline.shards import iter_shard_documents
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, N_BYTES, PAD_ID
 from synergy_dist.model.chunking import RoutingOutput
 from synergy_dist.model.synergy import HierarchyStage
@@ -141,7 +142,7 @@ class Tally:
             "bytes_per_concept": 1.0, "stages": [], "moe": {},
         }
         bytes_in = self.stages[0].units if self.stages else 0
-        for s, st in enumerate(self.stages):
+        for st in self.stages:
             out["stages"].append({
                 "units": st.units, "concepts": st.concepts,
                 "boundary_rate": st.concepts / max(st.units, 1),
@@ -236,7 +237,8 @@ def stage_tally(prob: torch.Tensor, boundary: torch.Tensor, valid: torch.Tensor)
 
 # ---------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate_batch(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor, recorder: RouteRecorder) -> Tally:
+def evaluate_batch(model: torch.nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                   recorder: RouteRecorder) -> Tally:
     device = next(model.parameters()).device
     out = model(inputs.to(device))
     counted = labels != IGNORE_INDEX
@@ -280,8 +282,6 @@ def evaluate_documents(model: torch.nn.Module, documents: Iterable[bytes], seq_l
 
 def evaluate(model: torch.nn.Module, sources: dict[str, str], seq_len: int, batch_size: int = 8) -> dict:
     """{name: shard-set directory} -> {"overall": summary, "sources": {name: summary}}."""
-    from data_pipeline.shards import iter_shard_documents
-
     if not sources:
         raise ValueError("evaluate needs at least one data source")
     overall = Tally()

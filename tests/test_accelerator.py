@@ -14,7 +14,8 @@ from synergy_dist.accelerator import set_deepspeed_accelerator, uses_cuda
 
 def test_importing_the_model_prints_nothing_on_stdout_and_sets_the_policy():
     env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    code = "import os, synergy_dist.model.moe.layer, deepspeed.accelerator as a; print(os.environ['DS_ACCELERATOR'], a.get_accelerator().device_name())"
+    code = ("import os, synergy_dist.model.moe.layer, deepspeed.accelerator as a; "
+            "print(os.environ['DS_ACCELERATOR'], a.get_accelerator().device_name())")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     expected = "cuda" if torch.cuda.is_available() else "cpu"

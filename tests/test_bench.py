@@ -41,7 +41,7 @@ def test_ratio_and_target_status():
     assert Target("b", 2.0, "<", 2.0, "s").status == "missed"
     assert Target("c", None, ">=", 1.0).status == "not available"
     with pytest.raises(ValueError, match="Target 'd': op must be '>=' or '<', got '>'"):
-        Target("d", 1.0, ">", 0.0).status
+        _ = Target("d", 1.0, ">", 0.0).status
 
 
 def test_figure_is_the_median_and_keeps_repeats():

@@ -172,7 +172,8 @@ def test_bad_settings_fail_with_the_key_and_the_fix(corpora, tmp_path):
 
 def test_llama_row_without_its_libraries_fails_with_the_install_command(corpora, monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real_find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "transformers" else real_find_spec(name, *a))
     with pytest.raises(ValueError, match=r"row 'llama-bpe' needs \['transformers'\]: pip install -e '.\[anchors\]'"):
         quality.QualityConfig(corpora=str(corpora), train_bytes=4096).validate()
     quality.QualityConfig(corpora=str(corpora), train_bytes=4096, rows=["synergy-cosine"]).validate()  # no row 7: fine
@@ -186,7 +187,8 @@ def _tiny_cfg(corpora: Path, work: Path, rows: list[str]) -> quality.QualityConf
                                  eval_bytes=2000, bpe_vocab=8192, work_dir=str(work), code_heldout_fraction=0.2)
 
 
-@pytest.mark.parametrize("row", ["synergy-cosine", "byte-transformer", pytest.param("llama-bpe", marks=needs_anchor_libs)])
+@pytest.mark.parametrize("row", ["synergy-cosine", "byte-transformer",
+                                 pytest.param("llama-bpe", marks=needs_anchor_libs)])
 def test_one_row_trains_and_evaluates_consistently(corpora, tmp_path, row):
     cfg = _tiny_cfg(corpora, tmp_path, [row])
     result = quality.run_row(row, cfg)
@@ -234,15 +236,17 @@ def test_run_reports_every_row_and_the_goals(corpora, tmp_path):
     assert saved["eval"]["pydocs-valid"]["bits_per_byte"] == bpb1
     assert any(note.startswith("row 1 synergy-cosine: pydocs-valid") for note in report.notes)
     table = quality.markdown_table(quality.load_results([str(tmp_path)])).splitlines()
-    assert len(table) == 4 and table[2].startswith("| 1 | synergy-cosine") and table[3].startswith("| 6 | byte-transformer")
+    assert (len(table) == 4 and table[2].startswith("| 1 | synergy-cosine")
+            and table[3].startswith("| 6 | byte-transformer"))
     assert f"| {bpb1:.3f} |" in table[2] and "| 1.00x |" in table[2]
 
 
 def test_command_line_quick_run_writes_json_and_markdown(corpora, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     bench = [sys.executable, "-m", "benchmarks.quality"]
-    proc = subprocess.run([*bench, "--quick", "--corpora", str(corpora), "--out", str(tmp_path), "--row", "synergy-space",
-                           "--eval-bytes", "500"], capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+    proc = subprocess.run([*bench, "--quick", "--corpora", str(corpora), "--out", str(tmp_path),
+                           "--row", "synergy-space", "--eval-bytes", "500"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     data = json.loads((tmp_path / "quality.json").read_text())
     figures = data["benchmarks"]["quality"]["figures"]
@@ -259,10 +263,12 @@ def _fake_result(name: str, number: str, bpb: float, bytes_per_concept: float, s
     curve = [8.0 - 5.0 * i / steps for i in range(steps)]
     valid = {"bits_per_byte": bpb, "bytes_per_concept": bytes_per_concept, "concepts": 1000 / bytes_per_concept,
              "groups": {"library": {"bits_per_byte": bpb}}}
-    return {"row": name, "number": number, "what": name, "params_total": 10, "params_active": 10, "train_bytes": 4096 * steps,
-            "steps": steps, "batch_size": 8, "seq_len_units": 512 if name != "llama-bpe" else 128,
+    return {"row": name, "number": number, "what": name, "params_total": 10, "params_active": 10,
+            "train_bytes": 4096 * steps, "steps": steps, "batch_size": 8,
+            "seq_len_units": 512 if name != "llama-bpe" else 128,
             "train_flops": 1e9, "train_bytes_per_s_cpu": 5000.0, "train_bytes_per_s_wall": 4000.0,
-            "peak_rss_train_mib": 100.0, "rss_with_text_and_model_mib": 90.0, "peak_rss_mib": 120.0, "train_curve": curve,
+            "peak_rss_train_mib": 100.0, "rss_with_text_and_model_mib": 90.0, "peak_rss_mib": 120.0,
+            "train_curve": curve,
             "eval": {"pydocs-valid": valid, "pystdlib-code-heldout": {"bits_per_byte": bpb + 0.1}}}
 
 
@@ -275,7 +281,8 @@ def test_table_from_combines_earlier_runs_into_one_report_with_plots(tmp_path):
     b.mkdir(parents=True)
     rows = {"synergy-cosine": ("1", 2.3, 3.4), "byte-transformer": ("6", 2.6, 1.0), "llama-bpe": ("7", 2.2, 3.9)}
     for name, (number, bpb, bpc) in rows.items():
-        (a if name == "synergy-cosine" else b).joinpath(f"{name}.json").write_text(json.dumps(_fake_result(name, number, bpb, bpc)))
+        result = _fake_result(name, number, bpb, bpc)
+        (a if name == "synergy-cosine" else b).joinpath(f"{name}.json").write_text(json.dumps(result))
     cfg = quality.QualityConfig(table_from=[str(a), str(b)], work_dir=str(tmp_path / "out" / "quality"))
     report = quality.run(cfg, "python -m benchmarks.quality --table-from a b")
     goals = {t.name: t for t in report.targets}

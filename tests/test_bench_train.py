@@ -98,7 +98,8 @@ def test_moe_run_sets_expert_parallel_to_the_world_size(tmp_path, world):
 def test_micro_batch_override_scales_the_global_batch_with_the_ranks(tmp_path):
     values = bench.run_config(bench.TrainBenchConfig(micro_batch_size=32), "dense", 2, tmp_path / "run")
     loaded = load_config(str(bench.write_config(values, tmp_path / "run.yaml")))
-    assert (loaded.batch.micro_batch_size, loaded.global_batch_sequences(), loaded.grad_accumulation_steps(2)) == (32, 64, 1)
+    assert (loaded.batch.micro_batch_size, loaded.global_batch_sequences(),
+            loaded.grad_accumulation_steps(2)) == (32, 64, 1)
 
 
 def test_commands_launch_one_process_or_torchrun(tmp_path):
@@ -113,7 +114,8 @@ def test_launch_keeps_a_finished_run_that_crashed_at_exit_and_drops_an_unfinishe
     run_dir, config = tmp_path / "run", tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"run": {"dir": str(run_dir)}}))
     lines = [json.dumps({"step": s, "world_size": 1, "bytes_per_s": 10.0, "step_time_s": 0.1}) for s in (1, 2)]
-    script = f"mkdir -p {run_dir} && printf '%s\\n' {' '.join(repr(x) for x in lines)} > {run_dir}/metrics.jsonl; exit 1"
+    records = " ".join(repr(x) for x in lines)
+    script = f"mkdir -p {run_dir} && printf '%s\\n' {records} > {run_dir}/metrics.jsonl; exit 1"
     monkeypatch.setattr(bench, "train_command", lambda path, world: ["bash", "-c", script])
     log = config.with_suffix(".log")
     records, problem = bench.launch(config, 1, steps=2)
@@ -200,9 +202,11 @@ def test_smoke_run_writes_figures_consistent_with_the_trainer_metrics(tmp_path, 
             assert len(figures[f"dense/{name}_step_{clock}"]["samples"]) == 3  # steps 2..4
             assert figures[f"dense/{name}_step_{clock}"]["value"] > 0
     trainer_step, plain_step = figures["dense/trainer_step_cpu"]["value"], figures["dense/plain_step_cpu"]["value"]
-    assert figures["dense/engine_and_trainer_vs_plain"]["value"] == pytest.approx(100 * (trainer_step - plain_step) / trainer_step)
+    assert figures["dense/engine_and_trainer_vs_plain"]["value"] == pytest.approx(
+        100 * (trainer_step - plain_step) / trainer_step)
     trainer_wall, plain_wall = figures["dense/trainer_step_wall"]["value"], figures["dense/plain_step_wall"]["value"]
-    assert figures["dense/engine_and_trainer_vs_plain_wall"]["value"] == pytest.approx(100 * (trainer_wall - plain_wall) / trainer_wall)
+    assert figures["dense/engine_and_trainer_vs_plain_wall"]["value"] == pytest.approx(
+        100 * (trainer_wall - plain_wall) / trainer_wall)
     # The judged overhead: per step, the share of the trainer step outside the engine's forward/backward/step calls.
     own = figures["dense/trainer_overhead"]
     assert len(own["samples"]) == 3 and all(0 < share < 100 for share in own["samples"])

@@ -215,7 +215,8 @@ def test_world_size_errors():
     fp16 = load_config(None, ["precision.dtype=fp16"])
     with pytest.raises(ConfigError) as err:
         validate_for_world(fp16, world_size=1, device_type="cpu")
-    assert str(err.value) == "precision.dtype='fp16' is not supported on CPU (DeepSpeed rejects it); use 'fp32' or 'bf16'"
+    assert str(err.value) == ("precision.dtype='fp16' is not supported on CPU (DeepSpeed rejects it); "
+                              "use 'fp32' or 'bf16'")
 
 
 def test_cli_reports_config_error_before_any_compute(capsys):
@@ -242,8 +243,10 @@ def test_loading_a_config_imports_neither_deepspeed_nor_torch_distributed():
 def test_deepspeed_json_is_generated_and_extra_json_merged(tmp_path):
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 1000}, "gradient_clipping": 0.5}))
-    cfg = config_from_dict({"batch": {"global_batch_size": 16, "micro_batch_size": 2},
-                            "deepspeed": {"zero_stage": 2, "extra_json": str(extra), "extra": {"wall_clock_breakdown": True}}})
+    cfg = config_from_dict({
+        "batch": {"global_batch_size": 16, "micro_batch_size": 2},
+        "deepspeed": {"zero_stage": 2, "extra_json": str(extra), "extra": {"wall_clock_breakdown": True}},
+    })
     ds = build_ds_config(cfg, world_size=2, dtype=torch.bfloat16)
     assert ds["train_batch_size"] == 16 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 4

@@ -33,7 +33,8 @@ def test_info_and_verify_report_a_sound_set(two_sets, capsys):
     out = capsys.readouterr().out
     assert f"documents:   {manifest.total_documents}" in out and f"shards:      {len(manifest.shards)}" in out
     assert main(["verify", str(root / "A")]) == 0
-    assert f"OK {root / 'A'}: {len(manifest.shards)} shards, {manifest.total_documents} documents" in capsys.readouterr().out
+    expected = f"OK {root / 'A'}: {len(manifest.shards)} shards, {manifest.total_documents} documents"
+    assert expected in capsys.readouterr().out
 
 
 def test_verify_fails_naming_the_corrupted_shard(two_sets):
@@ -79,7 +80,9 @@ def test_merge_equals_a_single_preprocess_of_all_inputs(two_sets):
     assert n_m == n_s
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(from_merged, from_single))
     # the union streams with a shuffle too: every window once per epoch
-    ds = StreamingByteDataset([root / "M"], seq_len=64, global_batch_size=4, micro_batch_size=2, shuffle_block=4, shuffle_window=16)
+    ds = StreamingByteDataset(
+        [root / "M"], seq_len=64, global_batch_size=4, micro_batch_size=2, shuffle_block=4, shuffle_window=16
+    )
     assert sorted(ds.window_id(i)[1] for i in range(n_m)) == list(range(n_m))
 
 

@@ -133,9 +133,16 @@ def test_stream_content_is_unchanged_by_the_fast_paths(corpus, monkeypatch, max_
         monkeypatch.setattr(stream_module, "MAX_CACHE_FRAMES", max_cache_frames)
     fallbacks = []
     window_bytes = ShardSetSource.window_bytes
-    monkeypatch.setattr(ShardSetSource, "window_bytes", lambda self, w, *a: fallbacks.append(w) or window_bytes(self, w, *a))
+
+    def counting_window_bytes(self, w, *a):
+        fallbacks.append(w)
+        return window_bytes(self, w, *a)
+
+    monkeypatch.setattr(ShardSetSource, "window_bytes", counting_window_bytes)
     stream = token_stream(list(iter_shard_documents(corpus)))
-    ds = StreamingByteDataset([corpus], seq_len=L, global_batch_size=8, micro_batch_size=8, seed=2, batched=True, **SMALL)
+    ds = StreamingByteDataset(
+        [corpus], seq_len=L, global_batch_size=8, micro_batch_size=8, seed=2, batched=True, **SMALL
+    )
     n = ds.epoch_size()
     if max_cache_frames is not None:
         assert ds.sources[0].cache.capacity == max_cache_frames

@@ -35,11 +35,12 @@ def test_every_local_input_kind_round_trips_in_order(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", a)
     with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": t}) + "\n" for t in b)
-    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress("".join(json.dumps({"text": t}) + "\n" for t in c).encode()))
+    c_lines = "".join(json.dumps({"text": t}) + "\n" for t in c).encode()
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(c_lines))
     pq.write_table(pa.table({"text": d}), tmp_path / "d.parquet")
     (tmp_path / "e.txt").write_bytes(docs[59].encode())
     out = tmp_path / "out"
-    inputs = [tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz", tmp_path / "c.jsonl.zst", tmp_path / "d.parquet", tmp_path / "e.txt"]
+    inputs = [tmp_path / name for name in ["a.jsonl", "b.jsonl.gz", "c.jsonl.zst", "d.parquet", "e.txt"]]
     result = preprocess(inputs, out, shard_size=2000, frame_bytes=512, min_doc_bytes=0, progress=False)
     assert result == {"train": out}
     assert list(iter_shard_documents(out)) == _bytes(docs)
@@ -112,7 +113,10 @@ def test_resume_after_sigkill_neither_duplicates_nor_loses(tmp_path):
     fifo = tmp_path / "corpus.jsonl"
     os.mkfifo(fifo)
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "data_pipeline.preprocess", str(fifo), "--output", str(out), "--shard-size", "4KiB", "--workers", "2"]
+    command = [
+        sys.executable, "-m", "data_pipeline.preprocess", str(fifo),
+        "--output", str(out), "--shard-size", "4KiB", "--workers", "2",
+    ]
 
     def feed(data: bytes, done: threading.Event | None) -> None:
         try:
@@ -156,7 +160,11 @@ def test_resume_after_sigkill_neither_duplicates_nor_loses(tmp_path):
 
     preprocess([reference], tmp_path / "clean", shard_size="4KiB", progress=False)
     resumed, clean = load_manifest(out), load_manifest(tmp_path / "clean")
-    assert [(s.name, s.sha256, s.documents) for s in resumed.shards] == [(s.name, s.sha256, s.documents) for s in clean.shards]
+
+    def summary(manifest):
+        return [(s.name, s.sha256, s.documents) for s in manifest.shards]
+
+    assert summary(resumed) == summary(clean)
     assert list(iter_shard_documents(out)) == [d.encode() for d in docs]
     assert verify_shard_set(out) == []
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith("shard-")) == ["manifest.json"]
@@ -165,7 +173,10 @@ def test_resume_after_sigkill_neither_duplicates_nor_loses(tmp_path):
 def test_concurrent_runs_on_one_output_are_serialised(tmp_path):
     """Every rank preprocessing the same corpus on first use: one writes, the other finds it complete."""
     src = write_jsonl(tmp_path / "c.jsonl", make_documents(300, seed=10))
-    command = [sys.executable, "-m", "data_pipeline.preprocess", str(src), "--output", str(tmp_path / "o"), "--shard-size", "2KiB"]
+    command = [
+        sys.executable, "-m", "data_pipeline.preprocess", str(src),
+        "--output", str(tmp_path / "o"), "--shard-size", "2KiB",
+    ]
     procs = [subprocess.Popen(command, env=ENV, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outputs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
@@ -186,19 +197,26 @@ def test_rerun_of_a_complete_set_is_a_no_op(tmp_path):
     "make_input, options, error, message",
     [
         (lambda t: [t / "missing.jsonl"], {}, InputError, r"input not found: .*missing\.jsonl \(check the path\)"),
-        (lambda t: [str(t / "nothing-*.jsonl")], {}, InputError, r"input pattern .*nothing-\*\.jsonl' matches no files"),
+        (lambda t: [str(t / "nothing-*.jsonl")], {}, InputError,
+         r"input pattern .*nothing-\*\.jsonl' matches no files"),
         (lambda t: [write_jsonl(t / "f.jsonl", ["x"], field="body")], {}, InputError,
          r"f\.jsonl line 1: no field 'text' \(fields: body, id\); pass --text-field NAME"),
         (lambda t: [_write(t / "n.jsonl", '{"text": "ok"}\n{"text": 5}\n')], {}, InputError,
          r"n\.jsonl line 2: field 'text' holds int, not text \(pass --text-field"),
-        (lambda t: [_write(t / "bad.jsonl", '{"text": "ok"}\n{not json\n')], {}, InputError, r"bad\.jsonl line 2: not valid JSON"),
+        (lambda t: [_write(t / "bad.jsonl", '{"text": "ok"}\n{not json\n')], {}, InputError,
+         r"bad\.jsonl line 2: not valid JSON"),
         (lambda t: [write_jsonl(t / "short.jsonl", ["a", "bb"])], {"min_doc_bytes": 10}, PreprocessError,
-         r"empty corpus: 2 documents read from .*short\.jsonl, none kept \(2 shorter than --min-doc-bytes 10, 0 duplicates\)"),
+         r"empty corpus: 2 documents read from .*short\.jsonl, none kept "
+         r"\(2 shorter than --min-doc-bytes 10, 0 duplicates\)"),
         (lambda t: [_write(t / "x.csv", "a,b\n")], {}, InputError, r"input .*x\.csv: unknown file type"),
-        (lambda t: [write_jsonl(t / "ok.jsonl", ["a"])], {"valid_fraction": 1.5}, PreprocessError, r"--valid-fraction must be in \[0, 1\), got 1\.5"),
-        (lambda t: [write_jsonl(t / "ok.jsonl", ["a"])], {"shard_size": "12 parsecs"}, PreprocessError, r"cannot read size '12 parsecs'"),
-        (lambda t: [write_jsonl(t / "ok.jsonl", ["a"])], {"max_docs": 0}, PreprocessError, r"--max-docs must be at least 1, got 0"),
-        (lambda t: [write_jsonl(t / "ok.jsonl", ["a"])], {"colour": "red"}, PreprocessError, r"unknown preprocess option\(s\): colour"),
+        (lambda t: [write_jsonl(t / "ok.jsonl", ["a"])], {"valid_fraction": 1.5}, PreprocessError,
+         r"--valid-fraction must be in \[0, 1\), got 1\.5"),
+        (lambda t: [write_jsonl(t / "ok.jsonl", ["a"])], {"shard_size": "12 parsecs"}, PreprocessError,
+         r"cannot read size '12 parsecs'"),
+        (lambda t: [write_jsonl(t / "ok.jsonl", ["a"])], {"max_docs": 0}, PreprocessError,
+         r"--max-docs must be at least 1, got 0"),
+        (lambda t: [write_jsonl(t / "ok.jsonl", ["a"])], {"colour": "red"}, PreprocessError,
+         r"unknown preprocess option\(s\): colour"),
     ],
 )
 def test_bad_input_errors_name_the_problem(tmp_path, make_input, options, error, message):
@@ -215,11 +233,16 @@ def test_output_holding_a_different_shard_set_is_refused(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", make_documents(10, seed=8))
     b = write_jsonl(tmp_path / "b.jsonl", make_documents(10, seed=9))
     preprocess([a], tmp_path / "out", progress=False)
-    with pytest.raises(PreprocessError, match=r"output .*out already holds a different shard set \(made from .*a\.jsonl.*\); choose another --output"):
+    with pytest.raises(
+        PreprocessError,
+        match=r"output .*out already holds a different shard set \(made from .*a\.jsonl.*\); choose another --output",
+    ):
         preprocess([b], tmp_path / "out", progress=False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(PreprocessError, match=r"output .*other is not empty and holds no synergy shard set \(notes\.txt"):
+    with pytest.raises(
+        PreprocessError, match=r"output .*other is not empty and holds no synergy shard set \(notes\.txt"
+    ):
         preprocess([a], tmp_path / "other", progress=False)
 
 
@@ -237,13 +260,18 @@ def test_an_unfinished_run_with_other_options_is_refused(tmp_path):
     (tmp_path / "o" / "manifest.json").unlink()  # as if killed before the manifest was written
     (tmp_path / "o" / ".progress").mkdir()
     (tmp_path / "o" / ".progress" / "plan.json").write_text(json.dumps({"inputs": ["other.jsonl"]}))
-    with pytest.raises(PreprocessError, match=r"holds an unfinished run with different inputs or options \(inputs \['other.jsonl'\]\)"):
+    with pytest.raises(
+        PreprocessError, match=r"holds an unfinished run with different inputs or options \(inputs \['other.jsonl'\]\)"
+    ):
         preprocess([src], tmp_path / "o", shard_size=2000, progress=False)
 
 
 def test_cli_reports_errors_with_exit_status_2(tmp_path):
     run = subprocess.run(
-        [sys.executable, "-m", "data_pipeline.preprocess", str(tmp_path / "nope.jsonl"), "--output", str(tmp_path / "o")],
+        [
+            sys.executable, "-m", "data_pipeline.preprocess", str(tmp_path / "nope.jsonl"),
+            "--output", str(tmp_path / "o"),
+        ],
         env=ENV, capture_output=True, text=True, timeout=60,
     )
     assert run.returncode == 2
@@ -251,4 +279,7 @@ def test_cli_reports_errors_with_exit_status_2(tmp_path):
 
 
 def test_parse_size():
-    assert parse_size("256MiB") == 256 << 20 and parse_size("1GB") == 10**9 and parse_size("4096") == 4096 and parse_size("2k") == 2000
+    assert parse_size("256MiB") == 256 << 20
+    assert parse_size("1GB") == 10**9
+    assert parse_size("4096") == 4096
+    assert parse_size("2k") == 2000

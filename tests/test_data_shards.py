@@ -118,7 +118,10 @@ def test_truncated_shard_is_reported(shard_set):
     path = directory / "shard-000000.bin"
     full = path.stat().st_size
     path.write_bytes(path.read_bytes()[:-100])
-    with pytest.raises(CorruptShardError, match=rf"shard-000000\.bin: truncated or resized: {full - 100} bytes on disk, manifest says {full}"):
+    with pytest.raises(
+        CorruptShardError,
+        match=rf"shard-000000\.bin: truncated or resized: {full - 100} bytes on disk, manifest says {full}",
+    ):
         ShardReader(path, expected_bytes=full).load_index()
     with pytest.raises(CorruptShardError, match=r"shard-000000\.bin: bad trailer magic"):
         ShardReader(path).load_index()
@@ -131,7 +134,10 @@ def test_missing_shard_and_missing_manifest(shard_set, tmp_path_factory):
     (directory / "shard-000001.bin").unlink()
     assert any("shard-000001.bin: file not found" in p for p in verify_shard_set(directory))
     empty = tmp_path_factory.mktemp("unfinished")
-    with pytest.raises(ManifestError, match=r"no manifest.json \(preprocessing did not finish; re-run the same synergy-preprocess command"):
+    with pytest.raises(
+        ManifestError,
+        match=r"no manifest.json \(preprocessing did not finish; re-run the same synergy-preprocess command",
+    ):
         load_manifest(empty)
     with pytest.raises(ManifestError, match=r"directory not found"):
         load_manifest(empty / "nope")

@@ -101,7 +101,10 @@ def test_one_document_per_window_pads_and_masks(corpora):
 
 def test_exact_resume_at_arbitrary_points(corpora):
     _, B = corpora
-    make = lambda: StreamingByteDataset([B], seq_len=L, global_batch_size=6, micro_batch_size=3, seed=1, **SMALL)
+
+    def make():
+        return StreamingByteDataset([B], seq_len=L, global_batch_size=6, micro_batch_size=3, seed=1, **SMALL)
+
     reference = take(make(), 140)
     n_epoch = make().epoch_size()
     assert n_epoch < 100  # the checks below cross an epoch boundary
@@ -130,7 +133,10 @@ def test_state_at_is_pure(corpora):
 def _run_ranks(source, world_size, steps, start_state=None, G=12, M=2):
     samples = []
     for rank in range(world_size):
-        ds = StreamingByteDataset([source], seq_len=L, global_batch_size=G, micro_batch_size=M, rank=rank, world_size=world_size, seed=5, **SMALL)
+        ds = StreamingByteDataset(
+            [source], seq_len=L, global_batch_size=G, micro_batch_size=M, rank=rank, world_size=world_size, seed=5,
+            **SMALL,
+        )
         if start_state is not None:
             ds.load_state_dict(start_state)
         samples += take(ds, steps * G // world_size)
@@ -147,17 +153,25 @@ def test_elastic_resume_continues_the_same_global_stream(corpora, before, after)
     second = _run_ranks(A, after, 5, start_state=ds.state_at(3 * G))
     same(first + second, reference)
     # rank r's share of global batch k is [k*G + r*G/W, k*G + (r+1)*G/W)
-    r1 = StreamingByteDataset([A], seq_len=L, global_batch_size=G, micro_batch_size=2, rank=1, world_size=3, seed=5, **SMALL)
+    r1 = StreamingByteDataset(
+        [A], seq_len=L, global_batch_size=G, micro_batch_size=2, rank=1, world_size=3, seed=5, **SMALL
+    )
     assert ids(take(r1, 8)) == [4, 5, 6, 7, 16, 17, 18, 19]
 
 
 def _rank_main(rank, world_size, source, out, max_samples):
     torch.distributed.init_process_group("gloo", init_method=f"file://{out}.store", rank=rank, world_size=world_size)
-    ds = StreamingByteDataset([source], seq_len=L, global_batch_size=8, micro_batch_size=2, rank=rank, world_size=world_size, seed=9, max_samples=max_samples, **SMALL)
+    ds = StreamingByteDataset(
+        [source], seq_len=L, global_batch_size=8, micro_batch_size=2, rank=rank, world_size=world_size, seed=9,
+        max_samples=max_samples, **SMALL,
+    )
     loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=2)
     got = []
     for batch in loader:
-        got += [(int(i), ds.window_id(int(i))[1], batch["input_ids"][j].tolist()) for j, i in enumerate(batch["sample_index"])]
+        got += [
+            (int(i), ds.window_id(int(i))[1], batch["input_ids"][j].tolist())
+            for j, i in enumerate(batch["sample_index"])
+        ]
     gathered = [None] * world_size
     torch.distributed.all_gather_object(gathered, got)
     if rank == 0:
@@ -188,7 +202,9 @@ def test_ranks_times_workers_cover_one_epoch_exactly_once(corpora, tmp_path):
 def test_mixture_is_exact_at_every_prefix(corpora):
     A, B = corpora
     for sources, weights in [([A, B], [0.7, 0.3]), ([A, B, A], [1, 2, 4]), ([B, A], [0.123, 0.877])]:
-        ds = StreamingByteDataset(list(zip(sources, weights)), seq_len=L, global_batch_size=4, micro_batch_size=2, seed=2, **SMALL)
+        ds = StreamingByteDataset(
+            list(zip(sources, weights)), seq_len=L, global_batch_size=4, micro_batch_size=2, seed=2, **SMALL
+        )
         samples = take(ds, 600)
         w = np.asarray(ds.schedule.weights)
         assert np.allclose(w, np.asarray(weights) / sum(weights), atol=1 / 16384)
@@ -234,13 +250,16 @@ def test_corrupt_shard_raises_naming_it_or_is_skipped(corpora, tmp_path, caplog)
     n = ds.epoch_size()
     with pytest.raises(CorruptShardError, match=r"shard .*shard-000001\.bin: frame 0 fails its checksum"):
         take(ds, n)
-    skipping = StreamingByteDataset([bad], seq_len=L, global_batch_size=4, micro_batch_size=2, shuffle=False, on_corrupt="skip")
+    skipping = StreamingByteDataset(
+        [bad], seq_len=L, global_batch_size=4, micro_batch_size=2, shuffle=False, on_corrupt="skip"
+    )
     with caplog.at_level(logging.WARNING, logger="data_pipeline.shard_source"):
         samples = take(skipping, n)
     assert ids(samples) == list(range(n))
     assert any("skipping corrupt shard" in r.message and "shard-000001.bin" in r.message for r in caplog.records)
     assert all(skipping.describe(i)[1] != "shard-000001.bin" for i in range(n))
-    clean = {tuple(s["input_ids"].tolist()) for s in take(StreamingByteDataset([A], seq_len=L, global_batch_size=4, micro_batch_size=2, shuffle=False), n)}
+    unshuffled = StreamingByteDataset([A], seq_len=L, global_batch_size=4, micro_batch_size=2, shuffle=False)
+    clean = {tuple(s["input_ids"].tolist()) for s in take(unshuffled, n)}
     assert all(tuple(s["input_ids"].tolist()) in clean for s in samples)  # substitutes are real windows
 
     (bad / "shard-000002.bin").write_bytes((bad / "shard-000002.bin").read_bytes()[:-50])
@@ -265,11 +284,14 @@ def test_construction_reads_only_the_manifest(corpora, tmp_path):
     "kwargs, message",
     [
         (dict(global_batch_size=64, micro_batch_size=8, world_size=3),
-         r"global_batch_size=64 is not divisible by world_size \* micro_batch_size = 3 \* 8 = 24; use a global batch that is a multiple of 24"),
+         r"global_batch_size=64 is not divisible by world_size \* micro_batch_size = 3 \* 8 = 24; "
+         r"use a global batch that is a multiple of 24"),
         (dict(rank=2, world_size=2), r"rank must be in \[0, world_size=2\), got 2"),
         (dict(seq_len=0), r"seq_len must be a positive integer, got 0"),
         (dict(on_corrupt="ignore"), r"on_corrupt must be 'raise' or 'skip', got 'ignore'"),
-        (dict(seq_len=10**7), r"holds \d+ tokens in \d+ documents: not one window of seq_len\+1 = 10000001 tokens; lower seq_len or add data"),
+        (dict(seq_len=10**7),
+         r"holds \d+ tokens in \d+ documents: not one window of seq_len\+1 = 10000001 tokens; "
+         r"lower seq_len or add data"),
         (dict(max_samples=-1), r"max_samples must be >= 0, got -1"),
         (dict(shuffle_window=0), r"shuffle_window must be a positive integer or None, got 0"),
     ],
@@ -289,7 +311,9 @@ def test_bad_sources_fail_early(corpora, tmp_path):
         StreamingByteDataset(str(A), seq_len=L)
     with pytest.raises(ValueError, match=r"mixture weights must be positive finite numbers, got \[1.0, -0.5\]"):
         StreamingByteDataset([(A, 1.0), (B, -0.5)], seq_len=L)
-    with pytest.raises(ManifestError, match=r"shard set .*missing: directory not found \(run synergy-preprocess first\)"):
+    with pytest.raises(
+        ManifestError, match=r"shard set .*missing: directory not found \(run synergy-preprocess first\)"
+    ):
         StreamingByteDataset([tmp_path / "missing"], seq_len=L)
 
 
@@ -301,7 +325,9 @@ def test_bad_states_are_refused(corpora):
         ds.load_state_dict(other.state_at(8))
     with pytest.raises(ValueError, match=r"state lacks \['fingerprint'\]"):
         ds.load_state_dict({"samples": 8})
-    with pytest.raises(ValueError, match=r"samples=3 is inside a global batch at a point world_size=2 cannot split evenly"):
+    with pytest.raises(
+        ValueError, match=r"samples=3 is inside a global batch at a point world_size=2 cannot split evenly"
+    ):
         ds.load_state_dict(ds.state_at(3))
     tampered = ds.state_at(8) | {"source_counts": [7]}
     with pytest.raises(ValueError, match=r"source_counts \[7\] do not match samples=8"):

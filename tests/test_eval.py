@@ -104,7 +104,8 @@ def test_two_rank_checkpoint_evaluates_like_its_export(run, tmp_path):
     export_dir = eh.exported(run)
     results = {}
     for name, source in (("checkpoint", run_dir), ("export", export_dir)):
-        done = eh.cli("synergy-eval", "--checkpoint", str(source), "--data", valid, "--json", str(tmp_path / f"{name}.json"))
+        done = eh.cli("synergy-eval", "--checkpoint", str(source), "--data", valid,
+                      "--json", str(tmp_path / f"{name}.json"))
         assert done.returncode == 0, done.stderr[-3000:]
         assert "bytes/concept" in done.stdout and "middle.0" in done.stdout  # the readable table
         results[name] = json.loads((tmp_path / f"{name}.json").read_text())
@@ -154,7 +155,8 @@ def test_bad_paths_fail_with_a_clear_message(run, tmp_path):
     cases = [
         (["--checkpoint", str(tmp_path / "nowhere"), "--data", str(tmp_path)], "does not exist; pass a run directory"),
         (["--checkpoint", str(tmp_path / "empty"), "--data", str(tmp_path)], "or a synergy-export directory"),
-        (["--checkpoint", run["run"]["dir"], "--data", str(tmp_path / "empty")], "is a directory without manifest.json"),
+        (["--checkpoint", run["run"]["dir"], "--data", str(tmp_path / "empty")],
+         "is a directory without manifest.json"),
         (["--checkpoint", run["run"]["dir"], "--data", str(tmp_path / "split")],
          f"holds a train/valid split, not one shard set; pass {tmp_path / 'split' / 'valid'}"),
         (["--checkpoint", run["run"]["dir"], "--data", str(tmp_path / "data.csv")], "unknown file type"),

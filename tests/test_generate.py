@@ -56,7 +56,8 @@ def test_greedy_equals_the_models_greedy_generate(run, model):
 
 
 def test_a_seed_reproduces_the_sample_and_matches_the_model(run, model):
-    argv = ["--checkpoint", run["run"]["dir"], "--prompt", "def ", "--max-bytes", "48", "--top-k", "40", "--top-p", "0.95"]
+    argv = ["--checkpoint", run["run"]["dir"], "--prompt", "def ", "--max-bytes", "48",
+            "--top-k", "40", "--top-p", "0.95"]
     first = generate_cli(*argv, "--seed", "3")[1]
     again = generate_cli(*argv, "--seed", "3")[1]
     other = generate_cli(*argv, "--seed", "4")[1]

@@ -32,7 +32,8 @@ CONFIGS = {
 def test_unknown_layer_letter_names_the_key():
     cfg = tiny_test_config()
     cfg.stages[0].encoder.pattern = "MAX"
-    with pytest.raises(ValueError, match=r"model\.stages\[0\]\.encoder\.pattern='MAX' has unknown layer letter\(s\) \['X'\]"):
+    expected = r"model\.stages\[0\]\.encoder\.pattern='MAX' has unknown layer letter\(s\) \['X'\]"
+    with pytest.raises(ValueError, match=expected):
         SynergyLM(cfg)
 
 
@@ -121,7 +122,8 @@ def test_configs_build_with_expected_sizes():
 
 
 def test_hnet_learning_rate_rule():
-    # H-Net 1-stage L: widths 1024, 1536, N = 6 -> [2.63, 0.88]; 2-stage L: (3,3), 1024, 1024, 1536 -> [2.63, 1.52, 0.72]
+    # H-Net 1-stage L: widths 1024, 1536, N = 6 -> [2.63, 0.88];
+    # 2-stage L: (3,3), 1024, 1024, 1536 -> [2.63, 1.52, 0.72]
     one = ModelConfig(stages=[StageConfig(d_model=1024, router=RouterConfig(target_bytes_per_concept=6.0))],
                       d_middle=1536, middle=StackConfig(n_heads=8))
     assert [round(x, 2) for x in one.lr_multipliers()] == [2.63, 0.88]

@@ -49,7 +49,8 @@ def test_mamba_cached_steps_equal_full_sequence():
     torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("window,rope,qk_norm", [(0, "rope", False), (5, "rope", True), (0, "none", False), (3, "none", True)])
+@pytest.mark.parametrize("window,rope,qk_norm",
+                         [(0, "rope", False), (5, "rope", True), (0, "none", False), (3, "none", True)])
 def test_attention_cached_equals_full_and_reference(window, rope, qk_norm):
     torch.manual_seed(1)
     cfg = StackConfig(pattern="A", n_heads=2, pos_encoding=rope, sliding_window=window, qk_norm=qk_norm)

@@ -190,7 +190,7 @@ def test_document_start_opens_a_concept_for_every_router():
     for router in ROUTERS:
         model = build(router, "M").eval()
         routes = []
-        model.body.router.register_forward_hook(lambda mod, args, out: routes.append(out))
+        model.body.router.register_forward_hook(lambda mod, args, out, routes=routes: routes.append(out))
         ids = text_batch()
         with torch.no_grad():
             model(ids)
@@ -360,7 +360,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
         model.train()
         model.set_activation_checkpointing(enabled)
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, saved=saved: saved.append(t.numel()) or t, lambda t: t):
             out = model(ids[:, :-1], labels=ids[:, 1:])
         out.loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -125,7 +125,8 @@ def test_missing_matplotlib_names_the_extra(monkeypatch, run, tmp_path, capsys):
 
 def test_not_a_run_directory(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
-    assert f"{tmp_path / 'config.yaml'} not found; pass a run directory written by synergy-train" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'config.yaml'} not found; pass a run directory written by synergy-train" in err
 
 
 def test_a_run_without_checkpoint_gets_its_curves(run, tmp_path, capsys):

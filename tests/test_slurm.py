@@ -110,8 +110,11 @@ def release_requeued(job_id: str, timeout: float) -> dict[str, str]:
     timestamp in whole seconds, and refuses a new credential created in that same second ("Killing
     non-startable batch JobId=N: Job credential revoked"; the job then ends FAILED). That hold is what
     SLURM's BeginTime is for; a few seconds are enough here."""
-    info = wait_for(lambda: (lambda i: i if i.get("JobState") == "PENDING" and int(i.get("Restarts", 0)) >= 1 else None)(
-        job_info(job_id)), timeout, f"job {job_id} to be requeued")
+    def requeued() -> dict[str, str] | None:
+        i = job_info(job_id)
+        return i if i.get("JobState") == "PENDING" and int(i.get("Restarts", 0)) >= 1 else None
+
+    info = wait_for(requeued, timeout, f"job {job_id} to be requeued")
     time.sleep(3)
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
     return info

@@ -85,9 +85,9 @@ def resume_with_probe(cfg: dict, world: int, dump: Path) -> int:
                                 start_new_session=True)
     try:
         return proc.wait(timeout=300)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as err:
         tl.kill_group(proc)  # the launcher and every rank
-        raise AssertionError(f"resumed run timed out; output:\n{tl.output_of(cfg)[-4000:]}")
+        raise AssertionError(f"resumed run timed out; output:\n{tl.output_of(cfg)[-4000:]}") from err
 
 
 def owner(name: str, ep: int) -> tuple[int, str]:

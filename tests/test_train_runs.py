@@ -29,14 +29,16 @@ def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
 
 
-def config(workdir: Path, sample_dir: Path, name: str, moe: bool = False, zero: int = 0, ep: int = 1, **sections) -> dict:
+def config(workdir: Path, sample_dir: Path, name: str, moe: bool = False, zero: int = 0, ep: int = 1,
+           **sections) -> dict:
     sections.setdefault("train", {})
     sections["train"] = {"max_steps": STEPS, "lr": 3e-3, "sample_bytes": 0, **sections["train"]}
     sections["deepspeed"] = {"zero_stage": zero, "expert_parallel_size": ep, **sections.get("deepspeed", {})}
     return tl.tiny_config(workdir / name, sample_dir, moe=moe, **sections)
 
 
-def finished(cfg: dict, launcher: str = "single", nproc: int = 1, overrides: list[str] | None = None) -> dict[int, float]:
+def finished(cfg: dict, launcher: str = "single", nproc: int = 1,
+             overrides: list[str] | None = None) -> dict[int, float]:
     status = tl.run(cfg, launcher, nproc, overrides)
     assert status == 0, tl.output_of(cfg)[-4000:]
     return tl.losses_by_step(cfg)

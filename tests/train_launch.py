@@ -21,8 +21,10 @@ BIN = Path(sys.executable).parent
 TINY_MODEL = {
     "stages": [{
         "d_model": 32,
-        "encoder": {"pattern": "M", "n_heads": 2, "mlp_ratio": 2.0, "mamba": {"d_state": 8, "head_dim": 8, "chunk_size": 16}},
-        "decoder": {"pattern": "M", "n_heads": 2, "mlp_ratio": 2.0, "mamba": {"d_state": 8, "head_dim": 8, "chunk_size": 16}},
+        "encoder": {"pattern": "M", "n_heads": 2, "mlp_ratio": 2.0,
+                    "mamba": {"d_state": 8, "head_dim": 8, "chunk_size": 16}},
+        "decoder": {"pattern": "M", "n_heads": 2, "mlp_ratio": 2.0,
+                    "mamba": {"d_state": 8, "head_dim": 8, "chunk_size": 16}},
         "router": {"kind": "cosine", "target_bytes_per_concept": 3.0},
     }],
     "d_middle": 48,
@@ -101,9 +103,9 @@ def run(cfg: dict, launcher: str = "single", nproc: int = 1, overrides: list[str
     proc = start(cfg, launcher, nproc, overrides)
     try:
         return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as err:
         kill_group(proc)
-        raise AssertionError(f"run timed out; output:\n{output_of(cfg)[-4000:]}")
+        raise AssertionError(f"run timed out; output:\n{output_of(cfg)[-4000:]}") from err
 
 
 def metrics(cfg: dict) -> list[dict]:

@@ -17,6 +17,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
+
 SEPARATOR = "<|endoftext|>"  # the document separator / start token (plays the role of the byte models' EOD)
 
 
@@ -73,7 +75,7 @@ def choose_size(target_flops_per_byte: float, bytes_per_token: float, seq_len: i
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int):
     """A byte-level BPE (GPT-2 style pre-tokenisation, all 256 bytes in the alphabet) with SEPARATOR as id 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # optional dependency (anchors extra)
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -94,8 +96,7 @@ def token_byte_lengths(tokenizer) -> list[int]:
 
 
 def build_model(size: LlamaSize, max_positions: int, seed: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM  # optional dependency (anchors extra), slow to import
 
     config = LlamaConfig(
         vocab_size=size.vocab_size, hidden_size=size.hidden, intermediate_size=size.intermediate,

@@ -12,6 +12,7 @@ benchmarks/ folder (`python -m benchmarks.data_anchors`), which runs this benchm
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import io
 import itertools
@@ -24,10 +25,30 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+import zstandard
+from torch.utils.data import DataLoader
+
+from data_pipeline.preprocess import preprocess
+from data_pipeline.shards import (
+    MANIFEST_NAME,
+    SHARD_MAGIC,
+    TRAILER,
+    load_manifest,
+    make_manifest,
+    save_manifest,
+    write_shard,
+)
+from data_pipeline.stream import StreamingByteDataset
 from synergy_dist.bench.results import BenchResults, Target, figure_from, missing, ratio
 from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, pin_to_one_core, rss_kib
 
 DEFAULT_CORPORA = ("pydocs-train.jsonl.zst", "pystdlib-code.jsonl.zst")
+
+
+def default_cache_dir() -> str:
+    """Where the benchmark's shard sets are cached unless told otherwise: <tmp>/synergy-bench-cache."""
+    return str(Path(tempfile.gettempdir()) / "synergy-bench-cache")
 
 
 @dataclass
@@ -35,7 +56,7 @@ class DataBenchConfig:
     """Settings of one data benchmark run."""
 
     inputs: list[str] = field(default_factory=list)  # jsonl.zst corpora (the "text" field is used)
-    cache_dir: str = field(default_factory=lambda: str(Path(tempfile.gettempdir()) / "synergy-bench-cache"))  # shard sets
+    cache_dir: str = field(default_factory=default_cache_dir)  # shard sets, reused across runs
     seq_len: int = 8192  # bytes per training window
     repeats: int = 3  # measurements per startup figure and per anchor figure (the median is reported)
     stream_repeats: int = 9  # measurements of raw decompression and of our stream (~50 ms each; noisy machines)
@@ -55,8 +76,6 @@ def _inputs_key(inputs: list[str], shard_size: str) -> str:
 
 def prepare_shards(cfg: DataBenchConfig) -> Path:
     """Preprocess the inputs once into the cache (re-used when the inputs have not changed)."""
-    from data_pipeline.preprocess import preprocess
-
     out = Path(cfg.cache_dir) / f"shards-{_inputs_key(cfg.inputs, cfg.shard_size)}"
     preprocess(cfg.inputs, out, workers=1, progress=False, shard_size=cfg.shard_size)
     return out
@@ -64,10 +83,6 @@ def prepare_shards(cfg: DataBenchConfig) -> Path:
 
 def measure_raw_decompression(shard_dir: Path) -> tuple[float, float, int]:
     """(wall s, CPU s, raw bytes) to zstd-decompress every shard's frames in order (file bytes pre-read)."""
-    import zstandard
-
-    from data_pipeline.shards import SHARD_MAGIC, TRAILER, load_manifest
-
     blobs = []
     for info in load_manifest(shard_dir).shards:
         data = (shard_dir / info.name).read_bytes()
@@ -87,8 +102,6 @@ def measure_stream(shard_dir: Path, seq_len: int, seed: int, samples: int) -> tu
     """(wall s, CPU s, delivered input_ids bytes) for `samples` shuffled windows, from constructing the dataset.
 
     Reads collated micro-batches of 8 (`batched=True`), the way the trainer reads the stream."""
-    from data_pipeline.stream import StreamingByteDataset
-
     micro_batch = 8
     clock = Stopwatch()
     dataset = StreamingByteDataset([str(shard_dir)], seq_len=seq_len, global_batch_size=micro_batch,
@@ -108,13 +121,6 @@ def last_json_line(stdout: str) -> dict:
 
 def build_synthetic_shard_set(directory: Path, n_shards: int, shard_bytes: int) -> Path:
     """A shard set of n_shards tiny shards (two random documents each), written once and reused."""
-    from data_pipeline.shards import (
-        MANIFEST_NAME,
-        make_manifest,
-        save_manifest,
-        write_shard,
-    )
-
     directory = directory / f"synthetic-{n_shards}x{shard_bytes}"
     if (directory / MANIFEST_NAME).is_file():
         return directory
@@ -130,13 +136,6 @@ def build_synthetic_shard_set(directory: Path, n_shards: int, shard_bytes: int) 
 
 def first_batch_probe(shard_dir: str, seq_len: int, batch_size: int) -> dict:
     """Run in a fresh process: time and resident memory from constructing the dataset to its first batch."""
-    import gc
-
-    import torch
-    from torch.utils.data import DataLoader
-
-    from data_pipeline.stream import StreamingByteDataset
-
     torch.set_num_threads(1)
     gc.collect()
     rss_before = rss_kib("VmRSS")
@@ -172,8 +171,6 @@ def run(cfg: DataBenchConfig, command: str) -> BenchResults:
                         f"interleaved repeats; startup: {cfg.repeats} repeats; medians reported")
 
     shard_dir = prepare_shards(cfg)
-    from data_pipeline.shards import load_manifest
-
     manifest = load_manifest(shard_dir)
     samples = max(1, manifest.total_bytes // cfg.seq_len)  # about one epoch of windows
     report.notes.append(f"our shard set: {len(manifest.shards)} shards, {manifest.total_bytes:,} raw bytes, "
@@ -260,7 +257,7 @@ def config_from_args(args: argparse.Namespace) -> DataBenchConfig:
         if absent:
             raise FileNotFoundError(f"data benchmark: corpus {absent[0]} not found; pass --corpora DIR "
                                     "(holding pydocs-train.jsonl.zst and pystdlib-code.jsonl.zst) or --corpus FILE")
-    cache = args.cache or os.environ.get("SYNERGY_BENCH_CACHE") or str(Path(tempfile.gettempdir()) / "synergy-bench-cache")
+    cache = args.cache or os.environ.get("SYNERGY_BENCH_CACHE") or default_cache_dir()
     cfg = DataBenchConfig(inputs=inputs, cache_dir=cache)
     if args.quick:  # a smoke run of the harness: small windows, few shards, one repeat
         cfg.seq_len, cfg.repeats, cfg.stream_repeats, cfg.startup_shards, cfg.startup_shard_bytes = 1024, 1, 1, 50, 2048

@@ -19,18 +19,27 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
+import io
 import json
 import os
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, field, replace
 
+import torch
+import zstandard
+
+from synergy_dist import SAMPLE_CORPUS
 from synergy_dist.bench.loop import PlainLoop
 from synergy_dist.bench.paths import resolve
 from synergy_dist.bench.results import BenchResults, Target, figure_from, missing, ratio
 from synergy_dist.bench.timing import Stopwatch, peak_rss_kib, pin_to_one_core, rss_kib
-from synergy_dist.config import Config, ScheduleConfig, TrainConfig
+from synergy_dist.config import Config, ScheduleConfig, TrainConfig, load_config
+from synergy_dist.model import accounting
 from synergy_dist.model.config import ModelConfig, RouterConfig, StackConfig
+from synergy_dist.model.synergy import HierarchyStage, SynergyLM
 
 SCOPE_PREFIX = "synergy/"  # the model's own profiler labels: synergy/stage{s}/route_down, synergy/stage{s}/smooth_up
 ROUTING_SCOPES = ("route_down", "smooth_up")  # per stage: router + downsampling, smoothing + upsampling
@@ -65,8 +74,6 @@ class ModelBenchConfig:
 
 def matmul_flops_per_s(n: int, repeats: int = 10) -> list[float]:
     """FLOP/s (per CPU second) of an n x n x n fp32 matmul on this thread (2 n^3 FLOPs), one per repeat."""
-    import torch
-
     a, b = torch.randn(n, n), torch.randn(n, n)
     out = torch.empty(n, n)
     torch.mm(a, b, out=out)  # warm-up
@@ -80,8 +87,6 @@ def matmul_flops_per_s(n: int, repeats: int = 10) -> list[float]:
 
 def load_model_config(path: str) -> ModelConfig:
     """The `model:` section of a training YAML (validated with the rest of the config)."""
-    from synergy_dist.config import load_config
-
     return load_config(resolve(path)).model
 
 
@@ -108,8 +113,6 @@ def synergy_variant(base: ModelConfig, name: str) -> ModelConfig:
 
 
 def count_params(cfg) -> int:
-    from synergy_dist.model.synergy import SynergyLM
-
     return sum(p.numel() for p in SynergyLM(cfg).parameters())
 
 
@@ -136,12 +139,6 @@ def matched_byte_transformer(synergy_cfg, target_params: int, width_slack: int =
 
 def sample_text(n_bytes: int) -> bytes:
     """The first n_bytes of the bundled sample corpus (documents joined with newlines), repeated if short."""
-    import io
-
-    import zstandard
-
-    from synergy_dist import SAMPLE_CORPUS
-
     with open(SAMPLE_CORPUS, "rb") as f:
         text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
         data = "\n".join(json.loads(line)["text"] for line in text if line.strip()).encode("utf-8")
@@ -154,8 +151,6 @@ def sample_text(n_bytes: int) -> bytes:
 def label_middle(model) -> list:
     """Label the middle network's forward in the profiler ("synergy/middle") with forward hooks; returns
     the hook handles (remove() them to stop). The model labels its routing itself."""
-    import torch
-
     middle = innermost_network(model)
     scopes = []
 
@@ -213,18 +208,14 @@ def scope_times(events) -> dict[str, float]:
 
 def innermost_network(model):
     """The middle Stack of a SynergyLM (for the byte Transformer: its whole body)."""
-    from synergy_dist.model import synergy
-
     node = model.body
-    while isinstance(node, synergy.HierarchyStage):
+    while isinstance(node, HierarchyStage):
         node = node.inner
     return node
 
 
 def time_middle(model, batch: int, units: int, repeats: int = 3) -> list[float]:
     """CPU seconds of forward + backward of the middle network alone on (batch, units, d_middle) inputs."""
-    import torch
-
     middle = innermost_network(model)
     d = model.cfg.d_middle
     x = torch.randn(batch, units, d, requires_grad=True)
@@ -252,13 +243,6 @@ def realised_bytes_per_concept(out) -> float:
 
 def train_steps(model_cfg: ModelConfig, cfg: ModelBenchConfig, profile: bool) -> dict:
     """Run in a fresh process: build the model, train, time each step, measure memory; returns a dict."""
-    import gc
-    import statistics
-
-    import torch
-
-    from synergy_dist.model.synergy import SynergyLM
-
     torch.set_num_threads(1)
     torch.manual_seed(0)
     B, L = cfg.batch_size, cfg.seq_len
@@ -315,10 +299,6 @@ def train_steps(model_cfg: ModelConfig, cfg: ModelBenchConfig, profile: bool) ->
 
 def _flops(model_cfg, seq_len: int, batch: int, bytes_per_concept: list[float]) -> dict:
     """Training FLOPs per step (forward + backward = 3x forward) from the model's accounting."""
-    import statistics
-
-    from synergy_dist.model import accounting
-
     n = statistics.median(bytes_per_concept) if model_cfg.stages else 1.0
     n = max(n, 1.0)
     parts = accounting.flops_breakdown(model_cfg, seq_len, n)

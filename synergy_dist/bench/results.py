@@ -15,6 +15,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
+
 
 @dataclass
 class Figure:
@@ -109,8 +111,6 @@ def _ram_gib() -> float | None:
 
 def machine_info() -> dict:
     """The facts a reader needs to compare numbers across machines; load shows how shared it was."""
-    import torch
-
     try:
         load = [round(x, 2) for x in os.getloadavg()]
     except OSError:

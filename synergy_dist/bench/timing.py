@@ -7,11 +7,11 @@ import os
 import time
 from collections.abc import Iterator
 
+import torch
+
 
 def pin_to_one_core() -> int:
     """Restrict this process (and the subprocesses it starts) to one CPU, one thread; returns the CPU id."""
-    import torch
-
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
     cpus = sorted(os.sched_getaffinity(0))

@@ -26,6 +26,7 @@ because the machine may be shared.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -36,8 +37,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 import yaml
 
+from data_pipeline.stream import StreamingByteDataset
 from synergy_dist.bench.loop import PlainLoop
 from synergy_dist.bench.paths import REPO, resolve
 from synergy_dist.bench.results import (
@@ -48,6 +52,14 @@ from synergy_dist.bench.results import (
     missing,
     ratio,
 )
+from synergy_dist.bench.timing import rss_kib
+from synergy_dist.checkpoint import store as ckpt
+from synergy_dist.config import load_config
+from synergy_dist.model.synergy import SynergyLM
+from synergy_dist.train.data import sample_shards
+from synergy_dist.train.metrics import read_metrics
+from synergy_dist.train.seeding import seed_everything
+from synergy_dist.train.trainer import Trainer
 
 VARIANTS = ("dense", "moe")
 SCALING_TARGET = 0.85  # per-rank throughput at 2 ranks / at 1 rank
@@ -71,8 +83,10 @@ class TrainBenchConfig:
     seq_len: int = 0  # bytes per sequence; 0 = the config's data.seq_len
     world_size: int = 2  # ranks of the parallel run (compared with 1 rank)
     overhead: bool = True  # time the plain training loop after each 1-rank run
-    cpu_scaling: bool = True  # also time Trainer.train_step() per rank in CPU time (the scaling on idle cores, waits excluded)
-    checkpoint_configs: list[str] = field(default_factory=lambda: ["configs/tiny-cpu.yaml", "configs/base-100m.yaml"])  # YAMLs whose checkpoints are timed
+    # also time Trainer.train_step() per rank in CPU time (the scaling on idle cores, waits excluded)
+    cpu_scaling: bool = True
+    # YAMLs whose checkpoints are timed
+    checkpoint_configs: list[str] = field(default_factory=lambda: ["configs/tiny-cpu.yaml", "configs/base-100m.yaml"])
     checkpoint_repeats: int = 3  # save/verify/load cycles per checkpoint config
     checkpoint_zero_stage: int = 1  # ZeRO stage of the checkpoint engine (1 rank, fp32)
     sample_dir: str = ""  # where the bundled sample corpus is preprocessed ("" = the trainer's default cache)
@@ -88,7 +102,8 @@ class TrainBenchConfig:
             raise ValueError(f"train benchmark: need steps >= 1 and 0 <= warmup_steps < steps "
                              f"(got steps={self.steps}, warmup_steps={self.warmup_steps}); raise --train-steps")
         if self.micro_batch_size < 0:
-            raise ValueError(f"train benchmark: micro_batch_size={self.micro_batch_size} must be >= 0 (0 = the config's)")
+            raise ValueError(f"train benchmark: micro_batch_size={self.micro_batch_size} must be >= 0 "
+                             "(0 = the config's)")
         if self.world_size < 2:
             raise ValueError(f"train benchmark: world_size={self.world_size} must be >= 2 (it is compared with 1 rank)")
         if self.checkpoint_repeats < 1:
@@ -171,8 +186,6 @@ def run_config(cfg: TrainBenchConfig, variant: str, world: int, run_dir: Path) -
 
 def write_config(values: dict, path: Path) -> Path:
     """Write the YAML and load it back through the trainer's validation (a bad value fails here)."""
-    from synergy_dist.config import load_config
-
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(values, sort_keys=False))
     load_config(str(path))
@@ -205,8 +218,6 @@ def launch(config_path: Path, world: int, steps: int) -> tuple[list[dict], str]:
 
     A run that logged all its steps but then exited non-zero (a crash while tearing down) keeps its
     records, and the problem text says so; a run that did not finish returns no records."""
-    from synergy_dist.train.metrics import read_metrics
-
     run_dir = Path(yaml.safe_load(config_path.read_text())["run"]["dir"])
     shutil.rmtree(run_dir, ignore_errors=True)
     log = config_path.with_suffix(".log")
@@ -234,11 +245,6 @@ class PlainBaseline:
     gradient clipping."""
 
     def __init__(self, cfg, steps: int):
-        from data_pipeline.stream import StreamingByteDataset
-        from synergy_dist.model.synergy import SynergyLM
-        from synergy_dist.train.data import sample_shards
-        from synergy_dist.train.seeding import seed_everything
-
         self.micro_steps = cfg.grad_accumulation_steps(1)
         sources = list(cfg.data.sources) or sample_shards(cfg, is_main=True)[0]
         data = StreamingByteDataset(sources, seq_len=cfg.data.seq_len, global_batch_size=cfg.global_batch_sequences(),
@@ -261,12 +267,6 @@ def overhead_steps(config_path: str, run_dir: str, steps: int, warmup_steps: int
     """One process, one thread: the Trainer's own train_step() (what its step_time_s wraps) and the plain
     loop's step, alternately on the same step number, each timed in wall clock and process CPU time.
     Alternating makes both see the same machine load; CPU time is the work itself on a shared machine."""
-    import torch
-    import torch.distributed as dist
-
-    from synergy_dist.config import load_config
-    from synergy_dist.train.trainer import Trainer
-
     cfg = load_config(config_path, [f"run.dir={run_dir}"])
     torch.set_num_threads(1)
     trainer = Trainer(cfg)
@@ -275,13 +275,13 @@ def overhead_steps(config_path: str, run_dir: str, steps: int, warmup_steps: int
     times: dict[str, list[float]] = {"trainer_wall_s": [], "trainer_cpu_s": [], "plain_wall_s": [], "plain_cpu_s": [],
                                      "own_cpu_s": []}
     for step in range(steps):
-        for name, run_step in (("trainer", trainer.train_step), ("plain", lambda: plain.step(step))):
+        for name, run_step in (("trainer", trainer.train_step), ("plain", functools.partial(plain.step, step))):
             wall, cpu = time.perf_counter(), time.process_time()
             result = run_step()
             times[f"{name}_wall_s"].append(time.perf_counter() - wall)
             times[f"{name}_cpu_s"].append(time.process_time() - cpu)
             if name == "trainer":  # the step minus the engine's forward, backward and optimizer calls
-                phases = result["phases"]
+                phases = result.phases
                 times["own_cpu_s"].append(phases["cpu_data_s"] + phases["cpu_other_s"])
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -294,12 +294,6 @@ def rank_steps(config_path: str, run_dir: str, steps: int, warmup_steps: int) ->
     CPU side of communication) without the time it was descheduled or blocked waiting for the others
     (assuming gloo's waits block rather than spin): cpu(1 rank) / cpu(N ranks) bounds from above the
     scaling efficiency on idle cores."""
-    import torch
-    import torch.distributed as dist
-
-    from synergy_dist.config import load_config
-    from synergy_dist.train.trainer import Trainer
-
     cfg = load_config(config_path, [f"run.dir={run_dir}"])
     torch.set_num_threads(1)
     trainer = Trainer(cfg)
@@ -331,14 +325,6 @@ def checkpoint_costs(config_path: str, run_dir: str, zero_stage: int, repeats: i
     """Build a Trainer (model + engine) once, take one training step on a single short sequence (so the
     Adam moments exist, as in any real checkpoint: they are created lazily), then save / verify / load
     its checkpoint `repeats` times. The short sequence changes no parameter shape (Mamba + NoPE)."""
-    import torch
-    import torch.distributed as dist
-
-    from synergy_dist.bench.timing import rss_kib
-    from synergy_dist.checkpoint import store as ckpt
-    from synergy_dist.config import load_config
-    from synergy_dist.train.trainer import Trainer
-
     overrides = [f"run.dir={run_dir}", f"deepspeed.zero_stage={zero_stage}", "precision.dtype=fp32",
                  "train.eval_every_steps=0", "train.sample_bytes=0", "train.threads=1", "checkpoint.resume=false",
                  "log.tensorboard=false", "log.console=false", f"data.seq_len={CHECKPOINT_SEQ_LEN}",
@@ -425,7 +411,8 @@ def measure_checkpoints(cfg: TrainBenchConfig, report: BenchResults, work: Path)
                f"load average {load} -> {load_average()}")
         report.add(figure_from(f"checkpoint/{name}/params", [result["params"]], "", f"model parameters of {config}"))
         report.add(figure_from(f"checkpoint/{name}/save", result["save_s"], "s",
-                               f"save_checkpoint after one training step (DeepSpeed files + RNG + trainer state + CRC32 marker); {how}"))
+                               "save_checkpoint after one training step (DeepSpeed files + RNG + trainer state + "
+                               f"CRC32 marker); {how}"))
         report.add(figure_from(f"checkpoint/{name}/verify", result["verify_s"], "s",
                                "find_latest_complete: sizes + CRC32 of every file (what a resume does first)"))
         report.add(figure_from(f"checkpoint/{name}/load", result["load_s"], "s",
@@ -466,7 +453,8 @@ def measure_variant(cfg: TrainBenchConfig, variant: str, report: BenchResults, w
             cpu_per_rank[world] = measure_rank_cpu(cfg, key, config_path, world, report, work)
     if cfg.cpu_scaling:
         efficiency = scaling_efficiency(cpu_per_rank.get(1), cpu_per_rank.get(cfg.world_size))
-        report.add(Figure(f"{variant}/scaling_efficiency_cpu", efficiency, "x", [] if efficiency is None else [efficiency],
+        report.add(Figure(f"{variant}/scaling_efficiency_cpu", efficiency, "x",
+                          [] if efficiency is None else [efficiency],
                           f"CPU time per step and rank, 1 rank / {cfg.world_size} ranks: the efficiency on idle cores "
                           "if waiting for the other ranks cost nothing (an upper bound; not the target)"))
     report.targets.append(Target(f"{variant} ZeRO-2{' + expert parallel' if variant == 'moe' else ''}: scaling "
@@ -497,7 +485,8 @@ def measure_rank_cpu(cfg: TrainBenchConfig, key: str, config_path: Path, world: 
 
 def measure_overhead(cfg: TrainBenchConfig, variant: str, config_path: Path, report: BenchResults, work: Path) -> None:
     load = load_average()
-    result, error = run_worker("overhead", {"config_path": str(config_path), "run_dir": str(work / f"{variant}-overhead"),
+    result, error = run_worker("overhead", {"config_path": str(config_path),
+                                            "run_dir": str(work / f"{variant}-overhead"),
                                             "steps": cfg.steps, "warmup_steps": cfg.warmup_steps},
                                work / f"{variant}-overhead.log")
     goal = f"{variant}: trainer overhead (1 rank, ZeRO-2) beyond forward + backward + optimizer"
@@ -510,8 +499,9 @@ def measure_overhead(cfg: TrainBenchConfig, variant: str, config_path: Path, rep
     how = (f"1 process x 1 thread, Trainer.train_step() and the plain loop alternating step by step, steps "
            f"{cfg.warmup_steps + 1}-{cfg.steps}; load average {load} -> {load_average()}")
     medians = {}
-    for name, what in (("trainer", "Trainer.train_step() (1 rank, ZeRO-2, DeepSpeed engine, data loader, safeguards)"),
-                       ("plain", "plain loop: same model, batches, micro-batching, schedule and clipping, torch AdamW")):
+    whats = (("trainer", "Trainer.train_step() (1 rank, ZeRO-2, DeepSpeed engine, data loader, safeguards)"),
+             ("plain", "plain loop: same model, batches, micro-batching, schedule and clipping, torch AdamW"))
+    for name, what in whats:
         medians[name] = report.add(figure_from(f"{variant}/{name}_step_cpu", result[f"{name}_cpu_s"], "s",
                                                f"{what}: process CPU time; {how}")).value
         medians[name + "_wall"] = report.add(figure_from(f"{variant}/{name}_step_wall", result[f"{name}_wall_s"], "s",
@@ -560,9 +550,9 @@ def run(cfg: TrainBenchConfig, command: str) -> BenchResults:
         measure_checkpoints(cfg, report, work)
     for variant in cfg.variants if "scaling" in cfg.parts else []:
         measure_variant(cfg, variant, report, work)
-    report.notes.append("scaling and checkpoint times are wall clock: on a shared machine they include other processes' "
-                        "turns; compare the load averages given with each figure (2 ranks need 2 idle cores); the "
-                        "overhead target is judged on process CPU time (1 thread: the work itself)")
+    report.notes.append("scaling and checkpoint times are wall clock: on a shared machine they include other "
+                        "processes' turns; compare the load averages given with each figure (2 ranks need 2 idle "
+                        "cores); the overhead target is judged on process CPU time (1 thread: the work itself)")
     return report
 
 
@@ -572,11 +562,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: both)")
     parser.add_argument("--train-variant", action="append", default=None, choices=VARIANTS,
                         help="scaling run(s): dense (ZeRO-2), moe (ZeRO-2 + expert parallel) (default: both)")
-    parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps per synergy-train run (default 30)")
+    parser.add_argument("--train-steps", type=int, default=None,
+                        help="optimizer steps per synergy-train run (default 30)")
     parser.add_argument("--train-warmup-steps", type=int, default=None,
                         help="first steps dropped from the medians (default 10)")
     parser.add_argument("--train-micro-batch", type=int, default=None,
-                        help="sequences per rank per step in the scaling runs (default: each config's micro_batch_size)")
+                        help="sequences per rank per step in the scaling runs "
+                             "(default: each config's micro_batch_size)")
     parser.add_argument("--checkpoint-config", action="append", default=None, metavar="YAML",
                         help="config(s) whose checkpoint save/load is timed (default: configs/tiny-cpu.yaml and "
                              "configs/base-100m.yaml)")

@@ -77,8 +77,7 @@ def read_expert_states(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def read_zero3_fp32_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Full fp32 model weights gathered from the ZeRO-3 partitions of every rank."""
-    # deferred: DeepSpeed takes ~1.2 s to import
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # deferred: heavy (~1.2 s)
 
     return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
 
@@ -118,8 +117,7 @@ def zero3_state_dict(saved: ZeroPartition, adam: dict[int, dict[str, torch.Tenso
                      fp32: list[torch.Tensor]) -> dict:
     """The ZeRO-3 optimizer state dict DeepSpeed's loader takes (`_rigid_load_state_dict`): this rank's
     `fp32` partitions and `adam` state, with the loss-scaler state and hyperparameters of `saved`."""
-    # deferred: DeepSpeed takes ~1.2 s to import
-    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, LOSS_SCALER, OPTIMIZER_STATE_DICT
+    from deepspeed.checkpoint.constants import FP32_FLAT_GROUPS, LOSS_SCALER, OPTIMIZER_STATE_DICT  # heavy (~1.2 s)
 
     inner = {"state": adam, "param_groups": saved.param_groups}
     return {LOSS_SCALER: saved.raw[LOSS_SCALER], "dynamic_loss_scale": saved.raw["dynamic_loss_scale"],

@@ -248,8 +248,10 @@ def _merge_zero3(path: Path, ranks: list[ZeroPartition]) -> ConsolidatedOptimize
         for name, shape in group_shapes.items():
             numel = int(torch.Size(shape).numel())
             part = -(-numel // world_size)
-            merged.params[name] = {key: torch.cat([f[key][offset:offset + part] for f in flats])[:numel].view(shape).clone()
-                                   for key in ADAM_KEYS}
+            merged.params[name] = {
+                key: torch.cat([f[key][offset:offset + part] for f in flats])[:numel].view(shape).clone()
+                for key in ADAM_KEYS
+            }
             offset += part
         if offset != flats[0]["fp32"].numel():
             raise RuntimeError(f"checkpoint {path}: ZeRO-3 group {g} holds {flats[0]['fp32'].numel()} values per rank "

@@ -28,7 +28,8 @@ BENCHMARKS = {"data": data_bench, "model": model_bench, "train": train_bench}  #
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="synergy-bench", description=__doc__)
     parser.add_argument("benchmark", choices=[*BENCHMARKS, "all"], help="which benchmark to run")
-    parser.add_argument("--out", default="bench_out", metavar="DIR", help="where JSON + markdown go (default bench_out)")
+    parser.add_argument("--out", default="bench_out", metavar="DIR",
+                        help="where JSON + markdown go (default bench_out)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke-run the harness (tiny sizes, one repeat): checks it works, numbers mean little")
     for name, module in BENCHMARKS.items():

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-bytes", type=int, default=256, help="most bytes to generate (default 256)")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy (default 1.0)")
     parser.add_argument("--top-k", type=int, default=None, help="sample among the k most likely bytes")
-    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling: smallest set with this probability")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="nucleus sampling: smallest set with this probability")
     parser.add_argument("--seed", type=int, default=None, help="seed of the sampler (same seed, same text)")
     parser.add_argument("--echo", action="store_true", help="print the prompt before the continuation")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.echo:
         sys.stdout.write(prompt)
-    stream(model, prompt.encode("utf-8"), sys.stdout, args.max_bytes, args.temperature, args.top_k, args.top_p, args.seed)
+    stream(model, prompt.encode("utf-8"), sys.stdout, args.max_bytes, args.temperature, args.top_k, args.top_p,
+           args.seed)
     sys.stdout.write("\n")
     return 0
 

@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="synergy-report", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run directory written by synergy-train")
-    parser.add_argument("--text", type=Path, default=None, help="text file to mark boundaries on (default: validation text)")
+    parser.add_argument("--text", type=Path, default=None,
+                        help="text file to mark boundaries on (default: validation text)")
     parser.add_argument("--output", type=Path, default=None, help="output directory (default RUN_DIR/report)")
     parser.add_argument("--max-bytes", type=int, default=2000, help="bytes of the text to show (default 2000)")
     args = parser.parse_args(argv)

@@ -98,7 +98,10 @@ class BoundaryRouter(nn.Module):
         else:  # space: a concept starts at a word byte that follows a space-like byte
             if ids is None:
                 raise ValueError("the 'space' router needs byte ids; it only works at stage 0")
-            first = torch.full_like(ids[:, :1], EOD_ID) if state is None or state.last_id is None else state.last_id[:, None]
+            if state is None or state.last_id is None:
+                first = torch.full_like(ids[:, :1], EOD_ID)
+            else:
+                first = state.last_id[:, None]
             prev_ids = torch.cat((first, ids[:, :-1]), dim=1)
             prob = (self.space_like[prev_ids] & ~self.space_like[ids]).float()
             if state is not None:

@@ -44,7 +44,8 @@ class MoEConfig:
     top_k: int = 2  # experts each token is sent to (Mixtral: 2 of 8)
     d_ff: int = 0  # hidden width of one SwiGLU expert; 0 = same as the dense MLP of the part
     shared_expert: bool = False  # one always-on dense expert added to the routed output
-    scoring: str = "softmax"  # "softmax" (softmax over the top-k logits, Mixtral) | "sigmoid_bias" (aux-loss-free, DeepSeek-V3)
+    # "softmax" (softmax over the top-k logits, Mixtral) | "sigmoid_bias" (aux-loss-free, DeepSeek-V3)
+    scoring: str = "softmax"
     aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (0 disables)
     z_loss_coef: float = 1e-3  # router z-loss weight (ST-MoE)
     jitter: float = 0.0  # multiplicative jitter noise on router inputs during training (0 = off)
@@ -307,7 +308,9 @@ def _validate_router(key: str, router: RouterConfig, is_byte_level: bool) -> Non
             "more concepts than inputs)"
         )
     if router.kind in ("cosine", "gate") and router.target_bytes_per_concept <= 1:
-        raise ValueError(f"{key}.target_bytes_per_concept must be > 1 for a learned router (the ratio loss divides by N-1)")
+        raise ValueError(
+            f"{key}.target_bytes_per_concept must be > 1 for a learned router (the ratio loss divides by N-1)"
+        )
     _check_non_negative(f"{key}.ratio_loss_coef", router.ratio_loss_coef)
     if router.kind == "stride":
         _check_positive(f"{key}.stride", router.stride)

@@ -19,8 +19,8 @@ from synergy_dist.model.config import MambaConfig
 from synergy_dist.model.layers import RMSNorm
 from synergy_dist.model.ssd import ssd_scan, ssd_step
 
-try:  # optional fused Triton kernel (GPU only)
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+try:
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # optional fused Triton kernel (GPU)
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     mamba_chunk_scan_combined = None
 

@@ -19,7 +19,7 @@ def require_matplotlib():
     except ImportError:
         raise ReportError("synergy-report needs matplotlib for its PNG plots: pip install synergy-dist[viz]") from None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional dependency, after choosing the Agg backend
 
     return plt
 

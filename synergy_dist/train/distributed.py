@@ -76,7 +76,7 @@ def init_distributed(denv: DistEnv) -> None:
         os.environ["MASTER_PORT"] = str(_free_port())
     if denv.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(denv.device))
-    import deepspeed
+    import deepspeed  # heavy (~1.2 s), and only after set_deepspeed_accelerator() above
 
     deepspeed.init_distributed(dist_backend=denv.backend, auto_mpi_discovery=False)
 

@@ -41,7 +41,7 @@ class MetricsLogger:
         self.start_step: int | None = None
         if enabled and tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter
+                from torch.utils.tensorboard import SummaryWriter  # optional dependency (the tensorboard extra)
 
                 self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
             except ImportError:  # tensorboard is optional

@@ -33,7 +33,7 @@ class PhaseClock:
             self.wall[name] += time.perf_counter() - wall
             self.cpu[name] += time.process_time() - cpu
 
-    def summary(self) -> dict:
+    def summary(self) -> dict[str, float]:
         """Per phase and `other` (the step minus the phases), wall and CPU seconds since reset()."""
         wall = time.perf_counter() - self._started[0]
         cpu = time.process_time() - self._started[1]

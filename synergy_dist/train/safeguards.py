@@ -102,11 +102,15 @@ class Safeguards:
             layer = f"moe/{name}"
             dead = dead_experts(loads, self.cfg.dead_expert_fraction)
             if dead:
-                alarms[f"{layer}/dead_experts"] = (f"{layer}: dead experts {dead} (load < {self.cfg.dead_expert_fraction:g} x mean)")
+                alarms[f"{layer}/dead_experts"] = (
+                    f"{layer}: dead experts {dead} (load < {self.cfg.dead_expert_fraction:g} x mean)"
+                )
             entropy_ratio = load_entropy_ratio(loads)
             if entropy_ratio < self.cfg.min_load_entropy_ratio:
-                alarms[f"{layer}/load_entropy"] = (f"{layer}: expert load entropy {entropy_ratio:.2f} of the maximum is below "
-                              f"{self.cfg.min_load_entropy_ratio:g}")
+                alarms[f"{layer}/load_entropy"] = (
+                    f"{layer}: expert load entropy {entropy_ratio:.2f} of the maximum is below "
+                    f"{self.cfg.min_load_entropy_ratio:g}"
+                )
         return alarms
 
     # ------------------------------------------------------------------ checkpointing

@@ -18,6 +18,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -48,6 +49,19 @@ from synergy_dist.train.schedule import lr_at
 from synergy_dist.train.seeding import rank_seed, seed_everything
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # checkpoint, then exit with REQUEUE_EXIT_CODE
+
+
+@dataclass
+class StepResult:
+    """What one Trainer.train_step() did."""
+
+    loss: float  # training loss, mean over ranks and micro-batches
+    bpb: float  # bits per byte, mean over ranks and micro-batches
+    lr: float  # base learning rate of the step (before each group's lr_mult)
+    grad_norm: float  # global gradient norm (inf when non-finite)
+    verdict: Verdict  # the safeguards' decision: applied, skipped (and why), rollback wanted
+    stats: ModelStatistics  # router and MoE statistics, mean over the micro-batches (this rank)
+    phases: dict[str, float]  # PhaseClock.summary(): wall and CPU seconds per phase (time_*_s, cpu_*_s)
 
 
 @contextmanager
@@ -90,7 +104,8 @@ class Trainer:
         self.valid_data = None
         if valid_sources and cfg.train.eval_every_steps:
             eval_global = self.world * cfg.batch.micro_batch_size
-            self.valid_data = build_dataset(cfg, valid_sources, rank=self.rank, world=self.world, global_batch=eval_global)
+            self.valid_data = build_dataset(cfg, valid_sources, rank=self.rank, world=self.world,
+                                            global_batch=eval_global)
 
         # Model, identical on every rank (same seed), then DeepSpeed.
         self.model = self._build_model()
@@ -173,7 +188,8 @@ class Trainer:
     def save(self) -> None:
         c = self.cfg.checkpoint
         self.last_checkpoint = ckpt.save_checkpoint(self.engine, self.ckpt_root, self.step, self._trainer_state(),
-                                                    self.rank, self.world, on_rank_files_written=self.faults.on_save(self.step))
+                                                    self.rank, self.world,
+                                                    on_rank_files_written=self.faults.on_save(self.step))
         if self.env.is_main:
             ckpt.prune(self.ckpt_root, c.keep_last, c.keep_every)
             self.metrics.event(f"checkpoint saved: {self.last_checkpoint}")
@@ -209,7 +225,7 @@ class Trainer:
         return {k: v.to(self.env.device) for k, v in next(self.batches).items()}
 
     # ------------------------------------------------------------------ one optimizer step
-    def train_step(self) -> dict:
+    def train_step(self) -> StepResult:
         """Forward/backward over the micro-batches, then the (possibly vetoed) optimizer step."""
         clock = PhaseClock()
         cfg, engine = self.cfg, self.engine
@@ -238,9 +254,8 @@ class Trainer:
         self.guards.record(verdict, step_loss, grad_norm)
         self._after_update(verdict.apply)
         self.step += 1
-        return {"loss": step_loss, "bpb": step_bpb, "lr": lr, "grad_norm": grad_norm, "verdict": verdict,
-                "stats": ModelStatistics.mean(stats),
-                "phases": clock.summary()}
+        return StepResult(loss=step_loss, bpb=step_bpb, lr=lr, grad_norm=grad_norm, verdict=verdict,
+                          stats=ModelStatistics.mean(stats), phases=clock.summary())
 
     def _guarded_optimizer_step(self, loss: float) -> tuple[Verdict, float]:
         """engine.step() at the accumulation boundary. DeepSpeed computes the global grad norm, then calls
@@ -319,9 +334,11 @@ class Trainer:
             import deepspeed  # heavy, and only after init_distributed() chose DeepSpeed's accelerator
 
             with deepspeed.zero.GatheredParameters(list(model.parameters())):
-                text = model.generate(t.sample_prompt.encode(), t.sample_bytes, temperature=0.8, top_k=40, seed=self.cfg.seed)
+                text = model.generate(t.sample_prompt.encode(), t.sample_bytes, temperature=0.8, top_k=40,
+                                      seed=self.cfg.seed)
         else:
-            text = model.generate(t.sample_prompt.encode(), t.sample_bytes, temperature=0.8, top_k=40, seed=self.cfg.seed)
+            text = model.generate(t.sample_prompt.encode(), t.sample_bytes, temperature=0.8, top_k=40,
+                                  seed=self.cfg.seed)
         self.engine.train()
         path = self.run_dir / "sample.txt"
         if self.env.is_main:
@@ -339,7 +356,7 @@ class Trainer:
                     result = self.train_step()
                     elapsed = time.perf_counter() - started
                     self._report_skip(result)
-                    if result["verdict"].rollback:
+                    if result.verdict.rollback:
                         self._rollback()
                         continue
                     evaluation = self._evaluate_if_due()
@@ -369,11 +386,11 @@ class Trainer:
         self.metrics.event(f"signal received: checkpoint at step {self.step}, exiting with {REQUEUE_EXIT_CODE}")
         return REQUEUE_EXIT_CODE
 
-    def _report_skip(self, result: dict) -> None:
-        verdict: Verdict = result["verdict"]
+    def _report_skip(self, result: StepResult) -> None:
+        verdict = result.verdict
         if not verdict.apply:
-            self.metrics.event(f"step {self.step}: update skipped ({verdict.reason}), loss {result['loss']:.4f}, "
-                               f"grad norm {result['grad_norm']:.4g}")
+            self.metrics.event(f"step {self.step}: update skipped ({verdict.reason}), loss {result.loss:.4f}, "
+                               f"grad norm {result.grad_norm:.4g}")
 
     def _evaluate_if_due(self) -> dict:
         """Validation bpb every train.eval_every_steps ({} on other steps)."""
@@ -383,30 +400,31 @@ class Trainer:
         self.metrics.event(f"step {self.step}: validation bpb {evaluation['eval_bpb']:.4f}")
         return evaluation
 
-    def _log_if_due(self, result: dict, elapsed: float, evaluation: dict) -> None:
+    def _log_if_due(self, result: StepResult, elapsed: float, evaluation: dict) -> None:
         """The metrics record (metrics.jsonl, TensorBoard, console line) and router alarms, every
         log.every_steps, on evaluation steps and at the last step."""
         cfg = self.cfg
         if not (evaluation or self.step % cfg.log.every_steps == 0 or self.step == cfg.train.max_steps):
             return
-        verdict: Verdict = result["verdict"]
+        verdict = result.verdict
         targets = {f"stage{i}": s.router.target_bytes_per_concept for i, s in enumerate(cfg.model.stages)}
-        stats: ModelStatistics = result["stats"]
+        stats = result.stats
         bytes_per_s = self.global_batch * cfg.data.seq_len / elapsed
         # bytes per innermost concept token
         concept_ratio = (float(stats.stages[-1].bytes_per_concept) if stats.stages else 1.0) or 1.0
         if self.flops_per_byte is None:
             self.flops_per_byte = self._flops_per_byte(stats)
         record = {
-            "loss": result["loss"], "bpb": result["bpb"], **evaluation, "lr": result["lr"],
-            "grad_norm": result["grad_norm"], "skipped": not verdict.apply, "skip_reason": verdict.reason,
+            "loss": result.loss, "bpb": result.bpb, **evaluation, "lr": result.lr,
+            "grad_norm": result.grad_norm, "skipped": not verdict.apply, "skip_reason": verdict.reason,
             "skipped_steps": self.guards.state.skipped_nonfinite + self.guards.state.skipped_spikes,
             "skipped_nonfinite": self.guards.state.skipped_nonfinite,
             "skipped_spikes": self.guards.state.skipped_spikes, "rollbacks": len(self.guards.state.rollbacks),
             "step_time_s": elapsed, "bytes_per_s": bytes_per_s, "concept_tokens_per_s": bytes_per_s / concept_ratio,
             "mfu": (self.flops_per_byte or 0.0) * bytes_per_s / self.peak_flops, "world_size": self.world,
-            "samples_consumed": self.samples_consumed(), "data_state": self.train_data.state_at(self.samples_consumed()),
-            "memory_mb": self._memory_mb(), **result["phases"], **stats.flatten(),
+            "samples_consumed": self.samples_consumed(),
+            "data_state": self.train_data.state_at(self.samples_consumed()),
+            "memory_mb": self._memory_mb(), **result.phases, **stats.flatten(),
         }
         record["router_alarms"] = self._raise_router_alarms(stats, targets)
         self.metrics.log(self.step, record)
@@ -427,14 +445,16 @@ class Trainer:
 
     def _finish(self) -> None:
         """At train.max_steps: the final checkpoint (unless this step's exists) and the sample."""
-        if self.cfg.checkpoint.save_at_end and (self.last_checkpoint is None or ckpt.tag_for(self.step) != self.last_checkpoint.name):
+        saved_now = self.last_checkpoint is not None and ckpt.tag_for(self.step) == self.last_checkpoint.name
+        if self.cfg.checkpoint.save_at_end and not saved_now:
             self.save()
         sample = self.generate_sample()
         if self.env.is_main:
             print(f"\ndone: {self.step} steps\n  checkpoint: {self.last_checkpoint}\n  metrics:    "
                   f"{self.run_dir / 'metrics.jsonl'}\n  sample:     {sample}", flush=True)
             if sample is not None:
-                print(f"--- sample ---\n{sample.read_bytes().decode('utf-8', errors='replace')}\n--------------", flush=True)
+                text = sample.read_bytes().decode("utf-8", errors="replace")
+                print(f"--- sample ---\n{text}\n--------------", flush=True)
 
     def _flops_per_byte(self, stats: ModelStatistics) -> float | None:
         try:
@@ -460,4 +480,4 @@ def train(cfg: Config) -> int:
     return status
 
 
-__all__ = ["Trainer", "train", "REQUEUE_EXIT_CODE"]
+__all__ = ["Trainer", "StepResult", "train", "REQUEUE_EXIT_CODE"]

@@ -40,7 +40,7 @@ def init_expert_parallel_groups(ep_size: int) -> None:
         raise ValueError(f"expert_parallel_size={ep_size} must divide the world size {world}: "
                          "set it to a divisor of the number of ranks")
     import deepspeed  # heavy (~1.2 s); only expert parallelism needs its groups
-    from deepspeed.utils import groups
+    from deepspeed.utils import groups  # heavy, as above
 
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # wraps the existing group, initialises nothing new
     if expert_group_name(ep_size) not in groups._get_expert_parallel_group_dict():

@@ -36,7 +36,7 @@ from synergy_dist.model.moe.statistics import MoEStats, expert_counts, load_stat
 set_deepspeed_accelerator()
 try:  # DeepSpeed's engine only treats a model as MoE (expert groups, MoE optimizer groups, expert checkpoint
     # files) when it finds an instance of this class (engine._configure_distributed_model), so we subclass it.
-    from deepspeed.moe.layer import MoE as _DeepSpeedMoE
+    from deepspeed.moe.layer import MoE as _DeepSpeedMoE  # optional; after set_deepspeed_accelerator() above
 except ImportError:  # the layer works without DeepSpeed (export, evaluation)
     _DeepSpeedMoE = nn.Module
 
