@@ -13,6 +13,7 @@ import synergy_dist.model.moe.statistics as moe_statistics
 from synergy_dist.model.config import MoEConfig
 from synergy_dist.model.moe.layer import (
     MoEFeedForward,
+    dropless_routing,
     keep_routers_fp32,
     moe_param_groups,
     update_moe_biases,
@@ -129,6 +130,28 @@ def test_layer_loss_applies_its_own_coefficients():
     layer = make_layer(aux_loss_coef=0.5, z_loss_coef=0.25)
     _, stats = layer(torch.randn(2, 6, D_MODEL))
     torch.testing.assert_close(stats.loss, 0.5 * stats.aux_loss + 0.25 * stats.z_loss)
+
+
+def test_aux_loss_default_follows_the_scoring():
+    assert MoEConfig().aux_loss_weight == 0.01  # Switch / ST-MoE
+    assert MoEConfig(scoring="sigmoid_bias").aux_loss_weight == 1e-4  # DeepSeek-V3's complementary loss
+    assert MoEConfig(scoring="sigmoid_bias", aux_loss_coef=0.0).aux_loss_weight == 0.0  # an explicit value wins
+    layer = make_layer(scoring="sigmoid_bias", z_loss_coef=0.0)
+    _, stats = layer(torch.randn(2, 6, D_MODEL))
+    torch.testing.assert_close(stats.loss, 1e-4 * stats.aux_loss)
+
+
+def test_eval_routes_dropless_unless_an_eval_capacity_is_set():
+    x = torch.rand(1, 8, D_MODEL) + 0.1
+    layer = make_layer(top_k=1, dropless=False, capacity_factor_train=1.0, min_capacity=0)
+    force_all_tokens_to_expert_zero(layer)
+    assert layer.train()(x)[1].dropped_fraction.item() > 0
+    y_eval, stats = layer.eval()(x)
+    assert stats.dropped_fraction.item() == 0.0
+    with dropless_routing(layer):  # what a forward with a cache does, whatever the mode
+        y_train, stats = layer.train()(x)
+    assert stats.dropped_fraction.item() == 0.0 and not layer.route_dropless
+    torch.testing.assert_close(y_train, y_eval)
 
 
 def test_capacity_mask_prefers_first_choices_then_token_order():

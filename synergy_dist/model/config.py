@@ -23,6 +23,9 @@ ROUTER_KINDS = ("cosine", "gate", "stride", "space")
 WIDTH_CHANGES = ("pad", "linear")
 POS_ENCODINGS = ("rope", "none")
 MOE_SCORINGS = ("softmax", "sigmoid_bias")
+# default Switch load-balancing weight per scoring (MoEConfig.aux_loss_weight): Switch/ST-MoE 1e-2; DeepSeek-V3
+# balances with the selection bias and keeps a complementary balance loss of 1e-4 (arXiv:2412.19437, sec. 4.2)
+DEFAULT_AUX_LOSS_COEF = {"softmax": 0.01, "sigmoid_bias": 1e-4}
 N_GPT_BYTES_PER_TOKEN = 4.6  # GPT-2 BPE bytes per token on web text (H-Net Eq. 11)
 
 
@@ -46,17 +49,28 @@ class MoEConfig:
     shared_expert: bool = False  # one always-on dense expert added to the routed output
     # "softmax" (softmax over the top-k logits, Mixtral) | "sigmoid_bias" (aux-loss-free, DeepSeek-V3)
     scoring: str = "softmax"
-    aux_loss_coef: float = 0.01  # Switch load-balancing loss weight (0 disables)
+    # Switch load-balancing loss weight (0 disables); None = the scoring's literature default (aux_loss_weight)
+    aux_loss_coef: float | None = None
     z_loss_coef: float = 1e-3  # router z-loss weight (ST-MoE)
     jitter: float = 0.0  # multiplicative jitter noise on router inputs during training (0 = off)
     dropless: bool = True  # route every token (no capacity); False = capacity factor with token dropping
     capacity_factor_train: float = 1.25  # capacity per expert = factor * tokens * top_k / n_experts (when not dropless)
-    capacity_factor_eval: float = 2.0
+    # eval-mode forwards without a cache: None = dropless (as generation, which is always dropless); a factor
+    # = capacity dropping at that factor, as Switch / DeepSpeed evaluate (see docs/MOE.md)
+    capacity_factor_eval: float | None = None
     bias_update_rate: float = 1e-3  # step of the per-expert selection bias for sigmoid_bias scoring
     expert_parallel_size: int = 1  # experts are split across this many ranks (set from the training config)
     min_capacity: int = 4  # lower bound of the per-expert capacity when not dropless (DeepSpeed's default)
     router_init_std: float = 0.02  # std of the router weight init (small: near-uniform routing at the start)
     expert_init_seed: int = 0  # expert g is initialised from seed + g, so ep=1 and ep=2 models match
+
+    @property
+    def aux_loss_weight(self) -> float:
+        """aux_loss_coef, or by default 0.01 for softmax (Switch, Mixtral) and 1e-4 for sigmoid_bias, whose
+        balance comes from the selection bias: DeepSeek-V3 keeps only a complementary balance loss of 1e-4."""
+        if self.aux_loss_coef is not None:
+            return self.aux_loss_coef
+        return DEFAULT_AUX_LOSS_COEF[self.scoring]
 
     def validate(self, where: str = "moe") -> None:
         """Fail early with the key and the fix; `where` is the section's key (e.g. "model.middle.moe")."""
@@ -73,13 +87,15 @@ class MoEConfig:
         if self.scoring not in MOE_SCORINGS:
             raise ValueError(f"{where}.scoring={self.scoring!r} is unknown: use one of {', '.join(MOE_SCORINGS)}")
         for key in ("aux_loss_coef", "z_loss_coef", "jitter", "bias_update_rate"):
-            if getattr(self, key) < 0:
+            if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"{where}.{key}={getattr(self, key)} must be >= 0")
         if self.jitter >= 1:
             raise ValueError(f"{where}.jitter={self.jitter} must be < 1 (inputs are scaled by U(1-jitter, 1+jitter))")
-        for key in ("capacity_factor_train", "capacity_factor_eval"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"{where}.{key}={getattr(self, key)} must be > 0 (or set {where}.dropless=true)")
+        factors = {"capacity_factor_train": self.capacity_factor_train,
+                   "capacity_factor_eval": self.capacity_factor_eval}
+        for key, value in factors.items():
+            if value is not None and value <= 0:  # eval None = dropless (the loader rejects a null train factor)
+                raise ValueError(f"{where}.{key}={value} must be > 0 (or set {where}.dropless=true)")
         if self.min_capacity < 0:
             raise ValueError(f"{where}.min_capacity={self.min_capacity} must be >= 0")
         if self.expert_parallel_size < 1 or self.n_experts % self.expert_parallel_size != 0:

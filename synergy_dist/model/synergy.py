@@ -23,7 +23,7 @@ from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, N_BYTES, PAD_ID
 from synergy_dist.model.chunking import BoundaryRouter, RouterState, downsample, gather_units, smooth, upsample
 from synergy_dist.model.config import ModelConfig, StageConfig
 from synergy_dist.model.layers import RMSNorm
-from synergy_dist.model.moe.layer import MoEFeedForward
+from synergy_dist.model.moe.layer import MoEFeedForward, dropless_routing
 from synergy_dist.model.moe.statistics import MoEStats
 from synergy_dist.model.stack import Stack
 from synergy_dist.model.statistics import ModelStatistics, StageStatistics
@@ -206,12 +206,13 @@ class SynergyLM(nn.Module):
         """Shared by forward (cache None) and generation. Returns (logits, stage routings, MoE stats)."""
         x = self.embed(input_ids)
         valid = input_ids != PAD_ID
-        if isinstance(self.body, HierarchyStage):
-            force = self._document_starts(input_ids, cache)
-            y, routings, moe = self.body(x, input_ids, force, valid, cache and cache["body"])
-        else:
-            y, moe = self.body(x, valid, cache and cache["body"])
-            routings, moe = [], {f"middle.{i}": s for i, s in moe.items()}
+        with dropless_routing(self, enabled=cache is not None):  # cached generation == full recomputation
+            if isinstance(self.body, HierarchyStage):
+                force = self._document_starts(input_ids, cache)
+                y, routings, moe = self.body(x, input_ids, force, valid, cache and cache["body"])
+            else:
+                y, moe = self.body(x, valid, cache and cache["body"])
+                routings, moe = [], {f"middle.{i}": s for i, s in moe.items()}
         if cache is not None:
             cache["last_id"] = input_ids[:, -1]
         return self.head(y), routings, moe

@@ -8,6 +8,9 @@ expert_parallel.py. See docs/MOE.md for how the trainer wires it up.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -82,6 +85,7 @@ class MoEFeedForward(_DeepSpeedMoE):
         # sigmoid_bias balancing state: the bias is checkpointed, the load accumulator is per optimizer step
         self.register_buffer("selection_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
         self.register_buffer("load_since_update", torch.zeros(cfg.n_experts, dtype=torch.float64), persistent=False)
+        self.route_dropless = False  # set by dropless_routing() around forwards with a cache
 
     @property
     def local_experts(self) -> LocalExperts:
@@ -136,10 +140,11 @@ class MoEFeedForward(_DeepSpeedMoE):
         return logits, route_sigmoid_bias(logits, self.cfg.top_k, self.selection_bias)
 
     def _capacity_mask(self, expert_ids: torch.Tensor) -> torch.Tensor | None:
-        """None when dropless; else which assignments fit (capacity from this rank's tokens)."""
-        if self.cfg.dropless:
-            return None
+        """None when routing dropless (the config, a cached forward, or eval without capacity_factor_eval);
+        else which assignments fit (capacity from this rank's tokens)."""
         factor = self.cfg.capacity_factor_train if self.training else self.cfg.capacity_factor_eval
+        if self.cfg.dropless or self.route_dropless or factor is None:
+            return None
         capacity = expert_capacity(expert_ids.shape[0], self.cfg.top_k, self.cfg.n_experts, factor,
                                            self.cfg.min_capacity)
         return capacity_keep_mask(expert_ids, self.cfg.n_experts, capacity)
@@ -186,7 +191,7 @@ class MoEFeedForward(_DeepSpeedMoE):
         return MoEStats(
             aux_loss=aux,
             z_loss=z,
-            loss=self.cfg.aux_loss_coef * aux + self.cfg.z_loss_coef * z,
+            loss=self.cfg.aux_loss_weight * aux + self.cfg.z_loss_coef * z,
             tokens_per_expert=counts.float(),
             dropped_fraction=(dropped / n_assignments.clamp_min(1)).float(),
             load_entropy=load.load_entropy,
@@ -207,6 +212,21 @@ class MoEFeedForward(_DeepSpeedMoE):
         if self.cfg.scoring == "sigmoid_bias" and load.sum() > 0:
             self.selection_bias += self.cfg.bias_update_rate * torch.sign(load.mean() - load).float()
         load.zero_()
+
+
+@contextmanager
+def dropless_routing(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside the block (when enabled) every MoE layer of `model` routes every token, whatever its capacity
+    settings. SynergyLM wraps each forward with a cache in it: a decoded token alone never fills an expert, so
+    capacity would make cached generation differ from recomputing the whole sequence."""
+    layers = [m for m in model.modules() if isinstance(m, MoEFeedForward)] if enabled else []
+    for layer in layers:
+        layer.route_dropless = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.route_dropless = False
 
 
 def update_moe_biases(model: nn.Module) -> int:
@@ -261,4 +281,4 @@ def moe_param_groups(model_or_groups: nn.Module | list[dict] | dict) -> list[dic
     return result
 
 
-__all__ = ["MoEFeedForward", "update_moe_biases", "keep_routers_fp32", "moe_param_groups"]
+__all__ = ["MoEFeedForward", "dropless_routing", "update_moe_biases", "keep_routers_fp32", "moe_param_groups"]

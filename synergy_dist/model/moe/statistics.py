@@ -14,7 +14,7 @@ class MoEStats:
 
     aux_loss: torch.Tensor  # Switch load-balancing loss, differentiable
     z_loss: torch.Tensor  # router z-loss, differentiable
-    loss: torch.Tensor  # aux_loss_coef * aux_loss + z_loss_coef * z_loss of the layer's config, differentiable
+    loss: torch.Tensor  # aux_loss_weight * aux_loss + z_loss_coef * z_loss of the layer's config, differentiable
     tokens_per_expert: torch.Tensor  # (n_experts,) float, counts over the global batch
     dropped_fraction: torch.Tensor  # scalar, fraction of (token, expert) assignments dropped by capacity
     load_entropy: torch.Tensor  # scalar, entropy of the load distribution (nats)
