@@ -386,7 +386,9 @@ def train_row(row: RowModel, stream: list[int], cfg: QualityConfig, steps: int) 
         flops += row.train_flops(stats, inputs)
         units += stats["units"]
         concepts += stats["concepts"]
-        losses.append(float(nats.detach()) / (LN2 * int((labels != IGNORE_INDEX).sum())))  # train bits per unit
+        # the training objective in bits per unit (byte or BPE token), separator targets included: the
+        # curve's figure says so; bits per byte proper (docs/EVALUATION.md) is the evaluation's
+        losses.append(float(nats.detach()) / (LN2 * int((labels != IGNORE_INDEX).sum())))
         if not math.isfinite(losses[-1]):
             raise RuntimeError(f"training diverged at step {step}: loss {losses[-1]}")
     wall, cpu = clock.wall(), clock.cpu()

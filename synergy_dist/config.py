@@ -124,7 +124,7 @@ class TrainConfig:
     max_steps: int = 1000  # optimizer steps in total
     lr: float = 3e-4  # peak learning rate (per-part lr_mult from the model applies on top)
     eval_every_steps: int = 0  # evaluate bits per byte on the validation set every N steps (0 = off)
-    eval_batches: int = 4  # micro-batches per evaluation
+    eval_batches: int = 4  # batches of batch.micro_batch_size validation windows per rank per evaluation; 0 = all
     sample_bytes: int = 200  # bytes generated from sample_prompt at the end (0 = none)
     sample_prompt: str = "The "  # prompt for the final sample generation
     threads: int = 0  # torch intra-op threads per process (0 = leave torch's default / OMP_NUM_THREADS)
@@ -448,8 +448,8 @@ def validate(cfg: Config) -> None:
                  f"use a multiple such as {max(1, b.global_batch_bytes // d.seq_len) * d.seq_len}")
     _require(t.lr > 0 and math.isfinite(t.lr), f"train.lr={t.lr} must be a positive number (e.g. train.lr=3e-4)")
     _require(t.max_steps >= 1, f"train.max_steps={t.max_steps} must be >= 1")
-    _require(t.eval_every_steps >= 0 and t.eval_batches >= 1,
-             "train.eval_every_steps must be >= 0 and train.eval_batches >= 1")
+    _require(t.eval_every_steps >= 0 and t.eval_batches >= 0,
+             "train.eval_every_steps must be >= 0 and train.eval_batches >= 0 (0 = the whole validation set)")
     _require(t.sample_bytes >= 0, f"train.sample_bytes={t.sample_bytes} must be >= 0")
     _require(t.threads >= 0, f"train.threads={t.threads} must be >= 0")
     _require(len(o.betas) == 2 and all(0.0 <= x < 1.0 for x in o.betas),

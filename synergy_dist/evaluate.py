@@ -9,7 +9,9 @@ EOD doc_1 EOD doc_2 EOD ... and cut into windows of seq_len + 1 ids that overlap
 document byte is predicted exactly once (the first byte of a window's targets continues the previous
 window). Bits per byte = the summed cross entropy of the document bytes / their number / ln 2; the
 predictions of EOD are not counted (they are not bytes of the data). The last window of a source is
-padded with PAD (ignored by the model and the loss). Windows never mix sources.
+padded with PAD (ignored by the model and the loss). Windows never mix sources. This is the one definition
+of bits per byte (docs/EVALUATION.md); the trainer's validation runs the same windows through
+`evaluate_share`, split across ranks.
 
 Boundary statistics come from forward hooks on the routers (the same outputs the model routes with):
 per stage the units (valid inputs), concepts (boundaries), boundary rate, compression, bytes per
@@ -22,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 
 import numpy as np
 import torch
@@ -30,6 +33,7 @@ import torch.nn.functional as F
 from data_pipeline.shards import iter_shard_documents
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, N_BYTES, PAD_ID
 from synergy_dist.model.chunking import RoutingOutput
+from synergy_dist.model.statistics import bits_per_byte
 from synergy_dist.model.synergy import HierarchyStage
 
 PROB_BINS = 10  # histogram bins of the boundary probability over [0, 1]
@@ -53,6 +57,20 @@ def windows(documents: Iterable[bytes], seq_len: int) -> Iterator[np.ndarray]:
         buffer = buffer[start:]
     if len(buffer) > 1:  # a tail with at least one target left
         yield np.concatenate((buffer, np.full(span - len(buffer), PAD_ID, dtype=np.int64)))
+
+
+def window_batches(documents: Iterable[bytes], seq_len: int, batch_size: int) -> Iterator[list[np.ndarray]]:
+    """`windows` in order, in lists of batch_size (the last one shorter)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    rows: list[np.ndarray] = []
+    for window in windows(documents, seq_len):
+        rows.append(window)
+        if len(rows) == batch_size:
+            yield rows
+            rows = []
+    if rows:
+        yield rows
 
 
 def window_batch(rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,7 +154,7 @@ class Tally:
 
     def summary(self) -> dict:
         out = {
-            "bpb": self.nats / max(self.bytes, 1) / math.log(2),
+            "bpb": bits_per_byte(self.nats, self.bytes),
             "ce_nats_per_byte": self.nats / max(self.bytes, 1),
             "bytes": self.bytes, "documents": self.documents, "windows": self.windows,
             "bytes_per_concept": 1.0, "stages": [], "moe": {},
@@ -260,21 +278,52 @@ def counted_documents(documents: Iterable[bytes], tally: Tally) -> Iterator[byte
 
 def evaluate_documents(model: torch.nn.Module, documents: Iterable[bytes], seq_len: int, batch_size: int) -> Tally:
     """One source: every byte of its documents predicted once, in order."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be >= 1")
     total = Tally()
-    rows: list[np.ndarray] = []
+    batches = window_batches(counted_documents(documents, total), seq_len, batch_size)
     was_training = model.training
     model.eval()
     try:
         with RouteRecorder(model) as recorder:
-            for window in windows(counted_documents(documents, total), seq_len):
-                rows.append(window)
-                if len(rows) == batch_size:
-                    total.add(evaluate_batch(model, *window_batch(rows), recorder))
-                    rows = []
-            if rows:
+            for rows in batches:
                 total.add(evaluate_batch(model, *window_batch(rows), recorder))
+    finally:
+        model.train(was_training)
+    return total
+
+
+def evaluate_share(model: torch.nn.Module, sources: Iterable[str], seq_len: int, batch_size: int, rank: int = 0,
+                   world: int = 1, max_batches: int = 0) -> Tally:
+    """One rank's share of `evaluate`'s windows over the shard sets `sources` (read in order; a batch never
+    mixes sets): batch j of the whole sequence goes to rank j % world; max_batches > 0 reads only the first
+    max_batches * world batches (0 = all). Returns the rank's Tally (documents not counted): the set's bits per
+    byte is bits_per_byte(sum over ranks of nats, sum over ranks of bytes), which with world = 1 and
+    max_batches = 0 is evaluate()'s overall bpb.
+
+    Every rank makes the same number of forward calls, as expert-parallel MoE layers need: a rank short of a
+    batch runs the first batch again with no counted label. Collective-free itself; `model` may be a
+    DeepSpeed engine (its forward applies the training precision)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank={rank} must be in [0, world={world})")
+    if max_batches < 0:
+        raise ValueError(f"max_batches={max_batches} must be >= 0 (0 = the whole set)")
+    batches = (rows for directory in sources
+               for rows in window_batches(iter_shard_documents(directory), seq_len, batch_size))
+    if max_batches:
+        batches = islice(batches, max_batches * world)
+    total, first, n_batches = Tally(), None, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with RouteRecorder(model) as recorder:
+            for j, rows in enumerate(batches):
+                first = first or rows
+                n_batches += 1
+                if j % world == rank:
+                    total.add(evaluate_batch(model, *window_batch(rows), recorder))
+            mine = len(range(rank, n_batches, world))
+            for _ in range(mine, -(-n_batches // world)):  # the padding forward calls: nothing counted
+                inputs, labels = window_batch(first)
+                evaluate_batch(model, inputs, torch.full_like(labels, IGNORE_INDEX), recorder)
     finally:
         model.train(was_training)
     return total

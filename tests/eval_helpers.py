@@ -17,7 +17,7 @@ def trained_run(base: Path) -> dict:
     """The config of a finished run under base (trained on first use: ~20 s on 2 cores)."""
     cfg = tl.tiny_config(base / "moe_ep2", base / "sample_shards", moe=True,
                          train={"max_steps": STEPS, "lr": 3e-3, "sample_bytes": 0, "eval_every_steps": 2,
-                                "eval_batches": 2},
+                                "eval_batches": 0},  # the whole validation set: comparable with synergy-eval
                          deepspeed={"zero_stage": 0, "expert_parallel_size": 2})
     run_dir = Path(cfg["run"]["dir"])
     if not (run_dir / "checkpoints" / f"step_{STEPS:08d}" / "COMPLETE").is_file():

@@ -1,6 +1,7 @@
 """synergy-eval and synergy_dist.evaluate: every byte counted once, bits per byte equal to the model's own
-cross entropy on the same bytes, boundary and MoE statistics that agree with the model's aux, and a
-checkpoint of a 2-rank expert-parallel run that evaluates exactly like its export."""
+cross entropy on the same bytes, boundary and MoE statistics that agree with the model's aux, a
+checkpoint of a 2-rank expert-parallel run that evaluates exactly like its export, and the trainer's
+validation bits per byte equal to synergy-eval's on the same checkpoint (1 rank dense, 2 ranks MoE)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ import eval_helpers as eh
 import numpy as np
 import pytest
 import torch
+import train_launch as tl
 from model_configs import tiny_test_config
 
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
-from synergy_dist.evaluate import evaluate, evaluate_documents, windows
+from synergy_dist.eval_checkpoint import evaluate_checkpoint
+from synergy_dist.evaluate import evaluate, evaluate_documents, evaluate_share, windows
 from synergy_dist.model.synergy import SynergyLM
 
 DOCS = [b"The quick brown fox jumps over the lazy dog.", b"a", b"caf\xc3\xa9 au lait " * 7, b"x" * 31]
@@ -127,6 +130,59 @@ def test_two_rank_checkpoint_evaluates_like_its_export(run, tmp_path):
         assert sum(layer["load_share"]) == pytest.approx(1.0)
         assert 0 < layer["load_entropy"] <= layer["load_entropy_max"] + 1e-9
         assert layer["dropped_fraction"] == 0.0
+
+
+def validation_bpb(cfg: dict, step: int) -> float:
+    [record] = [r for r in tl.metrics(cfg) if r["step"] == step]
+    return record["eval_bpb"]
+
+
+def test_two_rank_training_validation_equals_synergy_eval(run):
+    """The 2-rank expert-parallel MoE run validates on the whole validation set at its last step, before the
+    checkpoint of that step: synergy-eval on that checkpoint gives the same bits per byte."""
+    valid = str(Path(run["data"]["sample_dir"]) / "valid")
+    result = evaluate_checkpoint(run["run"]["dir"], [valid])
+    assert validation_bpb(run, eh.STEPS) == pytest.approx(result["overall"]["bpb"], abs=1e-4)
+
+
+def test_one_rank_training_validation_equals_synergy_eval(run, tmp_path):
+    cfg = tl.tiny_config(tmp_path / "dense", Path(run["data"]["sample_dir"]),
+                         train={"max_steps": 2, "lr": 3e-3, "sample_bytes": 0, "eval_every_steps": 2,
+                                "eval_batches": 0}, batch={"global_batch_size": 2, "micro_batch_size": 2})
+    assert tl.run(cfg) == 0, tl.output_of(cfg)[-4000:]
+    valid = str(Path(run["data"]["sample_dir"]) / "valid")
+    result = evaluate_checkpoint(cfg["run"]["dir"], [valid], batch_size=5)  # other batches: same windows
+    assert validation_bpb(cfg, 2) == pytest.approx(result["overall"]["bpb"], abs=1e-4)
+
+
+@pytest.mark.parametrize("world,max_batches", [(1, 0), (2, 0), (3, 0), (2, 2), (5, 1)])
+def test_rank_shares_add_up_to_the_whole_evaluation(tiny_model, tmp_path, world, max_batches):
+    from data_pipeline.preprocess import preprocess
+
+    for name, docs in (("a", DOCS[:3]), ("b", DOCS[3:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": d.decode()}) + "\n" for d in docs))
+        preprocess([str(tmp_path / f"{name}.jsonl")], tmp_path / name, progress=False)
+    sources = [str(tmp_path / "a"), str(tmp_path / "b")]
+    calls: list[int] = []
+    hook = tiny_model.register_forward_hook(lambda module, args, out: calls.append(1))
+    try:
+        shares, forward_calls = [], []
+        for rank in range(world):
+            calls.clear()
+            shares.append(evaluate_share(tiny_model, sources, seq_len=10, batch_size=2, rank=rank, world=world,
+                                         max_batches=max_batches))
+            forward_calls.append(len(calls))
+    finally:
+        hook.remove()
+    assert len(set(forward_calls)) == 1  # every rank the same number of forward calls
+    whole = evaluate(tiny_model, dict(zip("ab", sources)), seq_len=10, batch_size=2)["overall"]
+    nats, n_bytes = sum(s.nats for s in shares), sum(s.bytes for s in shares)
+    if max_batches == 0:
+        assert n_bytes == whole["bytes"]
+        assert nats / n_bytes / math.log(2) == pytest.approx(whole["bpb"], rel=1e-6)
+    else:
+        assert 0 < n_bytes < whole["bytes"]
+        assert forward_calls[0] == max_batches
 
 
 def test_raw_files_are_preprocessed_and_named_per_source(run, tmp_path):

@@ -115,6 +115,33 @@ def test_cached_generation_equals_full_recomputation(router, letters):
     assert len(set(sampled)) > 5  # varied output, so routers see varied input
 
 
+@pytest.mark.parametrize("scoring", ["softmax", "sigmoid_bias"])
+@pytest.mark.parametrize("dropless", [True, False])
+def test_cached_moe_logits_equal_full_recomputation(scoring, dropless):
+    """Prefill then one byte at a time through the cache gives the logits of one full eval forward, also when
+    training drops tokens by capacity (forwards with a cache and eval forwards route dropless)."""
+    torch.manual_seed(0)
+    cfg = tiny_test_config(router="cosine", layers="MA", middle="AM")
+    cfg.init_std = 0.2
+    cfg.middle.moe_every = 1
+    cfg.middle.moe = MoEConfig(n_experts=4, top_k=1, scoring=scoring, dropless=dropless, capacity_factor_train=0.5,
+                               min_capacity=0)
+    model = SynergyLM(cfg)
+    for module in model.modules():
+        if hasattr(module, "selection_bias"):
+            module.selection_bias.copy_(torch.randn(4))  # a trained-looking bias (sigmoid_bias selects with it)
+    ids = torch.tensor([[EOD_ID, *TEXT[:48]]])
+    with torch.no_grad():
+        dropped = model.train()(ids).stats.moe["middle.0"].dropped_fraction.item()
+        assert (dropped > 0) == (not dropless)  # the capacity config really drops in training
+        model.eval()
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps = [model._run(ids[:, :17], cache)[0]]
+        steps += [model._run(ids[:, t:t + 1], cache)[0] for t in range(17, ids.shape[1])]
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("router", ["cosine", "space"])
 def test_middle_steps_only_on_new_concepts(router):
     model = build(router, "MA").eval()
@@ -209,7 +236,11 @@ def test_loss_is_ce_plus_weighted_ratio_and_moe_losses():
     moe = sum(0.01 * layers[f"middle.{i}"].aux_loss + 1e-3 * layers[f"middle.{i}"].z_loss for i in (0, 1))
     expected = ce + 0.03 * out.stats.ratio_loss + moe
     torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(out.stats.bpb, ce.detach() / math.log(2))
+    is_byte = (labels >= 0) & (labels < 256)  # bits per byte counts byte targets only, not EOD
+    byte_ce = torch.nn.functional.cross_entropy(out.logits[is_byte], labels[is_byte])
+    assert (labels == EOD_ID).any()  # the test has an EOD target to leave out
+    torch.testing.assert_close(out.stats.bpb.float(), byte_ce.detach() / math.log(2))
+    assert out.stats.n_bytes.item() == int(is_byte.sum())
     assert out.stats.moe["middle.0"].tokens_per_expert.shape == (4,)
     assert model(ids).loss is None
 
@@ -376,9 +407,14 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients():
 def test_statistics_of_micro_batches_average_and_flatten_to_the_metric_keys():
     model = build("cosine", "MA", moe=True)
     first, second = text_batch(), text_batch(offset=5)
-    a, b = model(first, labels=first).stats, model(second, labels=second).stats
+    second_labels = second.clone()
+    second_labels[1, 30:] = IGNORE_INDEX  # fewer counted bytes than the first batch
+    a, b = model(first, labels=first).stats, model(second, labels=second_labels).stats
+    assert a.n_bytes != b.n_bytes
     mean = ModelStatistics.mean([a, b])
-    torch.testing.assert_close(mean.bpb, (a.bpb + b.bpb) / 2)
+    # bits per byte is weighted by bytes: summed bits / summed bytes, not the mean of the two ratios
+    torch.testing.assert_close(mean.bpb, (a.bpb * a.n_bytes + b.bpb * b.n_bytes) / (a.n_bytes + b.n_bytes))
+    torch.testing.assert_close(mean.ce_loss, (a.ce_loss + b.ce_loss) / 2)
     torch.testing.assert_close(mean.stages[0].compression, (a.stages[0].compression + b.stages[0].compression) / 2)
     torch.testing.assert_close(mean.moe["middle.0"].tokens_per_expert,
                                (a.moe["middle.0"].tokens_per_expert + b.moe["middle.0"].tokens_per_expert) / 2)

@@ -2,11 +2,15 @@
 
 All tensors are detached. `flatten()` gives the metric keys of metrics.jsonl (`bpb`, `stage0/compression`,
 `moe/<layer>/tokens_per_expert`, ...); `ModelStatistics.mean` averages the statistics of several forward calls
-(the micro-batches of one optimizer step).
+(the micro-batches of one optimizer step), except bits per byte, which it weights by bytes.
+
+Bits per byte has one definition (docs/EVALUATION.md): the summed cross entropy of the byte targets (labels
+0..255) in bits / their number. Predictions of EOD are trained on (they are part of `ce_loss`) but not counted.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -35,8 +39,16 @@ class ModelStatistics:
 
     stages: list[StageStatistics]  # outermost first; [] for a plain byte model
     moe: dict[str, MoEStats]  # per MoE layer, keyed by its place: "middle.3", "stage0.encoder.1", ...
-    ce_loss: torch.Tensor | None = None  # cross entropy, nats per counted byte (None without labels)
-    bpb: torch.Tensor | None = None  # ce_loss in bits per byte (None without labels)
+    ce_loss: torch.Tensor | None = None  # the trained cross entropy: nats per counted label, EOD included
+    byte_nats: torch.Tensor | None = None  # summed cross entropy of the byte targets (labels 0..255), nats
+    n_bytes: torch.Tensor | None = None  # number of byte targets
+
+    @property
+    def bpb(self) -> torch.Tensor | None:
+        """Bits per byte: byte_nats / n_bytes / ln 2 (0 with no byte target; None without labels)."""
+        if self.byte_nats is None:
+            return None
+        return bits_per_byte(self.byte_nats, self.n_bytes)
 
     @property
     def ratio_loss(self) -> torch.Tensor:
@@ -81,9 +93,22 @@ class ModelStatistics:
                   for s in range(len(first.stages))]
         moe = {name: MoEStats(**{f.name: _mean([c.moe[name] for c in calls], f.name) for f in fields(MoEStats)})
                for name in first.moe}
-        labelled = all(c.ce_loss is not None for c in calls)
-        return ModelStatistics(stages, moe, _mean(calls, "ce_loss") if labelled else None,
-                               _mean(calls, "bpb") if labelled else None)
+        if not all(c.ce_loss is not None for c in calls):
+            return ModelStatistics(stages, moe)
+        return ModelStatistics(stages, moe, _mean(calls, "ce_loss"), _sum(calls, "byte_nats"), _sum(calls, "n_bytes"))
+
+
+def bits_per_byte(nats, n_bytes):
+    """The one definition: summed nats of the byte targets / their number / ln 2 (0 for no bytes). Works on
+    floats and on tensors alike."""
+    if isinstance(n_bytes, torch.Tensor):
+        return nats.double() / n_bytes.double().clamp(min=1) / math.log(2)
+    return nats / max(n_bytes, 1) / math.log(2)
+
+
+def _sum(items: list, name: str) -> torch.Tensor:
+    values = [getattr(item, name).detach().double() for item in items]
+    return torch.stack([v.to(values[0].device) for v in values]).sum(dim=0)
 
 
 def _mean(items: list, name: str) -> torch.Tensor:

@@ -192,12 +192,14 @@ class SynergyLM(nn.Module):
         if labels is not None:
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-            # mean over counted bytes; a batch with no counted byte gives 0 instead of NaN
-            n_counted = (labels != IGNORE_INDEX).sum().clamp(min=1)
-            ce = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                 reduction="sum") / n_counted
+            # trained on every counted label, EOD included (generation learns to stop); bits per byte counts
+            # the byte targets only (docs/EVALUATION.md). No counted label gives 0 instead of NaN.
+            nats = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                   reduction="none")
+            is_byte = (labels.flatten() >= 0) & (labels.flatten() < N_BYTES)
+            ce = nats.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
             stats.ce_loss = ce.detach()
-            stats.bpb = ce.detach() / math.log(2)
+            stats.byte_nats, stats.n_bytes = nats.detach()[is_byte].double().sum(), is_byte.sum()
             loss = ce + sum((r.ratio_loss_coef * r.ratio_loss for r in routings), ce.new_zeros(()))
             loss = loss + sum((layer.loss for layer in moe.values()), ce.new_zeros(()))
         return ModelOutput(loss=loss, logits=logits, stats=stats)

@@ -26,10 +26,11 @@ import torch.distributed as dist
 
 from synergy_dist.checkpoint import store as ckpt
 from synergy_dist.config import Config, has_moe_layers, save_config, set_expert_parallel_size, validate_for_world
+from synergy_dist.evaluate import evaluate_share
 from synergy_dist.model.accounting import flops_per_byte
 from synergy_dist.model.moe.expert_parallel import get_expert_parallel_group, init_expert_parallel_groups
 from synergy_dist.model.moe.layer import MoEFeedForward, moe_param_groups, update_moe_biases
-from synergy_dist.model.statistics import ModelStatistics
+from synergy_dist.model.statistics import ModelStatistics, bits_per_byte
 from synergy_dist.model.synergy import SynergyLM
 from synergy_dist.train.data import build_dataset, data_sources
 from synergy_dist.train.distributed import (
@@ -55,8 +56,8 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # checkpoint, then exit with RE
 class StepResult:
     """What one Trainer.train_step() did."""
 
-    loss: float  # training loss, mean over ranks and micro-batches
-    bpb: float  # bits per byte, mean over ranks and micro-batches
+    loss: float  # training loss (the optimised objective), mean over ranks and micro-batches
+    bpb: float  # bits per byte of the step's byte targets: summed bits / summed bytes over micro-batches and ranks
     lr: float  # base learning rate of the step (before each group's lr_mult)
     grad_norm: float  # global gradient norm (inf when non-finite)
     verdict: Verdict  # the safeguards' decision: applied, skipped (and why), rollback wanted
@@ -101,11 +102,7 @@ class Trainer:
         train_sources, valid_sources = data_sources(cfg, self.env.is_main)
         self.train_data = build_dataset(cfg, train_sources, rank=self.rank, world=self.world,
                                         global_batch=self.global_batch)
-        self.valid_data = None
-        if valid_sources and cfg.train.eval_every_steps:
-            eval_global = self.world * cfg.batch.micro_batch_size
-            self.valid_data = build_dataset(cfg, valid_sources, rank=self.rank, world=self.world,
-                                            global_batch=eval_global)
+        self.valid_sources = valid_sources if cfg.train.eval_every_steps else []
 
         # Model, identical on every rank (same seed), then DeepSpeed.
         self.model = self._build_model()
@@ -233,7 +230,7 @@ class Trainer:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         batch_number = self.samples_consumed() // self.global_batch + 1  # in the data stream, for fault injection
-        sums = torch.zeros(2, dtype=torch.float64)  # loss, bpb summed over micro-batches
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, byte nats, bytes summed over micro-batches
         stats: list[ModelStatistics] = []
         for micro in range(self.micro_steps):
             with clock.phase("data"):
@@ -246,9 +243,11 @@ class Trainer:
             if micro < self.micro_steps - 1:
                 with clock.phase("optimizer"):
                     engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-step
-            sums += torch.tensor([loss.item(), out.stats.bpb.item()], dtype=torch.float64)
+            sums += torch.tensor([loss.item(), out.stats.byte_nats.item(), out.stats.n_bytes.item()],
+                                 dtype=torch.float64)
             stats.append(out.stats)
-        step_loss, step_bpb = self._global_mean(sums / self.micro_steps)
+        loss_sum, byte_nats, n_bytes = self._global_sum(sums)
+        step_loss, step_bpb = loss_sum / (self.micro_steps * self.world), bits_per_byte(byte_nats, n_bytes)
         with clock.phase("optimizer"):
             verdict, grad_norm = self._guarded_optimizer_step(step_loss)
         self.guards.record(verdict, step_loss, grad_norm)
@@ -280,10 +279,10 @@ class Trainer:
                            norm=float("inf") if norm is None else float(norm))
         return decided["verdict"], decided["norm"]
 
-    def _global_mean(self, values: torch.Tensor) -> list[float]:
+    def _global_sum(self, values: torch.Tensor) -> list[float]:
+        values = values.clone()
         if self.world > 1:
             dist.all_reduce(values)
-            values = values / self.world
         return values.tolist()
 
     def _grad_norm_stage0(self) -> float:
@@ -312,16 +311,13 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation and sampling
     @torch.no_grad()
     def evaluate(self) -> dict:
-        self.engine.eval()
-        self.valid_data.load_state_dict(self.valid_data.state_at(0))
-        loader = torch.utils.data.DataLoader(self.valid_data, batch_size=None)
-        totals = torch.zeros(2, dtype=torch.float64)
-        for _, batch in zip(range(self.cfg.train.eval_batches), loader):
-            out = self.engine(batch["input_ids"].to(self.env.device), labels=batch["labels"].to(self.env.device))
-            totals += torch.tensor([out.stats.bpb.item(), 1.0], dtype=torch.float64)
-        self.engine.train()
-        bpb, _ = self._global_mean(totals / max(1.0, totals[1].item()))
-        return {"eval_bpb": bpb}
+        """Validation bits per byte (eval_bpb) and the bytes it counted (eval_bytes): synergy-eval's windows and
+        definition over the validation shard sets, ranks taking turns by batch of batch.micro_batch_size
+        windows, train.eval_batches batches per rank (0 = the whole set). Collective."""
+        tally = evaluate_share(self.engine, self.valid_sources, self.cfg.data.seq_len, self.cfg.batch.micro_batch_size,
+                               self.rank, self.world, self.cfg.train.eval_batches)
+        nats, n_bytes = self._global_sum(torch.tensor([tally.nats, tally.bytes], dtype=torch.float64))
+        return {"eval_bpb": bits_per_byte(nats, n_bytes), "eval_bytes": int(n_bytes)}
 
     def generate_sample(self) -> Path | None:
         """All ranks generate together (expert-parallel layers need every rank); rank 0 writes it."""
@@ -394,7 +390,7 @@ class Trainer:
 
     def _evaluate_if_due(self) -> dict:
         """Validation bpb every train.eval_every_steps ({} on other steps)."""
-        if self.valid_data is None or self.step % self.cfg.train.eval_every_steps != 0:
+        if not self.valid_sources or self.step % self.cfg.train.eval_every_steps != 0:
             return {}
         evaluation = self.evaluate()
         self.metrics.event(f"step {self.step}: validation bpb {evaluation['eval_bpb']:.4f}")
@@ -426,6 +422,7 @@ class Trainer:
             "data_state": self.train_data.state_at(self.samples_consumed()),
             "memory_mb": self._memory_mb(), **result.phases, **stats.flatten(),
         }
+        record["bpb"] = result.bpb  # all ranks' bytes (stats.flatten() gave this rank's)
         record["router_alarms"] = self._raise_router_alarms(stats, targets)
         self.metrics.log(self.step, record)
 
