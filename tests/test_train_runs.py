@@ -82,6 +82,14 @@ def test_reference_run_logs_the_promised_metrics(reference_1rank):
     assert state["step"] == STEPS and state["samples_consumed"] == 4 * STEPS and state["world_size"] == 1
 
 
+def test_logged_bpb_is_the_global_batchs_whatever_the_split(reference_1rank, reference_2rank_zero2):
+    """Step 1 (same initial weights, same global batch of 4 windows): bits per byte over 4 micro-batches on one
+    rank equals that over 2 x 2 on two ranks, summed bits over summed bytes (docs/EVALUATION.md)."""
+    one, two = tl.metrics(reference_1rank)[0], tl.metrics(reference_2rank_zero2)[0]
+    assert (one["step"], two["step"], one["samples_consumed"], two["samples_consumed"]) == (1, 1, 4, 4)
+    assert one["bpb"] == pytest.approx(two["bpb"], rel=1e-5)
+
+
 @pytest.mark.parametrize("launcher,nproc,zero", [("single", 1, 0), ("torchrun", 2, 2)])
 def test_kill9_and_resume_gives_bitwise_equal_losses(workdir, sample_dir, request, launcher, nproc, zero):
     reference = request.getfixturevalue("reference_1rank" if nproc == 1 else "reference_2rank_zero2")
