@@ -160,6 +160,9 @@ class ModelConfig:
     tie_embeddings: bool = False  # byte head shares the input embedding matrix
     norm_eps: float = 1e-5  # RMSNorm epsilon
     init_std: float = 0.02  # std of linear/embedding weights at init (output projections scaled by depth)
+    # packed documents never see each other: a document starts at its EOD; attention is block-diagonal, Mamba,
+    # smoothing and routing restart at each document start (docs/MODEL.md); False = documents run together
+    document_isolation: bool = True
 
     def __post_init__(self) -> None:
         # YAML gives plain dicts for nested sections: turn them into dataclasses.
