@@ -42,33 +42,46 @@ def ssd_scan(
     c = (l + pad) // Q
     x_dt = x_dt.view(b, c, Q, h, p)
     B, C = B.view(b, c, Q, n), C.view(b, c, Q, n)
-    cum = log_a.view(b, c, Q, h).permute(0, 3, 1, 2).cumsum(-1)  # (b, h, c, Q)
+    log_a = log_a.view(b, c, Q, h).permute(0, 3, 1, 2)  # (b, h, c, Q)
     doc = None if seq_idx is None else seq_idx.reshape(b, c, Q)
     doc_end = None if doc is None else doc[:, :, -1]  # (b, c) document of each chunk's last step
+    allowed = torch.ones(Q, Q, dtype=torch.bool, device=x_dt.device).tril()
+    if doc is None:
+        cum = log_a.cumsum(-1)
+    else:
+        # The cumulative log decay restarts at each document start (a sum over the earlier steps of the same
+        # document), so that not even round-off of cum_i - cum_j carries a gradient across documents.
+        allowed = (allowed & (doc[..., :, None] == doc[..., None, :]))[:, None]  # (b, 1, c, Q, Q)
+        cum = (allowed.to(log_a.dtype) @ log_a[..., None]).squeeze(-1)
 
     # 1. within each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(cum_i - cum_j) x_j   (j in i's document)
-    allowed = torch.ones(Q, Q, dtype=torch.bool, device=x_dt.device).tril()
-    if doc is not None:
-        allowed = (allowed & (doc[..., :, None] == doc[..., None, :]))[:, None]  # (b, 1, c, Q, Q)
     seg = (cum[..., :, None] - cum[..., None, :]).masked_fill(~allowed, float("-inf")).exp()  # (b,h,c,Q,Q)
     weights = torch.einsum("bcin,bcjn->bcij", C, B)[:, None] * seg
     y = torch.einsum("bhcij,bcjhp->bcihp", weights, x_dt)
 
     # 2. state contributed by each chunk on its own, decayed to the chunk end
-    to_end = (cum[..., -1:] - cum).exp()  # (b, h, c, Q)
+    to_end = cum[..., -1:] - cum  # (b, h, c, Q)
     if doc is not None:  # only the steps of the chunk's last document reach its end state
-        to_end = to_end * (doc == doc_end[..., None])[:, None]
+        to_end = to_end.masked_fill(~(doc == doc_end[..., None])[:, None], float("-inf"))
+    to_end = to_end.exp()
     chunk_states = torch.einsum("bcjn,bcjhp->bchpn", B, x_dt * to_end.permute(0, 2, 3, 1)[..., None])
 
     # 3. recurrence over chunks, S_i = a_i S_{i-1} + s_i, as a log-depth (Hillis-Steele) scan: few large ops
     #    instead of c small ones. The decay over chunks (j, i] is exp(L_i - L_j) with L the cumulative log decay.
-    chunk_log = cum[..., -1].transpose(1, 2).cumsum(1)  # (b, c, h)
+    #    With documents, L restarts with each chunk-end document and a document starting in (j, i] cuts chunk j
+    #    off from chunk i.
+    if doc_end is None:
+        chunk_log = cum[..., -1].transpose(1, 2).cumsum(1)  # (b, c, h)
+    else:
+        same_end = (doc_end[:, :, None] == doc_end[:, None, :]).tril()  # (b, c, c)
+        chunk_log = same_end.to(cum.dtype) @ cum[..., -1].transpose(1, 2)
     after = chunk_states  # after round k: sum over the last 2^k chunks
     step = 1
     while step < c:
-        decay = (chunk_log[:, step:] - chunk_log[:, :-step]).exp()[..., None, None]
-        if doc_end is not None:  # a document starting in (j, i] cuts the state of chunk j off from chunk i
-            decay = decay * (doc_end[:, step:] == doc_end[:, :-step])[..., None, None, None]
+        decay = chunk_log[:, step:] - chunk_log[:, :-step]
+        if doc_end is not None:
+            decay = decay.masked_fill(~(doc_end[:, step:] == doc_end[:, :-step])[..., None], float("-inf"))
+        decay = decay.exp()[..., None, None]
         after = torch.cat((after[:, :step], after[:, step:] + decay * after[:, :-step]), dim=1)
         step *= 2
     if initial is not None:
