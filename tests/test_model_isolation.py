@@ -13,6 +13,7 @@ from model_configs import tiny_test_config
 from data_pipeline.vocab import EOD_ID
 from synergy_dist.model.chunking import smooth
 from synergy_dist.model.config import MambaConfig, ModelConfig, MoEConfig, RouterConfig, StackConfig, StageConfig
+from synergy_dist.model.layers import DOCUMENT_BLOCK, Attention
 from synergy_dist.model.ssd import ssd_scan
 from synergy_dist.model.synergy import SynergyLM
 
@@ -186,3 +187,23 @@ def test_smoothing_restarts_exactly_at_a_document_start():
     torch.testing.assert_close(out[:, 2:], smooth(z[:, 2:], P[:, 2:], None, eps), atol=1e-15, rtol=0)
     carried = smooth(z, P, None, eps)  # without the document index the clamp lets 1e-4 through
     assert (carried[:, 2] - out[:, 2]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("window", [0, 50])
+def test_attention_over_long_packed_rows_equals_each_document_alone(window):
+    """Rows longer than DOCUMENT_BLOCK run block by block; each document reads as if it were alone."""
+    torch.manual_seed(0)
+    attn = Attention(32, StackConfig(n_heads=2, sliding_window=window), 1e-5).double()
+    length = 2 * DOCUMENT_BLOCK + 45
+    starts = [[0, 7, 140, 141, 200], [0, 260]]
+    seq_idx = torch.zeros(2, length, dtype=torch.long)
+    for row, row_starts in enumerate(starts):
+        for s in row_starts[1:]:
+            seq_idx[row, s:] += 1
+    x = torch.randn(2, length, 32, dtype=torch.float64)
+    with torch.no_grad():
+        y = attn(x, None, seq_idx)
+        for row, row_starts in enumerate(starts):
+            bounds = row_starts + [length]
+            for s, e in zip(bounds, bounds[1:]):
+                torch.testing.assert_close(y[row, s:e], attn(x[row:row + 1, s:e])[0], atol=1e-12, rtol=0)

@@ -16,6 +16,9 @@ from torch import nn
 
 from synergy_dist.model.config import StackConfig
 
+# Query rows per SDPA call for a whole sequence of several documents (see Attention._blockwise).
+DOCUMENT_BLOCK = 128
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -89,8 +92,30 @@ class Attention(nn.Module):
         if seq_idx is not None and k_doc is not None and k_doc.shape[1] == k.shape[2]:
             mask = self._document_mask(mask, is_causal, seq_idx, k_doc)
             is_causal = False
+            if T == k.shape[2] and T > DOCUMENT_BLOCK:
+                y = self._blockwise(q, k, v, mask, seq_idx)
+                return self.out(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _blockwise(self, q, k, v, mask: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
+        """SDPA with a boolean mask by blocks of DOCUMENT_BLOCK queries, each against the keys from the earliest
+        document start (and window start) of its rows on: with a mask the kernels compute every key block (no
+        causal skipping, about twice the work of the causal kernel), so the keys no row of a block may see are
+        left out. Same result as one call with the whole mask."""
+        T = q.shape[2]
+        idx = torch.arange(T, device=q.device).expand_as(doc)
+        opens = torch.ones_like(doc, dtype=torch.bool)
+        opens[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        doc_start = torch.where(opens, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T), nondecreasing
+        firsts = doc_start[:, ::DOCUMENT_BLOCK].min(dim=0).values.tolist()  # a block's first query starts earliest
+        outs = []
+        for first, s in zip(firsts, range(0, T, DOCUMENT_BLOCK)):
+            e = min(s + DOCUMENT_BLOCK, T)
+            k0 = max(first, s - self.window + 1) if self.window > 0 else first
+            outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, k0:e], v[:, :, k0:e],
+                                                       attn_mask=mask[..., s:e, k0:e]))
+        return torch.cat(outs, dim=2)
 
     @staticmethod
     def _document_mask(mask: torch.Tensor | None, is_causal: bool, q_doc: torch.Tensor,

@@ -101,20 +101,24 @@ class Mamba2(nn.Module):
         xt = torch.cat((prev, xt), dim=-1)
         if cache is not None:
             cache.conv = xt[..., -(k - 1):] if k > 1 else xt[..., :0]
+        y = F.conv1d(xt, self.conv.weight, self.conv.bias, groups=xt.shape[1])  # (b, conv_dim, l)
         if seq_idx is None or k == 1:
-            return F.silu(F.conv1d(xt, self.conv.weight, self.conv.bias, groups=xt.shape[1])).transpose(1, 2)
+            return F.silu(y).transpose(1, 2)
         no_doc = torch.full_like(seq_idx[:, :1], -1).expand(-1, k - 1)  # the zero inputs before the first call
         prev_doc = cache.conv_doc if cache is not None and cache.conv_doc is not None else no_doc
         docs = torch.cat((prev_doc, seq_idx), dim=1)  # (b, k - 1 + l)
         if cache is not None:
             cache.conv_doc = docs[:, -(k - 1):]
-        # out_t = bias + sum_s w[k-1-s] x_{t-s} over the lags s whose input is of t's document
-        l = seq_idx.shape[1]
-        out = self.conv.bias[None, :, None].to(xt.dtype).expand(xt.shape[0], -1, l)
-        for s in range(k):
-            same = (docs[:, k - 1 - s: k - 1 - s + l] == seq_idx).to(xt.dtype)[:, None]  # (b, 1, l)
-            out = out + self.conv.weight[None, :, 0, k - 1 - s, None] * xt[..., k - 1 - s: k - 1 - s + l] * same
-        return F.silu(out).transpose(1, 2)
+        # Only the first d_conv - 1 outputs of a document read across its start: recompute those few with the
+        # inputs of other documents left out (out_t = bias + sum over the window's same-document inputs).
+        same = docs.unfold(1, k, 1) == seq_idx[..., None]  # (b, l, k): which inputs of t's window are t's document
+        rows, steps = (~same.all(dim=-1)).nonzero(as_tuple=True)
+        y = y.transpose(1, 2)  # (b, l, conv_dim)
+        if rows.numel():
+            window = xt.unfold(-1, k, 1)[rows, :, steps]  # (n, conv_dim, k)
+            fixed = (window * self.conv.weight[:, 0] * same[rows, steps][:, None, :]).sum(-1) + self.conv.bias
+            y = y.index_put((rows, steps), fixed.to(y.dtype))
+        return F.silu(y)
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         return self.cfg.kernel == "auto" and mamba_chunk_scan_combined is not None and x.is_cuda
