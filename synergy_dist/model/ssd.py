@@ -50,9 +50,10 @@ def ssd_scan(
         cum = log_a.cumsum(-1)
     else:
         # The cumulative log decay restarts at each document start (a sum over the earlier steps of the same
-        # document), so that not even round-off of cum_i - cum_j carries a gradient across documents.
+        # document), so that not even round-off of cum_i - cum_j carries a gradient across documents. A masked
+        # sum rather than a matmul: autocast would run a matmul in bf16.
         allowed = (allowed & (doc[..., :, None] == doc[..., None, :]))[:, None]  # (b, 1, c, Q, Q)
-        cum = (allowed.to(log_a.dtype) @ log_a[..., None]).squeeze(-1)
+        cum = (allowed * log_a[..., None, :]).sum(-1)
 
     # 1. within each chunk: y_i = sum_{j<=i} (C_i . B_j) exp(cum_i - cum_j) x_j   (j in i's document)
     seg = (cum[..., :, None] - cum[..., None, :]).masked_fill(~allowed, float("-inf")).exp()  # (b,h,c,Q,Q)
@@ -74,7 +75,7 @@ def ssd_scan(
         chunk_log = cum[..., -1].transpose(1, 2).cumsum(1)  # (b, c, h)
     else:
         same_end = (doc_end[:, :, None] == doc_end[:, None, :]).tril()  # (b, c, c)
-        chunk_log = same_end.to(cum.dtype) @ cum[..., -1].transpose(1, 2)
+        chunk_log = (same_end[..., None] * cum[..., -1].transpose(1, 2)[:, None]).sum(2)  # (b, c, h)
     after = chunk_states  # after round k: sum over the last 2^k chunks
     step = 1
     while step < c:
