@@ -207,3 +207,10 @@ def test_attention_over_long_packed_rows_equals_each_document_alone(window):
             bounds = row_starts + [length]
             for s, e in zip(bounds, bounds[1:]):
                 torch.testing.assert_close(y[row, s:e], attn(x[row:row + 1, s:e])[0], atol=1e-12, rtol=0)
+
+
+def test_document_isolation_is_a_boolean_config_key():
+    assert ModelConfig().document_isolation is True  # on by default
+    assert ModelConfig(document_isolation=False).document_isolation is False
+    with pytest.raises(ValueError, match="model.document_isolation='yes' must be true or false"):
+        ModelConfig(document_isolation="yes")

@@ -202,6 +202,8 @@ class ModelConfig:
         if self.vocab_size < VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={self.vocab_size} is too small: bytes + EOD + PAD need {VOCAB_SIZE}")
         _check_choice("model.width_change", self.width_change, WIDTH_CHANGES)
+        if not isinstance(self.document_isolation, bool):
+            raise ValueError(f"model.document_isolation={self.document_isolation!r} must be true or false")
         _check_positive("model.d_middle", self.d_middle)
         _check_positive("model.norm_eps", self.norm_eps)
         _check_positive("model.init_std", self.init_std)
