@@ -200,6 +200,13 @@ def test_model_bench_quick_reports_ratio_and_routing_share(tmp_path):
     assert targets["synergy-stride4 router + down/upsampling share of step time"]["measured"] == share
     # stride router, every 4th byte of each document opens a concept: about 4 bytes per concept
     assert 2.5 < figures["synergy_stride4_bytes_per_concept"]["value"] <= 4.0
+    # the cost of document isolation: the first row with and without, steps alternated in one process
+    on, off = figures["isolation_on_bytes_per_s"], figures["isolation_off_bytes_per_s"]
+    assert on["value"] > 0 and off["value"] > 0 and len(on["samples"]) == len(off["samples"]) == 2
+    assert figures["isolation_speed_ratio"]["samples"] == [a / b for a, b in zip(on["samples"], off["samples"])]
+    assert targets["synergy-stride4 bytes/s with document isolation vs without"]["measured"] == (
+        on["value"] / off["value"])
+    assert "EODs per window" in on["detail"]
 
 
 def test_cli_names_a_missing_corpus(tmp_path):

@@ -12,7 +12,10 @@ config's `model:` section (`--config`, default configs/tiny-cpu.yaml):
   forward hooks label the middle network; backward time is attributed to a label through the
   autograd sequence numbers of its forward ops;
 - the middle network is also timed alone (forward + backward on the realised number of concepts);
-- a dense fp32 matmul measured in the same run is the FLOP/s ceiling for MFU.
+- a dense fp32 matmul measured in the same run is the FLOP/s ceiling for MFU;
+- the cost of document isolation: the first SynergyLM row with `model.document_isolation` on and off, on
+  windows that pack several documents between EODs (as training windows do), both models in one process
+  with their steps alternated, so a shared machine's drift hits both alike.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import zstandard
 
+from data_pipeline.vocab import EOD_ID
 from synergy_dist import SAMPLE_CORPUS
 from synergy_dist.bench.loop import PlainLoop
 from synergy_dist.bench.paths import resolve
@@ -137,12 +141,28 @@ def matched_byte_transformer(synergy_cfg, target_params: int, width_slack: int =
     return best[1], best[2]
 
 
-def sample_text(n_bytes: int) -> bytes:
-    """The first n_bytes of the bundled sample corpus (documents joined with newlines), repeated if short."""
+def sample_documents() -> list[bytes]:
+    """The documents of the bundled sample corpus, UTF-8."""
     with open(SAMPLE_CORPUS, "rb") as f:
         text = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(f), encoding="utf-8")
-        data = "\n".join(json.loads(line)["text"] for line in text if line.strip()).encode("utf-8")
+        return [json.loads(line)["text"].encode("utf-8") for line in text if line.strip()]
+
+
+def sample_text(n_bytes: int) -> bytes:
+    """The first n_bytes of the bundled sample corpus (documents joined with newlines), repeated if short."""
+    data = b"\n".join(sample_documents())
     return (data * (n_bytes // max(len(data), 1) + 1))[:n_bytes]
+
+
+def packed_windows(batch: int, length: int) -> torch.Tensor:
+    """(batch, length) ids: the sample corpus's documents, each cut to at most length // 4 bytes, each opened by
+    EOD as the training stream packs them, so every window holds several document starts."""
+    ids: list[int] = []
+    docs = sample_documents()
+    while len(ids) < batch * length:
+        for doc in docs:
+            ids += [EOD_ID, *doc[: max(1, length // 4)]]
+    return torch.tensor(ids[: batch * length], dtype=torch.long).view(batch, length)
 
 
 # ---------------------------------------------------------------------------------- profiling
@@ -297,6 +317,35 @@ def train_steps(model_cfg: ModelConfig, cfg: ModelBenchConfig, profile: bool) ->
     return result
 
 
+def isolation_steps(model_cfg: ModelConfig, cfg: ModelBenchConfig) -> dict:
+    """Run in a fresh process: the model with document isolation on and off (same weights), training steps
+    alternated on the same EOD-packed windows; returns bytes per CPU second of each and EODs per window."""
+    torch.set_num_threads(1)
+    B, L = cfg.batch_size, cfg.seq_len
+    data = packed_windows(B, L + 1)
+    input_ids, labels = data[:, :-1].contiguous(), data[:, 1:].contiguous()
+    settings = step_config(cfg.lr)
+    loops = {}
+    for isolated in (True, False):
+        torch.manual_seed(0)
+        model = SynergyLM(replace(copy.deepcopy(model_cfg), document_isolation=isolated)).train()
+        loops[isolated] = (model, PlainLoop(model, model.param_groups(settings.optim.weight_decay), settings))
+
+    def step(isolated: bool) -> None:
+        model, loop = loops[isolated]
+        loop.step(0, [(input_ids, labels)], lambda batch: (model(*batch).loss, None))
+
+    seconds: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(cfg.warmup_steps + cfg.steps):
+        for isolated in (True, False):
+            clock = Stopwatch()
+            step(isolated)
+            if i >= cfg.warmup_steps:
+                seconds[isolated].append(clock.cpu())
+    return {"on": [B * L / s for s in seconds[True]], "off": [B * L / s for s in seconds[False]],
+            "eods_per_window": float((input_ids == EOD_ID).sum()) / B}
+
+
 def _flops(model_cfg, seq_len: int, batch: int, bytes_per_concept: list[float]) -> dict:
     """Training FLOPs per step (forward + backward = 3x forward) from the model's accounting."""
     n = statistics.median(bytes_per_concept) if model_cfg.stages else 1.0
@@ -312,11 +361,16 @@ def worker_main() -> None:
     """Entry point of the per-model subprocess: argv[1] is a JSON job, the result is printed as JSON."""
     job = json.loads(sys.argv[1])
     cfg = ModelBenchConfig(**job["cfg"])
-    print(json.dumps(train_steps(ModelConfig(**job["model"]), cfg, job["profile"])))
+    if job.get("isolation"):
+        print(json.dumps(isolation_steps(ModelConfig(**job["model"]), cfg)))
+    else:
+        print(json.dumps(train_steps(ModelConfig(**job["model"]), cfg, job["profile"])))
 
 
-def run_model(name: str, model_cfg: ModelConfig, cfg: ModelBenchConfig, profile: bool) -> tuple[dict | None, str]:
-    job = json.dumps({"model": asdict(model_cfg), "cfg": asdict(cfg), "profile": profile})
+def run_model(name: str, model_cfg: ModelConfig, cfg: ModelBenchConfig, profile: bool,
+              isolation: bool = False) -> tuple[dict | None, str]:
+    """One worker process: train_steps (or isolation_steps with isolation=True); returns (result, failure reason)."""
+    job = json.dumps({"model": asdict(model_cfg), "cfg": asdict(cfg), "profile": profile, "isolation": isolation})
     code = "from synergy_dist.bench.model import worker_main; worker_main()"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-c", code, job], capture_output=True, text=True, env=env, timeout=3600)
@@ -366,6 +420,7 @@ def run(cfg: ModelBenchConfig, command: str) -> BenchResults:
         _add_middle_mfu(report, key, synergy, report.value("matmul_ceiling"))
         _add_routing_share(report, key, synergy)
 
+    _add_isolation_cost(report, base, cfg)
     if baseline is None:
         report.add(missing("byte_transformer_bytes_per_s", "B/s", "no SynergyLM ran, nothing to match"))
         return report
@@ -395,6 +450,23 @@ def run(cfg: ModelBenchConfig, command: str) -> BenchResults:
         report.targets.append(Target(f"{name} middle-network MFU vs dense matmul ceiling",
                                      report.value(f"{key}_middle_mfu"), ">=", 30.0, "%"))
     return report
+
+
+def _add_isolation_cost(report: BenchResults, base: ModelConfig, cfg: ModelBenchConfig) -> None:
+    """Bytes/s of the first SynergyLM row with and without document isolation (same process, alternated steps)."""
+    name = cfg.synergy_models[0]
+    result, reason = run_model(name, synergy_variant(base, name), cfg, profile=False, isolation=True)
+    if result is None:
+        report.add(missing("isolation_on_bytes_per_s", "B/s", reason))
+        return
+    what = (f"SynergyLM {name}, windows of EOD-packed sample documents cut to <= seq_len/4 bytes "
+            f"({result['eods_per_window']:.1f} EODs per window), steps alternated with the other setting")
+    on = report.add(figure_from("isolation_on_bytes_per_s", result["on"], "B/s", f"document isolation on: {what}"))
+    off = report.add(figure_from("isolation_off_bytes_per_s", result["off"], "B/s", f"document isolation off: {what}"))
+    report.add(figure_from("isolation_speed_ratio", [a / b for a, b in zip(result["on"], result["off"])], "x",
+                           "bytes/s with document isolation / without, per pair of alternated steps"))
+    report.targets.append(Target(f"{name} bytes/s with document isolation vs without",
+                                 ratio(on.value, off.value), ">=", 0.90))
 
 
 def _add_model_figures(report: BenchResults, key: str, result: dict, what: str) -> None:

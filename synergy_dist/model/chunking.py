@@ -2,7 +2,8 @@
 
 Notation follows H-Net (arXiv 2507.07955, Sec. 2.2):
   p_t   boundary probability of unit t (causal: uses units <= t)
-  b_t   = [p_t >= 0.5]; forced to 1 at the first unit of a sequence and of every document
+  b_t   = [p_t >= 0.5]; forced to 1 at the first unit of a sequence and of every document (with document
+        isolation also at the EOD that opens a document, so no concept spans two documents)
   P_k   p of the k-th selected unit (the confidence of concept k)
   smoothing  z_bar_k = P_k z_k + (1 - P_k) z_bar_{k-1}
   upsample   y_t = STE(c_t) * z_bar_{#boundaries <= t},  c_t = p_t if b_t else 1 - p_t,
@@ -20,7 +21,7 @@ from torch import nn
 
 from data_pipeline.vocab import EOD_ID, N_BYTES, PAD_ID
 from synergy_dist.model.config import RouterConfig
-from synergy_dist.model.ssd import ssd_scan
+from synergy_dist.model.ssd import compute_dtype, ssd_scan
 
 
 def _space_like_table(vocab_size: int) -> torch.Tensor:
@@ -88,11 +89,12 @@ class BoundaryRouter(nn.Module):
             prev = x.new_zeros(x[:, :1].shape) if state is None or state.last_input is None else state.last_input
             q = self.q_proj(x)
             k = self.k_proj(torch.cat((prev, x[:, :-1]), dim=1))
-            prob = (0.5 * (1.0 - F.cosine_similarity(q.float(), k.float(), dim=-1, eps=1e-6))).clamp(0.0, 1.0)
+            dtype = compute_dtype(q.dtype)  # float32 (float64 for a float64 model)
+            prob = (0.5 * (1.0 - F.cosine_similarity(q.to(dtype), k.to(dtype), dim=-1, eps=1e-6))).clamp(0.0, 1.0)
             if state is not None:
                 state.last_input = x[:, -1:]
         elif self.kind == "gate":
-            prob = torch.sigmoid(self.score(x).squeeze(-1).float())
+            prob = torch.sigmoid(self.score(x).squeeze(-1).to(compute_dtype(x.dtype)))
         elif self.kind == "stride":
             prob = (self._doc_positions(force, state) % self.cfg.stride == 0).float()
         else:  # space: a concept starts at a word byte that follows a space-like byte
@@ -165,13 +167,18 @@ def gather_units(values: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     return torch.gather(values, 1, positions)
 
 
-def smooth(z: torch.Tensor, confidence: torch.Tensor, previous: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """EMA over concepts: z_bar_k = P_k z_k + (1 - P_k) z_bar_{k-1}, starting from `previous` (B, D) or 0."""
+def smooth(z: torch.Tensor, confidence: torch.Tensor, previous: torch.Tensor | None, eps: float,
+           seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """EMA over concepts: z_bar_k = P_k z_k + (1 - P_k) z_bar_{k-1}, starting from `previous` (B, D) or 0.
+    With seq_idx (B, M), the document index of each concept, the EMA restarts at a document's first concept:
+    z_bar_k = P_k z_k there (`previous` belongs to the first concept's document; the caller zeroes it otherwise)."""
     B, M, D = z.shape
-    P = confidence.float().clamp(eps, 1 - eps)
-    initial = None if previous is None else previous.float()[:, None, :, None]  # (B, h=1, p=D, n=1)
-    ones = z.new_ones(B, M, 1, dtype=torch.float32)
-    out, _ = ssd_scan((P[..., None] * z.float())[:, :, None, :], torch.log1p(-P)[..., None], ones, ones, 64, initial)
+    dtype = compute_dtype(z.dtype)
+    P = confidence.to(dtype).clamp(eps, 1 - eps)
+    initial = None if previous is None else previous.to(dtype)[:, None, :, None]  # (B, h=1, p=D, n=1)
+    ones = z.new_ones(B, M, 1, dtype=dtype)
+    out, _ = ssd_scan((P[..., None] * z.to(dtype))[:, :, None, :], torch.log1p(-P)[..., None], ones, ones, 64,
+                      initial, seq_idx)
     return out[:, :, 0].to(z.dtype)
 
 

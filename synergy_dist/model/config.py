@@ -176,6 +176,9 @@ class ModelConfig:
     tie_embeddings: bool = False  # byte head shares the input embedding matrix
     norm_eps: float = 1e-5  # RMSNorm epsilon
     init_std: float = 0.02  # std of linear/embedding weights at init (output projections scaled by depth)
+    # packed documents never see each other: a document starts at its EOD; attention is block-diagonal, Mamba,
+    # smoothing and routing restart at each document start (docs/MODEL.md); False = documents run together
+    document_isolation: bool = True
 
     def __post_init__(self) -> None:
         # YAML gives plain dicts for nested sections: turn them into dataclasses.
@@ -215,6 +218,8 @@ class ModelConfig:
         if self.vocab_size < VOCAB_SIZE:
             raise ValueError(f"model.vocab_size={self.vocab_size} is too small: bytes + EOD + PAD need {VOCAB_SIZE}")
         _check_choice("model.width_change", self.width_change, WIDTH_CHANGES)
+        if not isinstance(self.document_isolation, bool):
+            raise ValueError(f"model.document_isolation={self.document_isolation!r} must be true or false")
         _check_positive("model.d_middle", self.d_middle)
         _check_positive("model.norm_eps", self.norm_eps)
         _check_positive("model.init_std", self.init_std)

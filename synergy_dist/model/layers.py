@@ -2,7 +2,8 @@
 
 Attention takes an optional cache. Without one it processes a whole sequence (training); with
 one it processes the next T positions after those already cached (prefill and decode), so
-training and generation run the same code.
+training and generation run the same code. With a document index `seq_idx` (packed documents) the
+mask is block-diagonal causal: a position attends only to earlier positions of its own document.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from synergy_dist.model.config import StackConfig
+
+# Query rows per SDPA call for a whole sequence of several documents (see Attention._blockwise).
+DOCUMENT_BLOCK = 128
 
 
 class RMSNorm(nn.Module):
@@ -48,6 +52,7 @@ class AttentionCache:
     k: torch.Tensor | None = None  # (B, H, T_kept, hd)
     v: torch.Tensor | None = None
     seen: int = 0  # positions processed so far (RoPE offset)
+    doc: torch.Tensor | None = None  # (B, T_kept) document index of the kept keys (with seq_idx)
 
 
 class Attention(nn.Module):
@@ -64,7 +69,9 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, eps) if cfg.qk_norm else None
 
-    def forward(self, x: torch.Tensor, cache: AttentionCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: AttentionCache | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D); seq_idx (B, T) nondecreasing document index (continuing the cache's), None = one sequence."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).transpose(1, 3).unbind(2)
         if self.q_norm is not None:
@@ -72,14 +79,53 @@ class Attention(nn.Module):
         start = cache.seen if cache is not None else 0
         if self.rope is not None:
             q, k = self.rope(q, start), self.rope(k, start)
+        k_doc = seq_idx
         if cache is not None:
             if cache.k is not None:
                 k, v = torch.cat((cache.k, k), dim=2), torch.cat((cache.v, v), dim=2)
+                if seq_idx is not None and cache.doc is not None:
+                    k_doc = torch.cat((cache.doc, seq_idx), dim=1)
             keep = k.shape[2] if self.window == 0 else min(k.shape[2], self.window)
             cache.k, cache.v, cache.seen = k[:, :, -keep:], v[:, :, -keep:], start + T
+            cache.doc = None if k_doc is None else k_doc[:, -keep:]
         mask, is_causal = self._mask(T, k.shape[2], start, x.device)
+        if seq_idx is not None and k_doc is not None and k_doc.shape[1] == k.shape[2]:
+            mask = self._document_mask(mask, is_causal, seq_idx, k_doc)
+            is_causal = False
+            if T == k.shape[2] and T > DOCUMENT_BLOCK:
+                y = self._blockwise(q, k, v, mask, seq_idx)
+                return self.out(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _blockwise(self, q, k, v, mask: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
+        """SDPA with a boolean mask by blocks of DOCUMENT_BLOCK queries, each against the keys from the earliest
+        document start (and window start) of its rows on: with a mask the kernels compute every key block (no
+        causal skipping, about twice the work of the causal kernel), so the keys no row of a block may see are
+        left out. Same result as one call with the whole mask."""
+        T = q.shape[2]
+        idx = torch.arange(T, device=q.device).expand_as(doc)
+        opens = torch.ones_like(doc, dtype=torch.bool)
+        opens[:, 1:] = doc[:, 1:] != doc[:, :-1]
+        doc_start = torch.where(opens, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T), nondecreasing
+        firsts = doc_start[:, ::DOCUMENT_BLOCK].min(dim=0).values.tolist()  # a block's first query starts earliest
+        outs = []
+        for first, s in zip(firsts, range(0, T, DOCUMENT_BLOCK)):
+            e = min(s + DOCUMENT_BLOCK, T)
+            k0 = max(first, s - self.window + 1) if self.window > 0 else first
+            outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, k0:e], v[:, :, k0:e],
+                                                       attn_mask=mask[..., s:e, k0:e]))
+        return torch.cat(outs, dim=2)
+
+    @staticmethod
+    def _document_mask(mask: torch.Tensor | None, is_causal: bool, q_doc: torch.Tensor,
+                       k_doc: torch.Tensor) -> torch.Tensor:
+        """(B, 1, t_q, t_k) boolean mask: the position mask (causal, window) and the same document."""
+        same = (q_doc[:, :, None] == k_doc[:, None, :])[:, None]
+        if is_causal:
+            t_q, t_k = q_doc.shape[1], k_doc.shape[1]
+            mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q_doc.device).tril(t_k - t_q)
+        return same if mask is None else same & mask
 
     def _mask(self, t_q: int, t_k: int, start: int, device) -> tuple[torch.Tensor | None, bool]:
         """Query i sits at position start+i; the t_k keys end at position start+t_q-1."""

@@ -4,6 +4,8 @@ Per head h with scalar decay a_t = exp(dt_t * A_h) (A_h < 0) and state H_t in R^
     H_t = a_t H_{t-1} + dt_t x_t B_t^T,      y_t = H_t C_t + D_h x_t
 Training runs the chunked SSD scan (ssd.py, or mamba_ssm's fused kernel on GPU when installed);
 generation steps the recurrence one token at a time; both give the same numbers up to float rounding.
+With a document index `seq_idx` (packed documents) neither the convolution nor the scan reads across a
+document start, in one call or from the cache of earlier calls.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from torch import nn
 
 from synergy_dist.model.config import MambaConfig
 from synergy_dist.model.layers import RMSNorm
-from synergy_dist.model.ssd import ssd_scan, ssd_step
+from synergy_dist.model.ssd import compute_dtype, ssd_scan, ssd_step
 
 try:
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # optional fused Triton kernel (GPU)
@@ -28,7 +30,9 @@ except Exception:  # noqa: BLE001 - any import failure means "not available"
 @dataclass
 class MambaCache:
     conv: torch.Tensor | None = None  # (b, conv_dim, d_conv - 1) last inputs of the convolution
-    ssm: torch.Tensor | None = None  # (b, h, p, n) float32 state
+    ssm: torch.Tensor | None = None  # (b, h, p, n) state (float32; float64 for a float64 model)
+    conv_doc: torch.Tensor | None = None  # (b, d_conv - 1) document index of those inputs (with seq_idx)
+    doc: torch.Tensor | None = None  # (b,) document index of the last step, to which `ssm` belongs (with seq_idx)
 
 
 class Mamba2(nn.Module):
@@ -56,40 +60,65 @@ class Mamba2(nn.Module):
     def new_cache(self) -> MambaCache:
         return MambaCache()
 
-    def forward(self, u: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
+    def forward(self, u: torch.Tensor, cache: MambaCache | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """u (b, l, d); seq_idx (b, l) nondecreasing document index (continuing the cache's), None = one sequence."""
         b, l, _ = u.shape
         z, xbc, dt = self.in_proj(u).split([self.d_inner, self.d_inner + 2 * self.d_state, self.n_heads], dim=-1)
-        xbc = self._conv(xbc, cache)
+        xbc = self._conv(xbc, cache, seq_idx)
         x, B, C = xbc.split([self.d_inner, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(dt + self.dt_bias)  # (b, l, h)
-        A = -torch.exp(self.A_log.float())  # (h,)
+        A = -torch.exp(self.A_log.to(compute_dtype(self.A_log.dtype)))  # (h,)
         x = x.view(b, l, self.n_heads, self.head_dim)
         initial = cache.ssm if cache is not None else None
+        if initial is not None and seq_idx is not None and cache.doc is not None:  # a new document starts afresh
+            initial = initial * (seq_idx[:, 0] == cache.doc).to(initial.dtype)[:, None, None, None]
         if cache is not None and l == 1 and initial is not None:
             y, state = ssd_step(x[:, 0] * dt[:, 0, :, None], dt[:, 0] * A, B[:, 0], C[:, 0], initial)
             y = y[:, None]
         elif self._use_kernel(x):
+            # mamba_ssm counts documents from 0 = the document of the initial state (the first step's here)
+            kernel_idx = None if seq_idx is None else (seq_idx - seq_idx[:, :1]).to(torch.int32).contiguous()
             y, state = mamba_chunk_scan_combined(
                 x, dt, A, B[:, :, None], C[:, :, None], self.cfg.chunk_size,
-                initial_states=initial, return_final_states=True,
+                initial_states=initial, seq_idx=kernel_idx, return_final_states=True,
             )
         else:
-            y, state = ssd_scan(x * dt[..., None], dt * A, B, C, self.cfg.chunk_size, initial)
+            y, state = ssd_scan(x * dt[..., None], dt * A, B, C, self.cfg.chunk_size, initial, seq_idx)
         if cache is not None:
-            cache.ssm = state.float()
+            cache.ssm = state.to(compute_dtype(x.dtype))
+            cache.doc = None if seq_idx is None else seq_idx[:, -1]
         y = y + x * self.D[:, None].to(x.dtype)
         y = self.norm(y.reshape(b, l, self.d_inner) * F.silu(z))
         return self.out_proj(y)
 
-    def _conv(self, xbc: torch.Tensor, cache: MambaCache | None) -> torch.Tensor:
-        """Causal depthwise convolution over time; the cache keeps the last d_conv - 1 inputs."""
+    def _conv(self, xbc: torch.Tensor, cache: MambaCache | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """Causal depthwise convolution over time; the cache keeps the last d_conv - 1 inputs. With seq_idx an
+        output reads only inputs of its own document (inputs of another document count as zero)."""
         k = self.cfg.d_conv
         xt = xbc.transpose(1, 2)  # (b, conv_dim, l)
         prev = cache.conv if cache is not None and cache.conv is not None else xt.new_zeros(*xt.shape[:2], k - 1)
         xt = torch.cat((prev, xt), dim=-1)
         if cache is not None:
             cache.conv = xt[..., -(k - 1):] if k > 1 else xt[..., :0]
-        return F.silu(F.conv1d(xt, self.conv.weight, self.conv.bias, groups=xt.shape[1])).transpose(1, 2)
+        y = F.conv1d(xt, self.conv.weight, self.conv.bias, groups=xt.shape[1])  # (b, conv_dim, l)
+        if seq_idx is None or k == 1:
+            return F.silu(y).transpose(1, 2)
+        no_doc = torch.full_like(seq_idx[:, :1], -1).expand(-1, k - 1)  # the zero inputs before the first call
+        prev_doc = cache.conv_doc if cache is not None and cache.conv_doc is not None else no_doc
+        docs = torch.cat((prev_doc, seq_idx), dim=1)  # (b, k - 1 + l)
+        if cache is not None:
+            cache.conv_doc = docs[:, -(k - 1):]
+        # Only the first d_conv - 1 outputs of a document read across its start: recompute those few with the
+        # inputs of other documents left out (out_t = bias + sum over the window's same-document inputs).
+        same = docs.unfold(1, k, 1) == seq_idx[..., None]  # (b, l, k): which inputs of t's window are t's document
+        rows, steps = (~same.all(dim=-1)).nonzero(as_tuple=True)
+        y = y.transpose(1, 2)  # (b, l, conv_dim)
+        if rows.numel():
+            window = xt.unfold(-1, k, 1)[rows, :, steps]  # (n, conv_dim, k)
+            fixed = (window * self.conv.weight[:, 0] * same[rows, steps][:, None, :]).sum(-1) + self.conv.bias
+            y = y.index_put((rows, steps), fixed.to(y.dtype))
+        return F.silu(y)
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         return self.cfg.kernel == "auto" and mamba_chunk_scan_combined is not None and x.is_cuda

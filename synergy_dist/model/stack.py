@@ -1,6 +1,7 @@
 """A network of layers: pre-norm residual blocks (attention or Mamba mixer, then a dense or MoE feed-forward).
 
-Every mixer takes an optional cache, so a stack serves training (no cache) and generation alike.
+Every mixer takes an optional cache, so a stack serves training (no cache) and generation alike, and an optional
+document index `seq_idx` (B, T) that keeps packed documents apart (attention mask, Mamba state resets).
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ class Block(nn.Module):
             self.ffn = SwiGLU(d_model, mlp_hidden(d_model, cfg.mlp_ratio))
         self.is_moe = use_moe
 
-    def forward(self, x, valid=None, cache=None) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.mixer(self.mixer_norm(x), cache)
+    def forward(self, x, valid=None, cache=None, seq_idx=None) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.mixer(self.mixer_norm(x), cache, seq_idx)
         stats = None
         if self.ffn is not None:
             if self.is_moe:
@@ -60,15 +61,17 @@ class Stack(nn.Module):
     def new_cache(self) -> list:
         return [AttentionCache() if isinstance(b.mixer, Attention) else b.mixer.new_cache() for b in self.blocks]
 
-    def forward(self, x, valid=None, cache: list | None = None) -> tuple[torch.Tensor, dict[int, MoEStats]]:
+    def forward(self, x, valid=None, cache: list | None = None,
+                seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, MoEStats]]:
+        """x (B, T, D), valid (B, T) bool or None, seq_idx (B, T) nondecreasing document index or None."""
         moe_stats: dict[int, MoEStats] = {}
         for i, block in enumerate(self.blocks):
             # MoE blocks are never recomputed: a second forward would repeat their all-to-alls and
             # count their expert load twice.
             if self.checkpoint_activations and self.training and cache is None and not block.is_moe:
-                x, stats = checkpoint(block, x, valid, None, use_reentrant=False)
+                x, stats = checkpoint(block, x, valid, None, seq_idx, use_reentrant=False)
             else:
-                x, stats = block(x, valid, None if cache is None else cache[i])
+                x, stats = block(x, valid, None if cache is None else cache[i], seq_idx)
             if stats is not None:
                 moe_stats[i] = stats
         return self.final_norm(x), moe_stats

@@ -6,6 +6,10 @@
 
 The same forward() serves training (no cache) and generation (a cache: each call processes the
 next bytes after those already cached, and an inner stage runs only on concepts the router opens).
+
+Document isolation (ModelConfig.document_isolation): a document starts at each EOD (the EOD is its first
+byte); every layer of every stage gets the document index of its units (`seq_idx`) and never reads across
+a document start, and the router opens a concept at every EOD, so no concept spans two documents.
 """
 
 from __future__ import annotations
@@ -43,6 +47,7 @@ class StageCache:
     router: RouterState = field(default_factory=RouterState)
     inner: StageCache | list | None = None
     last_concept: torch.Tensor | None = None  # (B, D) smoothed output of the concept in force
+    doc: torch.Tensor | None = None  # (B,) document index of the last unit (and of last_concept), with isolation
 
 
 @dataclass
@@ -100,11 +105,12 @@ class HierarchyStage(nn.Module):
     def new_cache(self) -> StageCache:
         return StageCache(self.encoder.new_cache(), self.decoder.new_cache(), inner=self.inner.new_cache())
 
-    def forward(self, x, ids, force, valid, cache: StageCache | None = None):
-        """x (B, T, D); ids (B, T) bytes at stage 0 else None; force/valid (B, T) bool.
+    def forward(self, x, ids, force, valid, cache: StageCache | None = None, seq_idx: torch.Tensor | None = None):
+        """x (B, T, D); ids (B, T) bytes at stage 0 else None; force/valid (B, T) bool; seq_idx (B, T)
+        nondecreasing document index or None (no isolation); every document start must be in `force`.
         Returns (y, [StageRouting per stage, outermost first], {layer name: MoEStats}).
         The record_function labels let benchmarks measure the routing share of a step."""
-        hidden, moe = self.encoder(x, valid, cache and cache.encoder)
+        hidden, moe = self.encoder(x, valid, cache and cache.encoder, seq_idx)
         moe = {f"stage{self.level}.encoder.{i}": s for i, s in moe.items()}
         with record_function(f"synergy/stage{self.level}/route_down"):
             route = self.router(hidden, ids, force, valid, cache and cache.router)
@@ -114,15 +120,17 @@ class HierarchyStage(nn.Module):
         routings = [StageRouting(valid.sum(), route.boundary.sum(), route.boundary_rate, route.ratio_loss,
                                  self.cfg.router.ratio_loss_coef if self.router.learned else 0.0)]
 
+        # document of each concept; padding slots (after the last concept) join the last document
+        concept_doc = None if seq_idx is None else gather_units(seq_idx, chunks.positions).cummax(dim=1).values
         if chunks.x.shape[1] > 0:
             inner_x = self.width.widen(chunks.x)
             if isinstance(self.inner, HierarchyStage):
                 inner_force = gather_units(force, chunks.positions) & chunks.valid
                 inner_y, inner_routings, inner_moe = self.inner(
-                    inner_x, None, inner_force, chunks.valid, cache and cache.inner)
+                    inner_x, None, inner_force, chunks.valid, cache and cache.inner, concept_doc)
                 routings += inner_routings
             else:
-                inner_y, inner_moe = self.inner(inner_x, chunks.valid, cache and cache.inner)
+                inner_y, inner_moe = self.inner(inner_x, chunks.valid, cache and cache.inner, concept_doc)
                 inner_moe = {f"middle.{i}": s for i, s in inner_moe.items()}
             moe.update(inner_moe)
             concepts = self.width.narrow(inner_y)
@@ -133,11 +141,18 @@ class HierarchyStage(nn.Module):
             previous = cache.last_concept if cache is not None else None
             if concepts.shape[1] > 0 and self.router.learned and self.cfg.router.smoothing:
                 confidence = gather_units(route.prob, chunks.positions)
-                concepts = smooth(concepts, confidence, previous, self.cfg.router.prob_clamp)
+                carried = previous
+                if previous is not None and concept_doc is not None and cache.doc is not None:
+                    # a document that starts with this call's first concept does not continue the previous EMA
+                    carried = previous * (concept_doc[:, 0] == cache.doc).to(previous.dtype)[:, None]
+                concepts = smooth(concepts, confidence, carried, self.cfg.router.prob_clamp, concept_doc)
+            # every document start is a boundary, so a byte never takes a concept of another document
             up = upsample(concepts, route.boundary, route.prob, previous, self.cfg.router.straight_through)
             if cache is not None and concepts.shape[1] > 0:
                 cache.last_concept = concepts[:, -1]  # generation runs one sequence, so the last slot is real
-        y, dec_moe = self.decoder(up + self.residual(hidden), valid, cache and cache.decoder)
+            if cache is not None:
+                cache.doc = None if seq_idx is None else seq_idx[:, -1]
+        y, dec_moe = self.decoder(up + self.residual(hidden), valid, cache and cache.decoder, seq_idx)
         moe.update({f"stage{self.level}.decoder.{i}": s for i, s in dec_moe.items()})
         return y, routings, moe
 
@@ -207,26 +222,46 @@ class SynergyLM(nn.Module):
     def _run(self, input_ids: torch.Tensor, cache):
         """Shared by forward (cache None) and generation. Returns (logits, stage routings, MoE stats)."""
         x = self.embed(input_ids)
+        return self._run_embedded(x, input_ids, cache)
+
+    def _run_embedded(self, x: torch.Tensor, input_ids: torch.Tensor, cache):
+        """_run from the embedded inputs x (B, L, D) (tests take gradients with respect to them)."""
         valid = input_ids != PAD_ID
+        seq_idx = self._document_index(input_ids, cache) if self.cfg.document_isolation else None
         with dropless_routing(self, enabled=cache is not None):  # cached generation == full recomputation
             if isinstance(self.body, HierarchyStage):
-                force = self._document_starts(input_ids, cache)
-                y, routings, moe = self.body(x, input_ids, force, valid, cache and cache["body"])
+                force = self._document_starts(input_ids, cache, self.cfg.document_isolation)
+                y, routings, moe = self.body(x, input_ids, force, valid, cache and cache["body"], seq_idx)
             else:
-                y, moe = self.body(x, valid, cache and cache["body"])
+                y, moe = self.body(x, valid, cache and cache["body"], seq_idx)
                 routings, moe = [], {f"middle.{i}": s for i, s in moe.items()}
         if cache is not None:
             cache["last_id"] = input_ids[:, -1]
         return self.head(y), routings, moe
 
     @staticmethod
-    def _document_starts(input_ids: torch.Tensor, cache) -> torch.Tensor:
-        """The first byte of the sequence and every byte right after EOD must open a concept."""
+    def _document_starts(input_ids: torch.Tensor, cache, at_eod: bool) -> torch.Tensor:
+        """The first byte of the sequence and every byte right after EOD must open a concept; with document
+        isolation every EOD too (it is the first byte of the document it opens)."""
         if cache is None or cache.get("last_id") is None:
             first = torch.ones_like(input_ids[:, :1], dtype=torch.bool)
         else:
             first = cache["last_id"][:, None] == EOD_ID
-        return torch.cat((first, input_ids[:, :-1] == EOD_ID), dim=1)
+        force = torch.cat((first, input_ids[:, :-1] == EOD_ID), dim=1)
+        return force | (input_ids == EOD_ID) if at_eod else force
+
+    @staticmethod
+    def _document_index(input_ids: torch.Tensor, cache) -> torch.Tensor | None:
+        """(B, L) index of each byte's document, counting EODs (a document starts at its EOD), continued across
+        cached calls. None without a cache when every row holds one document: nothing to keep apart, and the
+        layers keep their plain causal kernels."""
+        doc = (input_ids == EOD_ID).long().cumsum(dim=1)
+        if cache is None:
+            return doc if bool((doc[:, -1] != doc[:, 0]).any()) else None
+        if cache.get("doc") is not None:
+            doc = doc + cache["doc"][:, None]
+        cache["doc"] = doc[:, -1]
+        return doc
 
     @staticmethod
     def _statistics(routings: list[StageRouting], moe: dict[str, MoEStats]) -> ModelStatistics:
@@ -250,7 +285,7 @@ class SynergyLM(nn.Module):
 
     # ------------------------------------------------------------------ generation
     def new_cache(self) -> dict:
-        return {"body": self.body.new_cache(), "last_id": None}
+        return {"body": self.body.new_cache(), "last_id": None, "doc": None}
 
     @torch.no_grad()
     def generate_iter(
