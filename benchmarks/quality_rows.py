@@ -39,6 +39,14 @@ def default_config() -> ModelConfig:
     return load_model_config(ROW1_CONFIG)
 
 
+def unisolated_config() -> ModelConfig:
+    """Row 1 without document isolation: packed documents see the ones before them (the cost of isolation)."""
+    cfg = default_config()
+    cfg.document_isolation = False
+    cfg.validate()
+    return cfg
+
+
 def gate_router_config() -> ModelConfig:
     """Row 2: the same model with the sigmoid `gate` router."""
     cfg = default_config()
@@ -101,6 +109,9 @@ def matched_byte_transformer(target_flops_per_byte: float, seq_len: int) -> Mode
 SYNERGY_ROWS: dict[str, tuple[QualityRow, Callable[[], ModelConfig]]] = {
     "synergy-cosine": (QualityRow("synergy-cosine", "1", "SynergyLM, learned cosine router, NoPE middle (default)"),
                        default_config),
+    "synergy-cosine-unisolated": (QualityRow("synergy-cosine-unisolated", "1b",
+                                             "row 1 without document isolation (model.document_isolation=false)"),
+                                  unisolated_config),
     "synergy-gate": (QualityRow("synergy-gate", "2", "SynergyLM, gate router"), gate_router_config),
     "synergy-rope-middle": (QualityRow("synergy-rope-middle", "3", "SynergyLM, RoPE in the middle"),
                             rope_middle_config),
