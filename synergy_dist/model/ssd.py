@@ -12,7 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from synergy_dist.model.precision import float32_math
 
+
+@float32_math  # the scan's einsums stay float32 under autocast
 def ssd_scan(
     x_dt: torch.Tensor,  # (b, l, h, p) inputs already multiplied by dt
     log_a: torch.Tensor,  # (b, l, h) log decay per step, <= 0
@@ -67,6 +70,7 @@ def ssd_scan(
     return y.to(out_dtype), state
 
 
+@float32_math
 def ssd_step(x_dt, log_a, B, C, state):
     """One recurrent step. x_dt (b, h, p), log_a (b, h), B/C (b, n), state (b, h, p, n) float32."""
     state = log_a.float().exp()[..., None, None] * state + x_dt.float()[..., None] * B.float()[:, None, None, :]
