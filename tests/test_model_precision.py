@@ -200,3 +200,20 @@ def test_bf16_and_fp32_forwards_agree_on_boundary_decisions_of_a_trained_checkpo
     assert decisions >= 4000
     assert 1 - int(flipped.sum()) / decisions >= 0.999, f"{int(flipped.sum())} of {decisions} decisions differ"
     assert bool(((prob[flipped] - 0.5).abs() < 0.01).all()), prob[flipped]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_a_bf16_run_killed_and_resumed_trains_bitwise_like_an_uninterrupted_one(tmp_path, moe):
+    """The checkpoint of a bf16 run (fp32 parameters under autocast, ZeRO-2) restores everything it needs."""
+    sections = dict(moe=moe, precision={"dtype": "bf16"}, deepspeed={"zero_stage": 2},
+                    train={"max_steps": 4, "lr": 3e-3, "sample_bytes": 0})
+    reference = tl.tiny_config(tmp_path / "reference", tmp_path / "sample", **sections)
+    assert tl.run(reference) == 0, tl.output_of(reference)[-4000:]
+    cfg = tl.tiny_config(tmp_path / "resumed", tmp_path / "sample", **sections)
+    proc = tl.start(cfg, "single", 1, ["debug.hang_after_step=3"])
+    tl.wait_for_step(proc, cfg, 3)
+    tl.kill_group(proc)
+    assert tl.run(cfg) == 0, tl.output_of(cfg)[-4000:]
+    assert "resumed from " + str(Path(cfg["run"]["dir"]) / "checkpoints" / "step_00000002") in tl.output_of(cfg)
+    assert tl.losses_by_step(cfg) == tl.losses_by_step(reference)  # bitwise: floats compare exactly
