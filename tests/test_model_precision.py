@@ -15,6 +15,7 @@ import torch
 import train_launch as tl
 import yaml
 from model_configs import tiny_test_config, two_stage_config
+from safetensors.torch import load_file
 
 from data_pipeline.shards import iter_shard_documents
 from synergy_dist.evaluate import RouteRecorder, window_batch, windows
@@ -128,15 +129,19 @@ def test_router_residual_smoothing_and_scan_are_float32_under_autocast():
     assert scanned.dtype == torch.float32 and state.dtype == torch.float32
 
 
-@pytest.mark.slow
-def test_a_bf16_export_keeps_the_policy_modules_float32(tmp_path, trained):
-    out = export(Path(trained["run"]["dir"]), tmp_path / "bf16", dtype="bf16")
-    from safetensors.torch import load_file
-
+def assert_bf16_export_keeps_the_policy(run_dir: Path, output: Path) -> None:
+    out = export(run_dir, output, dtype="bf16")
     weights = load_file(str(out / "model.safetensors"))
-    kept = float32_names(SynergyLM(load_model(out)[1].model))
+    model, _, _ = load_model(out)
+    kept = float32_names(model)
     assert kept and all(weights[k].dtype == torch.float32 for k in kept)
     assert {v.dtype for k, v in weights.items() if k not in kept and v.is_floating_point()} == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # loading upcasts the rest
+
+
+@pytest.mark.slow
+def test_a_bf16_export_keeps_the_policy_modules_float32(tmp_path, trained):
+    assert_bf16_export_keeps_the_policy(Path(trained["run"]["dir"]), tmp_path / "bf16")
 
 
 # ---------------------------------------------------------------- the trainer's bf16 engine
@@ -217,3 +222,4 @@ def test_a_bf16_run_killed_and_resumed_trains_bitwise_like_an_uninterrupted_one(
     assert tl.run(cfg) == 0, tl.output_of(cfg)[-4000:]
     assert "resumed from " + str(Path(cfg["run"]["dir"]) / "checkpoints" / "step_00000002") in tl.output_of(cfg)
     assert tl.losses_by_step(cfg) == tl.losses_by_step(reference)  # bitwise: floats compare exactly
+    assert_bf16_export_keeps_the_policy(Path(cfg["run"]["dir"]), tmp_path / "export")  # MoE gates included

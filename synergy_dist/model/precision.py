@@ -110,11 +110,11 @@ def keep_fp32(model: nn.Module) -> int:
 
 
 def float32_names(model: nn.Module) -> set[str]:
-    """State-dict names of the parameters and buffers the policy keeps in float32 (or float64)."""
+    """State-dict names of the parameters and persistent buffers the policy keeps in float32."""
     names = set()
     for prefix, module in model.named_modules():
         if isinstance(module, KeepsFloat32):
             head = f"{prefix}." if prefix else ""
-            names |= {head + n for n, _ in module.named_parameters(recurse=False)}
-            names |= {head + n for n, b in module.named_buffers(recurse=False) if b.is_floating_point()}
+            names |= {head + n for n, t in module.state_dict(keep_vars=True).items()
+                      if "." not in n and t.is_floating_point()}  # own entries only, not the children's
     return names
