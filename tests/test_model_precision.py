@@ -223,3 +223,20 @@ def test_a_bf16_run_killed_and_resumed_trains_bitwise_like_an_uninterrupted_one(
     assert "resumed from " + str(Path(cfg["run"]["dir"]) / "checkpoints" / "step_00000002") in tl.output_of(cfg)
     assert tl.losses_by_step(cfg) == tl.losses_by_step(reference)  # bitwise: floats compare exactly
     assert_bf16_export_keeps_the_policy(Path(cfg["run"]["dir"]), tmp_path / "export")  # MoE gates included
+
+
+def test_a_float64_model_keeps_float64_through_the_policy_modules():
+    """fp64 reference runs (document isolation's exactness tests) are not narrowed to float32 by the policy."""
+    torch.manual_seed(0)
+    model = SynergyLM(moe_config()).double()
+    seen = {}
+
+    def recorder(name: str):
+        def record(module, args, out):
+            seen.setdefault(name, (args[0].dtype, (out[0] if isinstance(out, tuple) else out).dtype))
+        return record
+
+    for name in ("body.router.q_proj", "body.residual", "body.decoder"):
+        model.get_submodule(name).register_forward_hook(recorder(name))
+    assert model(torch.randint(0, 256, (1, 40))).logits.dtype == torch.float64
+    assert seen == {name: (torch.float64, torch.float64) for name in seen} and len(seen) == 3

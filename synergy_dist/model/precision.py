@@ -33,9 +33,10 @@ class PrecisionError(RuntimeError):
     """A module of the float32 policy found its weights in a narrower dtype (bf16, fp16)."""
 
 
-def compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """float32, or float64 for a float64 weight (fp64 reference runs stay fp64): never narrower than float32."""
-    return torch.promote_types(weight.dtype, torch.float32)
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The policy's arithmetic for tensors of `dtype`: float32 for float32 and narrower, float64 for float64
+    (fp64 reference runs stay fp64)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class KeepsFloat32:
@@ -88,7 +89,7 @@ class Float32Linear(KeepsFloat32, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.require_float32()
         with torch.autocast(device_type=x.device.type, enabled=False):
-            return F.linear(x.to(compute_dtype(self.weight)), self.weight, self.bias)
+            return F.linear(x.to(compute_dtype(self.weight.dtype)), self.weight, self.bias)
 
 
 def float32_math(fn: Callable[..., T]) -> Callable[..., T]:

@@ -25,7 +25,7 @@ from synergy_dist.model.config import ModelConfig, StageConfig
 from synergy_dist.model.layers import RMSNorm
 from synergy_dist.model.moe.layer import MoEFeedForward
 from synergy_dist.model.moe.statistics import MoEStats
-from synergy_dist.model.precision import Float32Linear
+from synergy_dist.model.precision import Float32Linear, compute_dtype
 from synergy_dist.model.stack import Stack
 from synergy_dist.model.statistics import ModelStatistics, StageStatistics
 
@@ -139,7 +139,8 @@ class HierarchyStage(nn.Module):
             up = upsample(concepts, route.boundary, route.prob, previous, self.cfg.router.straight_through)
             if cache is not None and concepts.shape[1] > 0:
                 cache.last_concept = concepts[:, -1]  # generation runs one sequence, so the last slot is real
-        mixed = (up.float() + self.residual(hidden)).to(hidden.dtype)  # summed in float32, as H-Net does
+        # summed in float32 (float64 in fp64 runs), as H-Net does, then back to the stream's dtype
+        mixed = (up.to(compute_dtype(up.dtype)) + self.residual(hidden)).to(hidden.dtype)
         y, dec_moe = self.decoder(mixed, valid, cache and cache.decoder)
         moe.update({f"stage{self.level}.decoder.{i}": s for i, s in dec_moe.items()})
         return y, routings, moe

@@ -47,7 +47,7 @@ class ExpertGate(KeepsFloat32, nn.Module):
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """Router logits in float32 (float64 for a float64 weight), outside any autocast region."""
-    dtype = compute_dtype(weight)
+    dtype = compute_dtype(weight.dtype)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return F.linear(x.to(dtype), weight.to(dtype))
 
