@@ -492,6 +492,10 @@ def validate(cfg: Config) -> None:
         _require(z.expert_parallel_size == 1,
                  f"deepspeed.expert_parallel_size={z.expert_parallel_size} but the model has no MoE layers; "
                  "set deepspeed.expert_parallel_size=1 or add MoE layers to the model")
+    _require(p.dtype != "fp16" or not cfg.model.stages,
+             "precision.dtype='fp16' cannot be used with a hierarchical model (model.stages): DeepSpeed's fp16 "
+             "mode casts every parameter, and the boundary routers and residual projections must stay float32 "
+             "(docs/MODEL.md, 'Precision policy'); use precision.dtype='bf16'")
     _require(c.every_steps >= 0, f"checkpoint.every_steps={c.every_steps} must be >= 0 (0 = only at the end)")
     _require(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
     _require(c.keep_every >= 0, f"checkpoint.keep_every={c.keep_every} must be >= 0")

@@ -144,6 +144,10 @@ ERRORS = [
     (["precision.dtype=fp16", *MOE_MIDDLE],
      "precision.dtype='fp16' cannot be used with MoE layers (their routers must stay fp32 and MoE models train "
      "under autocast, which has no loss scaling); use precision.dtype='bf16'"),
+    (["precision.dtype=fp16"],
+     "precision.dtype='fp16' cannot be used with a hierarchical model (model.stages): DeepSpeed's fp16 mode casts "
+     "every parameter, and the boundary routers and residual projections must stay float32 (docs/MODEL.md, "
+     "'Precision policy'); use precision.dtype='bf16'"),
     (["deepspeed.expert_parallel_size=2"],
      "deepspeed.expert_parallel_size=2 but the model has no MoE layers; set deepspeed.expert_parallel_size=1 "
      "or add MoE layers to the model"),
@@ -212,7 +216,7 @@ def test_world_size_errors():
     with pytest.raises(ConfigError) as err:
         validate_for_world(moe, world_size=3, device_type="cpu")
     assert str(err.value) == "deepspeed.expert_parallel_size=2 does not divide the world size 3; use a divisor of 3"
-    fp16 = load_config(None, ["precision.dtype=fp16"])
+    fp16 = load_config(None, ["precision.dtype=fp16", "model.stages=[]"])  # a plain byte model may use fp16
     with pytest.raises(ConfigError) as err:
         validate_for_world(fp16, world_size=1, device_type="cpu")
     assert str(err.value) == ("precision.dtype='fp16' is not supported on CPU (DeepSpeed rejects it); "
@@ -253,5 +257,5 @@ def test_deepspeed_json_is_generated_and_extra_json_merged(tmp_path):
     assert ds["zero_optimization"]["stage"] == 2 and ds["zero_optimization"]["reduce_bucket_size"] == 1000
     assert ds["gradient_clipping"] == 0.5  # the extra JSON wins
     assert ds["wall_clock_breakdown"] is True  # deepspeed.extra wins over both
-    assert ds["bf16"] == {"enabled": True}
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds  # precision policy
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}, "d": 4}) == {"a": {"b": 1, "c": 3}, "d": 4}

@@ -14,10 +14,10 @@ from synergy_dist.model.config import MoEConfig
 from synergy_dist.model.moe.layer import (
     MoEFeedForward,
     dropless_routing,
-    keep_routers_fp32,
     moe_param_groups,
     update_moe_biases,
 )
+from synergy_dist.model.precision import keep_fp32
 
 D_MODEL, D_FF = 8, 16
 
@@ -256,7 +256,7 @@ def test_bf16_parameters_are_rejected_until_router_is_fp32_again():
     x = torch.randn(1, 4, D_MODEL, dtype=torch.bfloat16)
     with pytest.raises(RuntimeError, match="MoE router weight is torch.bfloat16, it must stay torch.float32"):
         layer(x)
-    assert keep_routers_fp32(layer) == 1
+    assert keep_fp32(layer) == 1
     assert layer.selection_bias.dtype == torch.float32 and layer.load_since_update.dtype == torch.float64
     y, stats = layer(x)
     assert y.dtype == torch.bfloat16 and layer.router.weight.dtype == torch.float32

@@ -329,13 +329,13 @@ def test_zero0_grad_norm_with_expert_parallel_counts_every_expert(workdir, sampl
 
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
 def test_bf16_training_keeps_moe_routers_fp32(workdir, sample_dir, moe):
-    """bf16 on CPU: dense models use DeepSpeed's bf16 mode; MoE models keep fp32 parameters under
-    autocast, since DeepSpeed's bf16 mode would cast the routers (whose forward refuses non-fp32)."""
+    """bf16 on CPU, dense and MoE: fp32 parameters under autocast, since DeepSpeed's bf16 mode would cast the
+    boundary routers, residual projections and MoE routers (whose forwards refuse non-fp32)."""
     cfg = config(workdir, sample_dir, f"bf16_{'moe' if moe else 'dense'}", moe=moe, zero=2,
                  precision={"dtype": "bf16"}, train={"max_steps": 3})
     losses = finished(cfg)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(v) for v in losses.values())
-    # reaching here means every MoE forward found its router weight in fp32 (it raises otherwise)
+    # reaching here means every router, residual and MoE gate found its weight in fp32 (they raise otherwise)
 
 
 def test_activation_checkpointing_trains_bitwise_like_the_reference(workdir, sample_dir, reference_1rank):

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", type=Path, help="run directory (newest complete checkpoint) or checkpoint directory")
     parser.add_argument("--output", type=Path, required=True, help="directory for model.safetensors + config.yaml")
-    parser.add_argument("--dtype", default="fp32", help="fp32 (default) or bf16")
+    parser.add_argument("--dtype", default="fp32",
+                        help="fp32 (default) or bf16 (routers, residual projections and expert gates stay fp32)")
     args = parser.parse_args(argv)
     try:
         out = export(args.source, args.output, args.dtype)

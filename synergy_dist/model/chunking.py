@@ -21,7 +21,8 @@ from torch import nn
 
 from data_pipeline.vocab import EOD_ID, N_BYTES, PAD_ID
 from synergy_dist.model.config import RouterConfig
-from synergy_dist.model.ssd import compute_dtype, ssd_scan
+from synergy_dist.model.precision import Float32Linear, compute_dtype
+from synergy_dist.model.ssd import ssd_scan
 
 
 def _space_like_table(vocab_size: int) -> torch.Tensor:
@@ -58,14 +59,14 @@ class BoundaryRouter(nn.Module):
         self.kind = cfg.kind
         if cfg.kind == "cosine":
             # projections start at the identity: p_t = (1 - cos(x_t, x_{t-1})) / 2 at init
-            self.q_proj = nn.Linear(d_model, d_model, bias=False)
-            self.k_proj = nn.Linear(d_model, d_model, bias=False)
+            self.q_proj = Float32Linear(d_model, d_model, bias=False, role="boundary router q_proj")
+            self.k_proj = Float32Linear(d_model, d_model, bias=False, role="boundary router k_proj")
             for proj in (self.q_proj, self.k_proj):
                 nn.init.eye_(proj.weight)
                 proj.keep_init = True
         elif cfg.kind == "gate":
             # score ~ N(0, 1) for unit-RMS inputs; the bias puts P(score > 0) at 1/N from the start
-            self.score = nn.Linear(d_model, 1, bias=True)
+            self.score = Float32Linear(d_model, 1, bias=True, role="boundary router score")
             nn.init.normal_(self.score.weight, std=d_model**-0.5)
             target = torch.tensor(1.0 - 1.0 / cfg.target_bytes_per_concept)
             nn.init.constant_(self.score.bias, -torch.distributions.Normal(0.0, 1.0).icdf(target).item())

@@ -19,7 +19,8 @@ from torch import nn
 
 from synergy_dist.model.config import MambaConfig
 from synergy_dist.model.layers import RMSNorm
-from synergy_dist.model.ssd import compute_dtype, ssd_scan, ssd_step
+from synergy_dist.model.precision import compute_dtype
+from synergy_dist.model.ssd import ssd_scan, ssd_step
 
 try:
     from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # optional fused Triton kernel (GPU)

@@ -15,7 +15,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from synergy_dist.model.precision import compute_dtype, float32_math
 
+
+@float32_math  # the scan's einsums stay float32 under autocast
 def ssd_scan(
     x_dt: torch.Tensor,  # (b, l, h, p) inputs already multiplied by dt
     log_a: torch.Tensor,  # (b, l, h) log decay per step, <= 0
@@ -105,6 +108,7 @@ def ssd_scan(
     return y.to(out_dtype), state
 
 
+@float32_math
 def ssd_step(x_dt, log_a, B, C, state):
     """One recurrent step. x_dt (b, h, p), log_a (b, h), B/C (b, n), state (b, h, p, n) in compute_dtype."""
     dtype = compute_dtype(x_dt.dtype)
@@ -114,6 +118,3 @@ def ssd_step(x_dt, log_a, B, C, state):
     return y.to(x_dt.dtype), state
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The precision of the scans: float32 for float32 and lower-precision inputs, float64 for float64 ones."""
-    return torch.float64 if dtype == torch.float64 else torch.float32

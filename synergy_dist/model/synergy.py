@@ -29,6 +29,7 @@ from synergy_dist.model.config import ModelConfig, StageConfig
 from synergy_dist.model.layers import RMSNorm
 from synergy_dist.model.moe.layer import MoEFeedForward, dropless_routing
 from synergy_dist.model.moe.statistics import MoEStats
+from synergy_dist.model.precision import Float32Linear, compute_dtype
 from synergy_dist.model.stack import Stack
 from synergy_dist.model.statistics import ModelStatistics, StageStatistics
 
@@ -97,7 +98,8 @@ class HierarchyStage(nn.Module):
         self.width = WidthChange(d, d_inner, cfg.width_change)
         last = level + 1 == len(cfg.stages)
         self.inner: nn.Module = Stack(d_inner, cfg.middle, eps) if last else HierarchyStage(cfg, level + 1)
-        self.residual = nn.Linear(d, d, bias=False)  # encoder -> decoder skip, zero at init (H-Net Eq. 3)
+        # encoder -> decoder skip, zero at init (H-Net Eq. 3); float32 like H-Net's (model/precision.py)
+        self.residual = Float32Linear(d, d, bias=False, role=f"stage {level} residual projection")
         nn.init.zeros_(self.residual.weight)
         self.residual.keep_init = True
         self.decoder = Stack(d, stage.decoder, eps)
@@ -152,7 +154,9 @@ class HierarchyStage(nn.Module):
                 cache.last_concept = concepts[:, -1]  # generation runs one sequence, so the last slot is real
             if cache is not None:
                 cache.doc = None if seq_idx is None else seq_idx[:, -1]
-        y, dec_moe = self.decoder(up + self.residual(hidden), valid, cache and cache.decoder, seq_idx)
+        # summed in float32 (float64 in fp64 runs), as H-Net does, then back to the stream's dtype
+        mixed = (up.to(compute_dtype(up.dtype)) + self.residual(hidden)).to(hidden.dtype)
+        y, dec_moe = self.decoder(mixed, valid, cache and cache.decoder, seq_idx)
         moe.update({f"stage{self.level}.decoder.{i}": s for i, s in dec_moe.items()})
         return y, routings, moe
 

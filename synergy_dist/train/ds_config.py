@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from synergy_dist.config import Config, has_moe_layers
+from synergy_dist.config import Config
 
 
 def deep_merge(base: dict, extra: dict) -> dict:
@@ -43,12 +43,10 @@ def build_ds_config(cfg: Config, world_size: int, dtype: torch.dtype) -> dict:
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
-    if dtype == torch.bfloat16 and has_moe_layers(cfg.model):
-        # DeepSpeed's bf16 mode casts every parameter, MoE routers included; routers must stay fp32,
-        # so MoE models keep fp32 parameters and compute under bf16 autocast instead.
+    if dtype == torch.bfloat16:
+        # DeepSpeed's bf16 mode casts every parameter, and the routers, residual projections and expert gates
+        # must stay float32 (model/precision.py), so bf16 keeps float32 parameters and computes under autocast.
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
-    elif dtype == torch.bfloat16:
-        ds["bf16"] = {"enabled": True}
     elif dtype == torch.float16:
         ds["fp16"] = {"enabled": True, "loss_scale": 0,
                       "initial_scale_power": cfg.precision.initial_loss_scale_power,

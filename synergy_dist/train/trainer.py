@@ -132,8 +132,8 @@ class Trainer:
         seed_everything(self.cfg.seed)
         model = SynergyLM(self.cfg.model)
         model.set_activation_checkpointing(self.cfg.deepspeed.activation_checkpointing)
-        if self.dtype != torch.float32 and not has_moe_layers(self.cfg.model):
-            model = model.to(self.dtype)  # MoE models stay fp32 and run under autocast (see ds_config)
+        if self.dtype == torch.float16:
+            model = model.to(self.dtype)  # DeepSpeed's fp16 mode (plain byte models only); bf16 runs under autocast
         return model.to(self.env.device)
 
     def _build_engine(self):

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synergy_dist.model.precision import KeepsFloat32, compute_dtype
+
 
 @dataclass
 class Routing:
@@ -24,12 +26,14 @@ class Routing:
     probs: torch.Tensor  # (N, E) float32, normalised router probabilities (used by the aux loss)
 
 
-class ExpertGate(nn.Module):
-    """Linear scores of each expert, kept and computed in float32.
+class ExpertGate(KeepsFloat32, nn.Module):
+    """Linear scores of each expert, kept and computed in float32 (the precision policy, model/precision.py).
 
     A plain parameter rather than nn.Linear: DeepSpeed's torch_autocast mode marks nn.Linear weights for bf16
     gradient communication, and generic Linear re-initialisers would overwrite the small gate init.
     """
+
+    float32_role = "MoE router"
 
     def __init__(self, d_model: int, n_experts: int, init_std: float):
         super().__init__()
@@ -37,20 +41,15 @@ class ExpertGate(nn.Module):
         nn.init.normal_(self.weight, 0.0, init_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight.dtype != torch.float32:
-            raise RuntimeError(
-                f"MoE router weight is {self.weight.dtype}, it must stay torch.float32. Something cast the model "
-                "(model.to(bfloat16)/.half(), or DeepSpeed's \"bf16\": {\"enabled\": true} which casts every "
-                "parameter): train bf16 with fp32 parameters + autocast instead (DeepSpeed \"torch_autocast\": "
-                "{\"enabled\": true, \"dtype\": \"bfloat16\"}), or cast the model back with "
-                "synergy_dist.model.moe.layer.keep_routers_fp32(model)")
+        self.require_float32()
         return router_logits(x, self.weight)
 
 
 def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Router logits in float32, outside any autocast region."""
+    """Router logits in float32 (float64 for a float64 weight), outside any autocast region."""
+    dtype = compute_dtype(weight.dtype)
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return F.linear(x.float(), weight.float())
+        return F.linear(x.to(dtype), weight.to(dtype))
 
 
 def route_softmax(logits: torch.Tensor, top_k: int) -> Routing:

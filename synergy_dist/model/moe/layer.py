@@ -35,6 +35,7 @@ from synergy_dist.model.moe.gating import (
 )
 from synergy_dist.model.moe.losses import router_z_loss, switch_aux_loss
 from synergy_dist.model.moe.statistics import MoEStats, expert_counts, load_statistics
+from synergy_dist.model.precision import KeepsFloat32
 
 set_deepspeed_accelerator()
 try:  # DeepSpeed's engine only treats a model as MoE (expert groups, MoE optimizer groups, expert checkpoint
@@ -43,7 +44,7 @@ try:  # DeepSpeed's engine only treats a model as MoE (expert groups, MoE optimi
 except ImportError:  # the layer works without DeepSpeed (export, evaluation)
     _DeepSpeedMoE = nn.Module
 
-class MoEFeedForward(_DeepSpeedMoE):
+class MoEFeedForward(KeepsFloat32, _DeepSpeedMoE):
     """x: (B, T, D) concept states, valid: (B, T) bool mask of real (non-padding) tokens or None.
 
     forward returns (y of shape (B, T, D), MoEStats). Padding tokens are not routed and get y = 0.
@@ -86,6 +87,12 @@ class MoEFeedForward(_DeepSpeedMoE):
         self.register_buffer("selection_bias", torch.zeros(cfg.n_experts, dtype=torch.float32))
         self.register_buffer("load_since_update", torch.zeros(cfg.n_experts, dtype=torch.float64), persistent=False)
         self.route_dropless = False  # set by dropless_routing() around forwards with a cache
+
+    def restore_float32(self) -> int:
+        """The balancing state back to its dtypes after a blanket cast: selection bias float32, load float64."""
+        changed = super().restore_float32()
+        self.load_since_update.data = self.load_since_update.data.double()
+        return changed
 
     @property
     def local_experts(self) -> LocalExperts:
@@ -237,20 +244,6 @@ def update_moe_biases(model: nn.Module) -> int:
     return len(layers)
 
 
-def keep_routers_fp32(model: nn.Module) -> int:
-    """Undo a blanket model.to(dtype) for the routing state: router weights and selection biases back to float32,
-    load accumulators to float64. Returns how many router weights changed."""
-    changed = 0
-    for module in model.modules():
-        if isinstance(module, ExpertGate) and module.weight.dtype != torch.float32:
-            module.weight.data = module.weight.data.float()
-            changed += 1
-        if isinstance(module, MoEFeedForward):
-            module.selection_bias.data = module.selection_bias.data.float()
-            module.load_since_update.data = module.load_since_update.data.double()
-    return changed
-
-
 def moe_param_groups(model_or_groups: nn.Module | list[dict] | dict) -> list[dict]:
     """Optimizer parameter groups in the form DeepSpeed needs for MoE models.
 
@@ -281,4 +274,4 @@ def moe_param_groups(model_or_groups: nn.Module | list[dict] | dict) -> list[dic
     return result
 
 
-__all__ = ["MoEFeedForward", "dropless_routing", "update_moe_biases", "keep_routers_fp32", "moe_param_groups"]
+__all__ = ["MoEFeedForward", "dropless_routing", "update_moe_biases", "moe_param_groups"]
