@@ -141,6 +141,48 @@ def test_aux_loss_default_follows_the_scoring():
     torch.testing.assert_close(stats.loss, 1e-4 * stats.aux_loss)
 
 
+def test_sequence_balance_loss_follows_deepseek_v3_per_sequence():
+    """Eq. 17-20 of DeepSeek-V3 written out with loops, on sequences of different lengths; and a batch that is
+    balanced as a whole while each sequence sends everything to one expert scores 1 under the Switch loss but
+    E under the sequence-wise one."""
+    torch.manual_seed(0)
+    n_experts, top_k = 4, 2
+    sequence_of = torch.tensor([0, 0, 0, 2, 2, 2, 2, 2])  # sequence 1 holds no token (all padding)
+    probs = torch.softmax(torch.randn(8, n_experts), dim=-1).requires_grad_(True)
+    expert_ids = torch.randint(0, n_experts, (8, top_k))
+    loss = losses.sequence_balance_loss(probs, expert_ids, sequence_of, n_sequences=3)
+    expected = []
+    for s in (0, 2):
+        rows = (sequence_of == s).nonzero().squeeze(1)
+        total = 0.0
+        for i in range(n_experts):
+            f_i = n_experts / (top_k * len(rows)) * int((expert_ids[rows] == i).sum())
+            total += f_i * probs[rows, i].mean()
+        expected.append(total)
+    torch.testing.assert_close(loss, sum(expected) / 2)
+    loss.backward()  # differentiable through the probabilities
+    assert probs.grad is not None and probs.grad.abs().sum() > 0
+
+    one_hot = torch.eye(2)[[0, 0, 1, 1]]  # sequence 0 -> expert 0, sequence 1 -> expert 1
+    ids = one_hot.argmax(dim=1, keepdim=True)
+    per_batch = losses.switch_aux_loss(one_hot, torch.tensor([2.0, 2.0]), torch.tensor(4.0))
+    per_sequence = losses.sequence_balance_loss(one_hot, ids, torch.tensor([0, 0, 1, 1]), n_sequences=2)
+    assert per_batch.item() == pytest.approx(1.0) and per_sequence.item() == pytest.approx(2.0)
+
+
+def test_sigmoid_bias_layers_use_the_sequence_wise_loss():
+    layer = make_layer(scoring="sigmoid_bias")
+    x = torch.randn(3, 5, D_MODEL)
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    valid[1, 2:] = False
+    _, stats = layer(x, valid)
+    tokens = x[valid]
+    decision = gating.route_sigmoid_bias(layer.router(tokens), layer.cfg.top_k, layer.selection_bias)
+    sequence_of = valid.reshape(-1).nonzero().squeeze(1) // 5
+    expected = losses.sequence_balance_loss(decision.probs, decision.expert_ids, sequence_of, n_sequences=3)
+    torch.testing.assert_close(stats.aux_loss, expected)
+
+
 def test_eval_routes_dropless_unless_an_eval_capacity_is_set():
     x = torch.rand(1, 8, D_MODEL) + 0.1
     layer = make_layer(top_k=1, dropless=False, capacity_factor_train=1.0, min_capacity=0)

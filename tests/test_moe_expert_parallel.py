@@ -141,7 +141,10 @@ def run_case(rank: int, overrides: dict, shapes, rank1_grad: bool) -> None:
             probs.append(gating.route_sigmoid_bias(logits, cfg.top_k, reference.selection_bias).probs)
     global_counts = ref_stats[0].tokens_per_expert.double() + ref_stats[1].tokens_per_expert.double()
     n_assign = torch.tensor(float((shapes[0][2] + shapes[1][2]) * cfg.top_k), dtype=torch.float64)
-    ref_aux = [losses.switch_aux_loss(probs[r], global_counts, n_assign) for r in range(2)]
+    if cfg.scoring == "sigmoid_bias":  # sequence-wise: each rank's loss is its own sequences', as in one process
+        ref_aux = [ref_stats[r].aux_loss for r in range(2)]
+    else:
+        ref_aux = [losses.switch_aux_loss(probs[r], global_counts, n_assign) for r in range(2)]
     ref_loss = sum((ref_out[r] * inputs[r][2]).sum() + ref_stats[r].z_loss + 0.1 * ref_aux[r] for r in range(2))
     ref_loss.backward()
 

@@ -23,8 +23,8 @@ ROUTER_KINDS = ("cosine", "gate", "stride", "space")
 WIDTH_CHANGES = ("pad", "linear")
 POS_ENCODINGS = ("rope", "none")
 MOE_SCORINGS = ("softmax", "sigmoid_bias")
-# default Switch load-balancing weight per scoring (MoEConfig.aux_loss_weight): Switch/ST-MoE 1e-2; DeepSeek-V3
-# balances with the selection bias and keeps a complementary balance loss of 1e-4 (arXiv:2412.19437, sec. 4.2)
+# default balance-loss weight per scoring (MoEConfig.aux_loss_weight): Switch/ST-MoE 1e-2 on the batch; DeepSeek-V3
+# balances with the selection bias and keeps a sequence-wise balance loss of 1e-4 (arXiv:2412.19437, sec. 4.2)
 DEFAULT_AUX_LOSS_COEF = {"softmax": 0.01, "sigmoid_bias": 1e-4}
 N_GPT_BYTES_PER_TOKEN = 4.6  # GPT-2 BPE bytes per token on web text (H-Net Eq. 11)
 
@@ -49,7 +49,8 @@ class MoEConfig:
     shared_expert: bool = False  # one always-on dense expert added to the routed output
     # "softmax" (softmax over the top-k logits, Mixtral) | "sigmoid_bias" (aux-loss-free, DeepSeek-V3)
     scoring: str = "softmax"
-    # Switch load-balancing loss weight (0 disables); None = the scoring's literature default (aux_loss_weight)
+    # balance-loss weight (Switch for softmax, sequence-wise for sigmoid_bias; 0 disables); None = the scoring's
+    # literature default (aux_loss_weight)
     aux_loss_coef: float | None = None
     z_loss_coef: float = 1e-3  # router z-loss weight (ST-MoE)
     jitter: float = 0.0  # multiplicative jitter noise on router inputs during training (0 = off)

@@ -33,7 +33,7 @@ from synergy_dist.model.moe.gating import (
     route_sigmoid_bias,
     route_softmax,
 )
-from synergy_dist.model.moe.losses import router_z_loss, switch_aux_loss
+from synergy_dist.model.moe.losses import router_z_loss, sequence_balance_loss, switch_aux_loss
 from synergy_dist.model.moe.statistics import MoEStats, expert_counts, load_statistics
 from synergy_dist.model.precision import KeepsFloat32
 
@@ -124,6 +124,8 @@ class MoEFeedForward(KeepsFloat32, _DeepSpeedMoE):
                                  f"got {valid.dtype} {tuple(valid.shape)}")
             token_index = valid.reshape(-1).nonzero().squeeze(1)
             tokens = flat.index_select(0, token_index)
+        positions = token_index if token_index is not None else torch.arange(batch * length, device=x.device)
+        sequence_of = positions // length  # for the sequence-wise balance loss
 
         logits, decision = self._route(tokens)
         keep = self._capacity_mask(decision.expert_ids)
@@ -135,7 +137,7 @@ class MoEFeedForward(KeepsFloat32, _DeepSpeedMoE):
         else:
             y = flat.new_zeros(flat.shape).index_copy(0, token_index, routed.to(flat.dtype))
             y = y.reshape(batch, length, d_model)
-        return y, self._stats(logits, decision, keep)
+        return y, self._stats(logits, decision, keep, sequence_of, batch)
 
     def _route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         router_input = tokens
@@ -177,7 +179,8 @@ class MoEFeedForward(KeepsFloat32, _DeepSpeedMoE):
 
     # ------------------------------------------------------------------ losses and statistics
 
-    def _stats(self, logits: torch.Tensor, decision: Routing, keep: torch.Tensor | None) -> MoEStats:
+    def _stats(self, logits: torch.Tensor, decision: Routing, keep: torch.Tensor | None, sequence_of: torch.Tensor,
+               n_sequences: int) -> MoEStats:
         n_experts = self.cfg.n_experts
         counts = expert_counts(decision.expert_ids, n_experts)
         n_assignments = decision.expert_ids.numel()
@@ -190,7 +193,10 @@ class MoEFeedForward(KeepsFloat32, _DeepSpeedMoE):
         if self.training:
             self.load_since_update += counts
 
-        aux = switch_aux_loss(decision.probs, counts, n_assignments)
+        if self.cfg.scoring == "sigmoid_bias":  # DeepSeek-V3: the bias balances the batch, this loss each sequence
+            aux = sequence_balance_loss(decision.probs, decision.expert_ids, sequence_of, n_sequences)
+        else:
+            aux = switch_aux_loss(decision.probs, counts, n_assignments)
         z = router_z_loss(logits)
         load = load_statistics(counts)
         with torch.no_grad():
