@@ -411,6 +411,7 @@ class Trainer:
         if self.flops_per_byte is None:
             self.flops_per_byte = self._flops_per_byte(stats)
         record = {
+            **stats.flatten(),  # first: the step-wide values below (bpb over all ranks' bytes) take precedence
             "loss": result.loss, "bpb": result.bpb, **evaluation, "lr": result.lr,
             "grad_norm": result.grad_norm, "skipped": not verdict.apply, "skip_reason": verdict.reason,
             "skipped_steps": self.guards.state.skipped_nonfinite + self.guards.state.skipped_spikes,
@@ -420,9 +421,8 @@ class Trainer:
             "mfu": (self.flops_per_byte or 0.0) * bytes_per_s / self.peak_flops, "world_size": self.world,
             "samples_consumed": self.samples_consumed(),
             "data_state": self.train_data.state_at(self.samples_consumed()),
-            "memory_mb": self._memory_mb(), **result.phases, **stats.flatten(),
+            "memory_mb": self._memory_mb(), **result.phases,
         }
-        record["bpb"] = result.bpb  # all ranks' bytes (stats.flatten() gave this rank's)
         record["router_alarms"] = self._raise_router_alarms(stats, targets)
         self.metrics.log(self.step, record)
 
