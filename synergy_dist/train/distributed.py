@@ -15,8 +15,11 @@ import torch
 
 from synergy_dist.accelerator import set_deepspeed_accelerator, uses_cuda
 
-# Exit status meaning "checkpointed on SIGTERM/SIGUSR1, please requeue me" (slurm/pretrain.sh relies on it).
-REQUEUE_EXIT_CODE = 75
+# Exit statuses of synergy-train, one per way a run can end (docs/TRAINING.md; slurm/pretrain.sh reads them).
+REQUEUE_EXIT_CODE = 75  # checkpointed on SIGTERM/SIGUSR1 (or a time limit): please requeue me
+DATA_ERROR_EXIT_CODE = 65  # the data cannot be read (missing, corrupted, edited, other format): fix it, don't requeue
+CHECKPOINT_WRITE_EXIT_CODE = 74  # a checkpoint could not be written (disk full, read-only): the previous one stands
+WATCHDOG_EXIT_CODE = 76  # a step hung past the watchdog limit; stacks are in the log; requeued by slurm/pretrain.sh
 
 
 @dataclass
