@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -71,17 +72,21 @@ def wait_ended(proc: subprocess.Popen, cfg: dict, bound: float) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
-def test_a_killed_rank_ends_the_run_and_a_restart_resumes_exactly(workdir, sample_dir, reference, launcher):
+@pytest.mark.parametrize("launcher,status", [("torchrun", 1), ("deepspeed", 256 - signal.SIGKILL)])
+def test_a_killed_rank_ends_the_run_and_a_restart_resumes_exactly(workdir, sample_dir, reference, launcher, status):
     # Rank 1 stalls inside step 4, so rank 0 waits for it in that step's gradient all-reduce; then rank 1 dies.
     cfg = config(workdir, sample_dir, f"killed_rank_{launcher}", debug={"stall_batches": [4], "stall_rank": 1})
     proc = tl.start(cfg, launcher, 2)
     tl.wait_for_step(proc, cfg, 3)
     survivor, victim = pid_of_rank(proc, 0), pid_of_rank(proc, 1)
     os.kill(victim, signal.SIGKILL)
-    status = wait_ended(proc, cfg, END_BOUND_S)
-    assert status != 0 and not running(survivor), tl.output_of(cfg)[-4000:]
+    assert wait_ended(proc, cfg, END_BOUND_S) == status, tl.output_of(cfg)[-4000:]
+    assert not running(survivor)
+    # the survivor's all-reduce failed at once (gloo's message varies with the moment of the kill): it did not wait
+    assert re.search(r"\] RuntimeError: .*Connection (closed|reset) by peer", tl.output_of(cfg))
     assert max(tl.losses_by_step(cfg)) == 3
+    if launcher != "torchrun":
+        return  # resuming does not depend on the launcher (test_train_runs.py resumes under both)
 
     cfg.pop("debug")  # the restart, on the same run directory
     assert tl.run(cfg, launcher, 2) == 0, tl.output_of(cfg)[-4000:]
