@@ -139,7 +139,7 @@ class TrainConfig:
     watchdog_s: float = 1800.0  # no step may take longer than this, first steps included (0 = no absolute limit)
     watchdog_factor: float = 20.0  # after warm-up, nor longer than this x the median step (0 = no relative limit)
     watchdog_warmup_steps: int = 20  # steps this process trains before the relative limit applies
-    watchdog_min_s: float = 60.0  # the relative limit is never below this (a slow second is not a hang)
+    watchdog_min_s: float = 300.0  # the relative limit is never below this (a recompilation is not a hang)
 
 
 @dataclass
