@@ -83,7 +83,7 @@ def test_a_killed_rank_ends_the_run_and_a_restart_resumes_exactly(workdir, sampl
     assert wait_ended(proc, cfg, END_BOUND_S) == status, tl.output_of(cfg)[-4000:]
     assert not running(survivor)
     # the survivor's all-reduce failed at once (gloo's message varies with the moment of the kill): it did not wait
-    assert re.search(r"\] RuntimeError: .*Connection (closed|reset) by peer", tl.output_of(cfg))
+    assert re.search(r"\[rank0\]: RuntimeError: .*Connection (closed|reset) by peer", tl.output_of(cfg))
     assert max(tl.losses_by_step(cfg)) == 3
     if launcher != "torchrun":
         return  # resuming does not depend on the launcher (test_train_runs.py resumes under both)
