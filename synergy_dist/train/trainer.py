@@ -349,7 +349,8 @@ class Trainer:
     def fit(self) -> int:
         """Train to train.max_steps (returns 0), or until a SIGTERM/SIGUSR1 checkpoint (returns 75)."""
         try:
-            with stop_signal_handlers(self._on_signal), Watchdog(self.cfg.train, self.rank, self.metrics.event) as dog:
+            note = self.metrics.event if self.env.is_main else None  # the watchdog's line, in events.log too
+            with stop_signal_handlers(self._on_signal), Watchdog(self.cfg.train, self.rank, note) as dog:
                 self._restart_data()
                 while self.step < self.cfg.train.max_steps:
                     started = time.perf_counter()

@@ -2,7 +2,7 @@
 stalled file system). The watchdog then writes the stack of every thread of the process to stderr
 (faulthandler), and the process exits with WATCHDOG_EXIT_CODE (76), which slurm/pretrain.sh requeues.
 
-    with Watchdog(cfg.train, rank, note=metrics.event) as watchdog:
+    with Watchdog(cfg.train, rank, note=metrics.event if is_main else None) as watchdog:
         for each step:
             with watchdog.step(step):
                 train_step()
@@ -59,7 +59,9 @@ def step_limit(cfg: TrainConfig, durations: Sequence[float]) -> StepLimit:
 
 
 class Watchdog:
-    """Times each step in a background thread; past its limit: stacks to `stream`, `note(message)`, exit 76."""
+    """Times each step in a background thread. Past its limit: the one-line message to `note` (which prints it,
+    e.g. MetricsLogger.event: stderr and events.log) or else to `stream`, every thread's stack to `stream`,
+    then exit 76."""
 
     def __init__(self, cfg: TrainConfig, rank: int, note: Callable[[str], None] | None = None,
                  stream: TextIO | None = None):
@@ -108,10 +110,11 @@ class Watchdog:
                    f"{time.monotonic() - started:.1f} s, past its limit of {limit.seconds:.1f} s ({limit.why}); "
                    f"stack traces of every thread follow; exiting with {WATCHDOG_EXIT_CODE}")
         try:
-            print(message, file=self.stream, flush=True)
-            faulthandler.dump_traceback(file=self.stream, all_threads=True)
-            self.stream.flush()
             if self.note is not None:
                 self.note(message)
+            else:
+                print(message, file=self.stream, flush=True)
+            faulthandler.dump_traceback(file=self.stream, all_threads=True)
+            self.stream.flush()
         finally:
             os._exit(WATCHDOG_EXIT_CODE)  # the main thread is stuck: no clean shutdown is possible
