@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 
 from synergy_dist.checkpoint.consolidate import consolidated_weights
-from synergy_dist.checkpoint.store import CheckpointNotFound, read_trainer_state, resolve_checkpoint
+from synergy_dist.checkpoint.store import CheckpointNotFound, check_complete, read_trainer_state, resolve_checkpoint
 from synergy_dist.config import config_from_dict, save_config, set_expert_parallel_size
 from synergy_dist.model.precision import float32_names
 from synergy_dist.model.synergy import SynergyLM
@@ -50,6 +50,10 @@ def export(source: Path, output: Path, dtype: str = "fp32", fmt: str = "native")
         checkpoint = resolve_checkpoint(Path(source))
     except CheckpointNotFound as err:
         raise ExportError(str(err)) from None
+    problem = check_complete(checkpoint)
+    if problem is not None:  # a checkpoint directory named directly is not checked by resolve_checkpoint
+        raise ExportError(f"checkpoint '{checkpoint}' is incomplete: {problem}; export a complete checkpoint, "
+                          "or the run directory (its newest complete one)")
     state = read_trainer_state(checkpoint)
     cfg = config_from_dict(state["config"])
     weights = consolidated_weights(checkpoint, cfg.deepspeed.zero_stage)
