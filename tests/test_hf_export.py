@@ -13,7 +13,6 @@ import json
 import shutil
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import eval_helpers as eh
@@ -176,28 +175,28 @@ def test_out_of_vocabulary_input_is_one_clear_error(hf_model):
         hf_model(torch.tensor([[EOD_ID, 300]]))
 
 
-BLOCKER = '''
-import importlib.abc, sys
+NOT_INSTALLED = ("synergy_dist", "data_pipeline", "deepspeed", "__editable__")
 
-class Blocked(importlib.abc.MetaPathFinder):
-    """This project and DeepSpeed are not installed here."""
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("synergy_dist", "data_pipeline", "deepspeed"):
-            raise ModuleNotFoundError(f"No module named {name!r}")
-        return None
 
-sys.meta_path.insert(0, Blocked())
-'''
+def site_packages_without_project(view: Path) -> Path:
+    """A folder of links to everything installed next to torch and transformers except this project and
+    DeepSpeed (their packages, metadata and editable-install hooks): with `python -S` and it as the only
+    path, they are not installed as far as importlib (find_spec, metadata) can tell."""
+    site = Path(torch.__file__).resolve().parents[1]
+    view.mkdir()
+    for entry in site.iterdir():
+        if not entry.name.lower().replace("-", "_").startswith(NOT_INSTALLED) and entry.suffix != ".pth":
+            (view / entry.name).symlink_to(entry)
+    return view
+
 
 LOAD = '''
 import json, sys, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+import importlib.util
 for name in ("synergy_dist", "data_pipeline", "deepspeed"):
-    try:
-        __import__(name)
+    if importlib.util.find_spec(name) is not None:
         raise SystemExit(f"{name} is importable")
-    except ModuleNotFoundError:
-        pass
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
 ids = tokenizer(tokenizer.bos_token + "def main():", return_tensors="pt").input_ids
@@ -208,14 +207,12 @@ print(json.dumps({"logits": model(ids).logits.tolist(), "generated": out[0].toli
 
 
 def test_loads_where_neither_this_project_nor_deepspeed_can_be_imported(hf_dir, native, tmp_path):
-    """A process of the same interpreter whose import system refuses synergy_dist, data_pipeline and deepspeed
-    (as if only transformers and torch were installed) loads, runs and generates with the export."""
-    (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(textwrap.dedent(BLOCKER))
-    env = dict(eh.tl.child_env(), PYTHONPATH=str(tmp_path / "site"), HF_MODULES_CACHE=str(tmp_path / "modules"),
-               HF_HUB_OFFLINE="1")
-    done = subprocess.run([sys.executable, "-c", LOAD, str(hf_dir)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    """The same interpreter with the installed packages less synergy_dist, data_pipeline and deepspeed (as if
+    only torch, transformers and their dependencies were installed) loads, runs and generates with the export."""
+    site = site_packages_without_project(tmp_path / "site")
+    env = dict(eh.tl.child_env(), PYTHONPATH=str(site), HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-S", "-c", LOAD, str(hf_dir)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.splitlines()[-1])
     assert not {"synergy_dist", "data_pipeline", "deepspeed"} & set(result["modules"])
