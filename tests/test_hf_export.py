@@ -9,6 +9,8 @@ this project and DeepSpeed cannot be imported; bad input.
 from __future__ import annotations
 
 import ast
+import contextlib
+import io
 import json
 import shutil
 import subprocess
@@ -21,6 +23,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data_pipeline.vocab import EOD_ID, PAD_ID
+from synergy_dist.cli.export import main as export_main
+from synergy_dist.cli.generate import main as generate_main
 from synergy_dist.hf.modeling import SynergyCache
 from synergy_dist.hf.source import flat_name, model_sources, module_file, relative_imports
 from synergy_dist.loading import load_model
@@ -33,12 +37,20 @@ def run(tmp_path_factory) -> dict:
     return eh.trained_run(tmp_path_factory.getbasetemp() / "eval_run")
 
 
+def cli(main, *argv: str) -> tuple[int, str, str]:
+    """A command's main() in this process: (status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(list(argv))
+    return status, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture(scope="module")
 def hf_dir(run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("hf") / "export"
-    done = eh.cli("synergy-export", run["run"]["dir"], "--output", str(out), "--format", "hf")
-    assert done.returncode == 0, done.stderr
-    assert "AutoModelForCausalLM.from_pretrained" in done.stdout
+    status, stdout, stderr = cli(export_main, run["run"]["dir"], "--output", str(out), "--format", "hf")
+    assert status == 0, stderr
+    assert "AutoModelForCausalLM.from_pretrained" in stdout
     return out
 
 
@@ -122,11 +134,11 @@ def test_greedy_generate_equals_synergy_generate_through_the_cache(hf_model, tok
             assert calls == [(len(prompt) + 1, True)] + [(1, True)] * (len(calls) - 1) and len(calls) >= len(new)
     finally:
         hf_model.model._run = original
-    done = eh.cli("synergy-generate", "--checkpoint", run["run"]["dir"], "--prompt", PROMPTS[0].decode(),
-                  "--max-bytes", "24", "--temperature", "0")
-    assert done.returncode == 0, done.stderr
+    status, stdout, stderr = cli(generate_main, "--checkpoint", run["run"]["dir"], "--prompt", PROMPTS[0].decode(),
+                                 "--max-bytes", "24", "--temperature", "0")
+    assert status == 0, stderr
     # the command ends its output with a newline
-    assert done.stdout == native.generate(PROMPTS[0], 24, temperature=0).decode("utf-8", errors="replace") + "\n"
+    assert stdout == native.generate(PROMPTS[0], 24, temperature=0).decode("utf-8", errors="replace") + "\n"
 
 
 def left_padded(tokenizer, prompts: list[bytes]):
@@ -168,6 +180,18 @@ def test_tokenizer_is_bytes_and_round_trips(tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"^token id 300 is outside the byte vocabulary: ids 0\.\.255 are bytes, "
                                          r"256 is <eod>, 257 is <pad>$"):
         tokenizer.decode([104, 300])
+
+
+def test_save_pretrained_round_trip_carries_the_source(hf_model, tmp_path):
+    """transformers copies remote code it loaded along when saving: the saved directory loads the same model."""
+    hf_model.save_pretrained(tmp_path / "saved")
+    assert {p.name for p in (tmp_path / "saved").glob("*.py")} == {flat_name(m) + ".py" for m in model_sources()} - \
+        {"tokenization_synergy.py"}
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path / "saved"), trust_remote_code=True)
+    ids = torch.tensor([[EOD_ID, *PROMPTS[2]]])
+    with torch.no_grad():
+        a, b = again(ids).logits, hf_model(ids).logits
+        assert torch.allclose(a, b, rtol=0, atol=1e-6), (a - b).abs().max()  # float32 rounding only
 
 
 def test_out_of_vocabulary_input_is_one_clear_error(hf_model):
@@ -230,12 +254,12 @@ def test_bad_input_is_one_clear_line(run, tmp_path):
     cases = [
         ([str(incomplete)], f"checkpoint '{incomplete}' is incomplete: no completion marker (killed while saving?); "
                             "export a complete checkpoint, or the run directory (its newest complete one)"),
-        ([run["run"]["dir"], "--dtype", "bf16"], "--format hf writes float32 weights"),
+        ([run["run"]["dir"], "--dtype", "bf16"], "--format hf writes float32 weights (the precision policy keeps "
+                                                 "some float32); drop --dtype, or cast after loading"),
     ]
     for argv, message in cases:
-        done = eh.cli("synergy-export", *argv, "--output", str(tmp_path / "out"), "--format", "hf")
-        assert done.returncode == 2 and message in done.stderr, done.stderr
-        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+        status, _, stderr = cli(export_main, *argv, "--output", str(tmp_path / "out"), "--format", "hf")
+        assert status == 2 and stderr == f"synergy-export: {message}\n", stderr
     assert not (tmp_path / "out").exists()
 
 
