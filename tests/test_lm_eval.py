@@ -58,7 +58,7 @@ def test_rolling_perplexity_equals_synergy_eval_bits_per_byte(tmp_path_factory, 
     ours = evaluate_checkpoint(run["run"]["dir"], [str(TASKS / "documents.jsonl")], seq_len=EVAL_LEN)
     results = lm_eval(out, ["synergy_rolling"], monkeypatch)
     theirs = results["results"]["synergy_rolling"]["bits_per_byte,none"]
-    assert abs(theirs - ours["overall"]["bpb"]) < 1e-3, (theirs, ours["overall"]["bpb"])
+    assert abs(theirs - ours["overall"]["bpb"]) < 1e-4, (theirs, ours["overall"]["bpb"])
     n_bytes = sum(len(json.loads(line)["text"].encode()) for line in (TASKS / "documents.jsonl").open())
     assert ours["overall"]["bytes"] == n_bytes
 
