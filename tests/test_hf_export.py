@@ -25,7 +25,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data_pipeline.vocab import EOD_ID, PAD_ID
 from synergy_dist.cli.export import main as export_main
 from synergy_dist.cli.generate import main as generate_main
-from synergy_dist.hf.modeling import SynergyCache
 from synergy_dist.hf.source import flat_name, model_sources, module_file, relative_imports
 from synergy_dist.loading import load_model
 
@@ -263,6 +262,16 @@ def test_bad_input_is_one_clear_line(run, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_synergy_cache_counts_what_it_holds(native):
-    cache = SynergyCache(native.new_cache())
-    assert cache.get_seq_length() == 0 and not cache.is_compileable
+def test_cached_forward_continues_where_the_cache_stopped(hf_model):
+    """forward(use_cache=True) returns the project's cache; the next call reads one byte after it and gives the
+    logits of a full forward over all the bytes (a hierarchy: the next byte may or may not open a concept)."""
+    ids = torch.tensor([[EOD_ID, *PROMPTS[2]]])
+    with torch.no_grad():
+        full = hf_model(ids).logits
+        first = hf_model(ids[:, :-3], use_cache=True)
+        cache = first.cache
+        assert type(cache).__name__ == "SynergyCache" and cache.get_seq_length() == ids.shape[1] - 3
+        steps = [hf_model(ids[:, t:t + 1], cache=cache, use_cache=True).logits for t in range(ids.shape[1] - 3,
+                                                                                             ids.shape[1])]
+    assert cache.get_seq_length() == ids.shape[1]
+    assert torch.allclose(torch.cat([first.logits, *steps], dim=1), full, rtol=0, atol=1e-5)
