@@ -420,10 +420,14 @@ def run_model(name: str, model_cfg: ModelConfig, cfg: ModelBenchConfig, profile:
 def run(cfg: ModelBenchConfig, command: str) -> BenchResults:
     report = BenchResults(name="model", command=command)
     cpu = pin_to_one_core()
-    report.notes.append(f"process pinned to CPU {cpu}; each model trains in its own subprocess on that CPU "
-                        f"(torch threads 1); batch {cfg.batch_size} x seq_len {cfg.seq_len}, AdamW, "
-                        f"{cfg.warmup_steps} warm-up + {cfg.steps} timed steps, lr {cfg.lr} (0: weights and router "
-                        "compression fixed, optimizer arithmetic still runs); text: bundled sample corpus")
+    if cfg.generation_only:
+        report.notes.append(f"process pinned to CPU {cpu}; generation in its own subprocess on that CPU (torch "
+                            f"threads 1), one warm-up call + {cfg.generation_repeats} timed calls per batch size")
+    else:
+        report.notes.append(f"process pinned to CPU {cpu}; each model trains in its own subprocess on that CPU "
+                            f"(torch threads 1); batch {cfg.batch_size} x seq_len {cfg.seq_len}, AdamW, "
+                            f"{cfg.warmup_steps} warm-up + {cfg.steps} timed steps, lr {cfg.lr} (0: weights and "
+                            "router compression fixed, optimizer arithmetic still runs); text: bundled sample corpus")
     ceiling = matmul_flops_per_s(cfg.matmul_size)
     report.add(figure_from("matmul_ceiling", [c / 1e9 for c in ceiling], "GFLOP/s",
                            f"fp32 torch.mm {cfg.matmul_size}^3, one thread, per CPU second"))
