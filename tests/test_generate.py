@@ -177,6 +177,7 @@ def make_eod_likely(model: SynergyLM, log_odds: float) -> None:
 @pytest.mark.parametrize("router,letters,stages,moe", KINDS)
 def test_each_row_of_a_batch_equals_its_prompt_generated_alone(router, letters, stages, moe):
     model = tiny_model(router, letters, stages, moe)
+    model = model if moe else model.double()  # float64: no near-tie of float32 round-off can flip a byte
     greedy = model.generate(PROMPTS, 12, temperature=0)
     assert greedy == [model.generate(p, 12, temperature=0) for p in PROMPTS]
     make_eod_likely(model, -1.0)
@@ -222,7 +223,8 @@ def windowed_model() -> SynergyLM:
     return SynergyLM(cfg)
 
 
-@pytest.mark.parametrize("kind", KINDS + ["byte_transformer", "sliding_window"])
+@pytest.mark.parametrize("kind", KINDS + ["byte_transformer", "sliding_window"],
+                         ids=lambda kind: kind if isinstance(kind, str) else "-".join(map(str, kind)))
 def test_a_batched_cache_gives_each_row_its_own_logits(kind):
     """Padding enters no cache or state: each row's logits equal its full recomputation alone (float64)."""
     if kind == "byte_transformer":
