@@ -188,6 +188,18 @@ def test_each_row_of_a_batch_equals_its_prompt_generated_alone(router, letters, 
     assert model.generate(PROMPTS, 12, seed=seeds) == [model.generate(p, 12, seed=s) for p, s in zip(PROMPTS, seeds)]
 
 
+@pytest.mark.parametrize("stages", [1, 2])
+def test_only_the_rows_that_open_a_concept_run_the_inner_network(stages):
+    model = tiny_model("cosine", "MA", stages, False)
+    opened, inner_rows = [], []
+    model.body.router.register_forward_hook(lambda mod, args, out: opened.append(out.boundary.sum(dim=1)))
+    model.body.inner.register_forward_hook(lambda mod, args, out: inner_rows.append(args[0].shape[0]))
+    model.generate(PROMPTS, 12, temperature=1.0, seed=1)
+    decode_opened = [int((n > 0).sum()) for n in opened[1:]]  # each decode call: rows with a new concept
+    assert 0 < min(n for n in decode_opened if n) < len(PROMPTS)  # some steps open concepts in some rows only
+    assert inner_rows[1:] == [n for n in decode_opened if n]  # the inner network ran on exactly those rows
+
+
 ROWS = [  # several documents in a row, different lengths
     [EOD_ID, *b"Hello world, this is", EOD_ID, *b"next doc"],
     [EOD_ID, *b"ab"],

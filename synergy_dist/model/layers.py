@@ -64,6 +64,31 @@ class AttentionCache:
     lengths: torch.Tensor | None = None  # (B,) positions processed per row, once rows differ in length
     offset: int = 0  # position of slot 0 (earlier keys fell out of the sliding window)
 
+    def take(self, rows: torch.Tensor) -> AttentionCache:
+        """The cache of some rows (a ragged cache: per-row lengths)."""
+        lengths = self.lengths if self.lengths is not None else torch.full((self.k.shape[0],), self.seen,
+                                                                           device=self.k.device)
+        return AttentionCache(self.k[rows], self.v[rows], self.seen, None if self.doc is None else self.doc[rows],
+                              lengths[rows], self.offset)
+
+    def put(self, rows: torch.Tensor, part: AttentionCache) -> None:
+        """Write back the cache of those rows after a call on them alone: both go to a common slot frame (from
+        the smaller offset to the larger end; slots a side did not keep are zeros that no query of its rows sees)."""
+        lengths = self.lengths if self.lengths is not None else torch.full((self.k.shape[0],), self.seen,
+                                                                           device=self.k.device)
+        start = min(self.offset, part.offset)
+        end = max(self.offset + self.k.shape[2], part.offset + part.k.shape[2])
+
+        def frame(t: torch.Tensor, offset: int, dim: int) -> torch.Tensor:
+            pad = [0, 0] * (t.dim() - 1 - dim) + [offset - start, end - offset - t.shape[dim]]
+            return F.pad(t, pad)
+
+        self.k = frame(self.k, self.offset, 2).index_put((rows,), frame(part.k, part.offset, 2))
+        self.v = frame(self.v, self.offset, 2).index_put((rows,), frame(part.v, part.offset, 2))
+        if self.doc is not None:
+            self.doc = frame(self.doc, self.offset, 1).index_put((rows,), frame(part.doc, part.offset, 1))
+        self.lengths, self.offset = lengths.index_put((rows,), part.lengths), start
+
 
 class Attention(nn.Module):
     def __init__(self, d_model: int, cfg: StackConfig, eps: float):

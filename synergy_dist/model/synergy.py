@@ -14,6 +14,7 @@ a document start, and the router opens a concept at every EOD, so no concept spa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from synergy_dist.model.chunking import (
     upsample,
 )
 from synergy_dist.model.config import ModelConfig, StageConfig
-from synergy_dist.model.layers import RMSNorm
+from synergy_dist.model.layers import AttentionCache, RMSNorm
 from synergy_dist.model.moe.layer import MoEFeedForward, dropless_routing
 from synergy_dist.model.moe.statistics import MoEStats
 from synergy_dist.model.precision import Float32Linear, compute_dtype
@@ -133,15 +134,14 @@ class HierarchyStage(nn.Module):
         # document of each concept; padding slots (after the last concept) join the last document
         concept_doc = None if seq_idx is None else gather_units(seq_idx, chunks.positions).cummax(dim=1).values
         if chunks.x.shape[1] > 0:
-            inner_x = self.width.widen(chunks.x)
-            if isinstance(self.inner, HierarchyStage):
-                inner_force = gather_units(force, chunks.positions) & chunks.valid
-                inner_y, inner_routings, inner_moe = self.inner(
-                    inner_x, None, inner_force, chunks.valid, cache and cache.inner, concept_doc)
-                routings += inner_routings
-            else:
-                inner_y, inner_moe = self.inner(inner_x, chunks.valid, cache and cache.inner, concept_doc)
-                inner_moe = {f"middle.{i}": s for i, s in inner_moe.items()}
+            inner_force = gather_units(force, chunks.positions) & chunks.valid
+            # generation: only the rows that opened a concept run the inner network, on their own caches
+            rows = None
+            if cache is not None and cache.last_concept is not None and not bool(chunks.valid[:, 0].all()):
+                rows = chunks.valid[:, 0].nonzero().squeeze(1)
+            inner_y, inner_routings, inner_moe = self._inner(
+                self.width.widen(chunks.x), inner_force, chunks.valid, cache and cache.inner, concept_doc, rows)
+            routings += inner_routings
             moe.update(inner_moe)
             concepts = self.width.narrow(inner_y)
         else:
@@ -167,6 +167,50 @@ class HierarchyStage(nn.Module):
         y, dec_moe = self.decoder(mixed, valid, cache and cache.decoder, seq_idx)
         moe.update({f"stage{self.level}.decoder.{i}": s for i, s in dec_moe.items()})
         return y, routings, moe
+
+
+    def _inner(self, x, force, valid, cache, doc, rows: torch.Tensor | None):
+        """The inner network (stage or middle) on the concepts, or only on `rows` of them (the others' outputs are
+        zeros: padding). Returns (y, [StageRouting per inner stage], {layer name: MoEStats})."""
+        if rows is not None:
+            part = take_rows(cache, rows)
+            y, routings, moe = self._inner(x[rows], force[rows], valid[rows], part,
+                                           None if doc is None else doc[rows], None)
+            put_rows(cache, rows, part)
+            return x.new_zeros(x.shape[0], *y.shape[1:]).index_put((rows,), y), routings, moe
+        if isinstance(self.inner, HierarchyStage):
+            return self.inner(x, None, force, valid, cache, doc)
+        y, moe = self.inner(x, valid, cache, doc)
+        return y, [], {f"middle.{i}": s for i, s in moe.items()}
+
+
+def take_rows(cache, rows: torch.Tensor):
+    """The part of a generation cache (caches, lists of them, tensors with the batch first) that holds `rows`."""
+    if isinstance(cache, list):
+        return [take_rows(c, rows) for c in cache]
+    if isinstance(cache, torch.Tensor):
+        return cache[rows]
+    if isinstance(cache, AttentionCache):  # its own layout: slots per row
+        return cache.take(rows)
+    if dataclasses.is_dataclass(cache):
+        return type(cache)(**{f.name: take_rows(getattr(cache, f.name), rows) for f in dataclasses.fields(cache)})
+    return cache  # None, numbers
+
+
+def put_rows(cache, rows: torch.Tensor, part) -> None:
+    """Write `part` (from take_rows, after a call on those rows alone) back into the cache's rows."""
+    if isinstance(cache, list):
+        for c, p in zip(cache, part):
+            put_rows(c, rows, p)
+    elif isinstance(cache, AttentionCache):
+        cache.put(rows, part)
+    elif dataclasses.is_dataclass(cache):
+        for f in dataclasses.fields(cache):
+            old, new = getattr(cache, f.name), getattr(part, f.name)
+            if isinstance(new, torch.Tensor):
+                setattr(cache, f.name, old.index_put((rows,), new))
+            elif isinstance(new, list) or dataclasses.is_dataclass(new):
+                put_rows(old, rows, new)
 
 
 class SynergyLM(nn.Module):
