@@ -280,7 +280,8 @@ class SynergyLM(nn.Module):
 
         With a cache, rows may hold PAD_ID (padding, left or right, e.g. left-padded prompts of different lengths,
         or rows that stopped): padding enters no cache or state, and each row continues exactly as if it ran alone.
-        The logits at padding are meaningless."""
+        The logits at padding are meaningless. The first call on a new cache must give every row a real byte
+        (generation starts each row with EOD)."""
         if cache is not None:
             order = _real_first(input_ids != PAD_ID)
             if order is not None:  # inside the model, padding only ever follows a row's real bytes
