@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib
 import json
 import math
 import types
@@ -104,6 +105,9 @@ class LogConfig:
     every_steps: int = 10  # write metrics.jsonl / TensorBoard / console every N steps
     tensorboard: bool = True  # also write TensorBoard events when tensorboard is installed
     console: bool = True  # print a progress line with ETA on rank 0
+    wandb: bool = False  # also send the metrics to Weights & Biases (rank 0; needs the wandb extra)
+    wandb_project: str = "synergy-dist"  # W&B project of the run
+    wandb_run_name: str = ""  # W&B display name ("" = the run directory's name); the run id is in RUN_DIR/wandb_run_id
 
 
 @dataclass
@@ -530,6 +534,8 @@ def validate(cfg: Config) -> None:
     _require(c.keep_last >= 1, f"checkpoint.keep_last={c.keep_last} must be >= 1")
     _require(c.keep_every >= 0, f"checkpoint.keep_every={c.keep_every} must be >= 0")
     _require(lg.every_steps >= 1, f"log.every_steps={lg.every_steps} must be >= 1")
+    _require(not lg.wandb or bool(lg.wandb_project),
+             "log.wandb_project is empty; name a W&B project or set log.wandb=false")
     _require(sg.spike_zscore >= 0, f"safeguards.spike_zscore={sg.spike_zscore} must be >= 0 (0 disables)")
     _require(sg.spike_window >= 2, f"safeguards.spike_window={sg.spike_window} must be >= 2")
     _require(2 <= sg.spike_min_history <= sg.spike_window,
@@ -539,6 +545,14 @@ def validate(cfg: Config) -> None:
     _require(len(sg.compression_band) == 2 and 0 < sg.compression_band[0] <= sg.compression_band[1],
              f"safeguards.compression_band={sg.compression_band} must be [lo, hi] with 0 < lo <= hi")
     _require(cfg.seed >= 0, f"seed={cfg.seed} must be >= 0")
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
 
 
 def validate_for_world(cfg: Config, world_size: int, device_type: str) -> None:
@@ -553,6 +567,10 @@ def validate_for_world(cfg: Config, world_size: int, device_type: str) -> None:
     _require(world_size % z.expert_parallel_size == 0,
              f"deepspeed.expert_parallel_size={z.expert_parallel_size} does not divide the world size "
              f"{world_size}; use a divisor of {world_size}")
+    # the environment, not the file: a run trained with W&B still loads for evaluation where wandb is missing
+    _require(not cfg.log.wandb or _importable("wandb"),
+             "log.wandb=true needs the wandb package; install the extra (pip install 'synergy-dist[wandb]') or set "
+             "log.wandb=false")
     if device_type == "cpu":
         _require(cfg.precision.dtype != "fp16",
                  "precision.dtype='fp16' is not supported on CPU (DeepSpeed rejects it); use 'fp32' or 'bf16'")

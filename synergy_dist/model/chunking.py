@@ -9,6 +9,9 @@ Notation follows H-Net (arXiv 2507.07955, Sec. 2.2):
   upsample   y_t = STE(c_t) * z_bar_{#boundaries <= t},  c_t = p_t if b_t else 1 - p_t,
              STE(c) = c + stopgrad(1 - c): forward value 1, gradient reaches the router.
 Everything is vectorised over positions (cumsum / scatter / gather, chunked scan for the EMA).
+
+Cached calls (generation) may carry padding at the end of a row (right padding: a row's valid units are a prefix
+of the call, possibly empty); what a router remembers is taken at each row's last valid unit (`last_valid`).
 """
 
 from __future__ import annotations
@@ -93,11 +96,12 @@ class BoundaryRouter(nn.Module):
             dtype = compute_dtype(q.dtype)  # float32 (float64 for a float64 model)
             prob = (0.5 * (1.0 - F.cosine_similarity(q.to(dtype), k.to(dtype), dim=-1, eps=1e-6))).clamp(0.0, 1.0)
             if state is not None:
-                state.last_input = x[:, -1:]
+                old = None if state.last_input is None else state.last_input[:, 0]
+                state.last_input = last_valid(x, valid, old)[:, None]
         elif self.kind == "gate":
             prob = torch.sigmoid(self.score(x).squeeze(-1).to(compute_dtype(x.dtype)))
         elif self.kind == "stride":
-            prob = (self._doc_positions(force, state) % self.cfg.stride == 0).float()
+            prob = (self._doc_positions(force, valid, state) % self.cfg.stride == 0).float()
         else:  # space: a concept starts at a word byte that follows a space-like byte
             if ids is None:
                 raise ValueError("the 'space' router needs byte ids; it only works at stage 0")
@@ -108,7 +112,7 @@ class BoundaryRouter(nn.Module):
             prev_ids = torch.cat((first, ids[:, :-1]), dim=1)
             prob = (self.space_like[prev_ids] & ~self.space_like[ids]).float()
             if state is not None:
-                state.last_id = ids[:, -1]
+                state.last_id = last_valid(ids, valid, state.last_id)
         prob = torch.where(force, torch.ones_like(prob), prob)
         boundary = (prob >= 0.5) & valid
         n_valid = valid.sum().clamp(min=1)
@@ -122,7 +126,7 @@ class BoundaryRouter(nn.Module):
             valid=valid,
         )
 
-    def _doc_positions(self, force: torch.Tensor, state: RouterState | None) -> torch.Tensor:
+    def _doc_positions(self, force: torch.Tensor, valid: torch.Tensor, state: RouterState | None) -> torch.Tensor:
         """Index of each unit inside its document, continuing from the state across calls."""
         B, T = force.shape
         idx = torch.arange(T, device=force.device).expand(B, T)
@@ -130,8 +134,21 @@ class BoundaryRouter(nn.Module):
         carried = -1 if state is None or state.doc_pos is None else state.doc_pos[:, None]
         pos = torch.where(last_start >= 0, idx - last_start, idx + 1 + carried)
         if state is not None:
-            state.doc_pos = pos[:, -1]
+            state.doc_pos = last_valid(pos, valid, state.doc_pos)
         return pos
+
+
+def last_valid(values: torch.Tensor, valid: torch.Tensor, old: torch.Tensor | None = None) -> torch.Tensor:
+    """values (B, T, ...) at each row's last valid position, for rows whose valid positions are a prefix (right
+    padding); `old` (B, ...) for a row without any (None: that row's first value). All valid: values[:, -1]."""
+    if bool(valid[:, -1].all()):
+        return values[:, -1]
+    count = valid.sum(dim=1)
+    picked = values[torch.arange(values.shape[0], device=values.device), (count - 1).clamp(min=0)]
+    if old is None:
+        return picked
+    has_one = (count > 0).view(-1, *[1] * (picked.dim() - 1))
+    return torch.where(has_one, picked, old.to(picked.dtype))
 
 
 def ratio_loss(rate: torch.Tensor, mean_prob: torch.Tensor, target: float) -> torch.Tensor:

@@ -4,6 +4,11 @@ Attention takes an optional cache. Without one it processes a whole sequence (tr
 one it processes the next T positions after those already cached (prefill and decode), so
 training and generation run the same code. With a document index `seq_idx` (packed documents) the
 mask is block-diagonal causal: a position attends only to earlier positions of its own document.
+
+A batch of generated rows may differ in length: a cached call takes `valid` (B, T), each row's real positions
+as a prefix (right padding). The cache then keeps each row's keys left-aligned with its own length and RoPE
+offset, pads are never cached (their slots are overwritten by the row's next keys), and an explicit mask limits
+each query to its row's earlier keys. Rows of equal length without padding take the plain path.
 """
 
 from __future__ import annotations
@@ -38,10 +43,13 @@ class RotaryEmbedding(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x: (B, H, T, hd) at positions start .. start+T-1."""
-        t = torch.arange(start, start + x.shape[2], device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)
+    def forward(self, x: torch.Tensor, start: int | torch.Tensor) -> torch.Tensor:
+        """x: (B, H, T, hd) at positions start .. start+T-1, or at positions `start` (B, T), one row each."""
+        if isinstance(start, torch.Tensor):
+            freqs = (start.to(torch.float32)[..., None] * self.inv_freq)[:, None]  # (B, 1, T, hd / 2)
+        else:
+            t = torch.arange(start, start + x.shape[2], device=x.device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq)
         cos, sin = freqs.cos().to(x.dtype), freqs.sin().to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
@@ -49,10 +57,37 @@ class RotaryEmbedding(nn.Module):
 
 @dataclass
 class AttentionCache:
-    k: torch.Tensor | None = None  # (B, H, T_kept, hd)
+    k: torch.Tensor | None = None  # (B, H, T_kept, hd); slot j of a row holds its key at position `offset + j`
     v: torch.Tensor | None = None
-    seen: int = 0  # positions processed so far (RoPE offset)
+    seen: int = 0  # positions processed so far (RoPE offset) while every row has the same length
     doc: torch.Tensor | None = None  # (B, T_kept) document index of the kept keys (with seq_idx)
+    lengths: torch.Tensor | None = None  # (B,) positions processed per row, once rows differ in length
+    offset: int = 0  # position of slot 0 (earlier keys fell out of the sliding window)
+
+    def take(self, rows: torch.Tensor) -> AttentionCache:
+        """The cache of some rows (a ragged cache: per-row lengths)."""
+        lengths = self.lengths if self.lengths is not None else torch.full((self.k.shape[0],), self.seen,
+                                                                           device=self.k.device)
+        return AttentionCache(self.k[rows], self.v[rows], self.seen, None if self.doc is None else self.doc[rows],
+                              lengths[rows], self.offset)
+
+    def put(self, rows: torch.Tensor, part: AttentionCache) -> None:
+        """Write back the cache of those rows after a call on them alone: both go to a common slot frame (from
+        the smaller offset to the larger end; slots a side did not keep are zeros that no query of its rows sees)."""
+        lengths = self.lengths if self.lengths is not None else torch.full((self.k.shape[0],), self.seen,
+                                                                           device=self.k.device)
+        start = min(self.offset, part.offset)
+        end = max(self.offset + self.k.shape[2], part.offset + part.k.shape[2])
+
+        def frame(t: torch.Tensor, offset: int, dim: int) -> torch.Tensor:
+            pad = [0, 0] * (t.dim() - 1 - dim) + [offset - start, end - offset - t.shape[dim]]
+            return F.pad(t, pad)
+
+        self.k = frame(self.k, self.offset, 2).index_put((rows,), frame(part.k, part.offset, 2))
+        self.v = frame(self.v, self.offset, 2).index_put((rows,), frame(part.v, part.offset, 2))
+        if self.doc is not None:
+            self.doc = frame(self.doc, self.offset, 1).index_put((rows,), frame(part.doc, part.offset, 1))
+        self.lengths, self.offset = lengths.index_put((rows,), part.lengths), start
 
 
 class Attention(nn.Module):
@@ -70,12 +105,16 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, eps) if cfg.qk_norm else None
 
     def forward(self, x: torch.Tensor, cache: AttentionCache | None = None,
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, T, D); seq_idx (B, T) nondecreasing document index (continuing the cache's), None = one sequence."""
+                seq_idx: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, D); seq_idx (B, T) nondecreasing document index (continuing the cache's), None = one sequence;
+        valid (B, T) bool, with a cache only: each row's real positions, a prefix of the row (None = all)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, self.head_dim).transpose(1, 3).unbind(2)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None and (cache.lengths is not None or (valid is not None and not bool(valid.all()))):
+            y = self._ragged(q, k, v, cache, seq_idx, valid)
+            return self.out(y.transpose(1, 2).reshape(B, T, -1))
         start = cache.seen if cache is not None else 0
         if self.rope is not None:
             q, k = self.rope(q, start), self.rope(k, start)
@@ -87,6 +126,7 @@ class Attention(nn.Module):
                     k_doc = torch.cat((cache.doc, seq_idx), dim=1)
             keep = k.shape[2] if self.window == 0 else min(k.shape[2], self.window)
             cache.k, cache.v, cache.seen = k[:, :, -keep:], v[:, :, -keep:], start + T
+            cache.offset = cache.seen - keep
             cache.doc = None if k_doc is None else k_doc[:, -keep:]
         mask, is_causal = self._mask(T, k.shape[2], start, x.device)
         if seq_idx is not None and k_doc is not None and k_doc.shape[1] == k.shape[2]:
@@ -97,6 +137,48 @@ class Attention(nn.Module):
                 return self.out(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _ragged(self, q, k, v, cache: AttentionCache, seq_idx: torch.Tensor | None,
+                valid: torch.Tensor | None) -> torch.Tensor:
+        """A cached call for rows of different lengths (see the module docstring); returns (B, H, T, hd)."""
+        B, H, T, hd = q.shape
+        lengths = cache.lengths if cache.lengths is not None else torch.full((B,), cache.seen, device=q.device)
+        positions = lengths[:, None] + torch.arange(T, device=q.device)  # (B, T); pads run past the row's end
+        if self.rope is not None:
+            q, k = self.rope(q, positions), self.rope(k, positions)
+        # each row writes its T new keys from its first free slot; its pads land after its real keys
+        slots = (positions - cache.offset)[:, None, :, None].expand(B, H, T, hd)
+        old_k = cache.k if cache.k is not None else k.new_zeros(B, H, 0, hd)
+        keys = torch.cat((old_k, k.new_zeros(B, H, T, hd)), dim=2).scatter(2, slots, k)
+        old_v = cache.v if cache.v is not None else v.new_zeros(B, H, 0, hd)
+        values = torch.cat((old_v, v.new_zeros(B, H, T, hd)), dim=2).scatter(2, slots, v)
+        docs = None
+        if seq_idx is not None:
+            old_doc = cache.doc if cache.doc is not None else seq_idx.new_zeros(B, 0)
+            docs = torch.cat((old_doc, seq_idx.new_zeros(B, T)), dim=1).scatter(1, slots[:, 0, :, 0], seq_idx)
+        new_lengths = lengths + (T if valid is None else valid.sum(dim=1))
+
+        # a query sees its row's keys up to its own position: real ones only, as a row's pads come after its real
+        # positions; a pad query sees every slot (its output is never used, but stays finite)
+        k_pos = cache.offset + torch.arange(keys.shape[2], device=q.device)
+        mask = k_pos[None, None, :] <= positions[..., None]  # (B, T, slots)
+        if self.window > 0:
+            mask &= k_pos[None, None, :] > positions[..., None] - self.window
+        if docs is not None:
+            mask &= docs[:, None, :] == seq_idx[..., None]
+        if valid is not None:
+            mask |= ~valid[..., None]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None])
+
+        # keep the slots up to the longest row (the pads' slots past it go; a shorter row's are overwritten later)
+        # and, with a sliding window, drop the slots that no row can see again
+        used = int(new_lengths.max()) - cache.offset
+        drop = 0 if self.window == 0 else max(0, int(new_lengths.min()) - self.window - cache.offset)
+        cache.k, cache.v = keys[:, :, drop:used], values[:, :, drop:used]
+        cache.doc = None if docs is None else docs[:, drop:used]
+        cache.offset += drop
+        cache.lengths = new_lengths
+        return y
 
     def _blockwise(self, q, k, v, mask: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
         """SDPA with a boolean mask by blocks of DOCUMENT_BLOCK queries, each against the keys from the earliest

@@ -6,6 +6,8 @@ Training runs the chunked SSD scan (ssd.py, or mamba_ssm's fused kernel on GPU w
 generation steps the recurrence one token at a time; both give the same numbers up to float rounding.
 With a document index `seq_idx` (packed documents) neither the convolution nor the scan reads across a
 document start, in one call or from the cache of earlier calls.
+A cached call may pad rows at the end (`valid`, right padding, as for attention): a pad step has dt = 0, so it
+neither adds to the state nor decays it, and the convolution cache keeps each row's last real inputs.
 """
 
 from __future__ import annotations
@@ -62,13 +64,18 @@ class Mamba2(nn.Module):
         return MambaCache()
 
     def forward(self, u: torch.Tensor, cache: MambaCache | None = None,
-                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """u (b, l, d); seq_idx (b, l) nondecreasing document index (continuing the cache's), None = one sequence."""
+                seq_idx: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """u (b, l, d); seq_idx (b, l) nondecreasing document index (continuing the cache's), None = one sequence;
+        valid (b, l) bool, with a cache only: each row's real steps, a prefix of the row (None = all)."""
         b, l, _ = u.shape
+        pads = None if cache is None or valid is None or bool(valid.all()) else ~valid
         z, xbc, dt = self.in_proj(u).split([self.d_inner, self.d_inner + 2 * self.d_state, self.n_heads], dim=-1)
-        xbc = self._conv(xbc, cache, seq_idx)
+        xbc = self._conv(xbc, cache, seq_idx, valid if pads is not None else None)
         x, B, C = xbc.split([self.d_inner, self.d_state, self.d_state], dim=-1)
         dt = F.softplus(dt + self.dt_bias)  # (b, l, h)
+        if pads is not None:  # pad steps leave the state as it is (where, not a product: no NaN gets through)
+            dt = dt.masked_fill(pads[..., None], 0.0)
+            x = x.masked_fill(pads[..., None], 0.0)
         A = -torch.exp(self.A_log.to(compute_dtype(self.A_log.dtype)))  # (h,)
         x = x.view(b, l, self.n_heads, self.head_dim)
         initial = cache.ssm if cache is not None else None
@@ -93,15 +100,22 @@ class Mamba2(nn.Module):
         y = self.norm(y.reshape(b, l, self.d_inner) * F.silu(z))
         return self.out_proj(y)
 
-    def _conv(self, xbc: torch.Tensor, cache: MambaCache | None, seq_idx: torch.Tensor | None) -> torch.Tensor:
-        """Causal depthwise convolution over time; the cache keeps the last d_conv - 1 inputs. With seq_idx an
-        output reads only inputs of its own document (inputs of another document count as zero)."""
+    def _conv(self, xbc: torch.Tensor, cache: MambaCache | None, seq_idx: torch.Tensor | None,
+              valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Causal depthwise convolution over time; the cache keeps the last d_conv - 1 inputs (each row's last real
+        ones with `valid`). With seq_idx an output reads only inputs of its own document (inputs of another
+        document count as zero)."""
         k = self.cfg.d_conv
         xt = xbc.transpose(1, 2)  # (b, conv_dim, l)
         prev = cache.conv if cache is not None and cache.conv is not None else xt.new_zeros(*xt.shape[:2], k - 1)
         xt = torch.cat((prev, xt), dim=-1)
+        # the last d_conv - 1 inputs before each row's first pad (its real inputs are a prefix)
+        kept = None if valid is None else valid.sum(dim=1)[:, None] + torch.arange(k - 1, device=xt.device)
         if cache is not None:
-            cache.conv = xt[..., -(k - 1):] if k > 1 else xt[..., :0]
+            if kept is not None:
+                cache.conv = xt.gather(-1, kept[:, None, :].expand(-1, xt.shape[1], -1))
+            else:
+                cache.conv = xt[..., -(k - 1):] if k > 1 else xt[..., :0]
         y = F.conv1d(xt, self.conv.weight, self.conv.bias, groups=xt.shape[1])  # (b, conv_dim, l)
         if seq_idx is None or k == 1:
             return F.silu(y).transpose(1, 2)
@@ -109,7 +123,7 @@ class Mamba2(nn.Module):
         prev_doc = cache.conv_doc if cache is not None and cache.conv_doc is not None else no_doc
         docs = torch.cat((prev_doc, seq_idx), dim=1)  # (b, k - 1 + l)
         if cache is not None:
-            cache.conv_doc = docs[:, -(k - 1):]
+            cache.conv_doc = docs[:, -(k - 1):] if kept is None else docs.gather(1, kept)
         # Only the first d_conv - 1 outputs of a document read across its start: recompute those few with the
         # inputs of other documents left out (out_t = bias + sum over the window's same-document inputs).
         same = docs.unfold(1, k, 1) == seq_idx[..., None]  # (b, l, k): which inputs of t's window are t's document

@@ -35,7 +35,8 @@ class Block(nn.Module):
         self.is_moe = use_moe
 
     def forward(self, x, valid=None, cache=None, seq_idx=None) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.mixer(self.mixer_norm(x), cache, seq_idx)
+        # the mixer's cache must skip padding; without a cache padding is the caller's business
+        x = x + self.mixer(self.mixer_norm(x), cache, seq_idx, valid if cache is not None else None)
         stats = None
         if self.ffn is not None:
             if self.is_moe:

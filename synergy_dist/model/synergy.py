@@ -14,6 +14,7 @@ a document start, and the router opens a concept at every EOD, so no concept spa
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,9 +25,17 @@ from torch import nn
 from torch.profiler import record_function
 
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, N_BYTES, PAD_ID
-from synergy_dist.model.chunking import BoundaryRouter, RouterState, downsample, gather_units, smooth, upsample
+from synergy_dist.model.chunking import (
+    BoundaryRouter,
+    RouterState,
+    downsample,
+    gather_units,
+    last_valid,
+    smooth,
+    upsample,
+)
 from synergy_dist.model.config import ModelConfig, StageConfig
-from synergy_dist.model.layers import RMSNorm
+from synergy_dist.model.layers import AttentionCache, RMSNorm
 from synergy_dist.model.moe.layer import MoEFeedForward, dropless_routing
 from synergy_dist.model.moe.statistics import MoEStats
 from synergy_dist.model.precision import Float32Linear, compute_dtype
@@ -125,15 +134,14 @@ class HierarchyStage(nn.Module):
         # document of each concept; padding slots (after the last concept) join the last document
         concept_doc = None if seq_idx is None else gather_units(seq_idx, chunks.positions).cummax(dim=1).values
         if chunks.x.shape[1] > 0:
-            inner_x = self.width.widen(chunks.x)
-            if isinstance(self.inner, HierarchyStage):
-                inner_force = gather_units(force, chunks.positions) & chunks.valid
-                inner_y, inner_routings, inner_moe = self.inner(
-                    inner_x, None, inner_force, chunks.valid, cache and cache.inner, concept_doc)
-                routings += inner_routings
-            else:
-                inner_y, inner_moe = self.inner(inner_x, chunks.valid, cache and cache.inner, concept_doc)
-                inner_moe = {f"middle.{i}": s for i, s in inner_moe.items()}
+            inner_force = gather_units(force, chunks.positions) & chunks.valid
+            # generation: only the rows that opened a concept run the inner network, on their own caches
+            rows = None
+            if cache is not None and cache.last_concept is not None and not bool(chunks.valid[:, 0].all()):
+                rows = chunks.valid[:, 0].nonzero().squeeze(1)
+            inner_y, inner_routings, inner_moe = self._inner(
+                self.width.widen(chunks.x), inner_force, chunks.valid, cache and cache.inner, concept_doc, rows)
+            routings += inner_routings
             moe.update(inner_moe)
             concepts = self.width.narrow(inner_y)
         else:
@@ -150,8 +158,8 @@ class HierarchyStage(nn.Module):
                 concepts = smooth(concepts, confidence, carried, self.cfg.router.prob_clamp, concept_doc)
             # every document start is a boundary, so a byte never takes a concept of another document
             up = upsample(concepts, route.boundary, route.prob, previous, self.cfg.router.straight_through)
-            if cache is not None and concepts.shape[1] > 0:
-                cache.last_concept = concepts[:, -1]  # generation runs one sequence, so the last slot is real
+            if cache is not None and concepts.shape[1] > 0:  # a row without a new concept keeps its own
+                cache.last_concept = last_valid(concepts, chunks.valid, cache.last_concept)
             if cache is not None:
                 cache.doc = None if seq_idx is None else seq_idx[:, -1]
         # summed in float32 (float64 in fp64 runs), as H-Net does, then back to the stream's dtype
@@ -159,6 +167,50 @@ class HierarchyStage(nn.Module):
         y, dec_moe = self.decoder(mixed, valid, cache and cache.decoder, seq_idx)
         moe.update({f"stage{self.level}.decoder.{i}": s for i, s in dec_moe.items()})
         return y, routings, moe
+
+
+    def _inner(self, x, force, valid, cache, doc, rows: torch.Tensor | None):
+        """The inner network (stage or middle) on the concepts, or only on `rows` of them (the others' outputs are
+        zeros: padding). Returns (y, [StageRouting per inner stage], {layer name: MoEStats})."""
+        if rows is not None:
+            part = take_rows(cache, rows)
+            y, routings, moe = self._inner(x[rows], force[rows], valid[rows], part,
+                                           None if doc is None else doc[rows], None)
+            put_rows(cache, rows, part)
+            return x.new_zeros(x.shape[0], *y.shape[1:]).index_put((rows,), y), routings, moe
+        if isinstance(self.inner, HierarchyStage):
+            return self.inner(x, None, force, valid, cache, doc)
+        y, moe = self.inner(x, valid, cache, doc)
+        return y, [], {f"middle.{i}": s for i, s in moe.items()}
+
+
+def take_rows(cache, rows: torch.Tensor):
+    """The part of a generation cache (caches, lists of them, tensors with the batch first) that holds `rows`."""
+    if isinstance(cache, list):
+        return [take_rows(c, rows) for c in cache]
+    if isinstance(cache, torch.Tensor):
+        return cache[rows]
+    if isinstance(cache, AttentionCache):  # its own layout: slots per row
+        return cache.take(rows)
+    if dataclasses.is_dataclass(cache):
+        return type(cache)(**{f.name: take_rows(getattr(cache, f.name), rows) for f in dataclasses.fields(cache)})
+    return cache  # None, numbers
+
+
+def put_rows(cache, rows: torch.Tensor, part) -> None:
+    """Write `part` (from take_rows, after a call on those rows alone) back into the cache's rows."""
+    if isinstance(cache, list):
+        for c, p in zip(cache, part):
+            put_rows(c, rows, p)
+    elif isinstance(cache, AttentionCache):
+        cache.put(rows, part)
+    elif dataclasses.is_dataclass(cache):
+        for f in dataclasses.fields(cache):
+            old, new = getattr(cache, f.name), getattr(part, f.name)
+            if isinstance(new, torch.Tensor):
+                setattr(cache, f.name, old.index_put((rows,), new))
+            elif isinstance(new, list) or dataclasses.is_dataclass(new):
+                put_rows(old, rows, new)
 
 
 class SynergyLM(nn.Module):
@@ -224,7 +276,19 @@ class SynergyLM(nn.Module):
         return ModelOutput(loss=loss, logits=logits, stats=stats)
 
     def _run(self, input_ids: torch.Tensor, cache):
-        """Shared by forward (cache None) and generation. Returns (logits, stage routings, MoE stats)."""
+        """Shared by forward (cache None) and generation. Returns (logits, stage routings, MoE stats).
+
+        With a cache, rows may hold PAD_ID (padding, left or right, e.g. left-padded prompts of different lengths,
+        or rows that stopped): padding enters no cache or state, and each row continues exactly as if it ran alone.
+        The logits at padding are meaningless. The first call on a new cache must give every row a real byte
+        (generation starts each row with EOD)."""
+        if cache is not None:
+            order = _real_first(input_ids != PAD_ID)
+            if order is not None:  # inside the model, padding only ever follows a row's real bytes
+                logits, routings, moe = self._run_embedded(self.embed(input_ids.gather(1, order)),
+                                                           input_ids.gather(1, order), cache)
+                back = torch.empty_like(logits).scatter_(1, order[..., None].expand_as(logits), logits)
+                return back, routings, moe
         x = self.embed(input_ids)
         return self._run_embedded(x, input_ids, cache)
 
@@ -240,7 +304,7 @@ class SynergyLM(nn.Module):
                 y, moe = self.body(x, valid, cache and cache["body"], seq_idx)
                 routings, moe = [], {f"middle.{i}": s for i, s in moe.items()}
         if cache is not None:
-            cache["last_id"] = input_ids[:, -1]
+            cache["last_id"] = last_valid(input_ids, valid, cache["last_id"])
         return self.head(y), routings, moe
 
     @staticmethod
@@ -305,29 +369,73 @@ class SynergyLM(nn.Module):
         generation stops early when it predicts EOD. temperature <= 0 means greedy."""
         if not isinstance(prompt, (bytes, bytearray)):
             raise ValueError(f"prompt must be bytes, got {type(prompt).__name__}; encode text with .encode('utf-8')")
+        for pieces in self.generate_batch_iter([prompt], max_new_bytes, temperature, top_k, top_p, seed):
+            yield pieces[0]
+
+    @torch.no_grad()
+    def generate_batch_iter(
+        self,
+        prompts: list[bytes],
+        max_new_bytes: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | list[int | None] | None = None,
+    ) -> Iterator[list[bytes]]:
+        """Generate for several prompts at once: at each step yield one byte per row (b"" for a row that has
+        stopped) until every row has stopped or max_new_bytes steps are done. Row i equals generate_iter(prompts[i],
+        seed=seeds[i]) byte for byte: every row has its own caches, router boundaries and sampler (a
+        torch.Generator seeded with `seed`, the same for every row, or seed[i] from a list). Prompts are
+        left-padded to one prefill call; a row that predicted EOD is fed padding, which changes none of its state."""
+        prompts = list(prompts)
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, (bytes, bytearray)):
+                raise ValueError(f"prompts[{i}] must be bytes, got {type(prompt).__name__}; "
+                                 f"encode text with .encode('utf-8')")
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompts)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts; give one seed per prompt")
         if max_new_bytes < 0:
             raise ValueError(f"max_new_bytes={max_new_bytes} must be >= 0")
+        if not prompts:
+            return
         device = self.embed.weight.device
-        generator = torch.Generator(device=device)
-        if seed is not None:
-            generator.manual_seed(seed)
+        generators = [torch.Generator(device=device) for _ in prompts]
+        for generator, row_seed in zip(generators, seeds):
+            if row_seed is not None:
+                generator.manual_seed(row_seed)
         was_training = self.training
         self.eval()  # no dropout-like randomness, no MoE balancing updates or training collectives
         try:
             cache = self.new_cache()
-            ids = torch.tensor([[EOD_ID, *prompt]], dtype=torch.long, device=device)
-            logits, _, _ = self._run(ids, cache)  # prefill: the whole prompt in one parallel call
-            for _ in range(max_new_bytes):
-                next_id = sample_next(logits[0, -1], temperature, top_k, top_p, generator)
-                if next_id >= N_BYTES:
+            width = 1 + max(len(p) for p in prompts)
+            ids = torch.full((len(prompts), width), PAD_ID, dtype=torch.long, device=device)
+            for i, prompt in enumerate(prompts):  # left padding: every row's last prompt byte is in the last column
+                ids[i, width - 1 - len(prompt):] = torch.tensor([EOD_ID, *prompt], dtype=torch.long)
+            logits, _, _ = self._run(ids, cache)  # prefill: every prompt in one parallel call
+            running = [True] * len(prompts)
+            for step in range(max_new_bytes):
+                next_ids = sample_rows(logits[:, -1], running, temperature, top_k, top_p, generators)
+                running = [r and n < N_BYTES for r, n in zip(running, next_ids)]
+                if not any(running):
                     return
-                yield bytes([next_id])
-                logits, _, _ = self._run(torch.tensor([[next_id]], device=device), cache)
+                yield [bytes([n]) if r else b"" for r, n in zip(running, next_ids)]
+                if step + 1 < max_new_bytes:
+                    fed = [n if r else PAD_ID for r, n in zip(running, next_ids)]
+                    logits, _, _ = self._run(torch.tensor(fed, device=device)[:, None], cache)
         finally:
             self.train(was_training)
 
-    def generate(self, prompt: bytes, max_new_bytes: int, temperature: float = 1.0, top_k: int | None = None,
-                 top_p: float | None = None, seed: int | None = None) -> bytes:
+    def generate(self, prompt: bytes | list[bytes], max_new_bytes: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 seed: int | list[int | None] | None = None) -> bytes | list[bytes]:
+        """The continuation of one prompt (bytes), or of each prompt of a list (a list of bytes, batched)."""
+        if isinstance(prompt, (list, tuple)):
+            produced = [bytearray() for _ in prompt]
+            for pieces in self.generate_batch_iter(prompt, max_new_bytes, temperature, top_k, top_p, seed):
+                for out, piece in zip(produced, pieces):
+                    out += piece
+            return [bytes(out) for out in produced]
         return b"".join(self.generate_iter(prompt, max_new_bytes, temperature, top_k, top_p, seed))
 
     # ------------------------------------------------------------------ optimizer groups
@@ -397,6 +505,25 @@ class SynergyLM(nn.Module):
 def is_expert_param(name: str, p: torch.Tensor) -> bool:
     """DeepSpeed marks expert parameters with allreduce=False; fall back on the module name."""
     return getattr(p, "allreduce", True) is False or ".experts." in name or ".experts_" in name
+
+
+def _real_first(valid: torch.Tensor) -> torch.Tensor | None:
+    """(B, L) permutation of each row putting its real positions first, in order; None when they already are."""
+    if not bool((valid[:, 1:] & ~valid[:, :-1]).any()):
+        return None
+    return torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+
+
+def sample_rows(logits: torch.Tensor, running: list[bool], temperature: float, top_k: int | None,
+                top_p: float | None, generators: list[torch.Generator]) -> list[int]:
+    """The next id of each row of (B, vocab) logits, as sample_next picks it with that row's generator (a stopped
+    row draws nothing, so every row consumes random numbers exactly as it would alone); -1 for stopped rows."""
+    if temperature <= 0:  # greedy: one argmax for the batch, the same as sample_next's
+        greedy = logits.float().clone()
+        greedy[:, PAD_ID:] = float("-inf")
+        return [int(n) if r else -1 for r, n in zip(running, greedy.argmax(dim=-1).tolist())]
+    return [sample_next(row, temperature, top_k, top_p, g) if r else -1
+            for row, r, g in zip(logits, running, generators)]
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

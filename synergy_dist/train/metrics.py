@@ -1,5 +1,7 @@
-"""Metrics: one JSON object per logged step in RUN_DIR/metrics.jsonl, TensorBoard when installed,
-and a console progress line with throughput and ETA. Only rank 0 writes."""
+"""Metrics: one JSON object per logged step in RUN_DIR/metrics.jsonl, TensorBoard when installed, Weights &
+Biases when asked for (log.wandb), and a console progress line with throughput and ETA. Only rank 0 writes.
+
+The W&B run's id is kept in RUN_DIR/wandb_run_id, so a restarted or requeued run resumes the same W&B run."""
 
 from __future__ import annotations
 
@@ -7,10 +9,14 @@ import json
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+
+WANDB_ID_FILE = "wandb_run_id"  # in the run directory: the W&B run that a restart resumes
 
 
 def to_number(value: Any) -> Any:
@@ -30,8 +36,37 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
+class WandbRun:
+    """Sends metrics records to one Weights & Biases run (its files under RUN_DIR/wandb), resuming the run whose id
+    RUN_DIR/wandb_run_id holds; the training config (RUN_DIR/config.yaml) becomes the W&B run config."""
+
+    def __init__(self, run_dir: Path, project: str, name: str):
+        import wandb  # optional dependency (the wandb extra); config validation checked that it imports
+
+        id_file = run_dir / WANDB_ID_FILE
+        if id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            id_file.write_text(run_id + "\n")
+        config_file = run_dir / "config.yaml"
+        config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else None
+        self.run = wandb.init(project=project, name=name or run_dir.resolve().name, id=run_id, resume="allow",
+                              dir=str(run_dir), config=config)
+
+    def log(self, step: int, record: dict) -> None:
+        """The record's numbers (as TensorBoard gets them; lists such as expert loads stay in metrics.jsonl)."""
+        scalars = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsLogger:
-    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, tensorboard: bool = True, console: bool = True):
+    def __init__(self, run_dir: Path, enabled: bool, max_steps: int, tensorboard: bool = True, console: bool = True,
+                 wandb_project: str | None = None, wandb_run_name: str = ""):
+        """wandb_project: also send every record to that W&B project (None: no W&B)."""
         self.enabled = enabled
         self.max_steps = max_steps
         self.console = console and enabled
@@ -46,6 +81,7 @@ class MetricsLogger:
                 self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
             except ImportError:  # tensorboard is optional
                 self.writer = None
+        self.wandb = WandbRun(run_dir, wandb_project, wandb_run_name) if enabled and wandb_project else None
 
     def log(self, step: int, metrics: dict, console: bool = True) -> None:
         if not self.enabled:
@@ -58,6 +94,8 @@ class MetricsLogger:
                 if isinstance(value, (int, float)) and key != "step":
                     self.writer.add_scalar(key, value, step)
             self.writer.flush()
+        if self.wandb is not None:
+            self.wandb.log(step, record)
         if self.console and console:
             print(self.progress_line(step, record), file=sys.stderr, flush=True)
 
@@ -93,6 +131,9 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -114,7 +114,8 @@ class Trainer:
         self.guards = Safeguards(cfg.safeguards)
         self.faults = FaultInjector(cfg.debug, self.rank)
         self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.train.max_steps,
-                                     cfg.log.tensorboard, cfg.log.console)
+                                     cfg.log.tensorboard, cfg.log.console,
+                                     cfg.log.wandb_project if cfg.log.wandb else None, cfg.log.wandb_run_name)
         self.step = 0  # optimizer steps done (applied or skipped)
         self.data_offset = 0  # samples skipped past by rollbacks
         self.stop_signal: int | None = None
