@@ -156,7 +156,6 @@ def test_left_padded_batch_forward_equals_each_row_alone(hf_model, tokenizer):
             assert torch.allclose(batch[i, -alone.shape[0]:], alone, rtol=0, atol=1e-5), i
 
 
-@pytest.mark.xfail(reason="needs batched cached generation (branch i12-gen)", strict=True)
 def test_left_padded_batch_generate_equals_each_prompt_alone(hf_model, tokenizer, native):
     enc = left_padded(tokenizer, PROMPTS)
     out = hf_model.generate(**enc, max_new_tokens=16, do_sample=False)
