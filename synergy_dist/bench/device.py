@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import torch
 
 from synergy_dist.bench.loop import PlainLoop
-from synergy_dist.bench.model import sample_text, step_config
+from synergy_dist.bench.model import ModelBenchConfig, sample_text, step_config
 from synergy_dist.bench.paths import resolve
 from synergy_dist.bench.results import BenchResults, Figure, figure_from
+from synergy_dist.bench.timing import pin_to_one_core
 from synergy_dist.config import load_config
 from synergy_dist.model.accounting import flops_per_byte
 from synergy_dist.model.config import ModelConfig
@@ -44,6 +45,22 @@ class DeviceBenchConfig:
     steps: int = 10  # timed steps (median reported)
     warmup_steps: int = 3  # untimed steps first (the first one compiles)
     matmul_size: int = 8192  # n of the n x n x n matmul that sets the FLOP/s ceiling
+
+
+def configs_for(model_cfg: ModelBenchConfig, quick: bool) -> list[DeviceBenchConfig]:
+    """What `synergy-bench model` runs here: the GPU rows (--device cuda), or on the CPU with --compile the
+    config's model compiled against eager, one process pinned to one core, fp32."""
+    if model_cfg.device != "cpu":
+        cfg = DeviceBenchConfig(device=model_cfg.device)
+        if quick:
+            cfg.configs, cfg.seq_len, cfg.batch_size = ["configs/tiny-cpu.yaml"], 512, 1
+            cfg.steps, cfg.warmup_steps = 2, 1
+        return [cfg]
+    if model_cfg.compile:
+        return [DeviceBenchConfig(device="cpu", configs=[model_cfg.config], dtype="fp32", seq_len=model_cfg.seq_len,
+                                  batch_size=model_cfg.batch_size, steps=model_cfg.steps,
+                                  warmup_steps=max(2, model_cfg.warmup_steps), matmul_size=model_cfg.matmul_size)]
+    return []
 
 
 def synchronize(device: torch.device) -> None:
@@ -118,7 +135,10 @@ def step_throughput(model_cfg: ModelConfig, device: torch.device, dtype: str, se
 
 def run(cfg: DeviceBenchConfig, command: str) -> BenchResults:
     device = torch.device(cfg.device)
-    report = BenchResults(name="model", command=command)
+    # on a GPU these are the model benchmark's rows; on the CPU they complement its comparison (--compile)
+    report = BenchResults(name="model" if device.type != "cpu" else "model-compile", command=command)
+    if device.type == "cpu":
+        report.notes.append(f"process pinned to CPU {pin_to_one_core()}, torch threads {torch.get_num_threads()}")
     ceiling = figure_from("matmul_flops_per_s", matmul_ceiling(device, DTYPES[cfg.dtype], cfg.matmul_size),
                           "FLOP/s", f"{cfg.matmul_size}^3 {cfg.dtype} matmul on {cfg.device}, the MFU ceiling")
     report.add(ceiling)

@@ -78,6 +78,8 @@ class ModelBenchConfig:
     generation_bytes: int = 64  # bytes generated per prompt
     generation_repeats: int = 3  # timed generate calls per batch size (median reported)
     generation_only: bool = False  # skip the training-step rows and the isolation cost
+    device: str = "cpu"  # "cpu": this comparison; "cuda": bench/device.py's GPU rows instead (cli/bench.py)
+    compile: bool = False  # also time the config's model compiled (inductor) against eager (bench/device.py, CPU)
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -586,6 +588,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="measure only batched generation (bytes/s at batch 1, 8, 32), no training steps")
     parser.add_argument("--lr", type=float, default=None,
                         help="AdamW learning rate of the timed steps (default 0: weights and compression stay fixed)")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default): this comparison on one pinned core; cuda: GPU throughput, MFU and peak "
+                             "memory of tiny-cpu and base-100m, eager and compiled (synergy_dist/bench/device.py)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the config's model with train.compile's blocks through inductor against "
+                             "eager, in one process on the pinned core (compiling takes minutes on a CPU)")
 
 
 def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
@@ -603,6 +611,8 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
     if args.lr is not None:
         cfg.lr = args.lr
     cfg.generation_only = bool(getattr(args, "generation_only", False))
+    cfg.device = getattr(args, "device", "cpu")
+    cfg.compile = bool(getattr(args, "compile", False))
     if args.quick:
         cfg.generation_bytes, cfg.generation_repeats = 8, 1
     for key in ("seq_len", "steps"):

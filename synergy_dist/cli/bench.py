@@ -17,6 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 from synergy_dist.bench import data as data_bench  # noqa: E402
+from synergy_dist.bench import device as device_bench  # noqa: E402
 from synergy_dist.bench import model as model_bench  # noqa: E402
 from synergy_dist.bench import train as train_bench  # noqa: E402
 from synergy_dist.bench.results import write_results  # noqa: E402
@@ -47,8 +48,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for name in selected:
             module = BENCHMARKS[name]
+            cfg = module.config_from_args(args)
             with restored_affinity():  # data and model pin this process to one core
-                benches.append(module.run(module.config_from_args(args), command))
+                if getattr(cfg, "device", "cpu") == "cpu":
+                    benches.append(module.run(cfg, command))
+                for device_cfg in device_bench.configs_for(cfg, args.quick) if name == "model" else []:
+                    benches.append(device_bench.run(device_cfg, command))  # --device cuda, or --compile on the CPU
     except (ValueError, FileNotFoundError) as e:
         print(f"synergy-bench: error: {e}", file=sys.stderr)
         return 2

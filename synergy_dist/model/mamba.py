@@ -20,14 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from synergy_dist.model.config import MambaConfig
+from synergy_dist.model.kernels import mamba_chunk_scan
 from synergy_dist.model.layers import RMSNorm
 from synergy_dist.model.precision import compute_dtype
 from synergy_dist.model.ssd import ssd_scan, ssd_step
 
-try:
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # optional fused Triton kernel (GPU)
-except Exception:  # noqa: BLE001 - any import failure means "not available"
-    mamba_chunk_scan_combined = None
+mamba_chunk_scan_combined = mamba_chunk_scan()  # mamba_ssm's fused Triton scan (GPU), or None
 
 
 @dataclass
