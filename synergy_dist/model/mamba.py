@@ -122,16 +122,18 @@ class Mamba2(nn.Module):
         docs = torch.cat((prev_doc, seq_idx), dim=1)  # (b, k - 1 + l)
         if cache is not None:
             cache.conv_doc = docs[:, -(k - 1):] if kept is None else docs.gather(1, kept)
-        # Only the first d_conv - 1 outputs of a document read across its start: recompute those few with the
-        # inputs of other documents left out (out_t = bias + sum over the window's same-document inputs).
+        # Only the first d_conv - 1 outputs of a document read across its start: those take the sum over their
+        # window's same-document inputs instead (out_t = bias + sum of w_j x_j over inputs of t's document). Computed
+        # densely, one shifted multiply-add per tap, and selected with `where`: no data-dependent indexing, so no
+        # host synchronisation and one graph under torch.compile; every other output keeps the convolution's value.
         same = docs.unfold(1, k, 1) == seq_idx[..., None]  # (b, l, k): which inputs of t's window are t's document
-        rows, steps = (~same.all(dim=-1)).nonzero(as_tuple=True)
-        y = y.transpose(1, 2)  # (b, l, conv_dim)
-        if rows.numel():
-            window = xt.unfold(-1, k, 1)[rows, :, steps]  # (n, conv_dim, k)
-            fixed = (window * self.conv.weight[:, 0] * same[rows, steps][:, None, :]).sum(-1) + self.conv.bias
-            y = y.index_put((rows, steps), fixed.to(y.dtype))
-        return F.silu(y)
+        l = seq_idx.shape[1]
+        weight = self.conv.weight[:, 0]  # (conv_dim, k)
+        own = self.conv.bias[None, :, None]  # in the parameters' dtype (float32 under autocast), as the old fix-up
+        for j in range(k):  # tap j reads input t - (k - 1) + j
+            own = own + xt[..., j:j + l] * weight[None, :, j, None] * same[:, None, :, j]
+        y = torch.where(same.all(dim=-1)[:, None, :], y, own.to(y.dtype))
+        return F.silu(y).transpose(1, 2)
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         return self.cfg.kernel == "auto" and mamba_chunk_scan_combined is not None and x.is_cuda

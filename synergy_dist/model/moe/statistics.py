@@ -39,10 +39,8 @@ class LoadStatistics:
 def load_statistics(counts: torch.Tensor) -> LoadStatistics:
     """Router-health numbers from per-expert counts (see references B.10)."""
     counts = counts.to(torch.float64)
-    total = counts.sum()
-    if total <= 0:
-        zero = torch.zeros((), dtype=torch.float32, device=counts.device)
-        return LoadStatistics(zero, zero)
+    # no load gives 0 for both through the clamp, without a branch on the tensor (a host synchronisation per layer)
+    total = counts.sum().clamp_min(1e-30)
     fraction = counts / total
     entropy = -(fraction * torch.log(fraction.clamp_min(1e-30))).sum()
     return LoadStatistics(entropy.float(), (counts.max() / (total / counts.numel())).float())
