@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from synergy_dist.checkpoint.safe_load import UnsafeCheckpointError
 from synergy_dist.generation import stream
 from synergy_dist.loading import LoadError, load_model
 
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read().removesuffix("\n")
     try:
         model, _, _ = load_model(args.checkpoint, args.device)
-    except LoadError as err:
+    except (LoadError, UnsafeCheckpointError) as err:
         print(f"synergy-generate: {err}", file=sys.stderr)
         return 2
     if args.echo:

@@ -6,7 +6,7 @@
                    -> stop on a signal -> checkpoint -> fault injection; at the end a checkpoint and a sample
 
 Exit status of fit(): 0 when train.max_steps is reached, REQUEUE_EXIT_CODE (75) after a
-SIGTERM/SIGUSR1 checkpoint.
+SIGTERM/SIGUSR1 checkpoint, CHECKPOINT_WRITE_EXIT_CODE (74) when a checkpoint cannot be written.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from synergy_dist.model.statistics import ModelStatistics, bits_per_byte
 from synergy_dist.model.synergy import SynergyLM
 from synergy_dist.train.data import build_dataset, data_sources
 from synergy_dist.train.distributed import (
+    CHECKPOINT_WRITE_EXIT_CODE,
     REQUEUE_EXIT_CODE,
     detect_env,
     init_distributed,
@@ -343,7 +344,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> int:
-        """Train to train.max_steps (returns 0), or until a SIGTERM/SIGUSR1 checkpoint (returns 75)."""
+        """Train to train.max_steps (returns 0), or until a SIGTERM/SIGUSR1 checkpoint (returns 75), or until a
+        checkpoint cannot be written (returns 74, the previous checkpoint standing)."""
         try:
             with stop_signal_handlers(self._on_signal):
                 self._restart_data()
@@ -363,6 +365,10 @@ class Trainer:
                     self.faults.after_step(self.step, lambda: self.stop_signal is not None)
                 self._finish()
                 return 0
+        except ckpt.CheckpointWriteError as err:  # every rank raises it, with the same message
+            with suppress(OSError):  # the line is printed first; events.log may sit on the full disk too
+                self.metrics.event(f"synergy-train: {err}")
+            return CHECKPOINT_WRITE_EXIT_CODE
         finally:
             self.metrics.close()
 
