@@ -65,9 +65,9 @@ def unsafe_globals(file: Path) -> list[str]:
     try:
         found = torch.serialization.get_unsafe_globals_in_checkpoint(str(file))
     except Exception as err:  # not a zip, torchscript, truncated, or opcodes the scanner does not know
-        raise UnsafeCheckpointError(f"checkpoint file {file} cannot be checked for code ({err}); it was not "
-                                    "written by synergy-train: delete it or restore the checkpoint from a trusted "
-                                    "copy") from None
+        raise UnsafeCheckpointError(f"refusing checkpoint file {file}: it cannot be checked for code ({err}); only "
+                                    "torch.save's zip format can (DeepSpeed's default, checkpoint_serialization=true): "
+                                    "delete it or restore the checkpoint from a trusted copy") from None
     return sorted(set(found) - ALLOWED_GLOBALS)
 
 
