@@ -107,12 +107,11 @@ def plant(run_dir: Path, name: str, marker: Path) -> Path:
     return checkpoint / name
 
 
-@pytest.mark.parametrize("planted", ["mp_rank_00_model_states.pt", "rank_00000.pt"])
-def test_a_planted_pickle_is_refused_by_every_cli_and_by_resume(trained, sample_dir, tmp_path, capsys, planted):
+def test_a_planted_pickle_is_refused_by_every_cli_and_by_resume(trained, sample_dir, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(trained["run"]["dir"], run_dir)
     marker = tmp_path / "code_ran"
-    file = plant(run_dir, planted, marker)
+    file = plant(run_dir, "mp_rank_00_model_states.pt", marker)  # read by DeepSpeed on resume, by us elsewhere
     refusal = (f"refusing checkpoint file {file}: loading it would call io.open, which a checkpoint written by "
                "synergy-train never holds; delete it or restore the checkpoint from a trusted copy")
     calls = {
