@@ -11,6 +11,7 @@
 #   MAX_RESTARTS    requeues allowed before giving up (default 20)
 #   TRAIN_CMD       trainer executable (default: synergy-train found on PATH)
 #   MASTER_PORT     rendezvous port (default: derived from the job id)
+#   TASK_EXIT_WAIT  seconds srun gives the other ranks once one rank ended, then kills them (default 60)
 # Dotted overrides can also come from OVERRIDES="a.b=1 c.d=2". See docs/CLUSTER.md.
 #
 # CPU variant of the same template (gloo backend, e.g. for testing the whole path):
@@ -23,7 +24,7 @@
 #SBATCH --cpus-per-task=8
 #SBATCH --time=24:00:00
 # Ask SLURM for USR1 to this batch shell 5 minutes before the time limit; the trainer then
-# checkpoints and exits 75, and this script requeues the job.
+# checkpoints and exits 75, and this script requeues the job (also on 76, a hung step).
 #SBATCH --signal=B:USR1@300
 #SBATCH --requeue
 # Append: a requeued job keeps the same log files, and truncating them would lose earlier attempts.
@@ -36,8 +37,10 @@
 ##SBATCH --exclusive
 set -euo pipefail
 
-# The trainer's "I checkpointed on a signal, requeue me" status (synergy_dist/train/distributed.py).
+# The trainer's "I checkpointed on a signal, requeue me" status and its watchdog's "a step hung, my
+# stacks are in the log" status (synergy_dist/train/distributed.py); both are requeued.
 readonly REQUEUE_EXIT_CODE=75
+readonly WATCHDOG_EXIT_CODE=76
 
 die() { echo "pretrain.sh: error: $*" >&2; exit 2; }
 
@@ -115,13 +118,24 @@ echo "pretrain.sh: job $SLURM_JOB_ID attempt $((RESTARTS + 1)) on $SLURM_JOB_NOD
 # SLURM signals only this shell with --signal=B:USR1 (the time limit is near): pass it on to every
 # rank through the launch step. SIGTERM comes from scancel or preemption, and SLURM signals the
 # ranks itself then; forward it too, but leave the requeue decision to SLURM (see the end).
+# A rank ignores USR1 until the trainer has installed its handler (see the launch below), and SLURM
+# may signal up to a minute early, even while the ranks start: so USR1 is passed on again every
+# RESIGNAL_S seconds until the launch ends (the trainer only sets a flag, however often it comes).
+readonly RESIGNAL_S=15
 LAUNCH_PID=""
 SIGNALLED=""
 INTERRUPTED=""
+RESIGNALLER=""
 forward() {
     SIGNALLED="$1"; INTERRUPTED=1
     echo "pretrain.sh: got SIG$1, asking the trainer to checkpoint and stop"
-    if [ -n "$LAUNCH_PID" ]; then kill -s "$1" "$LAUNCH_PID" 2>/dev/null || true; fi
+    if [ -n "$LAUNCH_PID" ]; then
+        kill -s "$1" "$LAUNCH_PID" 2>/dev/null || true
+        if [ "$1" = USR1 ] && [ -z "$RESIGNALLER" ]; then
+            (trap - USR1 TERM; while sleep "$RESIGNAL_S" && kill -s USR1 "$LAUNCH_PID" 2>/dev/null; do :; done) &
+            RESIGNALLER=$!
+        fi
+    fi
 }
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
@@ -129,10 +143,16 @@ trap 'forward TERM' TERM
 # ---- launch ----------------------------------------------------------------------------------
 # The launched tree ignores USR1 in its shell wrapper so that launcher processes (deepspeed's
 # runner) survive it; the trainer installs its own handler, which overrides the inherited ignore.
+# A rank that ends (killed, crashed, its watchdog fired) leaves the others at most TASK_EXIT_WAIT
+# seconds: they usually end sooner by themselves (a collective with a dead peer fails, or times out
+# after distributed.timeout_s; a hung step trips the watchdog), and srun kills what is left. Not
+# --kill-on-bad-exit=1: it terminates the other ranks the moment one exits non-zero, also when
+# every rank is about to exit 75 or 76 itself, and srun then reports 143 (measured), which would
+# hide the requeue statuses.
 case "$LAUNCHER" in
     srun)
         srun --ntasks-per-node="$PROCS_PER_NODE" --ntasks="$WORLD_SIZE" --cpus-per-task="$CPUS_PER_TASK" \
-             --kill-on-bad-exit=0 --wait="${TASK_EXIT_WAIT:-600}" \
+             --kill-on-bad-exit=0 --wait="${TASK_EXIT_WAIT:-60}" \
              bash -c 'trap "" USR1; exec "$@"' bash "$TRAIN_EXE" "${TRAIN_ARGS[@]}" &
         ;;
     deepspeed)
@@ -140,7 +160,7 @@ case "$LAUNCHER" in
         scontrol show hostnames "$SLURM_JOB_NODELIST" | awk -v slots="$PROCS_PER_NODE" '{print $1 " slots=" slots}' > "$HOSTFILE"
         # One launcher per node, no ssh: each starts its node's ranks and knows its node rank.
         srun --ntasks-per-node=1 --ntasks="$NNODES" --cpus-per-task=$(( PROCS_PER_NODE * CPUS_PER_TASK )) \
-             --kill-on-bad-exit=0 --wait="${TASK_EXIT_WAIT:-600}" \
+             --kill-on-bad-exit=0 --wait="${TASK_EXIT_WAIT:-60}" \
              bash -c 'trap "" USR1; exec deepspeed --hostfile "$1" --no_ssh --node_rank "$SLURM_NODEID" \
                         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${@:2}"' \
              bash "$HOSTFILE" "$TRAIN_EXE" "${TRAIN_ARGS[@]}" &
@@ -158,6 +178,7 @@ while :; do
     if [ -n "$INTERRUPTED" ] && [ "$STATUS" -gt 128 ]; then continue; fi
     break
 done
+if [ -n "$RESIGNALLER" ]; then kill "$RESIGNALLER" 2>/dev/null || true; fi
 
 if [ "$STATUS" -eq 0 ]; then
     echo "pretrain.sh: training finished (exit 0); checkpoints and metrics in $RUN_DIR"
@@ -169,18 +190,23 @@ if [ "$STATUS" -eq "$REQUEUE_EXIT_CODE" ] && [ "$SIGNALLED" = TERM ]; then
          "from here. Resume by resubmitting with RUN_DIR=$RUN_DIR"
     exit "$REQUEUE_EXIT_CODE"
 fi
-if [ "$STATUS" -eq "$REQUEUE_EXIT_CODE" ]; then
-    if [ "$RESTARTS" -ge "$MAX_RESTARTS" ]; then
-        echo "pretrain.sh: trainer checkpointed, but the job was already requeued $RESTARTS times" \
-             "(MAX_RESTARTS=$MAX_RESTARTS); not requeueing. Resume by resubmitting with RUN_DIR=$RUN_DIR"
-        exit "$REQUEUE_EXIT_CODE"
+if [ "$STATUS" -eq "$REQUEUE_EXIT_CODE" ] || [ "$STATUS" -eq "$WATCHDOG_EXIT_CODE" ]; then
+    if [ "$STATUS" -eq "$WATCHDOG_EXIT_CODE" ]; then
+        WHAT="trainer's watchdog found a hung step (exit $STATUS; stack traces above)"
+    else
+        WHAT="trainer checkpointed (exit $STATUS)"
     fi
-    echo "pretrain.sh: trainer checkpointed (exit $STATUS); requeueing job $SLURM_JOB_ID" \
-         "(restart $((RESTARTS + 1)) of at most $MAX_RESTARTS)"
+    if [ "$RESTARTS" -ge "$MAX_RESTARTS" ]; then
+        echo "pretrain.sh: $WHAT, but the job was already requeued $RESTARTS times" \
+             "(MAX_RESTARTS=$MAX_RESTARTS); not requeueing. Resume by resubmitting with RUN_DIR=$RUN_DIR"
+        exit "$STATUS"
+    fi
+    echo "pretrain.sh: $WHAT; requeueing job $SLURM_JOB_ID (restart $((RESTARTS + 1)) of at most $MAX_RESTARTS)"
     # scontrol requeue ends this shell at once, so nothing may follow it.
     scontrol requeue "$SLURM_JOB_ID"
-    exit "$REQUEUE_EXIT_CODE"
+    exit "$STATUS"
 fi
 echo "pretrain.sh: trainer failed with exit $STATUS${SIGNALLED:+ after SIG$SIGNALLED}; not requeueing" \
-     "(only exit $REQUEUE_EXIT_CODE, a checkpoint on a signal, is requeued). Logs: $RUN_DIR/logs/"
+     "(only exit $REQUEUE_EXIT_CODE, a checkpoint on a signal, and $WATCHDOG_EXIT_CODE, a hung step, are" \
+     "requeued). Logs: $RUN_DIR/logs/"
 exit "$STATUS"

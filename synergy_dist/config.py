@@ -119,6 +119,10 @@ class SafeguardConfig:
     dead_expert_fraction: float = 0.01  # an expert with less than this share of mean load counts as dead
 
 
+# torch.compile backends for train.compile: inductor generates kernels; aot_eager only captures graphs (tests)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps in total
@@ -128,6 +132,21 @@ class TrainConfig:
     sample_bytes: int = 200  # bytes generated from sample_prompt at the end (0 = none)
     sample_prompt: str = "The "  # prompt for the final sample generation
     threads: int = 0  # torch intra-op threads per process (0 = leave torch's default / OMP_NUM_THREADS)
+    compile: bool = False  # torch.compile every block (train/compile.py); routing and cached generation stay eager
+    compile_backend: str = "inductor"  # "inductor" (generated kernels) | "aot_eager" (capture only, for tests)
+    # Watchdog (synergy_dist/train/watchdog.py): a training step that runs past its limit dumps every thread's
+    # stack and exits with 76. Checkpoint saves and evaluations are not steps and are never timed.
+    watchdog_s: float = 1800.0  # no step may take longer than this, first steps included (0 = no absolute limit)
+    watchdog_factor: float = 20.0  # after warm-up, nor longer than this x the median step (0 = no relative limit)
+    watchdog_warmup_steps: int = 20  # steps this process trains before the relative limit applies
+    watchdog_min_s: float = 300.0  # the relative limit is never below this (a recompilation is not a hang)
+
+
+@dataclass
+class DistributedConfig:
+    # A collective waits at most this long for the other ranks (torch.distributed's process-group timeout),
+    # then raises: a dead or stuck rank cannot leave the others waiting forever.
+    timeout_s: float = 600.0
 
 
 @dataclass
@@ -141,6 +160,9 @@ class DebugConfig:
     spike_factor: float = 100.0  # loss multiplier used by spike_loss_batches
     kill_in_save_at_step: int = 0  # SIGKILL this process half-way through saving the checkpoint of this step
     hang_after_step: int = 0  # wait (up to 10 min, or until SIGTERM/SIGUSR1) after this step, for a test's kill -9
+    stall_batches: list = field(default_factory=list)  # stall inside the step of these batches (up to 10 min)
+    stall_rank: int = -1  # the rank that stalls on stall_batches (-1 = every rank)
+    step_sleep_s: float = 0.0  # sleep this long after every step (a slow run, e.g. to meet a SLURM time limit)
 
 
 @dataclass
@@ -153,6 +175,7 @@ class Config:
     batch: BatchConfig = field(default_factory=BatchConfig)  # global batch and micro-batch
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)  # fp32 / bf16 / fp16
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)  # ZeRO, offload, expert parallelism
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)  # collective timeout
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)  # saving, retention, resume
     log: LogConfig = field(default_factory=LogConfig)  # metrics.jsonl, TensorBoard, console
     safeguards: SafeguardConfig = field(default_factory=SafeguardConfig)  # NaN/spike skips, rollback, alarms
@@ -452,6 +475,11 @@ def validate(cfg: Config) -> None:
              "train.eval_every_steps must be >= 0 and train.eval_batches >= 0 (0 = the whole validation set)")
     _require(t.sample_bytes >= 0, f"train.sample_bytes={t.sample_bytes} must be >= 0")
     _require(t.threads >= 0, f"train.threads={t.threads} must be >= 0")
+    _require(t.watchdog_s >= 0 and t.watchdog_factor >= 0 and t.watchdog_min_s >= 0 and t.watchdog_warmup_steps >= 1,
+             "train.watchdog_s, train.watchdog_factor and train.watchdog_min_s must be >= 0 (0 = off) and "
+             "train.watchdog_warmup_steps >= 1")
+    _require(cfg.distributed.timeout_s > 0,
+             f"distributed.timeout_s={cfg.distributed.timeout_s} must be > 0 (seconds, e.g. distributed.timeout_s=600)")
     _require(len(o.betas) == 2 and all(0.0 <= x < 1.0 for x in o.betas),
              f"optim.betas={o.betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
     _require(o.eps > 0, f"optim.eps={o.eps} must be > 0")
@@ -465,6 +493,8 @@ def validate(cfg: Config) -> None:
     _require(p.dtype in ("auto", "fp32", "bf16", "fp16"),
              f"precision.dtype='{p.dtype}' is unknown; use 'auto', 'fp32', 'bf16' or 'fp16'")
     _require(z.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={z.zero_stage} must be 0, 1, 2 or 3")
+    _require(cfg.train.compile_backend in COMPILE_BACKENDS, f"train.compile_backend={cfg.train.compile_backend!r} "
+             f"is not supported; use one of {', '.join(COMPILE_BACKENDS)}")
     _require(z.expert_parallel_size >= 1, f"deepspeed.expert_parallel_size={z.expert_parallel_size} must be >= 1")
     _require(not z.offload_optimizer or z.zero_stage >= 1,
              "deepspeed.offload_optimizer needs ZeRO; set deepspeed.zero_stage to 1, 2 or 3")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -103,8 +104,9 @@ def wait_finished(job_id: str, timeout: float) -> dict[str, str]:
                     timeout, f"job {job_id} to finish")
 
 
-def release_requeued(job_id: str, timeout: float) -> dict[str, str]:
-    """SLURM holds a requeued job ~2 minutes (BeginTime); let it start in a few seconds instead.
+def release_requeued(job_id: str, timeout: float, *updates: str) -> dict[str, str]:
+    """SLURM holds a requeued job ~2 minutes (BeginTime); let it start in a few seconds instead, with
+    `updates` (e.g. "TimeLimit=15") applied to it as well.
 
     Not at once: slurmd revokes the old instance's credential when the requeue kills it, with a
     timestamp in whole seconds, and refuses a new credential created in that same second ("Killing
@@ -116,7 +118,8 @@ def release_requeued(job_id: str, timeout: float) -> dict[str, str]:
 
     info = wait_for(requeued, timeout, f"job {job_id} to be requeued")
     time.sleep(3)
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, capture_output=True)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", *updates], check=True,
+                   capture_output=True)
     return info
 
 
@@ -193,9 +196,20 @@ def test_local_cluster_runs_a_two_task_batch_job(jobs, tmp_path):
     assert lines == ["rank=0 of=2", "rank=1 of=2"]
 
 
-def test_pretrain_cpu_two_tasks_trains_checkpoints_and_exits_0(jobs, tmp_path):
-    job_id, run_dir = submit_pretrain(jobs, tmp_path, ["train.max_steps=6", "checkpoint.every_steps=3"])
-    info = wait_finished(job_id, JOB_TIMEOUT)
+@pytest.fixture(scope="module")
+def uninterrupted(slurm_cluster, tmp_path_factory) -> tuple[str, Path, dict[str, str]]:
+    """A 6-step job run once for the module: (job id, run dir, final scontrol info)."""
+    tracker = Jobs()
+    try:
+        job_id, run_dir = submit_pretrain(tracker, tmp_path_factory.mktemp("uninterrupted"),
+                                          ["train.max_steps=6", "checkpoint.every_steps=3"])
+        yield job_id, run_dir, wait_finished(job_id, JOB_TIMEOUT)
+    finally:
+        tracker.cancel_all()
+
+
+def test_pretrain_cpu_two_tasks_trains_checkpoints_and_exits_0(uninterrupted):
+    job_id, run_dir, info = uninterrupted
     log = job_log(run_dir, job_id)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log
     rows = read_metrics(run_dir)
@@ -241,6 +255,66 @@ def test_pretrain_deepspeed_launcher_stops_requeueing_at_max_restarts(jobs, tmp_
     assert {r["world_size"] for r in read_metrics(run_dir)} == {2}
     # The signal's checkpoint is complete and names the last logged step: resubmitting resumes there.
     assert (run_dir / "checkpoints" / f"step_{steps[-1]:08d}").is_dir()
+
+
+def test_pretrain_real_time_limit_signals_checkpoints_requeues_and_finishes(jobs, tmp_path):
+    """SLURM itself sends USR1 60 s before a 2-minute limit (up to a minute early: its timer runs every 30 s);
+    no scancel here. The run is slowed to ~1 s a step so that it is still training then."""
+    total = 60
+    job_id = jobs.sbatch(["--gpus-per-node=0", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=2",
+                          "--signal=B:USR1@60", f"--output={tmp_path}/slurm-%j.out", str(PRETRAIN), *QUICK,
+                          f"train.max_steps={total}", "checkpoint.every_steps=0", "debug.step_sleep_s=1.0"],
+                         job_env(CONFIG=str(TINY), RUN_DIR=str(tmp_path / "run")), cwd=tmp_path)
+    run_dir = tmp_path / "run"
+    # The requeued attempt gets a longer limit, so that it finishes instead of meeting the signal again.
+    release_requeued(job_id, 180, "TimeLimit=15")
+    steps_before_requeue = last_step(run_dir)
+    info = wait_finished(job_id, JOB_TIMEOUT)
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log
+    assert 0 < steps_before_requeue < total, "the first attempt must stop early, on SLURM's signal"
+    assert "got SIGUSR1" in log and "got SIGTERM" not in log  # the warning signal, not the time limit's kill
+    assert f"trainer checkpointed (exit 75); requeueing job {job_id} (restart 1 of at most 20)" in log
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{steps_before_requeue:08d}'}" in log
+    steps = [r["step"] for r in read_metrics(run_dir)]
+    assert steps == list(range(1, total + 1)), "every step trained exactly once across the requeue"
+
+
+def rank_pid(job_id: str, rank: int) -> int:
+    """The trainer process of `rank` in the job (srun sets SLURM_JOB_ID and SLURM_PROCID in its environment)."""
+    wanted = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={rank}".encode()}
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+            environ = set((proc / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if wanted <= environ and any(a.endswith(b"synergy-train") for a in argv[:2]):
+            return int(proc.name)
+    raise AssertionError(f"no synergy-train process of rank {rank} in job {job_id}")
+
+
+def test_pretrain_killed_rank_ends_the_job_and_a_resubmit_resumes_exactly(jobs, tmp_path, uninterrupted):
+    # Rank 1 stalls inside step 5, so rank 0 waits for it in that step's all-reduce; then rank 1 is killed.
+    overrides = ["train.max_steps=6", "checkpoint.every_steps=3"]
+    job_id, run_dir = submit_pretrain(jobs, tmp_path, [*overrides, "debug.stall_batches=[5]", "debug.stall_rank=1"])
+    wait_for(lambda: last_step(run_dir) >= 4, JOB_TIMEOUT, f"step 4 in {run_dir}/metrics.jsonl")
+    os.kill(rank_pid(job_id, 1), signal.SIGKILL)
+    # The other rank's collective fails at once (gloo); srun's --wait (TASK_EXIT_WAIT, 60 s) bounds it anyway.
+    info = wait_finished(job_id, 90)
+    log = job_log(run_dir, job_id)
+    assert (info["JobState"], info["Restarts"]) == ("FAILED", "0"), log
+    assert f"trainer failed with exit {info['ExitCode'].split(':')[0]}; not requeueing" in log
+    assert last_step(run_dir) == 4
+
+    again, _ = submit_pretrain(jobs, tmp_path, overrides)  # the same RUN_DIR: resume
+    info = wait_finished(again, JOB_TIMEOUT)
+    log = job_log(run_dir, again)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000003'} at step 3" in log
+    losses = {r["step"]: r["loss"] for r in read_metrics(run_dir)}  # the resumed run's, for steps 4-6
+    reference = {r["step"]: r["loss"] for r in read_metrics(uninterrupted[1])}
+    assert losses == reference  # bitwise: floats compare exactly
 
 
 def test_pretrain_scancel_checkpoints_but_is_not_requeued(jobs, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -64,8 +65,9 @@ def detect_env() -> DistEnv:
     return DistEnv(rank=rank, local_rank=local, world_size=world, launcher=launcher, device=device, backend=backend)
 
 
-def init_distributed(denv: DistEnv) -> None:
-    """Set the variables torch.distributed and DeepSpeed expect, then create the process group."""
+def init_distributed(denv: DistEnv, timeout_s: float = 600.0) -> None:
+    """Set the variables torch.distributed and DeepSpeed expect, then create the process group, whose
+    collectives raise after `timeout_s` seconds without the other ranks (distributed.timeout_s)."""
     set_deepspeed_accelerator()  # before deepspeed is imported anywhere
     os.environ["RANK"] = str(denv.rank)
     os.environ["LOCAL_RANK"] = str(denv.local_rank)
@@ -81,7 +83,8 @@ def init_distributed(denv: DistEnv) -> None:
         torch.cuda.set_device(torch.device(denv.device))
     import deepspeed  # heavy (~1.2 s), and only after set_deepspeed_accelerator() above
 
-    deepspeed.init_distributed(dist_backend=denv.backend, auto_mpi_discovery=False)
+    deepspeed.init_distributed(dist_backend=denv.backend, auto_mpi_discovery=False,
+                               timeout=timedelta(seconds=timeout_s))
 
 
 def resolve_dtype(requested: str, device_type: str) -> torch.dtype:

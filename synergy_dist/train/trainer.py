@@ -6,7 +6,8 @@
                    -> stop on a signal -> checkpoint -> fault injection; at the end a checkpoint and a sample
 
 Exit status of fit(): 0 when train.max_steps is reached, REQUEUE_EXIT_CODE (75) after a
-SIGTERM/SIGUSR1 checkpoint, CHECKPOINT_WRITE_EXIT_CODE (74) when a checkpoint cannot be written.
+SIGTERM/SIGUSR1 checkpoint, CHECKPOINT_WRITE_EXIT_CODE (74) when a checkpoint cannot be written; a step
+that hangs ends the process with WATCHDOG_EXIT_CODE (76, watchdog.py).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from synergy_dist.model.moe.expert_parallel import get_expert_parallel_group, in
 from synergy_dist.model.moe.layer import MoEFeedForward, moe_param_groups, update_moe_biases
 from synergy_dist.model.statistics import ModelStatistics, bits_per_byte
 from synergy_dist.model.synergy import SynergyLM
+from synergy_dist.train.compile import compile_blocks, compile_counts
 from synergy_dist.train.data import build_dataset, data_sources
 from synergy_dist.train.distributed import (
     CHECKPOINT_WRITE_EXIT_CODE,
@@ -49,6 +51,7 @@ from synergy_dist.train.phases import PhaseClock
 from synergy_dist.train.safeguards import Safeguards, Verdict
 from synergy_dist.train.schedule import lr_at
 from synergy_dist.train.seeding import rank_seed, seed_everything
+from synergy_dist.train.watchdog import Watchdog
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # checkpoint, then exit with REQUEUE_EXIT_CODE
 
@@ -83,7 +86,7 @@ class Trainer:
         self.cfg = cfg
         self.env = detect_env()
         validate_for_world(cfg, self.env.world_size, self.env.device_type)  # before any compute
-        init_distributed(self.env)
+        init_distributed(self.env, cfg.distributed.timeout_s)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.rank, self.world = self.env.rank, self.env.world_size
@@ -111,7 +114,7 @@ class Trainer:
         seed_everything(rank_seed(cfg.seed, self.rank))  # per-rank stream (MoE jitter, dropout)
 
         self.guards = Safeguards(cfg.safeguards)
-        self.faults = FaultInjector(cfg.debug)
+        self.faults = FaultInjector(cfg.debug, self.rank)
         self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.train.max_steps,
                                      cfg.log.tensorboard, cfg.log.console)
         self.step = 0  # optimizer steps done (applied or skipped)
@@ -133,6 +136,8 @@ class Trainer:
         seed_everything(self.cfg.seed)
         model = SynergyLM(self.cfg.model)
         model.set_activation_checkpointing(self.cfg.deepspeed.activation_checkpointing)
+        if self.cfg.train.compile:
+            compile_blocks(model, self.cfg.train.compile_backend)
         if self.dtype == torch.float16:
             model = model.to(self.dtype)  # DeepSpeed's fp16 mode (plain byte models only); bf16 runs under autocast
         return model.to(self.env.device)
@@ -347,11 +352,13 @@ class Trainer:
         """Train to train.max_steps (returns 0), or until a SIGTERM/SIGUSR1 checkpoint (returns 75), or until a
         checkpoint cannot be written (returns 74, the previous checkpoint standing)."""
         try:
-            with stop_signal_handlers(self._on_signal):
+            note = self.metrics.event if self.env.is_main else None  # the watchdog's line, in events.log too
+            with stop_signal_handlers(self._on_signal), Watchdog(self.cfg.train, self.rank, note) as dog:
                 self._restart_data()
                 while self.step < self.cfg.train.max_steps:
                     started = time.perf_counter()
-                    result = self.train_step()
+                    with dog.step(self.step + 1):  # a hung step exits with WATCHDOG_EXIT_CODE (76)
+                        result = self.train_step()
                     elapsed = time.perf_counter() - started
                     self._report_skip(result)
                     if result.verdict.rollback:
@@ -430,6 +437,8 @@ class Trainer:
             "memory_mb": self._memory_mb(), **result.phases,
         }
         record["router_alarms"] = self._raise_router_alarms(stats, targets)
+        if cfg.train.compile:
+            record.update(compile_counts())  # recompilations included: must stay bounded
         self.metrics.log(self.step, record)
 
     def _raise_router_alarms(self, stats: ModelStatistics, targets: dict[str, float]) -> int:

@@ -56,8 +56,11 @@ ReturnToService=2
 JobRequeue=1
 # Keep finished jobs visible to scontrol for a while (there is no accounting database).
 MinJobAge=600
-# Seconds between SIGTERM and SIGKILL on scancel: time for the trainer to checkpoint.
+# Seconds between SIGTERM and SIGKILL on scancel and at a time limit: time for the trainer to checkpoint.
 KillWait=30
+# No grace past a job's time limit (the default, stated for the time-limit test). SLURM checks limits and
+# sends --signal warnings from a 30 s timer (compiled in), so a warning may come up to a minute early.
+OverTimeLimit=0
 StateSaveLocation=$STATE_DIR/ctld
 SlurmdSpoolDir=$STATE_DIR/d
 SlurmctldPidFile=$STATE_DIR/slurmctld.pid
