@@ -13,16 +13,21 @@ What `engine.save_checkpoint(root, tag)` writes into root/tag (DeepSpeed's defau
     expp_rank_<p>_mp_rank_00_optim_states.pt         ZeRO-0 with MoE: the whole torch optimizer state of
                                                      expert-parallel rank p ("optimizer")
 
-Every other module reads these files through this one.
+Every other module reads these files through this one, weights-only (safe_load.py): reading a
+checkpoint never runs code from it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from synergy_dist.checkpoint import safe_load
 
 MODEL_STATES = "mp_rank_00_model_states.pt"
 EXPERT_STATES_GLOB = "layer_*_expert_*_mp_rank_00_model_states.pt"
@@ -51,7 +56,48 @@ def expert_parallel_optimizer_file(checkpoint: Path, ep_rank: int) -> Path:
 
 
 def _load(file: Path) -> Any:
-    return torch.load(file, map_location="cpu", weights_only=False)
+    return safe_load.load(file)
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclass
+class SaveRecord:
+    """What this rank's engine.save_checkpoint wrote, and the writes that failed."""
+
+    written: list[Path]
+    failures: list[tuple[Path, Exception]]
+
+
+@contextmanager
+def recording_saves(engine: Any, is_write_error: Callable[[Exception], bool]) -> Iterator[SaveRecord]:
+    """Inside the block, every file the engine's checkpoint engine writes (DeepSpeed writes all its checkpoint
+    files through `engine.checkpoint_engine.save(state_dict, path)`) is recorded. A write that fails with an
+    error `is_write_error` accepts (disk full, ...) is recorded instead of raised, so that this rank still
+    reaches the collectives inside engine.save_checkpoint and no other rank waits for it forever."""
+    record = SaveRecord(written=[], failures=[])
+    checkpoint_engine = engine.checkpoint_engine
+    original, shadowed = checkpoint_engine.save, vars(checkpoint_engine).get("save")
+
+    def save(state_dict, path):
+        try:
+            original(state_dict, path)
+        except Exception as err:
+            if not is_write_error(err):
+                raise
+            record.failures.append((Path(path), err))
+        else:
+            record.written.append(Path(path))
+
+    checkpoint_engine.save = save  # on this instance only, for the duration of the block
+    try:
+        yield record
+    finally:
+        if shadowed is None:
+            del checkpoint_engine.save
+        else:
+            checkpoint_engine.save = shadowed
 
 
 # ----------------------------------------------------------------------------- model states
@@ -79,7 +125,8 @@ def read_zero3_fp32_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """Full fp32 model weights gathered from the ZeRO-3 partitions of every rank."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # deferred: heavy (~1.2 s)
 
-    return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
+    with safe_load.weights_only_loads(checkpoint):  # zero_to_fp32 asks torch.load for weights_only=False
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name))
 
 
 # ----------------------------------------------------------------------------- optimizer partitions

@@ -11,10 +11,16 @@ Layout of one checkpoint, RUN_DIR/checkpoints/step_00000100/:
 A directory without COMPLETE (killed mid-save) or whose files do not match COMPLETE (truncated or
 overwritten) is skipped with a warning naming it and never loaded. A checkpoint written by another
 number of ranks or expert-parallel size is re-sharded on load (elastic.py).
+
+Durability: every file is fsynced by the rank that wrote it, then the directory, before COMPLETE is
+written; the directory again after it. A write that fails (disk full, read-only) raises
+CheckpointWriteError on every rank with one line, and the previous checkpoint stands. Loading never
+runs code from a file (safe_load.py).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -30,7 +36,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from synergy_dist.checkpoint import elastic
+from synergy_dist.checkpoint import elastic, safe_load
+from synergy_dist.checkpoint.deepspeed_files import recording_saves
 
 MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
@@ -56,6 +63,15 @@ def _fsync_write(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- RNG
@@ -139,31 +155,118 @@ def find_latest_complete(root: Path, verify_files: bool = True) -> Path | None:
 # ----------------------------------------------------------------------------- saving
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint that could not be written (disk full, read-only, quota); the previous one is untouched."""
+
+
+def is_write_error(err: Exception) -> bool:
+    """Whether `err` is a failed write rather than a bug: an OSError, or the RuntimeError of torch.save's
+    archive writer (what a full disk gives it)."""
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and
+                                        ("inline_container" in str(err) or "PytorchStreamWriter" in str(err)))
+
+
 def save_checkpoint(engine: Any, root: Path, step: int, trainer_state: dict, rank: int, world_size: int,
                     on_rank_files_written: Callable[[Path], None] | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint directory.
 
+    Each rank writes its files and fsyncs them; once every rank has, rank 0 writes the trainer state, fsyncs
+    the directory, writes the completion marker and fsyncs the directory (and checkpoints/) again: a marker
+    that survives a crash of the machine lists files that survived it too. A failed write on any rank raises
+    CheckpointWriteError on every rank (one line: where, why, the space needed); the partial directory is
+    removed, the previous checkpoint is untouched.
+
     on_rank_files_written(path) runs on each rank once its own files are written, before the ranks wait
     for each other and the completion marker is written (fault injection in tests)."""
     path = root / tag_for(step)
-    if rank == 0:
+    failure = _agreed_failure(_make_directory(path) if rank == 0 else None, world_size)
+    if failure is None:
+        failure = _write_rank_files(engine, path, step, rank)
+        if failure is None and on_rank_files_written is not None:
+            on_rank_files_written(path)
+    failure = _agreed_failure(failure, world_size)  # every rank has written and fsynced its files
+    if failure is None and rank == 0:
+        try:
+            _fsync_write(path / TRAINER_STATE, json.dumps(trainer_state, indent=1))
+            _fsync(path)  # every file's directory entry, before the marker says they are there
+            write_marker(path, step, world_size)
+            _fsync(path)
+            _fsync(root)  # the step directory's own entry
+        except OSError as err:
+            failure = _write_failure(path, err)
+    failure = _agreed_failure(failure, world_size)
+    if failure is not None:
+        if rank == 0:
+            shutil.rmtree(path, ignore_errors=True)
+        raise CheckpointWriteError(failure)
+    return path
+
+
+def _make_directory(path: Path) -> str | None:
+    """A fresh, empty checkpoint directory at `path` (None), or why it could not be made."""
+    try:
         if path.exists():  # a leftover from an earlier, interrupted attempt at this step
             shutil.rmtree(path)
         path.mkdir(parents=True)
-    if world_size > 1:
-        dist.barrier()
-    engine.save_checkpoint(str(root), tag=path.name, client_state={"step": step}, save_latest=False)
-    torch.save(rng_state(), path / f"rank_{rank:05d}.pt")
-    if on_rank_files_written is not None:
-        on_rank_files_written(path)
-    if world_size > 1:
-        dist.barrier()  # every rank has written its files
-    if rank == 0:
-        _fsync_write(path / TRAINER_STATE, json.dumps(trainer_state, indent=1))
-        write_marker(path, step, world_size)
-    if world_size > 1:
-        dist.barrier()
-    return path
+    except OSError as err:
+        return _write_failure(path, err)
+    return None
+
+
+def _write_rank_files(engine: Any, path: Path, step: int, rank: int) -> str | None:
+    """This rank's files of the checkpoint (DeepSpeed's, then its RNG states), written and fsynced:
+    None, or why they could not be."""
+    try:
+        with recording_saves(engine, is_write_error) as record:
+            engine.save_checkpoint(str(path.parent), tag=path.name, client_state={"step": step}, save_latest=False)
+        if record.failures:
+            file, err = record.failures[0]
+            return _write_failure(path, err, file)
+        rng_file = path / f"rank_{rank:05d}.pt"
+        torch.save(rng_state(), rng_file)
+        for file in [*record.written, rng_file]:
+            _fsync(file)
+    except Exception as err:
+        if not is_write_error(err):
+            raise
+        return _write_failure(path, err)
+    return None
+
+
+def _agreed_failure(failure: str | None, world_size: int) -> str | None:
+    """Collective, and a barrier: the lowest failing rank's message, the same on every rank (None: all fine)."""
+    if world_size == 1:
+        return failure
+    gathered: list[str | None] = [None] * world_size
+    dist.all_gather_object(gathered, failure)
+    return next((f for f in gathered if f is not None), None)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _write_failure(path: Path, err: Exception, file: Path | None = None) -> str:
+    """One line: the checkpoint that could not be written, where, why, the space it needs and what to do."""
+    root = path.parent
+    free = shutil.disk_usage(root).free if root.is_dir() else 0
+    previous = next((p for _, p in reversed(list_step_dirs(root))
+                     if p != path and check_complete(p, verify_files=False) is None), None)
+    if previous is not None:
+        needed = sum(size for size, _ in json.loads((previous / MARKER).read_text())["files"].values())
+        space = f"a checkpoint of this run takes about {_mib(needed)} ({previous.name}) and {_mib(free)} is free there"
+        then = f"resume from {previous.name}, which is complete"
+    else:
+        needed = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+        space = f"it needs more than the {_mib(needed)} written before the failure and {_mib(free)} is free there"
+        then = "start again"
+    if isinstance(err, OSError) and err.strerror:
+        reason = err.strerror
+    else:  # torch.save's writer does not say why; a full disk is what makes it fail
+        reason = os.strerror(errno.ENOSPC) if free < needed else f"write failed: {str(err).splitlines()[0]}"
+    where = f"writing {file.name}: " if file is not None else ""
+    return (f"checkpoint {path.name} could not be written in {root} ({where}{reason}); {space}: free space or "
+            f"move run.dir, then {then}")
 
 
 def write_marker(path: Path, step: int, world_size: int) -> None:
@@ -177,19 +280,25 @@ def write_marker(path: Path, step: int, world_size: int) -> None:
 
 def prune(root: Path, keep_last: int, keep_every: int) -> list[Path]:
     """Delete complete checkpoints outside (newest keep_last) + (multiples of keep_every), and
-    incomplete leftovers older than the newest complete one. Rank 0 only. Returns what it deleted."""
+    incomplete leftovers older than the newest complete one. Rank 0 only. Returns what it deleted.
+
+    Complete means a marker whose files are all there at their recorded sizes, so a newer checkpoint that is
+    incomplete or damaged never costs an older one, and nothing is deleted before one is complete; the newest
+    complete checkpoint is always kept. A checkpoint loses its marker first: a deletion cut short leaves an
+    incomplete directory, never one that looks complete."""
     dirs = list_step_dirs(root)
-    complete = [(s, p) for s, p in dirs if (p / MARKER).is_file()]
+    complete = [(s, p) for s, p in dirs if check_complete(p, verify_files=False) is None]
     if not complete:
         return []
-    keep = {p for _, p in complete[-keep_last:]}
+    keep = {p for _, p in complete[-max(keep_last, 1):]}
     if keep_every > 0:
         keep |= {p for s, p in complete if s % keep_every == 0}
     newest = complete[-1][0]
+    complete_paths = {p for _, p in complete}
     deleted = []
     for step, path in dirs:
-        is_complete = (path / MARKER).is_file()
-        if (is_complete and path not in keep) or (not is_complete and step < newest):
+        if path not in keep and (path in complete_paths or step < newest):
+            (path / MARKER).unlink(missing_ok=True)
             shutil.rmtree(path, ignore_errors=True)
             deleted.append(path)
     return deleted
@@ -208,9 +317,41 @@ def saved_geometry(path: Path) -> tuple[int, int]:
 def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int, expert_parallel_size: int = 1) -> dict:
     """Collective: restore engine state and this rank's RNG; returns the trainer state.
 
-    A checkpoint written by another number of ranks or expert-parallel size is re-sharded (elastic.py)."""
+    A checkpoint written by another number of ranks or expert-parallel size is re-sharded (elastic.py).
+    Every .pt file is checked before any is read, and every read is weights-only, DeepSpeed's included
+    (safe_load.py): a file that would run code raises safe_load.UnsafeCheckpointError on every rank."""
     state = read_trainer_state(path)
     saved_world, saved_ep = saved_geometry(path)
+    _refuse_unsafe_files(path, rank, world_size)
+    with safe_load.weights_only_loads(path):
+        _load_states(engine, path, saved_world, saved_ep, world_size, expert_parallel_size)
+    rng_file = path / f"rank_{rank:05d}.pt"
+    if saved_world == world_size and rng_file.is_file():
+        set_rng_state(safe_load.load(rng_file))
+    elif rank == 0:
+        warnings.warn(f"checkpoint {path} was written by {saved_world} ranks, resuming on {world_size}: "
+                      "random generators are re-seeded instead of restored", stacklevel=2)
+    return state
+
+
+def _refuse_unsafe_files(path: Path, rank: int, world_size: int) -> None:
+    """Collective: rank 0 checks every .pt file of the checkpoint; every rank raises the same
+    UnsafeCheckpointError for one that would run code."""
+    problem: list[str | None] = [None]
+    if rank == 0:
+        try:
+            safe_load.check_checkpoint(path)
+        except safe_load.UnsafeCheckpointError as err:
+            problem = [str(err)]
+    if world_size > 1:
+        dist.broadcast_object_list(problem, src=0)
+    if problem[0] is not None:
+        raise safe_load.UnsafeCheckpointError(problem[0])
+
+
+def _load_states(engine: Any, path: Path, saved_world: int, saved_ep: int, world_size: int,
+                 expert_parallel_size: int) -> None:
+    """The engine's weights and optimizer state from `path`, re-sharded when the geometry changed."""
     zero_stage = engine.zero_optimization_stage()
     if (saved_world, saved_ep) != (world_size, expert_parallel_size) and zero_stage in (1, 2):
         # DeepSpeed refuses to re-partition ZeRO-1/2 optimizer state for a new world size, and its universal
@@ -236,10 +377,3 @@ def load_checkpoint(engine: Any, path: Path, rank: int, world_size: int, expert_
                                            load_lr_scheduler_states=False, load_module_strict=True)
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {path}")
-    rng_file = path / f"rank_{rank:05d}.pt"
-    if saved_world == world_size and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
-    elif rank == 0:
-        warnings.warn(f"checkpoint {path} was written by {saved_world} ranks, resuming on {world_size}: "
-                      "random generators are re-seeded instead of restored", stacklevel=2)
-    return state

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from synergy_dist.checkpoint.safe_load import UnsafeCheckpointError
 from synergy_dist.eval_checkpoint import DataError, evaluate_checkpoint
 from synergy_dist.evaluate import format_table
 from synergy_dist.loading import LoadError
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = evaluate_checkpoint(args.checkpoint, args.data, args.seq_len, args.batch_size, args.text_field,
                                      args.device)
-    except (LoadError, DataError) as err:
+    except (LoadError, DataError, UnsafeCheckpointError) as err:
         print(f"synergy-eval: {err}", file=sys.stderr)
         return 2
     print(f"checkpoint: {result['checkpoint']}   seq_len {result['seq_len']}   batch {result['batch_size']}")

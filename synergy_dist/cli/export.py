@@ -20,6 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from synergy_dist.checkpoint.safe_load import UnsafeCheckpointError
 from synergy_dist.export import EXPORT_CONFIG, EXPORT_WEIGHTS, FORMATS, ExportError, export
 
 
@@ -36,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export(args.source, args.output, args.dtype, args.format)
-    except ExportError as err:
+    except (ExportError, UnsafeCheckpointError) as err:
         print(f"synergy-export: {err}", file=sys.stderr)
         return 2
     if args.format == "hf":

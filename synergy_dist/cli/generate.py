@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from synergy_dist.checkpoint.safe_load import UnsafeCheckpointError
 from synergy_dist.generation import generate_batches, stream
 from synergy_dist.loading import LoadError, load_model
 
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         model, _, _ = load_model(args.checkpoint, args.device)
-    except LoadError as err:
+    except (LoadError, UnsafeCheckpointError) as err:
         print(f"synergy-generate: {err}", file=sys.stderr)
         return 2
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

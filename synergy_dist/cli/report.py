@@ -21,6 +21,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from synergy_dist.checkpoint.safe_load import UnsafeCheckpointError
 from synergy_dist.report import ReportError
 from synergy_dist.report.run_report import make_report
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     output = args.output or args.run_dir / "report"
     try:
         report = make_report(args.run_dir, output, args.text, args.max_bytes)
-    except ReportError as err:
+    except (ReportError, UnsafeCheckpointError) as err:
         print(f"synergy-report: {err}", file=sys.stderr)
         return 2
     for note in report.notes:

@@ -2,7 +2,8 @@
 
 Runs single-process, or under `deepspeed --num_gpus N`, `torchrun --nproc_per_node N` and `srun`
 (the launcher is detected from the environment). Exit status: 0 when done, 75 after a
-SIGTERM/SIGUSR1 checkpoint (requeue me), 2 for a bad configuration.
+SIGTERM/SIGUSR1 checkpoint (requeue me), 2 for a bad configuration or a checkpoint file that would run
+code, 74 when a checkpoint cannot be written (disk full; the previous one stands).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     # for alignment-independent results (needed for bitwise-equal losses after a resume on CPU).
     os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
     # Heavy imports (torch.distributed, DeepSpeed, the trainer) only after the config is valid.
+    from synergy_dist.checkpoint.safe_load import UnsafeCheckpointError
     from synergy_dist.train.distributed import detect_env
     from synergy_dist.train.trainer import train
 
@@ -43,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:  # checks that need the world size
         print(f"synergy-train: configuration error: {err}", file=sys.stderr)
         return 2
+    except UnsafeCheckpointError as err:  # every rank refuses the same file; one line says so
+        if detect_env().rank == 0:
+            print(f"synergy-train: {err}", file=sys.stderr)
+        status = 2
     if detect_env().world_size > 1:
         # After a clean multi-rank run (everything written, closed and past a final barrier), the
         # interpreter's teardown sometimes aborts in a leftover C++ thread ("terminate called without

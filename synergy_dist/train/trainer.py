@@ -6,7 +6,8 @@
                    -> stop on a signal -> checkpoint -> fault injection; at the end a checkpoint and a sample
 
 Exit status of fit(): 0 when train.max_steps is reached, REQUEUE_EXIT_CODE (75) after a
-SIGTERM/SIGUSR1 checkpoint; a step that hangs ends the process with WATCHDOG_EXIT_CODE (76, watchdog.py).
+SIGTERM/SIGUSR1 checkpoint, CHECKPOINT_WRITE_EXIT_CODE (74) when a checkpoint cannot be written; a step
+that hangs ends the process with WATCHDOG_EXIT_CODE (76, watchdog.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import signal
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,7 @@ from synergy_dist.model.synergy import SynergyLM
 from synergy_dist.train.compile import compile_blocks, compile_counts
 from synergy_dist.train.data import build_dataset, data_sources
 from synergy_dist.train.distributed import (
+    CHECKPOINT_WRITE_EXIT_CODE,
     REQUEUE_EXIT_CODE,
     detect_env,
     init_distributed,
@@ -348,7 +350,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> int:
-        """Train to train.max_steps (returns 0), or until a SIGTERM/SIGUSR1 checkpoint (returns 75)."""
+        """Train to train.max_steps (returns 0), or until a SIGTERM/SIGUSR1 checkpoint (returns 75), or until a
+        checkpoint cannot be written (returns 74, the previous checkpoint standing)."""
         try:
             note = self.metrics.event if self.env.is_main else None  # the watchdog's line, in events.log too
             with stop_signal_handlers(self._on_signal), Watchdog(self.cfg.train, self.rank, note) as dog:
@@ -370,6 +373,10 @@ class Trainer:
                     self.faults.after_step(self.step, lambda: self.stop_signal is not None)
                 self._finish()
                 return 0
+        except ckpt.CheckpointWriteError as err:  # every rank raises it, with the same message
+            with suppress(OSError):  # the line is printed first; events.log may sit on the full disk too
+                self.metrics.event(f"synergy-train: {err}")
+            return CHECKPOINT_WRITE_EXIT_CODE
         finally:
             self.metrics.close()
 
