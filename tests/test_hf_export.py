@@ -156,6 +156,19 @@ def test_left_padded_batch_forward_equals_each_row_alone(hf_model, tokenizer):
             assert torch.allclose(batch[i, -alone.shape[0]:], alone, rtol=0, atol=1e-5), i
 
 
+def test_left_padded_rows_without_eod_equal_each_row_alone(hf_model, tokenizer):
+    """lm-eval's contexts carry no EOD: padding before them must not leak in either."""
+    tokenizer.padding_side = "left"
+    texts = [p.decode() for p in PROMPTS]
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    assert enc.attention_mask[:, 0].min() == 0
+    with torch.no_grad():
+        batch = hf_model(**enc).logits
+        for i, prompt in enumerate(PROMPTS):
+            alone = hf_model(torch.tensor([list(prompt)])).logits[0]
+            assert torch.allclose(batch[i, -alone.shape[0]:], alone, rtol=0, atol=1e-5), i
+
+
 def test_left_padded_batch_generate_equals_each_prompt_alone(hf_model, tokenizer, native):
     enc = left_padded(tokenizer, PROMPTS)
     out = hf_model.generate(**enc, max_new_tokens=16, do_sample=False)

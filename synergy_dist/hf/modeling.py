@@ -4,8 +4,8 @@ The network is the project's own SynergyLM (synergy_dist/model/synergy.py, expor
 modeling_synergy.py by synergy_dist/hf/source.py): logits are its logits, and `generate` carries its generation
 cache (attention KV, Mamba state, router state of every stage) between calls instead of recomputing.
 
-- `attention_mask`: positions marked 0 are fed as PAD (not routed, no loss). Rows of a left-padded batch are
-  independent when each starts with EOD (`tokenizer.bos_token`), as synergy-generate reads a prompt.
+- `attention_mask`: positions marked 0 are fed as PAD (not routed, no loss); a left-padded row runs with its real
+  bytes first, so each row of a batch equals the row alone, cached or not.
 - `labels` follow transformers' convention (the inputs; shifted here); the loss is the project's training loss
   (cross entropy + the ratio and MoE losses).
 """
@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from data_pipeline.vocab import IGNORE_INDEX, PAD_ID
 from synergy_dist.hf.configuration import SynergyConfig
 from synergy_dist.model.config import ModelConfig
-from synergy_dist.model.synergy import SynergyLM
+from synergy_dist.model.synergy import SynergyLM, real_first
 
 
 class SynergyCache:
@@ -92,8 +92,17 @@ class SynergyForCausalLM(PreTrainedModel, GenerationMixin):
             if labels is not None:  # transformers' labels are the inputs: the target of position t is t + 1
                 targets = torch.cat((labels[:, 1:], labels.new_full((labels.shape[0], 1), IGNORE_INDEX)), dim=1)
                 targets = targets.masked_fill(targets == PAD_ID, IGNORE_INDEX)
+            # left padding (lm-eval's generate_until batches): the model expects padding only after a row's real
+            # bytes, so each row runs with its real bytes first and the logits go back to the caller's positions
+            order = real_first(ids != PAD_ID)
+            if order is not None:
+                ids = ids.gather(1, order)
+                targets = None if targets is None else targets.gather(1, order)
             out = self.model(ids, targets)
-            return CausalLMOutputWithPast(loss=out.loss, logits=out.logits)
+            logits = out.logits
+            if order is not None:
+                logits = torch.empty_like(logits).scatter_(1, order[..., None].expand_as(logits), logits)
+            return CausalLMOutputWithPast(loss=out.loss, logits=logits)
         if labels is not None:
             raise ValueError("labels need an uncached forward: pass use_cache=False")
         self.model._check_ids(ids, "input_ids")

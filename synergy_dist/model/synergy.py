@@ -283,7 +283,7 @@ class SynergyLM(nn.Module):
         The logits at padding are meaningless. The first call on a new cache must give every row a real byte
         (generation starts each row with EOD)."""
         if cache is not None:
-            order = _real_first(input_ids != PAD_ID)
+            order = real_first(input_ids != PAD_ID)
             if order is not None:  # inside the model, padding only ever follows a row's real bytes
                 logits, routings, moe = self._run_embedded(self.embed(input_ids.gather(1, order)),
                                                            input_ids.gather(1, order), cache)
@@ -507,7 +507,7 @@ def is_expert_param(name: str, p: torch.Tensor) -> bool:
     return getattr(p, "allreduce", True) is False or ".experts." in name or ".experts_" in name
 
 
-def _real_first(valid: torch.Tensor) -> torch.Tensor | None:
+def real_first(valid: torch.Tensor) -> torch.Tensor | None:
     """(B, L) permutation of each row putting its real positions first, in order; None when they already are."""
     if not bool((valid[:, 1:] & ~valid[:, :-1]).any()):
         return None
