@@ -116,7 +116,7 @@ class Mamba2(nn.Module):
                 cache.conv = xt[..., -(k - 1):] if k > 1 else xt[..., :0]
         y = F.conv1d(xt, self.conv.weight, self.conv.bias, groups=xt.shape[1])  # (b, conv_dim, l)
         if seq_idx is None or k == 1:
-            return F.silu(y).transpose(1, 2)
+            return F.silu(y).transpose(1, 2).contiguous()  # contiguous: inductor cannot order symbolic strides
         no_doc = torch.full_like(seq_idx[:, :1], -1).expand(-1, k - 1)  # the zero inputs before the first call
         prev_doc = cache.conv_doc if cache is not None and cache.conv_doc is not None else no_doc
         docs = torch.cat((prev_doc, seq_idx), dim=1)  # (b, k - 1 + l)
@@ -133,7 +133,7 @@ class Mamba2(nn.Module):
         for j in range(k):  # tap j reads input t - (k - 1) + j
             own = own + xt[..., j:j + l] * weight[None, :, j, None] * same[:, None, :, j]
         y = torch.where(same.all(dim=-1)[:, None, :], y, own.to(y.dtype))
-        return F.silu(y).transpose(1, 2)
+        return F.silu(y).transpose(1, 2).contiguous()
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         return self.cfg.kernel == "auto" and mamba_chunk_scan_combined is not None and x.is_cuda
