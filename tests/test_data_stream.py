@@ -288,7 +288,7 @@ def test_construction_reads_only_the_manifest(corpora, tmp_path):
          r"use a global batch that is a multiple of 24"),
         (dict(rank=2, world_size=2), r"rank must be in \[0, world_size=2\), got 2"),
         (dict(seq_len=0), r"seq_len must be a positive integer, got 0"),
-        (dict(on_corrupt="ignore"), r"on_corrupt must be 'raise' or 'skip', got 'ignore'"),
+        (dict(on_corrupt="ignore"), r"on_corrupt must be 'error' or 'skip', got 'ignore'"),
         (dict(seq_len=10**7),
          r"holds \d+ tokens in \d+ documents: not one window of seq_len\+1 = 10000001 tokens; "
          r"lower seq_len or add data"),

@@ -1,17 +1,53 @@
 """The trainer's data: which shard sets it reads (the configured ones, or the bundled sample corpus,
-preprocessed on first use) and the streaming dataset over them."""
+preprocessed on first use), the streaming dataset over them, and a step's micro-batches fetched so
+that a data error stops every rank with the same one-line DataError (synergy-train exits 65)."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 import synergy_dist
 from data_pipeline.preprocess import preprocess
+from data_pipeline.shards import CorruptShardError, ManifestError
 from data_pipeline.stream import StreamingByteDataset
 from synergy_dist.config import Config
+
+
+class DataError(RuntimeError):
+    """The training data cannot be read: one line naming the file and the fix."""
+
+
+def data_error(err: Exception) -> DataError:
+    """A DataError for what the data pipeline raised, with the fix appended."""
+    # Re-raised from a DataLoader worker, the message holds the worker's traceback: keep its last line,
+    # the original "module.Class: message".
+    text = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    if text.startswith(("data_pipeline.shards.CorruptShardError: ", "data_pipeline.shards.ManifestError: ")):
+        text = text.split(": ", 1)[1]
+    if not isinstance(err, CorruptShardError):
+        return DataError(text)
+    shard = Path(text.split(": ", 1)[0].removeprefix("shard "))  # "shard PATH: what"
+    return DataError(f"{text}; run `synergy-data verify {shard.parent}` to list every problem and re-create the set "
+                     "with synergy-preprocess, or set data.on_corrupt=skip to train without the damaged shards")
+
+
+def _agree(failure: str, world: int) -> None:
+    """Collective: raise DataError on every rank when any rank failed (the lowest failing rank's message)."""
+    if world > 1:
+        flag = torch.tensor([1.0 if failure else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() == 0:
+            return
+        messages: list = [None] * world
+        dist.all_gather_object(messages, failure)
+        failure = next(m for m in messages if m)
+    if failure:
+        raise DataError(failure)
 
 
 def sample_shards(cfg: Config, is_main: bool) -> tuple[list, list]:
@@ -42,9 +78,31 @@ def data_sources(cfg: Config, is_main: bool) -> tuple[list, list]:
 
 
 def build_dataset(cfg: Config, sources: list, rank: int, world: int, global_batch: int) -> StreamingByteDataset:
-    """This rank's share of the stream over `sources`, as collated micro-batches of batch.micro_batch_size."""
-    return StreamingByteDataset(sources, seq_len=cfg.data.seq_len, global_batch_size=global_batch,
-                                micro_batch_size=cfg.batch.micro_batch_size, seed=cfg.seed,
-                                rank=rank, world_size=world, pack=cfg.data.pack,
-                                on_corrupt=cfg.data.on_corrupt,
-                                batched=True)  # yields collated micro-batches: no per-sample tensors
+    """This rank's share of the stream over `sources`, as collated micro-batches of batch.micro_batch_size.
+    Collective when world > 1 (every rank learns whether any rank could not read the manifests)."""
+    dataset, failure = None, ""
+    try:
+        dataset = StreamingByteDataset(sources, seq_len=cfg.data.seq_len, global_batch_size=global_batch,
+                                       micro_batch_size=cfg.batch.micro_batch_size, seed=cfg.seed,
+                                       rank=rank, world_size=world, pack=cfg.data.pack,
+                                       on_corrupt=cfg.data.on_corrupt,
+                                       batched=True)  # yields collated micro-batches: no per-sample tensors
+    except (ManifestError, CorruptShardError) as err:
+        failure = str(data_error(err))
+    except ValueError as err:  # e.g. a set holding less than one window
+        failure = f"data.sources: {err}"
+    _agree(failure, world)
+    return dataset
+
+
+def next_step_batches(batches: Iterator[dict], count: int, world: int) -> list[dict]:
+    """The next `count` micro-batches of this rank. Collective when world > 1: a rank that cannot read
+    its data makes every rank raise the same DataError here, before any rank enters the step's
+    gradient reduction (where the others would wait for it)."""
+    fetched, failure = [], ""
+    try:
+        fetched = [next(batches) for _ in range(count)]
+    except (ManifestError, CorruptShardError) as err:
+        failure = str(data_error(err))
+    _agree(failure, world)
+    return fetched
