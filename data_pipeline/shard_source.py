@@ -186,8 +186,9 @@ class ShardSetSource:
         except OSError:
             sound = False  # verify_shard says why
         if not sound:
-            problems = verify_shard(path, info)
-            raise CorruptShardError(path, "; ".join(p.split(": ", 1)[-1] for p in problems) or "sha256 mismatch")
+            problems = [p.split(": ", 1)[-1] for p in verify_shard(path, info)]
+            specific = [p for p in problems if not p.startswith("sha256 mismatch")]  # e.g. which frame
+            raise CorruptShardError(path, "; ".join(specific or problems) or "sha256 mismatch")
 
     def _shard_bytes(self, shard: int, s: int, e: int, row: np.ndarray, eods: list[int], at_row: int) -> None:
         """Shard-local stream tokens [s, e) into the uint8 row: the raw bytes, with the positions of the

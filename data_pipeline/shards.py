@@ -131,6 +131,9 @@ def _manifest_checksum(data: dict) -> str:
 def load_manifest(directory: str | Path) -> Manifest:
     """Read DIR/manifest.json; a missing one means the set is absent or was never finished."""
     path = Path(directory) / MANIFEST_NAME
+    if Path(directory).is_file():
+        raise ManifestError(f"shard set {directory}: a file, not a shard-set directory (pass the directory that "
+                            "holds manifest.json)")
     if not Path(directory).is_dir():
         raise ManifestError(f"shard set {directory}: directory not found (run synergy-preprocess first)")
     if not path.is_file():

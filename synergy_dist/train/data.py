@@ -5,6 +5,8 @@ that a data error stops every rank with the same one-line DataError (synergy-tra
 from __future__ import annotations
 
 import hashlib
+import logging
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,9 +79,24 @@ def data_sources(cfg: Config, is_main: bool) -> tuple[list, list]:
     return train_sources, valid_sources
 
 
+def _show_skipped_shards() -> None:
+    """The data pipeline's warning for each shard data.on_corrupt=skip leaves out goes to stderr (the
+    run's log), in DataLoader workers too, whatever logging the rest of the process configured."""
+    log = logging.getLogger("data_pipeline.shard_source")
+    if not any(getattr(h, "synergy_skips", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("synergy-train: warning: %(message)s"))
+        handler.synergy_skips = True
+        log.addHandler(handler)
+        log.setLevel(logging.WARNING)
+        log.propagate = False
+
+
 def build_dataset(cfg: Config, sources: list, rank: int, world: int, global_batch: int) -> StreamingByteDataset:
     """This rank's share of the stream over `sources`, as collated micro-batches of batch.micro_batch_size.
     Collective when world > 1 (every rank learns whether any rank could not read the manifests)."""
+    if cfg.data.on_corrupt == "skip":
+        _show_skipped_shards()
     dataset, failure = None, ""
     try:
         dataset = StreamingByteDataset(sources, seq_len=cfg.data.seq_len, global_batch_size=global_batch,
