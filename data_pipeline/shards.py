@@ -24,7 +24,7 @@ import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +103,9 @@ class Manifest:
             )
         fix = f"restore it, or re-create the set with synergy-preprocess; `synergy-data verify {Path(where).parent}` " \
               "lists every problem"
+        unknown = set(data) - {f.name for f in fields(cls)} - {MANIFEST_CHECKSUM_KEY}
+        if unknown:  # e.g. a misspelt checksum key, which would otherwise turn the check off
+            raise ManifestError(f"{where}: unknown keys {sorted(unknown)}; {fix}")
         body = {k: v for k, v in data.items() if k != MANIFEST_CHECKSUM_KEY}
         if MANIFEST_CHECKSUM_KEY in data and data[MANIFEST_CHECKSUM_KEY] != _manifest_checksum(body):
             raise ManifestError(f"{where}: edited or damaged after it was written (its checksum does not match); {fix}")

@@ -139,7 +139,9 @@ class DebugConfig:
     nan_loss_batches: list = field(default_factory=list)  # make the loss NaN on these batches
     inf_grad_batches: list = field(default_factory=list)  # make the gradients Inf (loss stays finite) on these batches
     spike_loss_batches: list = field(default_factory=list)  # multiply the loss by spike_factor on these batches
-    spike_factor: float = 100.0  # loss multiplier used by spike_loss_batches
+    # multiply the gradients (not the loss) by spike_factor on these batches
+    spike_grad_batches: list = field(default_factory=list)
+    spike_factor: float = 100.0  # loss / gradient multiplier used by spike_loss_batches and spike_grad_batches
     kill_in_save_at_step: int = 0  # SIGKILL this process half-way through saving the checkpoint of this step
     hang_after_step: int = 0  # wait (up to 10 min, or until SIGTERM/SIGUSR1) after this step, for a test's kill -9
 

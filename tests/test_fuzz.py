@@ -11,6 +11,17 @@ from pathlib import Path
 import pytest
 import yaml
 
+from data_pipeline.shards import (
+    MANIFEST_NAME,
+    CorruptShardError,
+    ManifestError,
+    ShardInfo,
+    ShardReader,
+    load_manifest,
+    make_manifest,
+    save_manifest,
+    write_shard,
+)
 from synergy_dist.config import Config, ConfigError, config_from_dict, load_config, to_plain
 
 CONFIG_CASES = 300
@@ -103,3 +114,87 @@ def test_config_loader_fuzz_raises_only_config_errors(tmp_path, seed):
         assert isinstance(cfg, Config)
         assert config_from_dict(cfg.to_dict()) == cfg  # what was accepted round-trips
     assert accepted > 0  # the fuzz reaches valid configs too, not only the first check
+
+
+# ----------------------------------------------------------------------------- the shard reader
+
+SHARD_CASES = 400
+
+
+@pytest.fixture(scope="module")
+def real_shard(tmp_path_factory) -> tuple[bytes, list[bytes], ShardInfo]:
+    """A small shard written by the real writer: 30 documents in 256-byte frames."""
+    rng = random.Random(7)
+    docs = [bytes(rng.randrange(97, 123) for _ in range(rng.randrange(0, 120))) for _ in range(30)]
+    path = tmp_path_factory.mktemp("fuzz") / "shard-000000.bin"
+    info = write_shard(path, docs, frame_bytes=256)
+    return path.read_bytes(), docs, info
+
+
+def read_all(path: Path, info: ShardInfo | None) -> list[bytes]:
+    reader = ShardReader(path, expected_bytes=info.file_bytes if info else None)
+    try:
+        return list(reader.documents())
+    finally:
+        reader.close()
+
+
+@pytest.mark.parametrize("with_manifest_size", [True, False])
+def test_shard_reader_fuzz_every_damage_is_caught(tmp_path, real_shard, with_manifest_size):
+    """Random byte flips, truncations and appended bytes: the reader either raises CorruptShardError or
+    returns the exact documents (a flip that leaves the content intact, e.g. a frame header flag). With
+    the manifest's size (as the trainer reads) a changed length is caught before anything is read."""
+    blob, docs, info = real_shard
+    rng = random.Random(11 + with_manifest_size)
+    path = tmp_path / "shard-000000.bin"
+    outcomes = {"caught": 0, "intact": 0}
+    for case in range(SHARD_CASES // 2):
+        data = bytearray(blob)
+        kind = rng.choice(["flip", "flip", "flips", "truncate", "append"])
+        if kind == "flip":
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        elif kind == "flips":
+            for _ in range(rng.randint(2, 8)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+        elif kind == "truncate":
+            data = data[: rng.randrange(len(data))]
+        else:
+            data += bytes(rng.randrange(256) for _ in range(rng.randint(1, 64)))
+        path.write_bytes(bytes(data))
+        try:
+            got = read_all(path, info if with_manifest_size else None)
+        except CorruptShardError as err:
+            assert str(err).startswith(f"shard {path}: ") and "\n" not in str(err)
+            outcomes["caught"] += 1
+            continue
+        except Exception as err:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"case {case} ({kind}): {type(err).__name__}: {err}")
+        assert got == docs, f"case {case} ({kind}): damaged data returned"
+        outcomes["intact"] += 1
+    assert outcomes["caught"] > 0.9 * sum(outcomes.values())
+
+
+def test_manifest_fuzz_every_edit_is_caught(tmp_path, real_shard):
+    """Random byte edits of a real manifest.json: ManifestError, or a manifest equal to the original
+    (an edit of white space); never a different manifest, never another exception."""
+    blob, _, info = real_shard
+    directory = tmp_path / "set"
+    directory.mkdir()
+    (directory / info.name).write_bytes(blob)
+    save_manifest(directory, make_manifest([info], source={"inputs": ["fuzz"]}))
+    original = load_manifest(directory)
+    text = (directory / MANIFEST_NAME).read_bytes()
+    rng = random.Random(5)
+    for case in range(SHARD_CASES // 2):
+        data = bytearray(text)
+        for _ in range(rng.randint(1, 3)):
+            data[rng.randrange(len(data))] = rng.choice(b'0123456789abcdef" ,:{}[]\n\xff')
+        (directory / MANIFEST_NAME).write_bytes(bytes(data))
+        try:
+            got = load_manifest(directory)
+        except ManifestError as err:
+            assert "\n" not in str(err)
+            continue
+        except Exception as err:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"case {case}: {type(err).__name__}: {err}\n{bytes(data)!r}")
+        assert got == original, f"case {case}: an edited manifest was accepted: {bytes(data)!r}"
