@@ -8,6 +8,7 @@ each rank reaches the same verdict without extra communication.
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import asdict, dataclass, field
 
 from synergy_dist.config import SafeguardConfig
@@ -33,20 +34,22 @@ class SafeguardState:
 
 
 def is_spike(value: float, history: list, zscore: float, ratio: float) -> bool:
-    """Whether `value` stands out from `history` both statistically (more than `zscore` standard
-    deviations above its mean) and in absolute terms (more than `ratio` times its mean).
+    """Whether `value` stands out from `history` both statistically (more than `zscore` robust standard
+    deviations above its median) and in absolute terms (more than `ratio` times its median).
 
     The z-score alone calls ordinary noise a spike once the window is very steady (a grad norm of
-    1.04 over a mean of 0.8 was 6 sigma out in a healthy run); the ratio alone would miss a spike in
-    a quantity that is normally noisy. Both must hold."""
-    n = len(history)
-    mean = sum(history) / n
-    if value <= ratio * mean:
+    1.04 over a mean of 0.8 was 6 sigma out in a healthy run); the ratio alone would call the
+    normal swings of a noisy quantity spikes. Median and MAD (scaled to a normal's sigma) rather than
+    mean and standard deviation: the natural outliers of early training (grad norms 20x the median)
+    would otherwise widen the window's spread so much that a real spike went unseen until they left it."""
+    ordered = sorted(history)
+    center = statistics.median(ordered)
+    if value <= ratio * center:
         return False
-    var = sum((x - mean) ** 2 for x in history) / max(1, n - 1)
+    spread = 1.4826 * statistics.median(abs(x - center) for x in ordered)
     # A floor on the spread: a perfectly flat history must not turn tiny wiggles into spikes.
-    std = max(math.sqrt(var), 1e-3 * abs(mean), 1e-8)
-    return (value - mean) / std > zscore
+    spread = max(spread, 1e-3 * abs(center), 1e-8)
+    return (value - center) / spread > zscore
 
 
 class Safeguards:
