@@ -7,17 +7,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 import synergy_dist
 from data_pipeline.preprocess import preprocess
-from data_pipeline.shards import CorruptShardError, ManifestError
+from data_pipeline.shards import CorruptShardError, ManifestError, load_manifest
 from data_pipeline.stream import StreamingByteDataset
 from synergy_dist.config import Config
+
+T = TypeVar("T")
 
 
 class DataError(RuntimeError):
@@ -92,34 +95,46 @@ def _show_skipped_shards() -> None:
         log.propagate = False
 
 
+def collective_read(read: Callable[[], T], world: int) -> T:
+    """read() on every rank. Collective when world > 1: a rank that cannot read its data makes every rank
+    raise the same DataError here, instead of leaving the others waiting for it in the next collective."""
+    result, failure = None, ""
+    try:
+        result = read()
+    except (ManifestError, CorruptShardError) as err:
+        failure = str(data_error(err))
+    _agree(failure, world)
+    return result
+
+
 def build_dataset(cfg: Config, sources: list, rank: int, world: int, global_batch: int) -> StreamingByteDataset:
     """This rank's share of the stream over `sources`, as collated micro-batches of batch.micro_batch_size.
     Collective when world > 1 (every rank learns whether any rank could not read the manifests)."""
     if cfg.data.on_corrupt == "skip":
         _show_skipped_shards()
-    dataset, failure = None, ""
-    try:
-        dataset = StreamingByteDataset(sources, seq_len=cfg.data.seq_len, global_batch_size=global_batch,
-                                       micro_batch_size=cfg.batch.micro_batch_size, seed=cfg.seed,
-                                       rank=rank, world_size=world, pack=cfg.data.pack,
-                                       on_corrupt=cfg.data.on_corrupt,
-                                       batched=True)  # yields collated micro-batches: no per-sample tensors
-    except (ManifestError, CorruptShardError) as err:
-        failure = str(data_error(err))
-    except ValueError as err:  # e.g. a set holding less than one window
-        failure = f"data.sources: {err}"
-    _agree(failure, world)
-    return dataset
+
+    def read() -> StreamingByteDataset:
+        try:
+            return StreamingByteDataset(sources, seq_len=cfg.data.seq_len, global_batch_size=global_batch,
+                                        micro_batch_size=cfg.batch.micro_batch_size, seed=cfg.seed,
+                                        rank=rank, world_size=world, pack=cfg.data.pack,
+                                        on_corrupt=cfg.data.on_corrupt,
+                                        batched=True)  # yields collated micro-batches: no per-sample tensors
+        except ValueError as err:  # e.g. a set holding less than one window
+            if isinstance(err, ManifestError):
+                raise
+            raise ManifestError(f"data.sources: {err}") from None
+
+    return collective_read(read, world)
+
+
+def check_shard_sets(directories: list, world: int) -> None:
+    """Read the manifests of `directories` (e.g. the validation sets, first read at the first evaluation),
+    so that a missing or edited one stops the run at start. Collective when world > 1."""
+    collective_read(lambda: [load_manifest(d) for d in directories], world)
 
 
 def next_step_batches(batches: Iterator[dict], count: int, world: int) -> list[dict]:
-    """The next `count` micro-batches of this rank. Collective when world > 1: a rank that cannot read
-    its data makes every rank raise the same DataError here, before any rank enters the step's
-    gradient reduction (where the others would wait for it)."""
-    fetched, failure = [], ""
-    try:
-        fetched = [next(batches) for _ in range(count)]
-    except (ManifestError, CorruptShardError) as err:
-        failure = str(data_error(err))
-    _agree(failure, world)
-    return fetched
+    """The next `count` micro-batches of this rank; a data error on any rank stops every rank here, before
+    any rank enters the step's gradient reduction (collective when world > 1)."""
+    return collective_read(lambda: [next(batches) for _ in range(count)], world)

@@ -32,7 +32,13 @@ from synergy_dist.model.moe.expert_parallel import get_expert_parallel_group, in
 from synergy_dist.model.moe.layer import MoEFeedForward, moe_param_groups, update_moe_biases
 from synergy_dist.model.statistics import ModelStatistics, bits_per_byte
 from synergy_dist.model.synergy import SynergyLM
-from synergy_dist.train.data import build_dataset, data_sources, next_step_batches
+from synergy_dist.train.data import (
+    build_dataset,
+    check_shard_sets,
+    collective_read,
+    data_sources,
+    next_step_batches,
+)
 from synergy_dist.train.distributed import (
     REQUEUE_EXIT_CODE,
     detect_env,
@@ -104,6 +110,7 @@ class Trainer:
         self.train_data = build_dataset(cfg, train_sources, rank=self.rank, world=self.world,
                                         global_batch=self.global_batch)
         self.valid_sources = valid_sources if cfg.train.eval_every_steps else []
+        check_shard_sets(self.valid_sources, self.world)  # a bad validation set stops the run now, not at step N
 
         # Model, identical on every rank (same seed), then DeepSpeed.
         self.model = self._build_model()
@@ -321,8 +328,9 @@ class Trainer:
         """Validation bits per byte (eval_bpb) and the bytes it counted (eval_bytes): synergy-eval's windows and
         definition over the validation shard sets, ranks taking turns by batch of batch.micro_batch_size
         windows, train.eval_batches batches per rank (0 = the whole set). Collective."""
-        tally = evaluate_share(self.engine, self.valid_sources, self.cfg.data.seq_len, self.cfg.batch.micro_batch_size,
-                               self.rank, self.world, self.cfg.train.eval_batches)
+        tally = collective_read(lambda: evaluate_share(self.engine, self.valid_sources, self.cfg.data.seq_len,
+                                                       self.cfg.batch.micro_batch_size, self.rank, self.world,
+                                                       self.cfg.train.eval_batches), self.world)
         nats, n_bytes = self._global_sum(torch.tensor([tally.nats, tally.bytes], dtype=torch.float64))
         return {"eval_bpb": bits_per_byte(nats, n_bytes), "eval_bytes": int(n_bytes)}
 
