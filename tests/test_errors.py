@@ -11,14 +11,15 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from data_pipeline import cli as data_cli
 from data_pipeline import preprocess as prep
-from data_pipeline.shards import TRAILER, ShardReader, make_manifest, save_manifest, write_shard
+from data_pipeline.shards import TRAILER, CorruptShardError, ShardReader, make_manifest, save_manifest, write_shard
 from data_pipeline.stream import StreamingByteDataset
 from synergy_dist.config import config_from_dict
-from synergy_dist.train.data import DataError, build_dataset
+from synergy_dist.train.data import DataError, build_dataset, data_error
 from synergy_dist.train.distributed import DATA_ERROR_EXIT_CODE
 from tests import train_launch as tl
 from tests.data_corpus_helpers import make_documents, write_jsonl
@@ -146,15 +147,31 @@ def test_a_shard_of_another_format_version_or_in_place_of_a_directory_is_named_w
     data[-TRAILER.size:] = TRAILER.pack(*fields)
     shard.write_bytes(bytes(data))
     ds = build_dataset(start_cfg(d), [str(d)], rank=0, world=1, global_batch=BATCH)
-    with pytest.raises(Exception) as caught:
+    with pytest.raises(CorruptShardError) as caught:
         ds.sources[0].reader(0)
     assert str(caught.value) == (f"shard {shard}: format version 2, this code reads 1; re-create the set with this "
                                  "version's synergy-preprocess")
     other = d / "shard-000001.bin"
     other.unlink()
     other.mkdir()  # unreadable as a file (root reads any file whatever its mode, so a directory stands in)
-    with pytest.raises(Exception, match=rf"^shard {other}: cannot be read \(Is a directory\); check the file"):
+    with pytest.raises(CorruptShardError, match=rf"^shard {other}: cannot be read \(Is a directory\); check the file"):
         ds.sources[0].reader(1)
+
+
+def test_a_damaged_shard_read_by_a_dataloader_worker_is_still_one_line(shard_set, tmp_path):
+    """DataLoader re-raises a worker's exception with the worker's traceback in its message: the
+    trainer's line keeps the original message and adds the fix."""
+    d = copy_set(shard_set, tmp_path / "set")
+    for shard in d.glob("shard-*.bin"):
+        flip_every_frame(shard)
+    ds = build_dataset(start_cfg(d), [str(d)], rank=0, world=1, global_batch=BATCH)
+    with pytest.raises(CorruptShardError) as caught:
+        next(iter(torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1)))
+    assert "Traceback" in str(caught.value)  # what DataLoader makes of it
+    line = str(data_error(caught.value))
+    assert re.fullmatch(rf"shard {d}/shard-\d{{6}}\.bin: frame \d+ fails its checksum or cannot be decompressed "
+                        rf"\(.*\); run `synergy-data verify {d}` to list every problem and re-create the set with "
+                        r"synergy-preprocess, or set data.on_corrupt=skip to train without the damaged shards", line)
 
 
 # ----------------------------------------------------------------------------- the trainer, end to end
