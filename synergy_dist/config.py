@@ -390,12 +390,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     values: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file '{path}' is a directory; pass a YAML file with --config")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file with --config")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_bytes()) or {}  # bytes: YAML's reader reports bad encodings
         except yaml.YAMLError as err:
             raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
+        except OSError as err:
+            raise ConfigError(f"config file '{path}' cannot be read ({err.strerror})") from err
         if not isinstance(values, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections (run:, model:, train:, ...)")
     return config_from_dict(values, overrides)

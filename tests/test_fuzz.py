@@ -95,7 +95,9 @@ def test_config_loader_fuzz_raises_only_config_errors(tmp_path, seed):
     for case in range(CONFIG_CASES // 3):
         path = tmp_path / f"case{case}.yaml"
         mode = rng.random()
-        if mode < 0.4:
+        if mode < 0.05:  # not text at all
+            path.write_bytes(bytes(rng.randrange(256) for _ in range(rng.randint(0, 64))))
+        elif mode < 0.4:
             path.write_text(mutate_text(rng, rng.choice(texts)))
         elif mode < 0.7:
             tree = {rng.choice(SECTIONS + ["bogus"]): random_value(rng) for _ in range(rng.randint(0, 3))}
@@ -108,7 +110,7 @@ def test_config_loader_fuzz_raises_only_config_errors(tmp_path, seed):
         except ConfigError:
             continue
         except Exception as err:  # noqa: BLE001 - the point of the test
-            pytest.fail(f"seed {seed} case {case}: {type(err).__name__}: {err}\n--- yaml ---\n{path.read_text()}"
+            pytest.fail(f"seed {seed} case {case}: {type(err).__name__}: {err}\n--- yaml ---\n{path.read_bytes()!r}"
                         f"\n--- overrides --- {overrides}")
         accepted += 1
         assert isinstance(cfg, Config)
