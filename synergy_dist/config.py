@@ -121,6 +121,10 @@ class SafeguardConfig:
     dead_expert_fraction: float = 0.01  # an expert with less than this share of mean load counts as dead
 
 
+# torch.compile backends for train.compile: inductor generates kernels; aot_eager only captures graphs (tests)
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
+
+
 @dataclass
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps in total
@@ -130,6 +134,8 @@ class TrainConfig:
     sample_bytes: int = 200  # bytes generated from sample_prompt at the end (0 = none)
     sample_prompt: str = "The "  # prompt for the final sample generation
     threads: int = 0  # torch intra-op threads per process (0 = leave torch's default / OMP_NUM_THREADS)
+    compile: bool = False  # torch.compile every block (train/compile.py); routing and cached generation stay eager
+    compile_backend: str = "inductor"  # "inductor" (generated kernels) | "aot_eager" (capture only, for tests)
 
 
 @dataclass
@@ -498,6 +504,8 @@ def validate(cfg: Config) -> None:
     _require(p.dtype in ("auto", "fp32", "bf16", "fp16"),
              f"precision.dtype='{p.dtype}' is unknown; use 'auto', 'fp32', 'bf16' or 'fp16'")
     _require(z.zero_stage in (0, 1, 2, 3), f"deepspeed.zero_stage={z.zero_stage} must be 0, 1, 2 or 3")
+    _require(cfg.train.compile_backend in COMPILE_BACKENDS, f"train.compile_backend={cfg.train.compile_backend!r} "
+             f"is not supported; use one of {', '.join(COMPILE_BACKENDS)}")
     _require(z.expert_parallel_size >= 1, f"deepspeed.expert_parallel_size={z.expert_parallel_size} must be >= 1")
     _require(not z.offload_optimizer or z.zero_stage >= 1,
              "deepspeed.offload_optimizer needs ZeRO; set deepspeed.zero_stage to 1, 2 or 3")

@@ -100,8 +100,7 @@ def test_derived_batch_values():
 
 # Every validation message: (overrides, exact message).
 ERRORS = [
-    (["train.lrr=1"], "unknown config key 'train.lrr'; known keys here: eval_batches, eval_every_steps, lr, "
-                      "max_steps, sample_bytes, sample_prompt, threads"),
+    (["optim.lrr=1"], "unknown config key 'optim.lrr'; known keys here: betas, eps, grad_clip, weight_decay"),
     (["nonsense=1"], "unknown config key 'nonsense'; known keys here: batch, checkpoint, data, debug, deepspeed, "
                      "log, model, optim, precision, run, safeguards, schedule, seed, train"),
     (["train.lr=abc"], "config key 'train.lr' must be a number, got 'abc'"),

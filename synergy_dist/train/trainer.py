@@ -32,6 +32,7 @@ from synergy_dist.model.moe.expert_parallel import get_expert_parallel_group, in
 from synergy_dist.model.moe.layer import MoEFeedForward, moe_param_groups, update_moe_biases
 from synergy_dist.model.statistics import ModelStatistics, bits_per_byte
 from synergy_dist.model.synergy import SynergyLM
+from synergy_dist.train.compile import compile_blocks, compile_counts
 from synergy_dist.train.data import (
     build_dataset,
     check_shard_sets,
@@ -141,6 +142,8 @@ class Trainer:
         seed_everything(self.cfg.seed)
         model = SynergyLM(self.cfg.model)
         model.set_activation_checkpointing(self.cfg.deepspeed.activation_checkpointing)
+        if self.cfg.train.compile:
+            compile_blocks(model, self.cfg.train.compile_backend)
         if self.dtype == torch.float16:
             model = model.to(self.dtype)  # DeepSpeed's fp16 mode (plain byte models only); bf16 runs under autocast
         return model.to(self.env.device)
@@ -443,6 +446,8 @@ class Trainer:
             "memory_mb": self._memory_mb(), **result.phases,
         }
         record["router_alarms"] = self._raise_router_alarms(stats, targets)
+        if cfg.train.compile:
+            record.update(compile_counts())  # recompilations included: must stay bounded
         self.metrics.log(self.step, record)
 
     def _raise_router_alarms(self, stats: ModelStatistics, targets: dict[str, float]) -> int:
