@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except ManifestError as e:
         print(f"synergy-data: error: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # e.g. a merge output on a read-only file system
+        print(f"synergy-data: error: cannot access {e.filename}: {e.strerror or e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,8 @@ def merge_shard_sets(sources: list[str | Path], output: str | Path) -> Manifest:
                     f"merge: shard {path} is missing or its size differs from {directory / MANIFEST_NAME}; "
                     f"run `synergy-data verify {directory}`"
                 )
+    if output.exists() and not output.is_dir():
+        raise ManifestError(f"merge: output {output} is a file; choose a new directory")
     if output.exists() and any(output.iterdir()):
         raise ManifestError(f"merge: output {output} is not empty; choose a new directory")
     output.mkdir(parents=True, exist_ok=True)

@@ -417,6 +417,11 @@ def main(argv: list[str] | None = None) -> int:
     except (PreprocessError, readers.InputError) as e:
         print(f"synergy-preprocess: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a read-only or full output, an unreadable input
+        where = e.filename or args.output
+        print(f"synergy-preprocess: error: cannot access {where}: {e.strerror or e}; check that the inputs are "
+              "readable and --output is on a writable file system with free space", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("synergy-preprocess: interrupted; re-run the same command to finish", file=sys.stderr)
         return 130

@@ -11,6 +11,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -89,19 +90,29 @@ def _open_text_lines(path: str, suffix: str) -> io.BufferedReader:
     return raw
 
 
+def _lines(path: str, suffix: str) -> Iterator[bytes]:
+    """The lines of a JSON Lines file, decompressed; a damaged compressed file is an InputError.
+    A line is held whole in memory (see docs/DATA.md on very long lines)."""
+    try:
+        with _open_text_lines(path, suffix) as f:
+            yield from f
+    except (zstandard.ZstdError, gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise InputError(f"{path}: cannot decompress ({e}); the file is damaged or not {suffix}") from None
+
+
 def read_jsonl(path: str, suffix: str, field: str) -> Iterator[bytes]:
-    with _open_text_lines(path, suffix) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not valid JSON ({e.msg})") from None
-            except zstandard.ZstdError as e:
-                raise InputError(f"{path}: cannot decompress ({e})") from None
-            yield _to_bytes(_field(record, field, where), field, where)
+    for number, line in enumerate(_lines(path, suffix), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+        except UnicodeDecodeError as e:  # JSON text must be UTF-8; a .txt input keeps any bytes
+            raise InputError(f"{where}: not valid UTF-8 (byte {e.start} of the line); JSON Lines must be "
+                             "UTF-8 text (a binary or Latin-1 file? convert it, or pass raw bytes as .txt)") from None
+        yield _to_bytes(_field(record, field, where), field, where)
 
 
 def read_parquet(path: str, field: str) -> Iterator[bytes]:
@@ -125,7 +136,12 @@ def read_txt(path: str) -> Iterator[bytes]:
 
 
 def read_hf_dataset(name: str, field: str, split: str, config: str | None) -> Iterator[bytes]:
-    import datasets  # optional dependency: only Hugging Face dataset inputs need it (slow to import)
+    try:
+        import datasets  # optional dependency: only Hugging Face dataset inputs need it (slow to import)
+    except ImportError:
+        what = "a directory" if os.path.isdir(name) else "not a local file"
+        raise InputError(f"input {name}: {what}, so it is read as a Hugging Face dataset, which needs the "
+                         "`datasets` package (pip install datasets); or pass the files themselves") from None
 
     try:
         dataset = datasets.load_dataset(name, config, split=split, streaming=True)
@@ -144,6 +160,9 @@ def read_input_documents(
 ) -> Iterator[bytes]:
     """All documents of all inputs, in input order (inputs already expanded)."""
     for item in inputs:
+        if os.path.isdir(item) and _suffix(item):
+            raise InputError(f"input {item} is a directory, not a {_suffix(item)} file; pass the file(s) inside it "
+                             "(e.g. a quoted glob 'DIR/*.jsonl')")
         suffix = _suffix(item) if os.path.exists(item) and not os.path.isdir(item) else None
         if suffix in (".jsonl.zst", ".jsonl.gz", ".jsonl", ".json.zst", ".json.gz", ".json"):
             yield from read_jsonl(item, suffix, text_field)

@@ -24,7 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from data_pipeline.shards import CorruptShardError, FrameCache, ShardReader, frame_key, load_manifest
+from data_pipeline.shards import (
+    CorruptShardError,
+    FrameCache,
+    ShardReader,
+    file_sha256,
+    frame_key,
+    load_manifest,
+    verify_shard,
+)
 
 try:  # the C build of _fill_cached (optional: pip builds it where a compiler exists)
     from data_pipeline._fill import fill_cached as _native_fill_cached  # optional C extension
@@ -94,9 +102,15 @@ def _fill_cached(plan: WindowPlan, frames: dict, buffer: np.ndarray, size: int, 
 
 class ShardSetSource:
     def __init__(
-        self, directory: str | Path, seq_len: int, pack: bool = True, open_shards: int = 16, cache_frames: int = 8
+        self, directory: str | Path, seq_len: int, pack: bool = True, open_shards: int = 16, cache_frames: int = 8,
+        check_whole_shards: bool = False,
     ):
+        """check_whole_shards: check a shard's sha256 against the manifest when it is first opened, so that
+        a damaged shard is refused whole, before any of its windows is used (on_corrupt="skip": which
+        windows are skipped is then a function of the files alone, the same on every rank and after a resume)."""
         self.directory = Path(directory)
+        self.check_whole_shards = check_whole_shards
+        self._sound: set[int] = set()  # shards whose sha256 matched (check_whole_shards)
         self.manifest = load_manifest(self.directory)
         self.seq_len = seq_len
         self.pack = pack
@@ -140,7 +154,11 @@ class ShardSetSource:
             self._readers.move_to_end(shard)
             return r
         info = self.manifest.shards[shard]
-        r = ShardReader(self.directory / info.name, expected_bytes=info.file_bytes, cache=self.cache, cache_id=shard)
+        path = self.directory / info.name
+        if self.check_whole_shards and shard not in self._sound:
+            self._check_whole(path, info)
+            self._sound.add(shard)
+        r = ShardReader(path, expected_bytes=info.file_bytes, cache=self.cache, cache_id=shard)
         r.load_index()
         if len(r.doc_ends) != info.documents or r.raw_bytes != info.raw_bytes:
             raise CorruptShardError(
@@ -158,6 +176,19 @@ class ShardSetSource:
             self._eod_positions.pop(old, None)
             self._eod_search.pop(old, None)
         return r
+
+    @staticmethod
+    def _check_whole(path: Path, info) -> None:
+        """Raise CorruptShardError naming what is wrong (the damaged frames, when it can tell) unless the
+        file's sha256 is the manifest's."""
+        try:
+            sound = file_sha256(path) == info.sha256
+        except OSError:
+            sound = False  # verify_shard says why
+        if not sound:
+            problems = [p.split(": ", 1)[-1] for p in verify_shard(path, info)]
+            specific = [p for p in problems if not p.startswith("sha256 mismatch")]  # e.g. which frame
+            raise CorruptShardError(path, "; ".join(specific or problems) or "sha256 mismatch")
 
     def _shard_bytes(self, shard: int, s: int, e: int, row: np.ndarray, eods: list[int], at_row: int) -> None:
         """Shard-local stream tokens [s, e) into the uint8 row: the raw bytes, with the positions of the
@@ -357,4 +388,5 @@ class ShardSetSource:
         reader = self._readers.pop(shard, None)
         if reader is not None:
             reader.close()
-        log.warning("skipping corrupt shard %s: %s", error.path, error)
+        log.warning("skipping corrupt shard %s (on_corrupt=skip: no window touching it is read): %s", error.path,
+                    error.what)

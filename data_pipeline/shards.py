@@ -24,7 +24,7 @@ import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,7 @@ class CorruptShardError(RuntimeError):
         # one-argument form: a ready message (how DataLoader re-raises a worker's exception)
         super().__init__(f"shard {path}: {what}" if what is not None else str(path))
         self.path = Path(path) if what is not None else None
+        self.what = what if what is not None else str(path)
 
 
 class ManifestError(ValueError):
@@ -85,29 +86,57 @@ class Manifest:
         return h.hexdigest()
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1) + "\n"
+        data = asdict(self)
+        return json.dumps({**data, MANIFEST_CHECKSUM_KEY: _manifest_checksum(data)}, indent=1) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "manifest") -> Manifest:
-        if data.get("format") != MANIFEST_FORMAT:
-            raise ManifestError(f"{where}: not a synergy shard-set manifest (format={data.get('format')!r})")
+        """The manifest of `data` (a parsed manifest.json) after every check that needs no shard file:
+        format, version, its own checksum, field types, totals against the shard entries."""
+        if not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ManifestError(f"{where}: not a synergy shard-set manifest (format={found!r})")
         if data.get("version") != FORMAT_VERSION:
             raise ManifestError(
                 f"{where}: format version {data.get('version')} is not supported (this code reads "
                 f"version {FORMAT_VERSION}); re-run synergy-preprocess with this version"
             )
-        shards = [ShardInfo(**s) for s in data.get("shards", [])]
-        return cls(
-            source=data.get("source", {}),
-            total_documents=int(data["total_documents"]),
-            total_bytes=int(data["total_bytes"]),
-            shards=shards,
-        )
+        fix = f"restore it, or re-create the set with synergy-preprocess; `synergy-data verify {Path(where).parent}` " \
+              "lists every problem"
+        unknown = set(data) - {f.name for f in fields(cls)} - {MANIFEST_CHECKSUM_KEY}
+        if unknown:  # e.g. a misspelt checksum key, which would otherwise turn the check off
+            raise ManifestError(f"{where}: unknown keys {sorted(unknown)}; {fix}")
+        body = {k: v for k, v in data.items() if k != MANIFEST_CHECKSUM_KEY}
+        if MANIFEST_CHECKSUM_KEY in data and data[MANIFEST_CHECKSUM_KEY] != _manifest_checksum(body):
+            raise ManifestError(f"{where}: edited or damaged after it was written (its checksum does not match); {fix}")
+        try:
+            shards = [ShardInfo(**s) for s in data.get("shards", [])]
+            manifest = cls(source=dict(data.get("source", {})), total_documents=int(data["total_documents"]),
+                           total_bytes=int(data["total_bytes"]), shards=shards)
+            docs, raw = sum(int(s.documents) for s in shards), sum(int(s.raw_bytes) for s in shards)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ManifestError(f"{where}: malformed ({type(e).__name__}: {e}); {fix}") from None
+        if (docs, raw) != (manifest.total_documents, manifest.total_bytes):
+            raise ManifestError(f"{where}: totals ({manifest.total_documents} documents, {manifest.total_bytes} "
+                                f"bytes) disagree with the shard entries ({docs}, {raw}); {fix}")
+        return manifest
+
+
+MANIFEST_CHECKSUM_KEY = "manifest_sha256"  # absent in manifests written before it existed: not checked there
+
+
+def _manifest_checksum(data: dict) -> str:
+    """sha256 of a manifest's content (without this checksum): an edit of any entry (a shard's sha256,
+    a total) is found when the manifest is read, before the edited value can change the data order."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 def load_manifest(directory: str | Path) -> Manifest:
     """Read DIR/manifest.json; a missing one means the set is absent or was never finished."""
     path = Path(directory) / MANIFEST_NAME
+    if Path(directory).is_file():
+        raise ManifestError(f"shard set {directory}: a file, not a shard-set directory (pass the directory that "
+                            "holds manifest.json)")
     if not Path(directory).is_dir():
         raise ManifestError(f"shard set {directory}: directory not found (run synergy-preprocess first)")
     if not path.is_file():
@@ -116,9 +145,11 @@ def load_manifest(directory: str | Path) -> Manifest:
             f"re-run the same synergy-preprocess command to complete it)"
         )
     try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ManifestError(f"{path}: not valid JSON ({e})") from None
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"{path}: not valid JSON ({e}); re-create the set with synergy-preprocess") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot be read ({e.strerror}); check its permissions") from None
     return Manifest.from_dict(data, where=str(path))
 
 
@@ -313,6 +344,8 @@ class ShardReader:
                 self._file = open(self.path, "rb")
             except FileNotFoundError:
                 raise self._fail("file not found (the shard set is incomplete; re-run preprocessing)") from None
+            except OSError as e:  # permissions, a directory in its place, an I/O error
+                raise self._fail(f"cannot be read ({e.strerror}); check the file and its permissions") from None
         return self._file
 
     def close(self) -> None:
@@ -332,6 +365,12 @@ class ShardReader:
     def load_index(self) -> None:
         if self._doc_ends is not None:
             return
+        try:
+            self._load_index()
+        except OSError as e:  # an I/O error of the disk or file system
+            raise self._fail(f"index cannot be read ({e.strerror})") from None
+
+    def _load_index(self) -> None:
         fd = self._open().fileno()
         size = os.fstat(fd).st_size
         if self.expected_bytes is not None and size != self.expected_bytes:
@@ -345,7 +384,8 @@ class ShardReader:
         if magic != TRAILER_MAGIC:
             raise self._fail("bad trailer magic (file truncated or corrupted at its end)")
         if version != FORMAT_VERSION:
-            raise self._fail(f"format version {version}, this code reads {FORMAT_VERSION}")
+            raise self._fail(f"format version {version}, this code reads {FORMAT_VERSION}; re-create the set with "
+                             "this version's synergy-preprocess")
         if n_frames >= FRAME_KEY_SPAN:
             raise self._fail(
                 f"{n_frames} frames: more than this reader can address ({FRAME_KEY_SPAN}); re-shard with larger frames"
@@ -396,7 +436,11 @@ class ShardReader:
         self.load_index()
         offset, csize, rsize = (int(x) for x in self._frames[k])
         blob = self._cache.compressed(csize)  # reused: a fresh bytes object would fault in new pages
-        if os.preadv(self._open().fileno(), [blob], offset) != csize:
+        try:
+            got = os.preadv(self._open().fileno(), [blob], offset)
+        except OSError as e:
+            raise self._fail(f"frame {k} cannot be read ({e.strerror})") from None
+        if got != csize:
             raise self._fail(f"truncated: frame {k} is cut short")
         arr = self._cache.buffer(rsize)[:rsize]
         view = memoryview(arr)
@@ -485,7 +529,10 @@ def verify_shard(path: Path, info: ShardInfo) -> list[str]:
     size = path.stat().st_size
     if size != info.file_bytes:
         problems.append(f"shard {path}: truncated or resized: {size} bytes on disk, manifest says {info.file_bytes}")
-    digest = file_sha256(path)
+    try:
+        digest = file_sha256(path)
+    except OSError as e:
+        return problems + [f"shard {path}: cannot be read ({e.strerror})"]
     if digest != info.sha256:
         problems.append(f"shard {path}: sha256 mismatch (file {digest[:16]}..., manifest {info.sha256[:16]}...)")
     reader = ShardReader(path)

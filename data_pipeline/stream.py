@@ -34,7 +34,7 @@ MAX_CACHE_FRAMES = 64  # decompressed frames kept per source and process (64 MiB
 MAP_CHUNK = 1024  # samples mapped to windows per vectorised call while iterating (fewer numpy calls)
 BLOCK_TOKENS = 8 * DEFAULT_FRAME_BYTES  # default level-1 shuffle block, in tokens
 GROUP_BLOCKS = 2  # default level-2 group, in blocks
-SAMPLE_KEYS = ("input_ids", "labels", "sample_index", "source_id")
+SAMPLE_KEYS = ("input_ids", "labels", "sample_index", "source_id", "replaced")
 SourceSpec = str | os.PathLike | tuple[str | os.PathLike, float]
 
 
@@ -78,7 +78,7 @@ class StreamingByteDataset(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
         pack: bool = True,
-        on_corrupt: str = "raise",
+        on_corrupt: str = "error",
         shuffle: bool = True,
         shuffle_block: int | None = None,
         shuffle_window: int | None = None,
@@ -112,8 +112,8 @@ class StreamingByteDataset(IterableDataset):
                 f"world_size * micro_batch_size = {world_size} * {micro_batch_size} = {world_size * micro_batch_size}; "
                 f"use a global batch that is a multiple of {world_size * micro_batch_size}"
             )
-        if on_corrupt not in ("raise", "skip"):
-            raise ValueError(f"StreamingByteDataset: on_corrupt must be 'raise' or 'skip', got {on_corrupt!r}")
+        if on_corrupt not in ("error", "skip"):
+            raise ValueError(f"StreamingByteDataset: on_corrupt must be 'error' or 'skip', got {on_corrupt!r}")
         for name, value in (("shuffle_block", shuffle_block), ("shuffle_window", shuffle_window)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"StreamingByteDataset: {name} must be a positive integer or None, got {value!r}")
@@ -137,7 +137,8 @@ class StreamingByteDataset(IterableDataset):
         frames_per_block = -(-block * seq_len // DEFAULT_FRAME_BYTES) + 1
         cache_frames = min(MAX_CACHE_FRAMES, (-(-group // block) + 2) * frames_per_block)
         self._block = block
-        self.sources = [ShardSetSource(d, seq_len, pack, cache_frames=cache_frames) for d in dirs]
+        self.sources = [ShardSetSource(d, seq_len, pack, cache_frames=cache_frames,
+                                       check_whole_shards=on_corrupt == "skip") for d in dirs]
         self.orders = [
             WindowOrder(s.n_windows, (seed, int(s.set_hash[:15], 16), i), block, group, shuffle)
             for i, s in enumerate(self.sources)
@@ -184,14 +185,16 @@ class StreamingByteDataset(IterableDataset):
             except CorruptShardError:
                 pass  # reported (or skipped) when the window itself is read
 
-    def _read(self, source_id: int, window: int, row: np.ndarray, eods: list[int], at_row: int) -> int:
-        """window_bytes with on_corrupt="skip": a window on a corrupt shard moves to the next readable one."""
+    def _read(self, source_id: int, window: int, row: np.ndarray, eods: list[int], at_row: int) -> tuple[int, bool]:
+        """window_bytes with on_corrupt="skip": a window on a corrupt shard moves to the next readable one.
+        Returns (real tokens, whether the window was replaced)."""
         source = self.sources[source_id]
+        wanted = window
         while True:
             window = source.next_readable(window)
             mark = len(eods)
             try:
-                return source.window_bytes(window, row, eods, at_row)
+                return source.window_bytes(window, row, eods, at_row), window != wanted
             except CorruptShardError as e:
                 del eods[mark:]  # the failed window's EOD positions
                 if e.path is None:
@@ -200,7 +203,7 @@ class StreamingByteDataset(IterableDataset):
 
     def _plan(self, source_ids: np.ndarray, windows: np.ndarray) -> _Chunk:
         """A chunk's samples with their sources' plans (on_corrupt="skip" reads every window through _read)."""
-        if self.on_corrupt != "raise":
+        if self.on_corrupt != "error":
             return _Chunk(source_ids.tolist(), windows.tolist(), [], [])
         if len(self.sources) == 1:
             return _Chunk(source_ids.tolist(), windows.tolist(), [self.sources[0].plan(windows)], range(len(windows)))
@@ -227,6 +230,7 @@ class StreamingByteDataset(IterableDataset):
             self._batch_buffer_tensor = torch.from_numpy(self._batch_buffer)
         buffer = self._batch_buffer
         eods: list[int] = []  # flat positions in the [n, size] buffer
+        replaced = torch.zeros(n, dtype=torch.bool)  # windows moved off a corrupt shard (on_corrupt="skip")
         source_ids = chunk.source_ids
         if len(self.sources) == 1 and chunk.plans:  # the common case, in one call
             padded = self.sources[0].fill(chunk.plans[0], range(lo, hi), buffer, range(n), eods)
@@ -238,7 +242,7 @@ class StreamingByteDataset(IterableDataset):
         else:
             padded = []
             for r in range(n):
-                real = self._read(source_ids[lo + r], chunk.windows[lo + r], buffer[r], eods, r * size)
+                real, replaced[r] = self._read(source_ids[lo + r], chunk.windows[lo + r], buffer[r], eods, r * size)
                 if real < size:
                     padded.append((r, real))
         tokens = torch.empty((n, size), dtype=torch.int64)
@@ -257,6 +261,7 @@ class StreamingByteDataset(IterableDataset):
             "labels": labels,
             "sample_index": index,
             "source_id": sources,
+            "replaced": replaced,
         }
 
     # ---- iteration ---------------------------------------------------------------------------

@@ -44,7 +44,7 @@ class DataConfig:
     seq_len: int = 512  # bytes per training window
     num_workers: int = 0  # DataLoader worker processes per rank
     pack: bool = True  # pack documents with EOD separators (False: one document per window + padding)
-    on_corrupt: str = "raise"  # "raise" or "skip" a corrupted shard
+    on_corrupt: str = "error"  # a damaged shard: "error" stops the run (exit 65), "skip" trains without that shard
     sample_dir: str = ""  # where the bundled sample is preprocessed ("" = ~/.cache/synergy_dist/sample)
     sample_valid_fraction: float = 0.05  # fraction of sample documents held out for validation
 
@@ -113,7 +113,9 @@ class LogConfig:
 @dataclass
 class SafeguardConfig:
     skip_nonfinite: bool = True  # skip the update when the loss or grad norm is NaN/Inf
-    spike_zscore: float = 6.0  # a loss or grad norm this many std devs above the window mean is a spike (0 = off)
+    # a loss or grad norm this many robust std devs (1.4826 x MAD) above the window's median is a spike (0 = off) ...
+    spike_zscore: float = 6.0
+    spike_ratio: float = 3.0  # ... when it is also more than this many times that median (ordinary noise is not)
     spike_window: int = 100  # steps of running statistics for the spike test
     spike_min_history: int = 50  # applied steps needed before spikes are detected (early training is noisy)
     max_consecutive_spikes: int = 3  # this many spikes in a row -> roll back to the last good checkpoint
@@ -161,7 +163,9 @@ class DebugConfig:
     nan_loss_batches: list = field(default_factory=list)  # make the loss NaN on these batches
     inf_grad_batches: list = field(default_factory=list)  # make the gradients Inf (loss stays finite) on these batches
     spike_loss_batches: list = field(default_factory=list)  # multiply the loss by spike_factor on these batches
-    spike_factor: float = 100.0  # loss multiplier used by spike_loss_batches
+    # multiply the gradients (not the loss) by spike_factor on these batches
+    spike_grad_batches: list = field(default_factory=list)
+    spike_factor: float = 100.0  # loss / gradient multiplier used by spike_loss_batches and spike_grad_batches
     kill_in_save_at_step: int = 0  # SIGKILL this process half-way through saving the checkpoint of this step
     hang_after_step: int = 0  # wait (up to 10 min, or until SIGTERM/SIGUSR1) after this step, for a test's kill -9
     stall_batches: list = field(default_factory=list)  # stall inside the step of these batches (up to 10 min)
@@ -239,9 +243,12 @@ def _coerce(value: Any, hint: Any, key: str, base: Any = None) -> Any:
             raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
         return int(value)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float range
+            raise ConfigError(f"config key '{key}' is out of range: {value!r}") from None
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
@@ -251,6 +258,9 @@ def _coerce(value: Any, hint: Any, key: str, base: Any = None) -> Any:
             value = list(value)
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        item = (typing.get_args(hint) or [None])[0]
+        if dataclasses.is_dataclass(item):  # e.g. model.stages: each item's keys get their types checked too
+            return [_typed_item(item, v, f"{key}.{i}") for i, v in enumerate(value)]
         return value
     if hint is dict or origin is dict:
         if not isinstance(value, dict):
@@ -261,6 +271,25 @@ def _coerce(value: Any, hint: Any, key: str, base: Any = None) -> Any:
             raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
         return tuple(value)
     return value
+
+
+def _typed_item(cls: type, value: Any, key: str) -> Any:
+    """A list item of dataclass type `cls` with every value converted to its field's type (or a
+    ConfigError naming the key); still a mapping, so the class's own constructor fills the defaults."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"config key '{key}' must be a mapping of its sub-keys, got {value!r}")
+    types_by_name = _field_types(cls)
+    typed = {}
+    for name, v in value.items():
+        dotted = f"{key}.{name}"
+        if name not in types_by_name:
+            raise ConfigError(f"unknown config key '{dotted}'; known keys here: {', '.join(sorted(types_by_name))}")
+        hint = types_by_name[name]
+        nested = dataclasses.is_dataclass(hint) and isinstance(v, dict)
+        typed[name] = _typed_item(hint, v, dotted) if nested else _coerce(v, hint, dotted)
+    return typed
 
 
 def _build(cls: type, values: dict, prefix: str, base: Any = None) -> Any:
@@ -281,7 +310,7 @@ def _build(cls: type, values: dict, prefix: str, base: Any = None) -> Any:
         return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
     except ConfigError:
         raise
-    except ValueError as err:  # the model's own validation names its key; add where it sits
+    except (ValueError, TypeError, ArithmeticError) as err:  # the model's own validation names its key
         raise ConfigError(f"invalid config under '{prefix or 'config'}': {err}") from err
 
 
@@ -388,12 +417,16 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     values: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config file '{path}' is a directory; pass a YAML file with --config")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist; pass an existing YAML file with --config")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = yaml.safe_load(path.read_bytes()) or {}  # bytes: YAML's reader reports bad encodings
         except yaml.YAMLError as err:
             raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from err
+        except OSError as err:
+            raise ConfigError(f"config file '{path}' cannot be read ({err.strerror})") from err
         if not isinstance(values, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping of sections (run:, model:, train:, ...)")
     return config_from_dict(values, overrides)
@@ -454,7 +487,7 @@ def validate(cfg: Config) -> None:
     _require(bool(cfg.run.dir), "run.dir is empty; set it to the run directory, e.g. run.dir=runs/my-run")
     _require(d.seq_len >= 8, f"data.seq_len={d.seq_len} is too small; use at least 8 (e.g. data.seq_len=512)")
     _require(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
-    _require(d.on_corrupt in ("raise", "skip"), f"data.on_corrupt='{d.on_corrupt}' must be 'raise' or 'skip'")
+    _require(d.on_corrupt in ("error", "skip"), f"data.on_corrupt='{d.on_corrupt}' must be 'error' or 'skip'")
     _require(0.0 < d.sample_valid_fraction < 1.0,
              f"data.sample_valid_fraction={d.sample_valid_fraction} must be between 0 and 1 (e.g. 0.05)")
     if d.weights:
@@ -537,6 +570,7 @@ def validate(cfg: Config) -> None:
     _require(not lg.wandb or bool(lg.wandb_project),
              "log.wandb_project is empty; name a W&B project or set log.wandb=false")
     _require(sg.spike_zscore >= 0, f"safeguards.spike_zscore={sg.spike_zscore} must be >= 0 (0 disables)")
+    _require(sg.spike_ratio >= 1, f"safeguards.spike_ratio={sg.spike_ratio} must be >= 1 (1 = the z-score alone)")
     _require(sg.spike_window >= 2, f"safeguards.spike_window={sg.spike_window} must be >= 2")
     _require(2 <= sg.spike_min_history <= sg.spike_window,
              f"safeguards.spike_min_history={sg.spike_min_history} must be in [2, safeguards.spike_window]")

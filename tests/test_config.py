@@ -111,7 +111,7 @@ ERRORS = [
     (["run.dir="], "run.dir is empty; set it to the run directory, e.g. run.dir=runs/my-run"),
     (["data.seq_len=4"], "data.seq_len=4 is too small; use at least 8 (e.g. data.seq_len=512)"),
     (["data.num_workers=-1"], "data.num_workers=-1 must be >= 0"),
-    (["data.on_corrupt=ignore"], "data.on_corrupt='ignore' must be 'raise' or 'skip'"),
+    (["data.on_corrupt=ignore"], "data.on_corrupt='ignore' must be 'error' or 'skip'"),
     (["data.sample_valid_fraction=0"], "data.sample_valid_fraction=0.0 must be between 0 and 1 (e.g. 0.05)"),
     (["data.sources=[a]", "data.weights=[1, 2]"],
      "data.weights has 2 entries but data.sources has 1; give one weight per source or leave data.weights empty"),

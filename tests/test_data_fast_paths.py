@@ -43,7 +43,8 @@ def assert_batches_equal(got: list[dict], want: list[dict]) -> None:
     for g, w in zip(got, want):
         assert g.keys() == w.keys()
         for key in w:
-            assert g[key].dtype == torch.int64 and torch.equal(g[key], w[key]), key
+            dtype = torch.bool if key == "replaced" else torch.int64
+            assert g[key].dtype == dtype and torch.equal(g[key], w[key]), key
 
 
 @pytest.mark.parametrize("pack", [True, False])

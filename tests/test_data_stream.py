@@ -268,6 +268,34 @@ def test_corrupt_shard_raises_naming_it_or_is_skipped(corpora, tmp_path, caplog)
         take(ds, n)
 
 
+def test_skip_leaves_out_whole_shards_the_same_way_on_every_rank_and_after_a_resume(corpora, tmp_path):
+    """on_corrupt="skip" checks a shard whole when it is first opened: a window is replaced exactly when it
+    touches a damaged shard, even where it reads only healthy frames of it, so the stream is a function of
+    the files, and a resumed (or another rank's) stream makes the same replacements."""
+    A, _ = corpora
+    bad = tmp_path / "A"
+    shutil.copytree(A, bad)
+    path = bad / "shard-000001.bin"
+    reader = ShardReader(path)
+    assert reader.n_frames > 1
+    offset, size, _ = (int(x) for x in reader._frames[-1])
+    reader.close()
+    data = bytearray(path.read_bytes())
+    data[offset + size // 2] ^= 0x10  # only the last frame is damaged
+    path.write_bytes(bytes(data))
+    kwargs = dict(seq_len=L, global_batch_size=4, micro_batch_size=2, on_corrupt="skip", **SMALL)
+    ds = StreamingByteDataset([bad], **kwargs)
+    n = 2 * ds.epoch_size()
+    whole = take(ds, n)
+    touching = {i for i in range(n) if 1 in ds.sources[0].shards_of(ds.window_id(i)[1])}
+    assert touching and {i for i, s in enumerate(whole) if bool(s["replaced"])} == touching
+    resumed = StreamingByteDataset([bad], **kwargs)
+    resumed.load_state_dict(resumed.state_at(n // 2))
+    later = take(resumed, n - n // 2)
+    same(whole[n // 2:], later)
+    assert [bool(s["replaced"]) for s in whole[n // 2:]] == [bool(s["replaced"]) for s in later]
+
+
 def test_construction_reads_only_the_manifest(corpora, tmp_path):
     A, _ = corpora
     lazy = tmp_path / "A"
@@ -288,7 +316,7 @@ def test_construction_reads_only_the_manifest(corpora, tmp_path):
          r"use a global batch that is a multiple of 24"),
         (dict(rank=2, world_size=2), r"rank must be in \[0, world_size=2\), got 2"),
         (dict(seq_len=0), r"seq_len must be a positive integer, got 0"),
-        (dict(on_corrupt="ignore"), r"on_corrupt must be 'raise' or 'skip', got 'ignore'"),
+        (dict(on_corrupt="ignore"), r"on_corrupt must be 'error' or 'skip', got 'ignore'"),
         (dict(seq_len=10**7),
          r"holds \d+ tokens in \d+ documents: not one window of seq_len\+1 = 10000001 tokens; "
          r"lower seq_len or add data"),

@@ -231,6 +231,17 @@ def test_repeated_spikes_roll_back_and_skip_the_data(workdir, sample_dir):
     assert state["data_offset"] == 8
 
 
+def test_the_default_spike_rule_catches_10x_loss_and_gradient_spikes(workdir, sample_dir):
+    # the defaults' spike_zscore and spike_ratio; a short window, since the run is short
+    cfg = config(workdir, sample_dir, "spikes_10x", train={"max_steps": 10},
+                 safeguards={"spike_window": 10, "spike_min_history": 4},
+                 debug={"spike_loss_batches": [7], "spike_grad_batches": [9], "spike_factor": 10.0})
+    finished(cfg)
+    records = tl.metrics(cfg)
+    assert [(r["step"], r["skip_reason"]) for r in records if r["skipped"]] == [(7, "loss_spike"), (9, "grad_spike")]
+    assert records[-1]["skipped_spikes"] == 2 and records[-1]["rollbacks"] == 0
+
+
 def hand_grad_norm(cfg_dict: dict, sample_dir: Path) -> float:
     """The first step's global grad norm computed directly: mean of the 4 per-sample losses' gradients."""
     from data_pipeline.stream import StreamingByteDataset

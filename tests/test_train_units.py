@@ -4,7 +4,10 @@ fault injection, stop-signal handlers."""
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
 import math
+import statistics
 import warnings
 from pathlib import Path
 
@@ -104,15 +107,18 @@ def test_spikes_are_skipped_and_k_in_a_row_ask_for_rollback():
     g = guards()
     history = [2.0, 2.1, 1.9, 2.0, 2.05, 1.95]
     assert feed(g, history) == ["ok"] * 6
-    mean = sum(history) / 6
-    std = math.sqrt(sum((x - mean) ** 2 for x in history) / 5)
-    just_below, above = mean + 3.9 * std, mean + 4.1 * std
-    assert feed(g, [just_below]) == ["ok"]
+    # the z-score's boundary (spike_zscore=4 robust standard deviations), where the ratio test is off
+    center = statistics.median(history)
+    spread = 1.4826 * statistics.median(abs(x - center) for x in history)
+    zscore_only = guards(spike_ratio=1.0)
+    feed(zscore_only, history)
+    assert zscore_only.judge(center + 3.9 * spread, 1.0).reason == "ok"
+    assert zscore_only.judge(center + 4.1 * spread, 1.0).reason == "loss_spike"
+    assert g.judge(center + 4.1 * spread, 1.0).reason == "ok"  # with the default ratio: 1.1x the median is no spike
     assert feed(g, [10.0, 10.0]) == ["loss_spike", "loss_spike"]
     assert g.state.consecutive_spikes == 2
     assert feed(g, [10.0]) == ["loss_spike+rollback"]
     assert g.state.skipped_spikes == 3 and g.state.consecutive_spikes == 0
-    assert above > just_below
 
 
 def test_grad_norm_spike_and_no_detection_before_min_history():
@@ -122,6 +128,63 @@ def test_grad_norm_spike_and_no_detection_before_min_history():
     feed(g, [2.0, 2.1, 1.9, 2.0, 2.05])
     verdict = g.judge(2.0, 100.0)
     assert (verdict.apply, verdict.reason) == (False, "grad_spike")
+
+
+def test_a_spike_must_also_be_large_in_absolute_terms():
+    """A steady window makes ordinary noise many standard deviations out: spike_ratio x the mean is needed too."""
+    steady = [0.80 + 0.002 * (i % 5) for i in range(10)]  # mean 0.804, std ~0.0015: 1.04 is ~150 sigma out
+    g, zscore_alone = guards(spike_ratio=3.0), guards(spike_ratio=1.0)
+    assert feed_grads(g, steady) == feed_grads(zscore_alone, steady) == ["ok"] * 10
+    # judge() is pure: each value is tested against the same window
+    assert [g.judge(2.0, v).reason for v in (1.04, 2.4, 2.42)] == ["ok", "ok", "grad_spike"]  # 1.3x, 2.99x, 3.01x
+    assert zscore_alone.judge(2.0, 1.04).reason == "grad_spike"
+
+
+def feed_grads(g: Safeguards, grad_norms: list[float], loss: float = 2.0) -> list[str]:
+    reasons = []
+    for grad_norm in grad_norms:
+        verdict = g.judge(loss, grad_norm)
+        g.record(verdict, loss, grad_norm)
+        reasons.append(verdict.reason)
+    return reasons
+
+
+HEALTHY_TRACE = Path(__file__).parent / "data" / "healthy_trace.json.gz"
+
+
+def healthy_trace() -> list[tuple[int, float, float]]:
+    """(step, loss, grad norm) of every step of a healthy run (how it was made: the file's "run" entry)."""
+    data = json.loads(gzip.decompress(HEALTHY_TRACE.read_bytes()))
+    return list(zip(data["step"], data["loss"], data["grad_norm"]))
+
+
+def replay(trace, cfg: SafeguardConfig, spike_at: int = 0, spiked: str = "") -> list[tuple[int, str]]:
+    """The (step, reason) of every update the safeguards skip when the trace is fed to them in order,
+    with the loss or the grad norm of step `spike_at` multiplied by 10."""
+    g = Safeguards(cfg)
+    skipped = []
+    for step, loss, grad_norm in trace:
+        if step == spike_at:
+            loss, grad_norm = (loss * 10, grad_norm) if spiked == "loss" else (loss, grad_norm * 10)
+        verdict = g.judge(loss, grad_norm)
+        g.record(verdict, loss, grad_norm)
+        if not verdict.apply:
+            skipped.append((step, verdict.reason))
+    return skipped
+
+
+def test_the_defaults_skip_nothing_on_a_healthy_run():
+    trace = healthy_trace()
+    assert len(trace) == 168 and [s for s, _, _ in trace] == list(range(1, len(trace) + 1))
+    assert replay(trace, SafeguardConfig()) == []
+
+
+@pytest.mark.parametrize("spiked, reason", [("loss", "loss_spike"), ("grad_norm", "grad_spike")])
+def test_the_defaults_catch_a_10x_spike_anywhere_in_a_healthy_run(spiked, reason):
+    trace = healthy_trace()
+    cfg = SafeguardConfig()
+    for at in range(cfg.spike_min_history + 1, len(trace) + 1, 7):
+        assert replay(trace, cfg, at, spiked) == [(at, reason)], f"10x {spiked} at step {at}"
 
 
 def test_safeguard_state_round_trips():
@@ -274,6 +337,11 @@ def test_fault_injection_poisons_only_the_named_batches():
     assert poisoned.item() == 3.0  # the loss stays finite, its gradients do not
     poisoned.backward()
     assert math.isinf(x.grad.item())
+    x.grad = None
+    spiked = FaultInjector(DebugConfig(spike_grad_batches=[7], spike_factor=10.0)).on_loss(x * 1.5, 7)
+    assert spiked.item() == 3.0  # the loss is unchanged, its gradients are 10x
+    spiked.backward()
+    assert x.grad.item() == 15.0
     assert faults.on_save(5) is None and callable(faults.on_save(6))
     faults.after_step(4, signalled=lambda: False)  # not the hang step: returns at once
     faults.after_step(5, signalled=lambda: True)  # the hang step, already signalled: returns at once

@@ -36,6 +36,19 @@ class _InfGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward, gradient times `factor` backward: a gradient spike under an ordinary loss."""
+
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
 def _kill_self(path: Path) -> None:
     os.kill(os.getpid(), signal.SIGKILL)  # dies with part of the checkpoint at `path` on disk
 
@@ -46,7 +59,7 @@ class FaultInjector:
         self.rank = rank
 
     def on_loss(self, loss: torch.Tensor, batch_number: int) -> torch.Tensor:
-        """The loss to back-propagate for global batch `batch_number`: NaN, spiked and/or with Inf gradients
+        """The loss to back-propagate for global batch `batch_number`: NaN, spiked, with spiked or Inf gradients
         when the config poisons that batch, else `loss` itself. On a stalled batch (`stall_batches`, on
         `stall_rank` or every rank) it first sleeps HANG_LIMIT_S inside the step: a stuck step for the watchdog."""
         cfg = self.cfg
@@ -56,6 +69,8 @@ class FaultInjector:
             loss = loss * float("nan")
         if batch_number in cfg.spike_loss_batches:
             loss = loss * cfg.spike_factor
+        if batch_number in cfg.spike_grad_batches:
+            loss = _ScaleGradient.apply(loss, cfg.spike_factor)
         if batch_number in cfg.inf_grad_batches:
             loss = _InfGradient.apply(loss)
         return loss

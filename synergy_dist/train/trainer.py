@@ -34,7 +34,13 @@ from synergy_dist.model.moe.layer import MoEFeedForward, moe_param_groups, updat
 from synergy_dist.model.statistics import ModelStatistics, bits_per_byte
 from synergy_dist.model.synergy import SynergyLM
 from synergy_dist.train.compile import compile_blocks, compile_counts
-from synergy_dist.train.data import build_dataset, data_sources
+from synergy_dist.train.data import (
+    build_dataset,
+    check_shard_sets,
+    collective_read,
+    data_sources,
+    next_step_batches,
+)
 from synergy_dist.train.distributed import (
     CHECKPOINT_WRITE_EXIT_CODE,
     REQUEUE_EXIT_CODE,
@@ -67,6 +73,7 @@ class StepResult:
     verdict: Verdict  # the safeguards' decision: applied, skipped (and why), rollback wanted
     stats: ModelStatistics  # router and MoE statistics, mean over the micro-batches (this rank)
     phases: dict[str, float]  # PhaseClock.summary(): wall and CPU seconds per phase (time_*_s, cpu_*_s)
+    replaced_windows: int = 0  # windows moved off corrupt shards (data.on_corrupt=skip), summed over ranks
 
 
 @contextmanager
@@ -107,6 +114,7 @@ class Trainer:
         self.train_data = build_dataset(cfg, train_sources, rank=self.rank, world=self.world,
                                         global_batch=self.global_batch)
         self.valid_sources = valid_sources if cfg.train.eval_every_steps else []
+        check_shard_sets(self.valid_sources, self.world)  # a bad validation set stops the run now, not at step N
 
         # Model, identical on every rank (same seed), then DeepSpeed.
         self.model = self._build_model()
@@ -120,6 +128,7 @@ class Trainer:
                                      cfg.log.wandb_project if cfg.log.wandb else None, cfg.log.wandb_run_name)
         self.step = 0  # optimizer steps done (applied or skipped)
         self.data_offset = 0  # samples skipped past by rollbacks
+        self.replaced_windows = 0  # windows moved off corrupt shards so far (data.on_corrupt=skip), all ranks
         self.stop_signal: int | None = None
         self.last_checkpoint: Path | None = None
         self.last_alarms: set[str] = set()
@@ -160,6 +169,7 @@ class Trainer:
         consumed = self.samples_consumed()
         return {"step": self.step, "data_offset": self.data_offset, "samples_consumed": consumed,
                 "data_state": self.train_data.state_at(consumed), "safeguards": self.guards.state_dict(),
+                "replaced_windows": self.replaced_windows,
                 "world_size": self.world, "config": self.cfg.to_dict()}
 
     def _agreed_latest(self) -> Path | None:
@@ -184,6 +194,7 @@ class Trainer:
         if state["world_size"] != self.world:
             seed_everything(rank_seed(self.cfg.seed, self.rank, state["step"]))
         self.step, self.data_offset = state["step"], state["data_offset"]
+        self.replaced_windows = state.get("replaced_windows", 0)
         self.guards.load_state_dict(state["safeguards"])
         self.last_checkpoint = path
         self.metrics.event(f"resumed from {path} at step {self.step} "
@@ -225,8 +236,10 @@ class Trainer:
         loader = torch.utils.data.DataLoader(self.train_data, batch_size=None, num_workers=self.cfg.data.num_workers)
         self.batches = iter(loader)
 
-    def _next_batch(self) -> dict:
-        return {k: v.to(self.env.device) for k, v in next(self.batches).items()}
+    def _step_batches(self) -> list[dict]:
+        """This step's micro-batches; a data error stops every rank here (collective)."""
+        batches = next_step_batches(self.batches, self.micro_steps, self.world)
+        return [{k: v.to(self.env.device) for k, v in batch.items()} for batch in batches]
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> StepResult:
@@ -237,11 +250,11 @@ class Trainer:
         for group in engine.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
         batch_number = self.samples_consumed() // self.global_batch + 1  # in the data stream, for fault injection
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, byte nats, bytes summed over micro-batches
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, byte nats, bytes, replaced windows over micro-batches
         stats: list[ModelStatistics] = []
-        for micro in range(self.micro_steps):
-            with clock.phase("data"):
-                batch = self._next_batch()
+        with clock.phase("data"):
+            batches = self._step_batches()
+        for micro, batch in enumerate(batches):
             with clock.phase("forward"):
                 out = engine(batch["input_ids"], labels=batch["labels"])
             loss = self.faults.on_loss(out.loss, batch_number)
@@ -250,10 +263,11 @@ class Trainer:
             if micro < self.micro_steps - 1:
                 with clock.phase("optimizer"):
                     engine.step()  # not the accumulation boundary: DeepSpeed only counts the micro-step
-            sums += torch.tensor([loss.item(), out.stats.byte_nats.item(), out.stats.n_bytes.item()],
-                                 dtype=torch.float64)
+            sums += torch.tensor([loss.item(), out.stats.byte_nats.item(), out.stats.n_bytes.item(),
+                                  batch["replaced"].sum().item()], dtype=torch.float64)
             stats.append(out.stats)
-        loss_sum, byte_nats, n_bytes = self._global_sum(sums)
+        loss_sum, byte_nats, n_bytes, replaced = self._global_sum(sums)
+        self.replaced_windows += int(replaced)
         step_loss, step_bpb = loss_sum / (self.micro_steps * self.world), bits_per_byte(byte_nats, n_bytes)
         with clock.phase("optimizer"):
             verdict, grad_norm = self._guarded_optimizer_step(step_loss)
@@ -261,7 +275,7 @@ class Trainer:
         self._after_update(verdict.apply)
         self.step += 1
         return StepResult(loss=step_loss, bpb=step_bpb, lr=lr, grad_norm=grad_norm, verdict=verdict,
-                          stats=ModelStatistics.mean(stats), phases=clock.summary())
+                          stats=ModelStatistics.mean(stats), phases=clock.summary(), replaced_windows=int(replaced))
 
     def _guarded_optimizer_step(self, loss: float) -> tuple[Verdict, float]:
         """engine.step() at the accumulation boundary. DeepSpeed computes the global grad norm, then calls
@@ -321,8 +335,9 @@ class Trainer:
         """Validation bits per byte (eval_bpb) and the bytes it counted (eval_bytes): synergy-eval's windows and
         definition over the validation shard sets, ranks taking turns by batch of batch.micro_batch_size
         windows, train.eval_batches batches per rank (0 = the whole set). Collective."""
-        tally = evaluate_share(self.engine, self.valid_sources, self.cfg.data.seq_len, self.cfg.batch.micro_batch_size,
-                               self.rank, self.world, self.cfg.train.eval_batches)
+        tally = collective_read(lambda: evaluate_share(self.engine, self.valid_sources, self.cfg.data.seq_len,
+                                                       self.cfg.batch.micro_batch_size, self.rank, self.world,
+                                                       self.cfg.train.eval_batches), self.world)
         nats, n_bytes = self._global_sum(torch.tensor([tally.nats, tally.bytes], dtype=torch.float64))
         return {"eval_bpb": bits_per_byte(nats, n_bytes), "eval_bytes": int(n_bytes)}
 
@@ -397,6 +412,9 @@ class Trainer:
         return REQUEUE_EXIT_CODE
 
     def _report_skip(self, result: StepResult) -> None:
+        if result.replaced_windows:
+            self.metrics.event(f"step {self.step}: {result.replaced_windows} window(s) replaced: they touch corrupt "
+                               "shards, named in the warnings (data.on_corrupt=skip)")
         verdict = result.verdict
         if not verdict.apply:
             self.metrics.event(f"step {self.step}: update skipped ({verdict.reason}), loss {result.loss:.4f}, "
@@ -431,6 +449,7 @@ class Trainer:
             "skipped_steps": self.guards.state.skipped_nonfinite + self.guards.state.skipped_spikes,
             "skipped_nonfinite": self.guards.state.skipped_nonfinite,
             "skipped_spikes": self.guards.state.skipped_spikes, "rollbacks": len(self.guards.state.rollbacks),
+            "data_skipped_windows": self.replaced_windows,
             "step_time_s": elapsed, "bytes_per_s": bytes_per_s, "concept_tokens_per_s": bytes_per_s / concept_ratio,
             "mfu": (self.flops_per_byte or 0.0) * bytes_per_s / self.peak_flops, "world_size": self.world,
             "samples_consumed": self.samples_consumed(),
