@@ -487,6 +487,8 @@ def validate(cfg: Config) -> None:
     _require(bool(cfg.run.dir), "run.dir is empty; set it to the run directory, e.g. run.dir=runs/my-run")
     _require(d.seq_len >= 8, f"data.seq_len={d.seq_len} is too small; use at least 8 (e.g. data.seq_len=512)")
     _require(d.num_workers >= 0, f"data.num_workers={d.num_workers} must be >= 0")
+    if d.on_corrupt == "raise":  # the name before 'error' (configs of earlier runs keep working)
+        d.on_corrupt = "error"
     _require(d.on_corrupt in ("error", "skip"), f"data.on_corrupt='{d.on_corrupt}' must be 'error' or 'skip'")
     _require(0.0 < d.sample_valid_fraction < 1.0,
              f"data.sample_valid_fraction={d.sample_valid_fraction} must be between 0 and 1 (e.g. 0.05)")

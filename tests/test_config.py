@@ -258,3 +258,7 @@ def test_deepspeed_json_is_generated_and_extra_json_merged(tmp_path):
     assert ds["wall_clock_breakdown"] is True  # deepspeed.extra wins over both
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and "bf16" not in ds  # precision policy
     assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}, "d": 4}) == {"a": {"b": 1, "c": 3}, "d": 4}
+
+
+def test_the_earlier_name_of_on_corrupt_error_still_loads():
+    assert load_config(None, ["data.on_corrupt=raise"]).data.on_corrupt == "error"
