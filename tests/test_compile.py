@@ -54,7 +54,8 @@ def test_compiled_blocks_keep_parameter_names_and_generation():
     model, eager = SynergyLM(cfg.model), SynergyLM(cfg.model)
     eager.load_state_dict(model.state_dict())
     names = list(model.state_dict())
-    assert compile_blocks(model, "aot_eager") == 7  # 2 + 2 Mamba blocks of the stage, 3 attention blocks
+    # dynamo's capture without AOT autograd: what could rename parameters or change numbers, in a third of the time
+    assert compile_blocks(model, "eager") == 7  # 2 + 2 Mamba blocks of the stage, 3 attention blocks
     assert list(model.state_dict()) == names
     ids = torch.randint(0, 256, (2, 96))
     torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-5)
