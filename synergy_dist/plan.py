@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from synergy_dist.config import Config, set_expert_parallel_size
-from synergy_dist.model.accounting import flops_per_byte, param_counts
+from synergy_dist.model.accounting import cumulative_bytes_per_concept, flops_per_byte, param_counts
 from synergy_dist.model.config import MambaConfig, ModelConfig, StackConfig, mlp_hidden
 from synergy_dist.model.synergy import SynergyLM
 
@@ -143,15 +143,11 @@ def stack_activation_bytes(stack: StackConfig, h: int, positions: float, dtype: 
 
 
 def activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, dtype: str, checkpointing: bool,
-                     bytes_per_concept: list[float] | None = None, working_set: bool = True) -> float:
+                     bytes_per_concept: float | list[float] | None = None, working_set: bool = True) -> float:
     """Bytes autograd keeps for one micro-batch's backward, plus (working_set) the recomputation of the largest block
-    under activation checkpointing. bytes_per_concept: cumulative bytes per concept after each stage (outermost
-    first); None = the routers' targets, which a trained router meets."""
-    if bytes_per_concept is None:
-        bytes_per_concept, product = [], 1.0
-        for stage in model.stages:
-            product *= stage.router.target_bytes_per_concept
-            bytes_per_concept.append(product)
+    under activation checkpointing. bytes_per_concept as for accounting.flops_breakdown: cumulative after each
+    stage, or the innermost level's, or None = the routers' targets, which a trained router meets."""
+    bytes_per_concept = cumulative_bytes_per_concept(model, bytes_per_concept)
     a, r, s = _act_sizes(dtype)
     d0 = model.widths()[0]
     # embedding output, the head's input and logits, the float32 logits and log-probabilities of the loss

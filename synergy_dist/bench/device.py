@@ -116,15 +116,15 @@ def step_throughput(model_cfg: ModelConfig, device: torch.device, dtype: str, se
             seconds.append(time.perf_counter() - start)
             realised.append(bytes_per_concept)
     median_bpc = statistics.median(realised)
-    cumulative = [median_bpc ** ((s + 1) / len(model_cfg.stages)) for s in range(len(model_cfg.stages))]
+    innermost = median_bpc if model_cfg.stages else None  # a byte model has no concepts
     result = {
         "step_seconds": seconds,
         "bytes_per_s": [batch * seq_len / s for s in seconds],
         "first_step_seconds": first_step,
         "bytes_per_concept": median_bpc,
-        "flops_per_byte": flops_per_byte(model_cfg, seq_len, median_bpc if model_cfg.stages else None),
+        "flops_per_byte": flops_per_byte(model_cfg, seq_len, innermost),
         "params": sum(p.numel() for p in model.parameters()),
-        "plan_activations_gib": activation_bytes(model_cfg, seq_len, batch, dtype, False, cumulative) / GiB,
+        "plan_activations_gib": activation_bytes(model_cfg, seq_len, batch, dtype, False, innermost) / GiB,
     }
     if device.type == "cuda":
         result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GiB

@@ -76,11 +76,10 @@ def stack_flops_per_unit(stack: StackConfig, d_model: int, length: int) -> float
     return total
 
 
-def flops_breakdown(cfg: ModelConfig, seq_len: int,
-                    bytes_per_concept: float | Sequence[float] | None = None) -> dict[str, float]:
-    """Forward FLOPs per byte of each part. bytes_per_concept: cumulative bytes per concept after each stage
-    (a list, outermost first), one number for the innermost level (split evenly across stages), or None
-    for the configured targets (the product of target_bytes_per_concept up to each stage)."""
+def cumulative_bytes_per_concept(cfg: ModelConfig,
+                                 bytes_per_concept: float | Sequence[float] | None = None) -> list[float]:
+    """Cumulative bytes per concept after each stage, outermost first, from a list of them, one number for the
+    innermost level (split evenly across stages), or None for the configured targets (their running product)."""
     n_stages = len(cfg.stages)
     if bytes_per_concept is None:
         cumulative, product = [], 1.0
@@ -96,6 +95,15 @@ def flops_breakdown(cfg: ModelConfig, seq_len: int,
             raise ValueError(f"bytes_per_concept has {len(cumulative)} values for {n_stages} stages")
     if any(b < 1 for b in cumulative):
         raise ValueError(f"bytes_per_concept={cumulative} must be >= 1")
+    return cumulative
+
+
+def flops_breakdown(cfg: ModelConfig, seq_len: int,
+                    bytes_per_concept: float | Sequence[float] | None = None) -> dict[str, float]:
+    """Forward FLOPs per byte of each part. bytes_per_concept: cumulative bytes per concept after each stage
+    (a list, outermost first), one number for the innermost level (split evenly across stages), or None
+    for the configured targets (the product of target_bytes_per_concept up to each stage)."""
+    cumulative = cumulative_bytes_per_concept(cfg, bytes_per_concept)
     parts: dict[str, float] = {}
     bytes_per_unit = 1.0
     for s, stage in enumerate(cfg.stages):
