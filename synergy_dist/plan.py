@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -28,6 +27,7 @@ from synergy_dist.config import Config, set_expert_parallel_size
 from synergy_dist.model.accounting import cumulative_bytes_per_concept, flops_per_byte, param_counts
 from synergy_dist.model.config import MambaConfig, ModelConfig, StackConfig, mlp_hidden
 from synergy_dist.model.synergy import SynergyLM
+from synergy_dist.train.ds_config import build_ds_config
 
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = 0.5 * GiB  # CUDA context, cuBLAS/NCCL workspaces: measured ~0.4-0.6 GiB on recent GPUs
@@ -184,12 +184,8 @@ def _zero_buffers(cfg: Config, zero_stage: int, weight_bytes: int) -> float:
 
 
 def _deepspeed_zero_section(cfg: Config) -> dict:
-    """The zero_optimization settings a run would use: deepspeed.extra_json and deepspeed.extra merged."""
-    zero: dict = {}
-    if cfg.deepspeed.extra_json:
-        zero.update(json.loads(Path(cfg.deepspeed.extra_json).read_text()).get("zero_optimization", {}))
-    zero.update((cfg.deepspeed.extra or {}).get("zero_optimization", {}))
-    return zero
+    """The zero_optimization settings a run would use (train/ds_config.py: deepspeed.extra_json and extra merged)."""
+    return build_ds_config(cfg, world_size=1, dtype=torch.float32)["zero_optimization"]
 
 
 def make_plan(cfg: Config, gpus: int, gpu_memory: float, micro_batch_size: int | None = None) -> Plan:
