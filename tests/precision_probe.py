@@ -5,7 +5,8 @@ print as one JSON line what precision the DeepSpeed engine really used.
 
 Printed: "float32_modules" {parameter name: dtype} of the float32 policy's parameters (model/precision.py)
 in engine.module after training; "other_dtypes" the dtypes of every other parameter; "compute" the output
-dtypes of the byte head (the bulk of the model) and of the first router projection / residual in the first step;
+dtypes of the byte head (the bulk of the model), of the first stage-0 encoder layer's mixer and of the first
+router projection / residual in the first step;
 "ds_precision" the precision sections of the DeepSpeed config.
 """
 
@@ -37,6 +38,7 @@ def main() -> int:
         return record
 
     module.head.register_forward_hook(recorder("head"))
+    module.body.encoder.blocks[0].mixer.register_forward_hook(recorder("encoder"))
     for name, sub in module.named_modules():
         if isinstance(sub, Float32Linear):
             sub.register_forward_hook(recorder(name))

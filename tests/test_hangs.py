@@ -72,15 +72,17 @@ def wait_ended(proc: subprocess.Popen, cfg: dict, bound: float) -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher,status", [("torchrun", 1), ("deepspeed", 256 - signal.SIGKILL)])
-def test_a_killed_rank_ends_the_run_and_a_restart_resumes_exactly(workdir, sample_dir, reference, launcher, status):
+# torchrun reports a failed rank as 1. The deepspeed launcher exits with the status of whichever failed rank its
+# poll finds first: the killed rank (-9, so 247) or the survivor, whose all-reduce failed (1); both are a failure.
+@pytest.mark.parametrize("launcher,statuses", [("torchrun", {1}), ("deepspeed", {256 - signal.SIGKILL, 1})])
+def test_a_killed_rank_ends_the_run_and_a_restart_resumes_exactly(workdir, sample_dir, reference, launcher, statuses):
     # Rank 1 stalls inside step 4, so rank 0 waits for it in that step's gradient all-reduce; then rank 1 dies.
     cfg = config(workdir, sample_dir, f"killed_rank_{launcher}", debug={"stall_batches": [4], "stall_rank": 1})
     proc = tl.start(cfg, launcher, 2)
     tl.wait_for_step(proc, cfg, 3)
     survivor, victim = pid_of_rank(proc, 0), pid_of_rank(proc, 1)
     os.kill(victim, signal.SIGKILL)
-    assert wait_ended(proc, cfg, END_BOUND_S) == status, tl.output_of(cfg)[-4000:]
+    assert wait_ended(proc, cfg, END_BOUND_S) in statuses, tl.output_of(cfg)[-4000:]
     assert not running(survivor)
     # the survivor's all-reduce failed at once (gloo's message varies with the moment of the kill): it did not wait
     assert re.search(r"\[rank0\]: RuntimeError: .*Connection (closed|reset) by peer", tl.output_of(cfg))

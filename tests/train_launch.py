@@ -82,14 +82,39 @@ def command(config_path: Path, launcher: str, nproc: int, overrides: list[str]) 
     raise ValueError(launcher)
 
 
+# Every run start() launched, so that conftest.py can end the ones a failed test left running.
+STARTED: list[subprocess.Popen] = []
+STARTED_PORTS: list[str] = []
+
+
 def start(cfg: dict, launcher: str = "single", nproc: int = 1, overrides: list[str] | None = None) -> subprocess.Popen:
     run_dir = Path(cfg["run"]["dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir.parent / f"{run_dir.name}.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
     log = open(run_dir.parent / f"{run_dir.name}.log", "ab")
-    return subprocess.Popen(command(config_path, launcher, nproc, overrides or []), cwd=str(REPO), env=child_env(),
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    cmd = command(config_path, launcher, nproc, overrides or [])
+    proc = subprocess.Popen(cmd, cwd=str(REPO), env=child_env(), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    STARTED.append(proc)
+    if "--master_port" in cmd:
+        STARTED_PORTS.append(cmd[cmd.index("--master_port") + 1])
+    return proc
+
+
+def end_started_runs() -> None:
+    """kill -9 every run a test started and left running, and remove the DeepSpeed shared-memory buffers
+    its killed ranks left behind (tests run one at a time, so a buffer is stale once its run has ended)."""
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            kill_group(proc)
+    for port in STARTED_PORTS:
+        # DeepSpeed's CPU all-reduce keeps a 69 MB buffer per rank in /dev/shm, named after the master port;
+        # a killed rank cannot remove its own, and a full /dev/shm slows every later run.
+        for buffer in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            buffer.unlink(missing_ok=True)
+    STARTED_PORTS.clear()
 
 
 def output_of(cfg: dict) -> str:

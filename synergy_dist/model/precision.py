@@ -10,6 +10,9 @@ away. H-Net keeps its routing module and residual projection in float32 for thes
   their forward raises `PrecisionError`, naming the module, the cause and the fix, if their weights are not
   float32;
 - the EMA smoothing and the Mamba scan run in float32 (`float32_math` on ssd.py's scan);
+- optionally (`StageConfig.encoder_fp32`) a stage's whole encoder (`Float32Stack`): the decisions depend on
+  the encoder's output, and measured on trained checkpoints a bf16 encoder flips 0.1-0.15% of them, a bf16
+  encoder with a float32 last layer as many, a float32 encoder none (docs/MODEL.md, "Precision policy");
 - bf16 training keeps float32 parameters and runs under autocast (synergy_dist/train/ds_config.py), because
   DeepSpeed's "bf16" mode casts every parameter (docs/TRAINING.md, "Precision").
 
@@ -48,10 +51,11 @@ class KeepsFloat32:
     """
 
     float32_role: str = "float32 module"
+    float32_recurse: bool = False  # the policy covers the module's children too (a float32 encoder)
 
     def require_float32(self) -> None:
         """Raise PrecisionError unless every own parameter is float32 (or float64)."""
-        for name, p in self.named_parameters(recurse=False):  # type: ignore[attr-defined]
+        for name, p in self.named_parameters(recurse=self.float32_recurse):  # type: ignore[attr-defined]
             if p.dtype not in (torch.float32, torch.float64):
                 raise PrecisionError(
                     f"{self.float32_role} {name} is {p.dtype}, it must stay torch.float32 (or float64; boundary "
@@ -67,11 +71,11 @@ class KeepsFloat32:
         """Own parameters and floating buffers narrower than float32 back to float32; returns how many
         parameters changed."""
         changed = 0
-        for p in self.parameters(recurse=False):  # type: ignore[attr-defined]
+        for p in self.parameters(recurse=self.float32_recurse):  # type: ignore[attr-defined]
             if p.dtype not in (torch.float32, torch.float64):
                 p.data = p.data.float()
                 changed += 1
-        for buffer in self.buffers(recurse=False):  # type: ignore[attr-defined]
+        for buffer in self.buffers(recurse=self.float32_recurse):  # type: ignore[attr-defined]
             if buffer.is_floating_point() and buffer.dtype not in (torch.float32, torch.float64):
                 buffer.data = buffer.data.float()
         return changed
@@ -117,5 +121,5 @@ def float32_names(model: nn.Module) -> set[str]:
         if isinstance(module, KeepsFloat32):
             head = f"{prefix}." if prefix else ""
             names |= {head + n for n, t in module.state_dict(keep_vars=True).items()
-                      if "." not in n and t.is_floating_point()}  # own entries only, not the children's
+                      if (module.float32_recurse or "." not in n) and t.is_floating_point()}
     return names

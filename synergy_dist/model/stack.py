@@ -15,6 +15,7 @@ from synergy_dist.model.layers import Attention, AttentionCache, RMSNorm, SwiGLU
 from synergy_dist.model.mamba import Mamba2
 from synergy_dist.model.moe.layer import MoEFeedForward
 from synergy_dist.model.moe.statistics import MoEStats
+from synergy_dist.model.precision import KeepsFloat32, compute_dtype
 
 
 class Block(nn.Module):
@@ -77,3 +78,20 @@ class Stack(nn.Module):
                 moe_stats[i] = stats
         return self.final_norm(x), moe_stats
 
+
+
+class Float32Stack(KeepsFloat32, Stack):
+    """A Stack whose weights stay float32 and which computes in float32 under autocast (a stage's encoder with
+    `encoder_fp32`: the boundary decisions above it then equal the float32 model's; model/precision.py)."""
+
+    float32_recurse = True
+
+    def __init__(self, d_model: int, cfg: StackConfig, eps: float, role: str):
+        super().__init__(d_model, cfg, eps)
+        self.float32_role = role
+
+    def forward(self, x, valid=None, cache: list | None = None,
+                seq_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, MoEStats]]:
+        self.require_float32()
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return super().forward(x.to(compute_dtype(x.dtype)), valid, cache, seq_idx)

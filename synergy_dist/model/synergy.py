@@ -39,7 +39,7 @@ from synergy_dist.model.layers import AttentionCache, RMSNorm
 from synergy_dist.model.moe.layer import MoEFeedForward, dropless_routing
 from synergy_dist.model.moe.statistics import MoEStats
 from synergy_dist.model.precision import Float32Linear, compute_dtype
-from synergy_dist.model.stack import Stack
+from synergy_dist.model.stack import Float32Stack, Stack
 from synergy_dist.model.statistics import ModelStatistics, StageStatistics
 
 
@@ -101,7 +101,8 @@ class HierarchyStage(nn.Module):
         d, eps = stage.d_model, cfg.norm_eps
         self.cfg = stage
         self.level = level
-        self.encoder = Stack(d, stage.encoder, eps)
+        self.encoder = (Float32Stack(d, stage.encoder, eps, role=f"stage {level} float32 encoder")
+                        if stage.encoder_fp32 else Stack(d, stage.encoder, eps))
         self.router = BoundaryRouter(d, stage.router, cfg.vocab_size)
         d_inner = cfg.widths()[level + 1]
         self.width = WidthChange(d, d_inner, cfg.width_change)
@@ -125,6 +126,7 @@ class HierarchyStage(nn.Module):
         moe = {f"stage{self.level}.encoder.{i}": s for i, s in moe.items()}
         with record_function(f"synergy/stage{self.level}/route_down"):
             route = self.router(hidden, ids, force, valid, cache and cache.router)
+            hidden = hidden.to(x.dtype)  # a float32 encoder's output goes on in the stream's dtype
             # Training always runs the inner network (>= 1 slot, maybe all padding) so every rank enters the
             # MoE collectives equally often; generation skips it when no concept opened.
             chunks = downsample(hidden, route.boundary, min_len=1 if cache is None else 0)
