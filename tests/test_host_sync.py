@@ -1,11 +1,10 @@
 """Host synchronisations inside a training step's forward and backward, counted on CPU.
 
 On a GPU every op that needs a tensor's value on the host (`.item()`, `bool(t)`, `.tolist()`, `nonzero`) stalls the
-host until the device catches up. A dispatch mode sees them on CPU too: `aten._local_scalar_dense` is what
-item/bool/tolist run, `aten.nonzero` the data-dependent shapes. The dense step has exactly three, none per layer:
-the input id range check and the document index (once per forward) and the concept count of downsampling (once
-per stage). Remaining, listed in docs/TRAINING.md: one `nonzero` per MoE layer (the valid tokens it routes) and,
-on packed windows longer than DOCUMENT_BLOCK units, one per attention layer (the blockwise key ranges)."""
+host until the device catches up. A dispatch mode sees most of them on CPU too: `aten._local_scalar_dense` is what
+item/bool run, `aten.nonzero` the data-dependent shapes; `.tolist()` is counted by wrapping it. The dense step has
+exactly three, none per layer: the input id range check and the document index (once per forward) and the concept
+count of downsampling (once per stage); an MoE layer adds one, its experts' slice sizes (docs/TRAINING.md)."""
 
 from __future__ import annotations
 
@@ -25,17 +24,36 @@ SYNCING_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select",
 
 
 class SyncCounter(TorchDispatchMode):
-    """Counts syncing ops by the project source line that issued them."""
+    """Counts syncing ops by the project function that issued them. `Tensor.tolist` reads the data without
+    dispatching an op (on a GPU it copies to the host first), so it is counted by wrapping it."""
 
     def __init__(self):
         super().__init__()
         self.sites: collections.Counter[str] = collections.Counter()
+        self.tolist = torch.Tensor.tolist
+
+    def record(self) -> None:
+        ours = [f for f in traceback.extract_stack() if "/synergy_dist/" in f.filename]
+        where = ours[-1] if ours else None
+        self.sites[f"{where.filename.split('/synergy_dist/')[-1]}:{where.name}" if where else "torch"] += 1
+
+    def __enter__(self):
+        original = self.tolist
+
+        def counted_tolist(tensor):
+            self.record()
+            return original(tensor)
+
+        torch.Tensor.tolist = counted_tolist
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.Tensor.tolist = self.tolist
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if str(func).startswith(SYNCING_OPS):
-            ours = [f for f in traceback.extract_stack() if "/synergy_dist/" in f.filename]
-            where = ours[-1] if ours else None
-            self.sites[f"{where.filename.split('/synergy_dist/')[-1]}:{where.name}" if where else "torch"] += 1
+            self.record()
         return func(*args, **(kwargs or {}))
 
 
@@ -49,18 +67,26 @@ def step_sites(cfg) -> collections.Counter:
     return counter.sites
 
 
-@pytest.mark.parametrize("name", ["tiny-cpu", "two-stage"])
+@pytest.mark.parametrize("name", ["tiny-cpu", "two-stage", "attention-bytes"])
 def test_a_dense_step_synchronises_once_per_forward_and_stage(name):
-    cfg = yaml_model_config("tiny-cpu") if name == "tiny-cpu" else two_stage_config()
+    cfg = two_stage_config() if name == "two-stage" else yaml_model_config("tiny-cpu")
+    if name == "attention-bytes":  # 256-byte packed windows: attention by blocks of 128 queries
+        cfg.stages[0].encoder.pattern = cfg.stages[0].decoder.pattern = "AA"
     sites = step_sites(cfg)
     assert sites == {"model/synergy.py:_check_ids": 1, "model/synergy.py:_document_index": 1,
                      "model/chunking.py:downsample": len(cfg.stages)}, sites
 
 
-def test_an_moe_step_adds_one_sync_per_moe_layer_and_none_in_statistics():
+@pytest.mark.parametrize("scoring, capacity", [("softmax", None), ("sigmoid_bias", 1.25)])
+def test_an_moe_step_adds_one_sync_per_moe_layer_and_none_in_statistics(scoring, capacity):
+    """The padded middle routes every slot and masks padding out, so the one sync per MoE layer is the experts'
+    slice sizes (dropless or with capacity, softmax or the sequence-wise balance loss alike)."""
     cfg = yaml_model_config("tiny-moe-cpu")
     cfg.middle.moe.expert_parallel_size = 1
+    cfg.middle.moe.scoring = scoring
+    if capacity:
+        cfg.middle.moe.dropless, cfg.middle.moe.capacity_factor_train = False, capacity
     sites = step_sites(cfg)
     moe_layers = len(cfg.middle.moe_layer_indices())
     assert sites == {"model/synergy.py:_check_ids": 1, "model/synergy.py:_document_index": 1,
-                     "model/chunking.py:downsample": 1, "model/moe/layer.py:forward": moe_layers}, sites
+                     "model/chunking.py:downsample": 1, "model/moe/layer.py:_run_experts": moe_layers}, sites

@@ -133,7 +133,7 @@ class Attention(nn.Module):
             mask = self._document_mask(mask, is_causal, seq_idx, k_doc)
             is_causal = False
             if T == k.shape[2] and T > DOCUMENT_BLOCK:
-                y = self._blockwise(q, k, v, mask, seq_idx)
+                y = self._blockwise(q, k, v, mask)
                 return self.out(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
@@ -180,21 +180,17 @@ class Attention(nn.Module):
         cache.lengths = new_lengths
         return y
 
-    def _blockwise(self, q, k, v, mask: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
-        """SDPA with a boolean mask by blocks of DOCUMENT_BLOCK queries, each against the keys from the earliest
-        document start (and window start) of its rows on: with a mask the kernels compute every key block (no
-        causal skipping, about twice the work of the causal kernel), so the keys no row of a block may see are
-        left out. Same result as one call with the whole mask."""
+    def _blockwise(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+        """SDPA with a boolean mask by blocks of DOCUMENT_BLOCK queries, each against the keys up to its last
+        query (and from its first query's window start): with a mask the kernels compute every key block (no
+        causal skipping, about twice the work of the causal kernel), so the keys after a block are left out.
+        Same result as one call with the whole mask. The key ranges depend on positions only: ranges from the
+        documents' starts would save more on CPU but need the starts on the host, a synchronisation per layer."""
         T = q.shape[2]
-        idx = torch.arange(T, device=q.device).expand_as(doc)
-        opens = torch.ones_like(doc, dtype=torch.bool)
-        opens[:, 1:] = doc[:, 1:] != doc[:, :-1]
-        doc_start = torch.where(opens, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T), nondecreasing
-        firsts = doc_start[:, ::DOCUMENT_BLOCK].min(dim=0).values.tolist()  # a block's first query starts earliest
         outs = []
-        for first, s in zip(firsts, range(0, T, DOCUMENT_BLOCK)):
+        for s in range(0, T, DOCUMENT_BLOCK):
             e = min(s + DOCUMENT_BLOCK, T)
-            k0 = max(first, s - self.window + 1) if self.window > 0 else first
+            k0 = max(0, s - self.window + 1) if self.window > 0 else 0
             outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, k0:e], v[:, :, k0:e],
                                                        attn_mask=mask[..., s:e, k0:e]))
         return torch.cat(outs, dim=2)

@@ -70,13 +70,18 @@ def route_sigmoid_bias(logits: torch.Tensor, top_k: int, selection_bias: torch.T
     return Routing(expert_ids=expert_ids, gates=gates, probs=probs)
 
 
-def expert_capacity(n_tokens: int, top_k: int, n_experts: int, factor: float, min_capacity: int) -> int:
-    """Assignments one expert accepts: ceil(factor * tokens * k / E), at least min_capacity."""
+def expert_capacity(n_tokens: int | torch.Tensor, top_k: int, n_experts: int, factor: float,
+                    min_capacity: int) -> int | torch.Tensor:
+    """Assignments one expert accepts: ceil(factor * tokens * k / E), at least min_capacity. A tensor count (the
+    valid tokens of a padded batch) gives a tensor, so the capacity never needs the count on the host."""
+    if isinstance(n_tokens, torch.Tensor):
+        return torch.ceil(factor * n_tokens.to(torch.float64) * top_k / n_experts).clamp_min(min_capacity)
     return max(min_capacity, math.ceil(factor * n_tokens * top_k / n_experts))
 
 
-def capacity_keep_mask(expert_ids: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
-    """(N, k) bool: which assignments fit into their expert's capacity.
+def capacity_keep_mask(expert_ids: torch.Tensor, n_experts: int, capacity: int | torch.Tensor) -> torch.Tensor:
+    """(N, k) bool: which assignments fit into their expert's capacity (ids of n_experts, padding, fit nowhere
+    that matters: the caller drops them).
 
     Priority (GShard): every token's first choice before any second choice, then token order. Vectorised:
     rank each assignment inside its expert after a stable sort, keep ranks < capacity.
@@ -84,7 +89,7 @@ def capacity_keep_mask(expert_ids: torch.Tensor, n_experts: int, capacity: int) 
     n_tokens, top_k = expert_ids.shape
     choice_major = expert_ids.t().reshape(-1)  # all first choices, then all second choices, ...
     order = torch.argsort(choice_major, stable=True)
-    counts = torch.bincount(choice_major, minlength=n_experts)
+    counts = torch.bincount(choice_major, minlength=n_experts + 1)
     segment_start = torch.cumsum(counts, 0) - counts
     rank_sorted = torch.arange(choice_major.numel(), device=expert_ids.device) - segment_start[choice_major[order]]
     rank = torch.empty_like(rank_sorted)

@@ -114,30 +114,24 @@ class MoEFeedForward(KeepsFloat32, _DeepSpeedMoE):
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"MoEFeedForward expects x of shape (B, T, {self.d_model}), got {tuple(x.shape)}")
         batch, length, d_model = x.shape
-        flat = x.reshape(batch * length, d_model)
-        if valid is None:
-            token_index = None
-            tokens = flat
-        else:
-            if valid.shape != (batch, length) or valid.dtype != torch.bool:
-                raise ValueError(f"valid must be a bool tensor of shape {(batch, length)}, "
-                                 f"got {valid.dtype} {tuple(valid.shape)}")
-            token_index = valid.reshape(-1).nonzero().squeeze(1)
-            tokens = flat.index_select(0, token_index)
-        positions = token_index if token_index is not None else torch.arange(batch * length, device=x.device)
-        sequence_of = positions // length  # for the sequence-wise balance loss
+        tokens = x.reshape(batch * length, d_model)
+        if valid is not None and (valid.shape != (batch, length) or valid.dtype != torch.bool):
+            raise ValueError(f"valid must be a bool tensor of shape {(batch, length)}, "
+                             f"got {valid.dtype} {tuple(valid.shape)}")
+        # Every token is routed and padding is masked out afterwards: selecting the valid tokens first would
+        # cost a host synchronisation (nonzero) per layer on top of the expert sizes _run_experts needs.
+        mask = None if valid is None else valid.reshape(-1)
+        sequence_of = torch.arange(batch * length, device=x.device) // length  # for the sequence-wise balance loss
 
         logits, decision = self._route(tokens)
-        keep = self._capacity_mask(decision.expert_ids)
-        routed = self._run_experts(tokens, decision, keep)
+        keep = self._capacity_mask(decision.expert_ids, mask)
+        routed = self._run_experts(tokens, decision, keep, mask)
         if self.shared_mlp is not None:
             routed = routed + self.shared_mlp(tokens)
-        if token_index is None:
-            y = routed.reshape(batch, length, d_model)
-        else:
-            y = flat.new_zeros(flat.shape).index_copy(0, token_index, routed.to(flat.dtype))
-            y = y.reshape(batch, length, d_model)
-        return y, self._stats(logits, decision, keep, sequence_of, batch)
+        if mask is not None:
+            routed = routed * mask.unsqueeze(1).to(routed.dtype)  # padding gets y = 0
+        y = routed.reshape(batch, length, d_model)
+        return y, self._stats(logits, decision, keep, mask, sequence_of, batch)
 
     def _route(self, tokens: torch.Tensor) -> tuple[torch.Tensor, Routing]:
         router_input = tokens
@@ -148,45 +142,64 @@ class MoEFeedForward(KeepsFloat32, _DeepSpeedMoE):
             return logits, route_softmax(logits, self.cfg.top_k)
         return logits, route_sigmoid_bias(logits, self.cfg.top_k, self.selection_bias)
 
-    def _capacity_mask(self, expert_ids: torch.Tensor) -> torch.Tensor | None:
+    def _capacity_mask(self, expert_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
         """None when routing dropless (the config, a cached forward, or eval without capacity_factor_eval);
-        else which assignments fit (capacity from this rank's tokens)."""
+        else which assignments fit (capacity from this rank's valid tokens, padding never takes a slot)."""
         factor = self.cfg.capacity_factor_train if self.training else self.cfg.capacity_factor_eval
         if self.cfg.dropless or self.route_dropless or factor is None:
             return None
-        capacity = expert_capacity(expert_ids.shape[0], self.cfg.top_k, self.cfg.n_experts, factor,
-                                           self.cfg.min_capacity)
-        return capacity_keep_mask(expert_ids, self.cfg.n_experts, capacity)
+        n_valid = expert_ids.shape[0] if mask is None else mask.sum()
+        capacity = expert_capacity(n_valid, self.cfg.top_k, self.cfg.n_experts, factor, self.cfg.min_capacity)
+        return capacity_keep_mask(self._masked_ids(expert_ids, mask), self.cfg.n_experts, capacity)
 
-    def _run_experts(self, tokens: torch.Tensor, decision: Routing, keep: torch.Tensor | None) -> torch.Tensor:
-        """Sort kept (token, expert) assignments by expert, run experts on contiguous slices, gate and sum."""
+    def _masked_ids(self, expert_ids: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """expert_ids with every assignment of a padding token moved to expert n_experts, which does not exist:
+        sorted after the real experts and counted apart, it is never run (no data-dependent shapes)."""
+        return expert_ids if mask is None else expert_ids.masked_fill(~mask.unsqueeze(1), self.cfg.n_experts)
+
+    def _run_experts(self, tokens: torch.Tensor, decision: Routing, keep: torch.Tensor | None,
+                     mask: torch.Tensor | None) -> torch.Tensor:
+        """Sort the routed (token, expert) assignments by expert, run experts on contiguous slices, gate and sum.
+        Padding tokens' and dropped assignments go to the non-existent expert n_experts, sorted last, not run."""
         n_tokens, top_k = decision.expert_ids.shape
-        token_of = torch.arange(n_tokens, device=tokens.device).unsqueeze(1).expand(n_tokens, top_k)
-        expert_ids, token_ids, gates = decision.expert_ids.reshape(-1), token_of.reshape(-1), decision.gates.reshape(-1)
+        n_experts = self.cfg.n_experts
+        expert_ids = self._masked_ids(decision.expert_ids, mask)
         if keep is not None:
-            kept = keep.reshape(-1)
-            expert_ids, token_ids, gates = expert_ids[kept], token_ids[kept], gates[kept]
+            expert_ids = expert_ids.masked_fill(~keep, n_experts)
+        expert_ids = expert_ids.reshape(-1)
+        token_ids = torch.arange(n_tokens, device=tokens.device).unsqueeze(1).expand(n_tokens, top_k).reshape(-1)
         order = torch.argsort(expert_ids, stable=True)
-        token_ids, gates = token_ids[order], gates[order]
-        tokens_per_expert = torch.bincount(expert_ids, minlength=self.cfg.n_experts)
+        token_ids, gates = token_ids[order], decision.gates.reshape(-1)[order]
+        counts = torch.bincount(expert_ids, minlength=n_experts + 1)
+        # The one host synchronisation of the layer: the experts' slice sizes (as in any dropless MoE that runs
+        # experts on variable-length slices; expert parallelism needs them for its all-to-all too).
+        sizes = counts.tolist()
+        n_routed = sum(sizes[:n_experts])
+        token_ids, gates = token_ids[:n_routed], gates[:n_routed]
         sorted_tokens = tokens.index_select(0, token_ids)
         if self.ep_size > 1:
-            expert_out = run_experts_parallel(sorted_tokens, tokens_per_expert, self.local_experts, self.ep_group)
+            expert_out = run_experts_parallel(sorted_tokens, counts[:n_experts], self.local_experts, self.ep_group)
         else:
-            expert_out = self.local_experts(sorted_tokens, tokens_per_expert.tolist())
+            expert_out = self.local_experts(sorted_tokens, sizes[:n_experts])
         weighted = expert_out * gates.to(expert_out.dtype).unsqueeze(1)
         return weighted.new_zeros((n_tokens, tokens.shape[1])).index_add(0, token_ids, weighted)
 
     # ------------------------------------------------------------------ losses and statistics
 
-    def _stats(self, logits: torch.Tensor, decision: Routing, keep: torch.Tensor | None, sequence_of: torch.Tensor,
-               n_sequences: int) -> MoEStats:
+    def _stats(self, logits: torch.Tensor, decision: Routing, keep: torch.Tensor | None, mask: torch.Tensor | None,
+               sequence_of: torch.Tensor, n_sequences: int) -> MoEStats:
+        """Losses and load statistics over the valid tokens only (mask: which of the routed tokens are real)."""
         n_experts = self.cfg.n_experts
-        counts = expert_counts(decision.expert_ids, n_experts)
-        n_assignments = decision.expert_ids.numel()
-        dropped = 0 if keep is None else int((~keep).sum())
-        summary = torch.cat([counts, torch.tensor([float(n_assignments), float(dropped)], dtype=torch.float64,
-                                                   device=counts.device)])
+        counts = expert_counts(self._masked_ids(decision.expert_ids, mask), n_experts)
+        weight = None if mask is None else mask.to(decision.probs.dtype)
+        n_valid = torch.tensor(float(logits.shape[0]), dtype=torch.float64, device=logits.device) \
+            if mask is None else mask.sum().to(torch.float64)
+        n_assignments = n_valid * self.cfg.top_k
+        dropped = torch.zeros((), dtype=torch.float64, device=logits.device)
+        if keep is not None:
+            dropped_assignments = ~keep if mask is None else ~keep & mask.unsqueeze(1)
+            dropped = dropped_assignments.sum().to(torch.float64)
+        summary = torch.cat([counts, torch.stack([n_assignments, dropped])])
         if self.training and dist.is_initialized():
             dist.all_reduce(summary, group=self.balance_group)  # global batch: f_i and the bias see every rank
         counts, n_assignments, dropped = summary[:n_experts], summary[n_experts], summary[n_experts + 1]
@@ -194,13 +207,17 @@ class MoEFeedForward(KeepsFloat32, _DeepSpeedMoE):
             self.load_since_update += counts
 
         if self.cfg.scoring == "sigmoid_bias":  # DeepSeek-V3: the bias balances the batch, this loss each sequence
-            aux = sequence_balance_loss(decision.probs, decision.expert_ids, sequence_of, n_sequences)
+            aux = sequence_balance_loss(decision.probs, decision.expert_ids, sequence_of, n_sequences, weight)
         else:
-            aux = switch_aux_loss(decision.probs, counts, n_assignments)
-        z = router_z_loss(logits)
+            aux = switch_aux_loss(decision.probs, counts, n_assignments, weight)
+        z = router_z_loss(logits, weight)
         load = load_statistics(counts)
         with torch.no_grad():
-            rms = logits.square().mean().sqrt() if logits.numel() else logits.new_zeros(())
+            squares = logits.float().square().mean(dim=-1)
+            if weight is not None:
+                squares = squares * weight
+            rms = (squares.sum() / squares.new_tensor(float(logits.shape[0])).clamp_min(1)
+                   if weight is None else squares.sum() / weight.sum().clamp_min(1)).sqrt()
         return MoEStats(
             aux_loss=aux,
             z_loss=z,

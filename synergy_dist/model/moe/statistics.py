@@ -26,8 +26,8 @@ class MoEStats:
 
 
 def expert_counts(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """(E,) float64 number of (token, expert) assignments per expert."""
-    return torch.bincount(expert_ids.reshape(-1), minlength=n_experts).to(torch.float64)
+    """(E,) float64 number of (token, expert) assignments per expert; ids of n_experts (padding) are not counted."""
+    return torch.bincount(expert_ids.reshape(-1), minlength=n_experts + 1)[:n_experts].to(torch.float64)
 
 
 @dataclass
