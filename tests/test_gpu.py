@@ -209,3 +209,23 @@ def test_bf16_flops_ceiling_is_measured():
     flops = sorted(matmul_ceiling(CUDA, torch.bfloat16, 4096, repeats=5))[2]
     print(f"bf16 4096^3 matmul: {flops / 1e12:.0f} TFLOP/s on {torch.cuda.get_device_name()}")
     assert flops > 1e12
+
+
+def test_a_cuda_step_synchronises_only_where_the_cpu_count_says():
+    """tests/test_host_sync.py counts on CPU with blockwise attention forced to its accelerator ranges; on CUDA
+    the model takes those ranges itself: the same three syncs, plus one per MoE layer (its experts' sizes)."""
+    from test_host_sync import SyncCounter, attention_bytes_config
+
+    for cfg, moe_layers in ((attention_bytes_config(), 0), (yaml_model_config("tiny-moe-cpu"), 3)):
+        if moe_layers:
+            cfg.middle.moe.expert_parallel_size = 1
+        torch.manual_seed(0)
+        model = SynergyLM(cfg).train().to(CUDA)
+        ids = packed_ids(2, 256).to(CUDA)
+        with SyncCounter() as counter:
+            model(ids, labels=ids).loss.backward()
+        expected = {"model/synergy.py:_check_ids": 1, "model/synergy.py:_document_index": 1,
+                    "model/chunking.py:downsample": 1}
+        if moe_layers:
+            expected["model/moe/layer.py:_run_experts"] = moe_layers
+        assert counter.sites == expected, counter.sites

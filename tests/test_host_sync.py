@@ -4,7 +4,9 @@ On a GPU every op that needs a tensor's value on the host (`.item()`, `bool(t)`,
 host until the device catches up. A dispatch mode sees most of them on CPU too: `aten._local_scalar_dense` is what
 item/bool run, `aten.nonzero` the data-dependent shapes; `.tolist()` is counted by wrapping it. The dense step has
 exactly three, none per layer: the input id range check and the document index (once per forward) and the concept
-count of downsampling (once per stage); an MoE layer adds one, its experts' slice sizes (docs/TRAINING.md)."""
+count of downsampling (once per stage); an MoE layer adds one, its experts' slice sizes (docs/TRAINING.md). Counted
+as on an accelerator: on CPU, blockwise attention also reads its blocks' document starts on the host (free there).
+tests/test_gpu.py counts on CUDA as it runs."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from model_configs import two_stage_config, yaml_model_config
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_pipeline.vocab import EOD_ID
+from synergy_dist.model import layers
 from synergy_dist.model.synergy import SynergyLM
 
 SYNCING_OPS = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten._unique2",
@@ -67,18 +70,31 @@ def step_sites(cfg) -> collections.Counter:
     return counter.sites
 
 
+@pytest.fixture
+def as_on_an_accelerator(monkeypatch):
+    """Blockwise attention as it runs on a GPU: key ranges from positions only. On CPU it also reads its blocks'
+    document starts (one `tolist` per attention layer on packed windows > 128 units), free on CPU."""
+    monkeypatch.setattr(layers, "skips_earlier_documents", lambda device: False)
+
+
+def attention_bytes_config():
+    """tiny-cpu with attention at the byte level: 256-byte packed windows run by blocks of 128 queries."""
+    cfg = yaml_model_config("tiny-cpu")
+    cfg.stages[0].encoder.pattern = cfg.stages[0].decoder.pattern = "AA"
+    return cfg
+
+
 @pytest.mark.parametrize("name", ["tiny-cpu", "two-stage", "attention-bytes"])
-def test_a_dense_step_synchronises_once_per_forward_and_stage(name):
-    cfg = two_stage_config() if name == "two-stage" else yaml_model_config("tiny-cpu")
-    if name == "attention-bytes":  # 256-byte packed windows: attention by blocks of 128 queries
-        cfg.stages[0].encoder.pattern = cfg.stages[0].decoder.pattern = "AA"
+def test_a_dense_step_synchronises_once_per_forward_and_stage(name, as_on_an_accelerator):
+    cfg = {"tiny-cpu": lambda: yaml_model_config("tiny-cpu"), "two-stage": two_stage_config,
+           "attention-bytes": attention_bytes_config}[name]()
     sites = step_sites(cfg)
     assert sites == {"model/synergy.py:_check_ids": 1, "model/synergy.py:_document_index": 1,
                      "model/chunking.py:downsample": len(cfg.stages)}, sites
 
 
 @pytest.mark.parametrize("scoring, capacity", [("softmax", None), ("sigmoid_bias", 1.25)])
-def test_an_moe_step_adds_one_sync_per_moe_layer_and_none_in_statistics(scoring, capacity):
+def test_an_moe_step_adds_one_sync_per_moe_layer_and_none_in_statistics(scoring, capacity, as_on_an_accelerator):
     """The padded middle routes every slot and masks padding out, so the one sync per MoE layer is the experts'
     slice sizes (dropless or with capacity, softmax or the sequence-wise balance loss alike)."""
     cfg = yaml_model_config("tiny-moe-cpu")
@@ -90,3 +106,16 @@ def test_an_moe_step_adds_one_sync_per_moe_layer_and_none_in_statistics(scoring,
     moe_layers = len(cfg.middle.moe_layer_indices())
     assert sites == {"model/synergy.py:_check_ids": 1, "model/synergy.py:_document_index": 1,
                      "model/chunking.py:downsample": 1, "model/moe/layer.py:_run_experts": moe_layers}, sites
+
+
+def test_blockwise_attention_is_the_same_with_and_without_skipping_earlier_documents(monkeypatch):
+    cfg = attention_bytes_config()
+    torch.manual_seed(0)
+    model = SynergyLM(cfg).eval()
+    ids = torch.randint(32, 127, (2, 400))
+    ids[:, [90, 200, 330]] = EOD_ID
+    with torch.no_grad():
+        on_cpu = model(ids).logits
+        monkeypatch.setattr(layers, "skips_earlier_documents", lambda device: False)
+        positions_only = model(ids).logits
+    torch.testing.assert_close(positions_only, on_cpu, rtol=1e-5, atol=1e-5)

@@ -25,6 +25,14 @@ from synergy_dist.model.config import StackConfig
 DOCUMENT_BLOCK = 128
 
 
+def skips_earlier_documents(device: torch.device) -> bool:
+    """Whether blockwise attention also leaves out the keys before each block's earliest document start. Only
+    on CPU: finding those starts reads the document index on the host, free on CPU but a synchronisation per
+    layer on an accelerator (the host would wait for the device); on CPU it pays (isolation cost 1.09x vs 0.90x
+    the unisolated bytes/s, docs/BENCHMARKS.md), as SDPA's masked CPU kernel computes every key block it gets."""
+    return device.type == "cpu"
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -133,7 +141,7 @@ class Attention(nn.Module):
             mask = self._document_mask(mask, is_causal, seq_idx, k_doc)
             is_causal = False
             if T == k.shape[2] and T > DOCUMENT_BLOCK:
-                y = self._blockwise(q, k, v, mask)
+                y = self._blockwise(q, k, v, mask, seq_idx)
                 return self.out(y.transpose(1, 2).reshape(B, T, -1))
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
@@ -180,17 +188,25 @@ class Attention(nn.Module):
         cache.lengths = new_lengths
         return y
 
-    def _blockwise(self, q, k, v, mask: torch.Tensor) -> torch.Tensor:
+    def _blockwise(self, q, k, v, mask: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
         """SDPA with a boolean mask by blocks of DOCUMENT_BLOCK queries, each against the keys up to its last
-        query (and from its first query's window start): with a mask the kernels compute every key block (no
-        causal skipping, about twice the work of the causal kernel), so the keys after a block are left out.
-        Same result as one call with the whole mask. The key ranges depend on positions only: ranges from the
-        documents' starts would save more on CPU but need the starts on the host, a synchronisation per layer."""
+        query, from its window start and, where `skips_earlier_documents`, from the earliest document start of
+        its rows: with a mask the kernels compute every key block (no causal skipping, about twice the work of
+        the causal kernel), so the keys no query of a block may see are left out. Same result as one call
+        with the whole mask."""
         T = q.shape[2]
+        starts = range(0, T, DOCUMENT_BLOCK)
+        firsts = [0] * len(starts)
+        if skips_earlier_documents(q.device):
+            idx = torch.arange(T, device=q.device).expand_as(doc)
+            opens = torch.ones_like(doc, dtype=torch.bool)
+            opens[:, 1:] = doc[:, 1:] != doc[:, :-1]
+            doc_start = torch.where(opens, idx, torch.zeros_like(idx)).cummax(dim=1).values  # (B, T), nondecreasing
+            firsts = doc_start[:, ::DOCUMENT_BLOCK].min(dim=0).values.tolist()  # a block's first query starts earliest
         outs = []
-        for s in range(0, T, DOCUMENT_BLOCK):
+        for first, s in zip(firsts, starts):
             e = min(s + DOCUMENT_BLOCK, T)
-            k0 = max(0, s - self.window + 1) if self.window > 0 else 0
+            k0 = max(first, s - self.window + 1) if self.window > 0 else first
             outs.append(F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, k0:e], v[:, :, k0:e],
                                                        attn_mask=mask[..., s:e, k0:e]))
         return torch.cat(outs, dim=2)
