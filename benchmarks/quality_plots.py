@@ -153,6 +153,9 @@ def plot_scaling(points: dict[str, list[tuple[float, object]]], fits: dict[str, 
         drawn[name] = entry
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain = plt.FuncFormatter(lambda value, _: f"{value:g}")  # 2.5, not 2.5 x 10^0
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel(AXIS_LABELS.get(axis, axis))
     ax.set_ylabel("pydocs-valid bits per byte (mean, min-max over seeds)")
     ax.grid(alpha=0.3, which="both")

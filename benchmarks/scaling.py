@@ -405,9 +405,11 @@ def build_report(out: Path, command: str) -> tuple[BenchResults, dict]:
                                    f"| {where} | {c.better_above or 'n/a'} |")
     sweep_lines = ["| anchor | budget | lr -> pydocs-valid bit/B (seed 0) | chosen |", "|---|---|---|---|"]
     for row, s in sweeps.items():
+        edge = " (the sweep's edge: widen --lr-sweep)" if len(s["sweep"]) > 1 and s["lr"] in (
+            min(s["sweep"]), max(s["sweep"])) else ""
         sweep_lines.append(f"| {row} | {s['budget']:g} | "
                            + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in sorted(s["sweep"].items()))
-                           + f" | {s['lr']:g} |")
+                           + f" | {s['lr']:g}{edge} |")
     versus = ["| SynergyLM row | budget | pydocs-valid bit/B minus tuned anchor's | difference |", "|---|---|---|---|"]
     for (row, budget), _ in groups.items():
         if is_synergy(row) and (anchor, budget) in groups:
