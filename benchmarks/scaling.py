@@ -132,19 +132,23 @@ def worker_main() -> None:
     cfg.lr, cfg.init_seed = job["lr"], job["seed"]
     result = quality.run_row(quality_row(job["row"]), cfg)
     result.update(study_row=job["row"], budget_minutes=job["budget_minutes"], seed=job["seed"], lr=job["lr"],
-                  lr_role=job["lr_role"], calibration=calibration, core=sorted(os.sched_getaffinity(0)))
+                  lr_role=job["lr_role"], lr_sweep=job["lr_sweep"], calibration=calibration,
+                  core=sorted(os.sched_getaffinity(0)))
     print(json.dumps(result))
 
 
-def run_one(cfg: StudyConfig, row: str, budget: float, seed: int, lr: float, lr_role: str) -> tuple[Path, str]:
-    """Train one (row, budget, seed, lr) unless its result exists; returns (result path, what happened)."""
+def run_one(cfg: StudyConfig, row: str, budget: float, seed: int, lr: float, lr_role: str,
+            sweep: dict[float, float] | None = None) -> tuple[Path, str]:
+    """Train one (row, budget, seed, lr) unless its result exists; returns (result path, what happened).
+    `sweep` ({lr: bits per byte} that chose lr) is recorded in the result."""
     out = Path(cfg.out)
     path = run_dir(out, row, budget, seed, lr if row in ANCHOR_ROWS else None) / RESULT
     if path.is_file():
         return path, "skipped (result exists)"
     q = replace(cfg.quality, rows=[quality_row(row)], work_dir=str(out / "scaling" / "tokenizers"),
                 **NATURAL_ANCHORS.get(row, {}))
-    job = {"row": row, "budget_minutes": budget, "seed": seed, "lr": lr, "lr_role": lr_role, "cfg": asdict(q),
+    job = {"row": row, "budget_minutes": budget, "seed": seed, "lr": lr, "lr_role": lr_role,
+           "lr_sweep": {f"{k:g}": v for k, v in (sweep or {}).items()}, "cfg": asdict(q),
            "calibration": str(out / "scaling" / row / "calibration.json"),
            "calibration_steps": cfg.calibration_steps}
     result, error = quality.run_worker(job, timeout_s=max(3600.0, 4 * 60 * budget), entry="benchmarks.scaling")
@@ -178,8 +182,8 @@ def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
     out, base_lr, smallest = Path(cfg.out), cfg.quality.lr, min(cfg.budgets)
     done = []
 
-    def one(row, budget, seed, lr, role):
-        path, status = run_one(cfg, row, budget, seed, lr, role)
+    def one(row, budget, seed, lr, role, sweep=None):
+        path, status = run_one(cfg, row, budget, seed, lr, role, sweep)
         log(f"scaling: {row} budget {budget:g} min seed {seed} lr {lr:g}: {status} ({path})")
         done.append((path, status))
 
@@ -202,7 +206,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
             lr = best_lr(sweep)
             for seed in seeds:
                 if not (budget == smallest and seed == 0):  # that run is the sweep's
-                    one(row, budget, seed, lr, "selected")
+                    one(row, budget, seed, lr, "selected", sweep)
     return done
 
 

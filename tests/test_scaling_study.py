@@ -160,7 +160,9 @@ def test_study_runs_resumes_and_reports_from_its_files(corpora, tmp_path):
     assert set(small["eval"]) == {"pydocs-valid", "pystdlib-code-heldout", "zh-fortunes"}
     assert small["eval"]["zh-fortunes"]["bytes"] == len("".join(ZH).encode())
     anchor = results["llama-bpe/0.003/0-lr0.002/result.json"]
-    assert anchor["lr_role"] == "sweep" and results["llama-bpe/0.02/0-lr0.002/result.json"]["lr_role"] == "selected"
+    selected = results["llama-bpe/0.02/0-lr0.002/result.json"]
+    assert anchor["lr_role"] == "sweep" and selected["lr_role"] == "selected"
+    assert selected["lr_sweep"] == {"0.002": anchor["eval"]["pydocs-valid"]["bits_per_byte"]}
     mtimes = [p.stat().st_mtime_ns for p in paths]
 
     second = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
@@ -184,6 +186,15 @@ def test_study_runs_resumes_and_reports_from_its_files(corpora, tmp_path):
     assert fit["slope"] == pytest.approx(slope)
     markdown = (tmp_path / "scaling.md").read_text()
     assert "## scaling" in markdown and "| synergy-stride4 | 0.003 |" in markdown
+
+
+def test_a_seed_changes_the_initialisation_not_the_data(corpora):
+    cfg = quality.QualityConfig(corpora=str(corpora), seq_len=64, code_heldout_fraction=0.2)
+    other = quality.QualityConfig(**{**cfg.__dict__, "init_seed": 1})
+    assert quality.training_documents(other) == quality.training_documents(cfg)
+    assert quality.evaluation_sets(other) == quality.evaluation_sets(cfg)
+    a, b = (quality.synergy_row("synergy-cosine", c).module.state_dict() for c in (cfg, other))
+    assert any(not a[k].equal(b[k]) for k in a if a[k].is_floating_point())
 
 
 def test_bad_study_settings_fail_with_one_line_naming_the_fix(corpora, tmp_path):
