@@ -475,7 +475,10 @@ def row_stream(row: RowModel, train_docs: list[str], train_bytes: int, batch_siz
     """The row's training units for `train_bytes` bytes of the stream: (units, steps, bytes the labels cover).
     Byte rows: exactly train_bytes (whole steps); BPE rows: whole steps of tokens that first cover them."""
     if row.byte_length:
-        units = [row.encode(t) for t in _docs_covering(train_docs, 2 * train_bytes)]
+        # twice the bytes, plus a whole step's slack at up to 16 bytes per token: a step of long windows
+        # (512 tokens) can cover more than a small budget's bytes
+        slack = 16 * batch_size * row.seq_len
+        units = [row.encode(t) for t in _docs_covering(train_docs, 2 * train_bytes + slack)]
         return token_stream_for_bytes(units, row.separator, row.byte_length, train_bytes, batch_size * row.seq_len)
     stream = unit_stream([row.encode(t) for t in _docs_covering(train_docs, train_bytes + 1)], row.separator,
                          train_bytes + 1)
