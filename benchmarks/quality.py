@@ -98,10 +98,14 @@ class QualityConfig:
     min_lr_ratio: float = 0.1  # the cosine ends at min_lr_ratio x lr
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices
     grad_clip: float = 1.0  # global gradient-norm clip
-    seed: int = 0  # document order, initialisation, held-out split
+    seed: int = 0  # document order, held-out split, and the initialisation unless init_seed is set
+    init_seed: int = -1  # initialisation only (the seeds of a scaling study share the data); -1 = seed
     code_heldout_fraction: float = 0.03  # share of pystdlib-code files held out for the code evaluation
     eval_bytes: int = 0  # evaluate at most this many bytes per evaluation set (whole documents); 0 = all
     bpe_vocab: int = 8192  # byte-level BPE vocabulary of row 7 (8k-32k)
+    bpe_seq_tokens: int = 0  # tokens per window of row 7; 0 = about seq_len bytes' worth (the quality table's form)
+    # further .jsonl.zst files in corpora, evaluated only (never trained on); the set is named after the file
+    extra_eval: list[str] = field(default_factory=list)
     work_dir: str = "bench_out/quality"  # the BPE tokenizer, per-row JSON results and plots are kept here
     table_from: list[str] = field(default_factory=list)  # train nothing: report the <row>.json results in these dirs
 
@@ -132,13 +136,21 @@ class QualityConfig:
             raise ValueError(f"quality bpe_vocab={self.bpe_vocab} must be in 8192..32768 (issue 6: 8k-32k)")
         if not 0 <= self.code_heldout_fraction < 1:
             raise ValueError(f"quality code_heldout_fraction={self.code_heldout_fraction} must be in [0, 1)")
-        missing_files = [f for f in (*TRAIN_FILES, VALID_FILE) if not (Path(self.corpora) / f).is_file()]
+        if self.bpe_seq_tokens < 0 or 0 < self.bpe_seq_tokens < 8:
+            raise ValueError(f"quality bpe_seq_tokens={self.bpe_seq_tokens} must be 0 (sized to seq_len) or >= 8")
+        needed = (*TRAIN_FILES, VALID_FILE, *self.extra_eval)
+        missing_files = [f for f in needed if not (Path(self.corpora) / f).is_file()]
         if missing_files:
+            extra = " (or leave the evaluation-only files out with --extra-eval)" if set(missing_files) <= set(
+                self.extra_eval) else ""
             raise FileNotFoundError(f"quality corpora: {missing_files} not found in {self.corpora}; "
-                                    "pass --corpora DIR (the directory of the shared .jsonl.zst corpora)")
+                                    f"pass --corpora DIR (the directory of the shared .jsonl.zst corpora){extra}")
 
     def steps(self) -> int:
         return max(self.train_bytes // (self.batch_size * self.seq_len), 2)
+
+    def model_seed(self) -> int:
+        return self.seed if self.init_seed < 0 else self.init_seed
 
 
 # ---------------------------------------------------------------------------------- arithmetic
@@ -207,6 +219,8 @@ def evaluation_sets(cfg: QualityConfig) -> dict[str, list[tuple[str, str]]]:
     code = [("code", t) for s, t in read_documents(Path(cfg.corpora) / CODE_FILE)
             if held_out(s, cfg.code_heldout_fraction, cfg.seed)]
     sets = {PYDOCS_SET: pydocs, CODE_SET: code}
+    for name in cfg.extra_eval:
+        sets[eval_set_name(name)] = [(eval_set_name(name), t) for _, t in read_documents(Path(cfg.corpora) / name)]
     if cfg.eval_bytes > 0:  # whole documents until the cap is reached
         for name, docs in sets.items():
             kept, total = [], 0
@@ -217,6 +231,11 @@ def evaluation_sets(cfg: QualityConfig) -> dict[str, list[tuple[str, str]]]:
                 total += len(text.encode())
             sets[name] = kept
     return {name: docs for name, docs in sets.items() if docs}
+
+
+def eval_set_name(file_name: str) -> str:
+    """'zh-fortunes.jsonl.zst' -> 'zh-fortunes'."""
+    return file_name.split(".")[0]
 
 
 def unit_stream(docs: list[list[int]], separator: int, needed: int) -> list[int]:
@@ -282,7 +301,7 @@ class RowModel:
 
 def synergy_row(name: str, cfg: QualityConfig) -> RowModel:
     model_cfg = model_config(name, cfg.seq_len)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.model_seed())
     model = SynergyLM(model_cfg)
     n_stages = len(model_cfg.stages)
 
@@ -327,17 +346,19 @@ def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
     else:  # trained on the whole training split (not only the budget's prefix), like a real BPE anchor
         tokenizer = llama_bpe.train_tokenizer(train_docs, cfg.bpe_vocab)
         tokenizer_path.parent.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(tokenizer_path))
+        partial = tokenizer_path.with_name(f"{tokenizer_path.name}.{os.getpid()}.tmp")
+        tokenizer.save(str(partial))
+        os.replace(partial, tokenizer_path)  # runs sharing work_dir (one per core) never read half a file
     lengths = llama_bpe.token_byte_lengths(tokenizer)
     separator = tokenizer.token_to_id(llama_bpe.SEPARATOR)  # 0: the document start / end token
     sample = _docs_covering(train_docs, 2_000_000)  # the stream's first ~2 MB: bytes per token for the sizing
     sample_bytes = sum(len(t.encode()) for t in sample)
     bytes_per_token = sample_bytes / sum(len(e.ids) for e in tokenizer.encode_batch(sample))
-    seq_len = max(8, round(cfg.seq_len / bytes_per_token))
+    seq_len = cfg.bpe_seq_tokens or max(8, round(cfg.seq_len / bytes_per_token))
     target_params = param_counts(SynergyLM(default_config()))["total"]
     size = llama_bpe.choose_size(reference_flops_per_byte(cfg.seq_len), bytes_per_token, seq_len,
                                  tokenizer.get_vocab_size(), target_params)
-    model = llama_bpe.build_model(size, seq_len + 1, cfg.seed)
+    model = llama_bpe.build_model(size, seq_len + 1, cfg.model_seed())
     vocab = tokenizer.get_vocab_size()
 
     def loss(inputs, labels):
@@ -376,7 +397,7 @@ def llama_row(cfg: QualityConfig, train_docs: list[str]) -> RowModel:
 
 
 def train_row(row: RowModel, stream: list[int], cfg: QualityConfig, steps: int) -> dict:
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.model_seed())
     loop = PlainLoop(row.module, row.param_groups, training_config(cfg, steps))
     row.module.train()
     flops, losses, units, concepts = 0.0, [], 0, 0.0
@@ -427,18 +448,9 @@ def run_row(name: str, cfg: QualityConfig) -> dict:
     torch.set_num_threads(1)
     rss_before = rss_kib("VmRSS")
     train_docs = training_documents(cfg)
-    steps = cfg.steps()
-    train_bytes = steps * cfg.batch_size * cfg.seq_len
-    if name == LLAMA_ROW:
-        row = llama_row(cfg, train_docs)
-        units = [row.encode(t) for t in _docs_covering(train_docs, 2 * train_bytes)]
-        stream, steps, trained_bytes = token_stream_for_bytes(units, row.separator, row.byte_length,
-                                                              train_bytes, cfg.batch_size * row.seq_len)
-    else:
-        row = synergy_row(name, cfg)
-        stream = unit_stream([list(t.encode()) for t in _docs_covering(train_docs, train_bytes + 1)], EOD_ID,
-                             train_bytes + 1)
-        trained_bytes = train_bytes
+    row = build_row(name, cfg, train_docs)
+    stream, steps, trained_bytes = row_stream(row, train_docs, cfg.steps() * cfg.batch_size * cfg.seq_len,
+                                              cfg.batch_size)
     rss_model = rss_kib("VmRSS")
     result = {"row": name, "number": row_info(name).number, "what": row_info(name).what, **row.details,
               "train_bytes": trained_bytes, "seq_len_units": row.seq_len, "batch_size": cfg.batch_size}
@@ -453,6 +465,24 @@ def run_row(name: str, cfg: QualityConfig) -> dict:
     result["rss_with_text_and_model_mib"] = rss_model / 1024
     result["peak_rss_mib"] = peak_rss_kib(peak_train) / 1024
     return result
+
+
+def build_row(name: str, cfg: QualityConfig, train_docs: list[str]) -> RowModel:
+    return llama_row(cfg, train_docs) if name == LLAMA_ROW else synergy_row(name, cfg)
+
+
+def row_stream(row: RowModel, train_docs: list[str], train_bytes: int, batch_size: int) -> tuple[list[int], int, int]:
+    """The row's training units for `train_bytes` bytes of the stream: (units, steps, bytes the labels cover).
+    Byte rows: exactly train_bytes (whole steps); BPE rows: whole steps of tokens that first cover them."""
+    if row.byte_length:
+        # twice the bytes, plus a whole step's slack at up to 16 bytes per token: a step of long windows
+        # (512 tokens) can cover more than a small budget's bytes
+        slack = 16 * batch_size * row.seq_len
+        units = [row.encode(t) for t in _docs_covering(train_docs, 2 * train_bytes + slack)]
+        return token_stream_for_bytes(units, row.separator, row.byte_length, train_bytes, batch_size * row.seq_len)
+    stream = unit_stream([row.encode(t) for t in _docs_covering(train_docs, train_bytes + 1)], row.separator,
+                         train_bytes + 1)
+    return stream, train_bytes // (batch_size * row.seq_len), train_bytes
 
 
 def _docs_covering(docs: list[str], n_bytes: int) -> list[str]:
@@ -485,19 +515,26 @@ def token_stream_for_bytes(docs: list[list[int]], separator: int, byte_length: l
     return stream, steps, sum(byte_length[u] for u in stream[1:])
 
 
-def calibrate(cfg: QualityConfig, steps: int = 3) -> float:
-    """Training bytes per CPU second of the reference row (one warm-up step, then `steps` timed)."""
+def calibrate(cfg: QualityConfig, steps: int = 3, name: str = REFERENCE_ROW) -> float:
+    """Training bytes per CPU second of a row (one warm-up step, then `steps` timed), on the stream's start."""
     torch.set_num_threads(1)
-    row = synergy_row(REFERENCE_ROW, cfg)
-    docs = _docs_covering(training_documents(cfg), (steps + 1) * cfg.batch_size * cfg.seq_len + 1)
-    stream = unit_stream([list(t.encode()) for t in docs], EOD_ID, (steps + 1) * cfg.batch_size * cfg.seq_len + 1)
+    train_docs = training_documents(cfg)
+    row = build_row(name, cfg, train_docs)
+    step_bytes = cfg.batch_size * cfg.seq_len
+    stream, n_steps, _ = row_stream(row, train_docs, (steps + 1) * step_bytes, cfg.batch_size)
+    while n_steps < steps + 1:  # a BPE step covers more bytes than a byte row's: ask for more until it holds enough
+        step_bytes *= 2
+        stream, n_steps, _ = row_stream(row, train_docs, (steps + 1) * step_bytes, cfg.batch_size)
     loop = PlainLoop(row.module, row.param_groups, training_config(cfg, steps + 1))
-    clock = None
-    for step, (inputs, labels) in enumerate(packed_batches(stream, cfg.seq_len, cfg.batch_size, steps + 1)):
+    clock, timed_bytes = None, 0
+    for step, (inputs, labels) in enumerate(packed_batches(stream, row.seq_len, cfg.batch_size, steps + 1)):
         if step == 1:
             clock = Stopwatch()
         loop.step(step, [(inputs, labels)], lambda batch: _loss_and_info(row, batch))
-    return steps * cfg.batch_size * cfg.seq_len / clock.cpu()
+        if step >= 1:
+            timed_bytes += sum(row.byte_length[u] for u in labels.flatten().tolist()) if row.byte_length \
+                else labels.numel()
+    return timed_bytes / clock.cpu()
 
 
 def worker_main() -> None:
@@ -510,8 +547,10 @@ def worker_main() -> None:
         print(json.dumps(run_row(job["row"], cfg)))
 
 
-def run_worker(job: dict, timeout_s: float = 4 * 3600) -> tuple[dict | None, str]:
-    code = "from benchmarks.quality import worker_main; worker_main()"
+def run_worker(job: dict, timeout_s: float = 4 * 3600, entry: str = "benchmarks.quality") -> tuple[dict | None, str]:
+    """Run `entry`.worker_main(job) in a fresh Python process (inheriting this one's CPU affinity); returns the
+    last JSON line it printed, or None and its last error line."""
+    code = f"from {entry} import worker_main; worker_main()"
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))  # finds benchmarks/
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(job)], capture_output=True, text=True, env=env,

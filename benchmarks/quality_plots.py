@@ -120,3 +120,46 @@ def write_plots(results: dict[str, dict], order: list[str], directory: Path) -> 
     plot_training_curves(results, order, paths[1])
     plot_compression(results, order, paths[2])
     return paths
+
+
+AXIS_LABELS = {"train_flops": "training FLOPs (measured)", "train_cpu_s": "training CPU seconds (one core)"}
+
+
+def plot_scaling(points: dict[str, list[tuple[float, object]]], fits: dict[str, object], axis: str,
+                 path: Path) -> dict[str, dict]:
+    """The scaling study (benchmarks/scaling.py) on log-log axes: per row, its budgets' points (x = mean over
+    seeds, y = mean pydocs-valid bits per byte with a min-max bar: objects with .mean/.low/.high) and its fitted
+    line (an object with .slope/.intercept in log10 and the measured .x_low/.x_high), drawn over the range
+    of every row's x so that crossings show. Returns what it drew per row: the points and the line's two ends."""
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    xs = [x for row in points.values() for x, _ in row]
+    lo, hi = (min(xs), max(xs)) if xs else (1.0, 10.0)
+    drawn = {}
+    for name, row in points.items():
+        row = sorted(row, key=lambda p: p[0])
+        x = [p[0] for p in row]
+        y = [p[1].mean for p in row]
+        err = [[p[1].mean - p[1].low for p in row], [p[1].high - p[1].mean for p in row]]
+        bars = ax.errorbar(x, y, yerr=err, fmt="o", capsize=3, label=name)
+        entry = {"points": [(p[0], p[1].mean, p[1].low, p[1].high) for p in row], "line": None}
+        fit = fits.get(name)
+        if fit is not None:
+            ends = np.array([lo / 1.5, hi * 1.5])
+            line = 10 ** (fit.intercept + fit.slope * np.log10(ends))
+            ax.plot(ends, line, "-", color=bars[0].get_color(), linewidth=1,
+                    label=f"{name}: slope {fit.slope:.3f}")
+            entry["line"] = [(float(a), float(b)) for a, b in zip(ends, line)]
+        drawn[name] = entry
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    plain = plt.FuncFormatter(lambda value, _: f"{value:g}")  # 2.5, not 2.5 x 10^0
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
+    ax.set_xlabel(AXIS_LABELS.get(axis, axis))
+    ax.set_ylabel("pydocs-valid bits per byte (mean, min-max over seeds)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    ax.set_title("Scaling: bits per byte against compute (log-log, least-squares lines)")
+    save_png(fig, path)
+    return drawn
