@@ -11,6 +11,7 @@ import train_launch as tl
 from model_configs import tiny_test_config
 from test_model_isolation import assert_same, windows
 
+from benchmarks.quality_rows import model_config, reference_flops_per_byte
 from data_pipeline.vocab import EOD_ID, PAD_ID
 from synergy_dist.model.accounting import flops_breakdown, flops_per_byte
 from synergy_dist.model.config import ModelConfig, MoEConfig, StackConfig, mlp_hidden
@@ -159,6 +160,12 @@ def test_bad_values_give_one_line_naming_the_key(mod, message):
                        .replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")) as err:
         ModelConfig(middle={"pattern": "AM", "pos_encoding": "none", "mod": mod})
     assert "\n" not in str(err.value)
+
+
+def test_the_quality_rows_mod_row_routes_every_second_layer_at_row_ones_flops():
+    cfg = model_config("synergy-mod-middle", 512)
+    assert cfg.middle.mod_layer_indices() == [1, 3] and cfg.middle.mod.capacity == 0.5
+    assert flops_per_byte(cfg, 512) == pytest.approx(reference_flops_per_byte(512), rel=0.01)
 
 
 @pytest.mark.slow
