@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import train_launch as tl
-from model_configs import tiny_test_config
+from model_configs import tiny_test_config, yaml_model_config
+from test_host_sync import step_sites
 from test_model_isolation import assert_same, windows
 
 from benchmarks.quality_rows import model_config, reference_flops_per_byte
@@ -134,6 +135,16 @@ def test_documents_stay_isolated_in_predictor_mode():
         pieces = [model._run(packed[:, :start + 5], cache)[0]] + [model._run(packed[:, t:t + 1], cache)[0]
                                                                   for t in range(start + 5, packed.shape[1])]
         assert_same(torch.cat(pieces, dim=1)[0, start:], reference, 1e-9)
+
+
+def test_a_mod_training_step_adds_no_host_synchronisation():
+    """Top-k sizes come from the shapes (test_host_sync.py counts the dense model's synchronisations)."""
+    cfg = yaml_model_config("tiny-cpu")
+    dense = step_sites(cfg)
+    cfg.middle.repeat, cfg.middle.mod = 4, {"capacity": 0.5, "every": 2}
+    cfg.middle.__post_init__()
+    sites = step_sites(cfg)
+    assert set(sites) <= set(dense) and all(sites[s] <= dense[s] for s in sites), (sites, dense)
 
 
 def test_gradients_reach_the_router_from_the_loss_and_the_predictor_only_from_its_own_loss():

@@ -16,6 +16,7 @@ recomputation, and a position that skips a block never enters that block's atten
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -46,22 +47,29 @@ def capacity_count(n_valid: torch.Tensor, capacity: float) -> torch.Tensor:
     return torch.ceil(n_valid.double() * capacity - 1e-9).clamp(min=0).long()
 
 
+def top_k_width(length: int, capacity: float) -> int:
+    """The most positions top-k selects in a row of `length` (a row full of valid positions): known from the
+    shape, so training never waits for the device to learn how many positions to process."""
+    return max(0, math.ceil(length * capacity - 1e-9))  # capacity_count's arithmetic, on the host
+
+
 def top_k_positions(scores: torch.Tensor, valid: torch.Tensor, capacity: float) -> torch.Tensor:
     """(B, T) bool: the ceil(capacity x valid) highest-scoring valid positions of each row."""
     k = capacity_count(valid.sum(dim=1), capacity)
-    k_max = int(k.max()) if k.numel() else 0
+    k_max = top_k_width(valid.shape[1], capacity)
     chosen = torch.zeros_like(valid)
     if k_max == 0:
         return chosen
-    top = scores.masked_fill(~valid, float("-inf")).topk(k_max, dim=1).indices
+    top = scores.masked_fill(~valid, float("-inf")).topk(k_max, dim=1).indices  # a row's first k are valid ones
     return chosen.scatter(1, top, torch.arange(k_max, device=valid.device)[None, :] < k[:, None])
 
 
-def compact(selected: torch.Tensor, min_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's selected positions first, in order: (index (B, K), kept (B, K) bool, a prefix per row), with
-    K = the most selected in a row, at least min_len (the slots past a row's count are padding)."""
+def compact(selected: torch.Tensor, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's selected positions first, in order: (index (B, K), kept (B, K) bool, a prefix per row). K =
+    `width` (at least the most selected in a row), or None for that most (a host synchronisation); the slots past a
+    row's count are padding."""
     counts = selected.sum(dim=1)
-    width = max(int(counts.max()) if counts.numel() else 0, min_len)
+    width = int(counts.max()) if width is None else width
     order = torch.sort((~selected).to(torch.uint8), dim=1, stable=True).indices[:, :width]
     kept = torch.arange(order.shape[1], device=selected.device)[None, :] < counts[:, None]
     return order, kept
@@ -93,9 +101,13 @@ class DepthRouter(nn.Module):
         use_top_k = self.training and cache is None and not self.cfg.predictor_in_training
         selected = top_k if use_top_k else (predicted > 0) & valid
 
-        # training keeps >= 1 slot (maybe padding) so that every rank enters an MoE layer's collectives equally
-        # often; generation skips the block when no position of the call goes through it
-        index, kept = compact(selected, min_len=1 if cache is None else 0)
+        # top-k: as many slots as a full row selects (no host synchronisation). Without a cache >= 1 slot (maybe
+        # padding), so that every rank enters an MoE layer's collectives equally often; generation skips the block
+        # when no position of the call goes through it.
+        width = top_k_width(T, self.cfg.capacity) if use_top_k else None
+        index, kept = compact(selected, width)
+        if cache is None and index.shape[1] == 0:
+            index, kept = compact(selected, 1)
         moe = None
         if index.shape[1] > 0:
             part = x.gather(1, index[..., None].expand(-1, -1, D))
@@ -116,4 +128,4 @@ class DepthRouter(nn.Module):
         return x, moe, stats
 
 
-__all__ = ["ModStats", "DepthRouter", "capacity_count", "top_k_positions", "compact"]
+__all__ = ["ModStats", "DepthRouter", "capacity_count", "top_k_width", "top_k_positions", "compact"]
