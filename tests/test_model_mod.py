@@ -106,6 +106,9 @@ def test_predictor_mode_is_causal_and_top_k_mode_is_not():
         assert 0.1 < a.stats.mod["middle.0"].processed_fraction.item() < 0.9  # the predictor does skip positions
         model.train()  # top-k over the whole row: later bytes change which earlier positions are processed
         assert (model(ids).logits[:, :40] - model(changed).logits[:, :40]).abs().max().item() > 1e-6
+        for block in model.body.inner.blocks:  # mod.predictor_in_training: training routes causally too
+            block.depth_router.cfg.predictor_in_training = True
+        assert_same(model(ids).logits[:, :40], model(changed).logits[:, :40], 1e-9)
 
 
 def test_cached_generation_equals_recomputation_in_predictor_mode():

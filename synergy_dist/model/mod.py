@@ -26,7 +26,7 @@ from torch import nn
 
 from synergy_dist.model.config import ModConfig
 from synergy_dist.model.moe.statistics import MoEStats
-from synergy_dist.model.precision import compute_dtype
+from synergy_dist.model.precision import Float32Linear
 
 
 @dataclass
@@ -85,18 +85,22 @@ class DepthRouter(nn.Module):
     def __init__(self, d_model: int, cfg: ModConfig):
         super().__init__()
         self.cfg = cfg
-        self.router = nn.Linear(d_model, 1, bias=False)
+        # float32 like the boundary and expert routers (model/precision.py): under bf16 autocast the top-k and
+        # the predictor's threshold would otherwise depend on bf16 rounding, which differs between a full
+        # forward and cached generation
+        self.router = Float32Linear(d_model, 1, bias=False, role="Mixture-of-Depths router")
         hidden = cfg.predictor_hidden or max(1, d_model // 4)
-        self.predictor = nn.Sequential(nn.Linear(d_model, hidden), nn.SiLU(), nn.Linear(hidden, 1))
+        self.predictor = nn.Sequential(Float32Linear(d_model, hidden, bias=True, role="Mixture-of-Depths predictor"),
+                                       nn.SiLU(),
+                                       Float32Linear(hidden, 1, bias=True, role="Mixture-of-Depths predictor"))
 
     def forward(self, block: BlockDelta, x: torch.Tensor, valid: torch.Tensor | None, cache,
                 seq_idx: torch.Tensor | None) -> tuple[torch.Tensor, MoEStats | None, ModStats]:
         """x (B, T, D) -> (x + sigmoid(r) x block delta at the processed positions, MoE stats, ModStats)."""
         B, T, D = x.shape
         valid = valid if valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
-        # decisions in float32 (float64 in fp64 runs), so that bf16 rounding does not reorder the top-k
-        scores = self.router(x).squeeze(-1).to(compute_dtype(x.dtype))
-        predicted = self.predictor(x.detach()).squeeze(-1).to(compute_dtype(x.dtype))
+        scores = self.router(x).squeeze(-1)  # float32 (float64 in fp64 runs)
+        predicted = self.predictor(x.detach()).squeeze(-1)
         top_k = top_k_positions(scores, valid, self.cfg.capacity)
         use_top_k = self.training and cache is None and not self.cfg.predictor_in_training
         selected = top_k if use_top_k else (predicted > 0) & valid
