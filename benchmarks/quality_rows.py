@@ -2,7 +2,7 @@
 
 Rows 1-5 share one hierarchy (the `model:` section of configs/tiny-cpu.yaml: Mamba byte
 encoder/decoder at 128, a 3-layer attention middle at 256, target N = 4) and differ only in the part
-the row is about. Row 6 (plain
+the row is about (row 4b, Mixture-of-Depths, adds a middle layer to stay at row 1's FLOPs). Row 6 (plain
 byte Transformer) and row 7 (the Llama/BPE anchor, benchmarks/anchors/llama_bpe.py) are
 sized so that their training FLOPs per byte equal row 1's at its target compression.
 """
@@ -18,13 +18,14 @@ from synergy_dist.bench.model import (
     with_fixed_router,
 )
 from synergy_dist.model.accounting import flops_per_byte
-from synergy_dist.model.config import ModelConfig, MoEConfig, RouterConfig, mlp_hidden
+from synergy_dist.model.config import ModConfig, ModelConfig, MoEConfig, RouterConfig, mlp_hidden
 
 ROW1_CONFIG = "configs/tiny-cpu.yaml"  # row 1's model; rows 2-6 are built from it
 
 LLAMA_ROW = "llama-bpe"  # row 7: not a ModelConfig, built by the anchor module
 MOE_EXPERTS = 4  # routed experts per middle MoE layer (row 4)
 MOE_TOP_K = 2  # each expert is half the dense MLP, so top-2 computes what the dense MLP computes
+MOD_CAPACITY = 0.5  # the MoD row: every second middle layer processes half the concepts of each window
 
 
 @dataclass
@@ -79,6 +80,18 @@ def moe_middle_config() -> ModelConfig:
     return cfg
 
 
+def mod_middle_config() -> ModelConfig:
+    """Row 4b: Mixture-of-Depths in the middle at row 1's FLOPs: one middle layer more (4 instead of 3), every
+    second one routed at capacity 0.5 (MoD's alternating routed and full blocks). The two routed layers cost one
+    full layer, so training FLOPs per byte are row 1's + 0.3% (the routers and predictors): the comparison is
+    the MoD paper's isoFLOP one (more depth at the same compute), not the same model made cheaper."""
+    cfg = default_config()
+    cfg.middle.repeat = len(cfg.middle.layers) + 1
+    cfg.middle.mod = ModConfig(capacity=MOD_CAPACITY, every=2)
+    cfg.validate()
+    return cfg
+
+
 def stride_config() -> ModelConfig:
     """Row 5a: fixed hierarchy, a concept every 4 bytes."""
     return with_fixed_router(default_config(), "stride", 4)
@@ -118,6 +131,9 @@ SYNERGY_ROWS: dict[str, tuple[QualityRow, Callable[[], ModelConfig]]] = {
     "synergy-moe-middle": (QualityRow("synergy-moe-middle", "4",
                                       f"SynergyLM, MoE middle ({MOE_EXPERTS} experts, top-{MOE_TOP_K}, "
                                       "same active params as row 1)"), moe_middle_config),
+    "synergy-mod-middle": (QualityRow("synergy-mod-middle", "4b",
+                                      f"SynergyLM, Mixture-of-Depths middle (4 layers, every 2nd routed at capacity "
+                                      f"{MOD_CAPACITY}, row 1's FLOPs)"), mod_middle_config),
     "synergy-stride4": (QualityRow("synergy-stride4", "5a", "fixed hierarchy, stride 4"), stride_config),
     "synergy-space": (QualityRow("synergy-space", "5b", "fixed hierarchy, whitespace router"), space_config),
 }

@@ -95,6 +95,6 @@ def test_stack_layer_pattern_and_final_norm():
     kinds = [type(b.mixer).__name__ for b in stack.blocks]
     assert kinds == ["Attention", "Mamba2", "Attention", "Mamba2"]
     assert [b.ffn is not None for b in stack.blocks] == [True, False, True, False]  # H-Net: no MLP on Mamba
-    y, moe = stack(torch.randn(1, 5, 16))
-    assert moe == {}
+    y, layers = stack(torch.randn(1, 5, 16))
+    assert layers.moe == {} and layers.mod == {}  # neither MoE nor Mixture-of-Depths layers
     torch.testing.assert_close(y.pow(2).mean(-1), torch.ones(1, 5), atol=1e-3, rtol=0)  # ends with RMSNorm

@@ -4,10 +4,13 @@ FLOPs count multiply-adds as 2 and follow the usual Chinchilla-style accounting:
 per unit for every linear layer, plus the sequence mixing (attention scores, the SSD scan). A stage
 running over concepts costs its per-unit FLOPs divided by the bytes per unit at that level. Training
 FLOPs = 3 x forward (backward = 2 x forward). Embedding lookups, norms and element-wise ops are ignored.
+A Mixture-of-Depths routed block runs on capacity x the positions (its attention over that many), plus its
+router and causal predictor on every position.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import nn
@@ -48,31 +51,46 @@ def param_counts(model: nn.Module) -> dict[str, int]:
 
 def stack_flops_per_unit(stack: StackConfig, d_model: int, length: int) -> float:
     """Forward FLOPs per position of one network over a sequence of `length` units."""
+    routed = set(stack.mod_layer_indices())
+    total = 0.0
+    for i in range(len(stack.layers)):
+        if i in routed:  # capacity x the positions go through it, and they attend among themselves
+            capacity = stack.mod.capacity
+            hidden = stack.mod.predictor_hidden or max(1, d_model // 4)
+            total += 2 * d_model + 2 * (d_model * hidden + hidden)  # router and predictor, every position
+            total += capacity * layer_flops_per_unit(stack, i, d_model, max(1, math.ceil(capacity * length)))
+        else:
+            total += layer_flops_per_unit(stack, i, d_model, length)
+    return total
+
+
+def layer_flops_per_unit(stack: StackConfig, i: int, d_model: int, length: int) -> float:
+    """Forward FLOPs per processed position of layer i of a network over `length` processed positions."""
     total = 0.0
     moe_at = set(stack.moe_layer_indices())
-    for i, letter in enumerate(stack.layers):
-        if letter == "A":
-            inner = stack.n_heads * (stack.head_dim or d_model // stack.n_heads)
-            context = (length + 1) / 2 if stack.sliding_window == 0 else min(stack.sliding_window, (length + 1) / 2)
-            total += 2 * 4 * d_model * inner  # qkv + out projections
-            total += 2 * 2 * context * inner  # q.k scores and the weighted sum of values (causal average)
-        else:
-            m = stack.mamba
-            d_inner = int(m.expand * d_model)
-            heads = d_inner // m.head_dim
-            q = min(m.chunk_size, length)
-            total += 2 * d_model * (2 * d_inner + 2 * m.d_state + heads) + 2 * d_inner * d_model  # in/out proj
-            total += 2 * (d_inner + 2 * m.d_state) * m.d_conv  # depthwise convolution
-            total += 2 * (q / 2) * (m.d_state + d_inner)  # within-chunk C.B scores and their use on x
-            total += 2 * 3 * d_inner * m.d_state  # chunk states, carried-state output, state update
-        has_mlp = stack.mlp_ratio > 0 and (letter == "A" or stack.mlp_on_mamba)
-        if i in moe_at:
-            moe = stack.moe
-            d_ff = moe.d_ff or mlp_hidden(d_model, stack.mlp_ratio)
-            experts = moe.top_k + (1 if moe.shared_expert else 0)
-            total += 2 * d_model * moe.n_experts + experts * 2 * 3 * d_model * d_ff
-        elif has_mlp:
-            total += 2 * 3 * d_model * mlp_hidden(d_model, stack.mlp_ratio)
+    letter = stack.layers[i]
+    if letter == "A":
+        inner = stack.n_heads * (stack.head_dim or d_model // stack.n_heads)
+        context = (length + 1) / 2 if stack.sliding_window == 0 else min(stack.sliding_window, (length + 1) / 2)
+        total += 2 * 4 * d_model * inner  # qkv + out projections
+        total += 2 * 2 * context * inner  # q.k scores and the weighted sum of values (causal average)
+    else:
+        m = stack.mamba
+        d_inner = int(m.expand * d_model)
+        heads = d_inner // m.head_dim
+        q = min(m.chunk_size, length)
+        total += 2 * d_model * (2 * d_inner + 2 * m.d_state + heads) + 2 * d_inner * d_model  # in/out proj
+        total += 2 * (d_inner + 2 * m.d_state) * m.d_conv  # depthwise convolution
+        total += 2 * (q / 2) * (m.d_state + d_inner)  # within-chunk C.B scores and their use on x
+        total += 2 * 3 * d_inner * m.d_state  # chunk states, carried-state output, state update
+    has_mlp = stack.mlp_ratio > 0 and (letter == "A" or stack.mlp_on_mamba)
+    if i in moe_at:
+        moe = stack.moe
+        d_ff = moe.d_ff or mlp_hidden(d_model, stack.mlp_ratio)
+        experts = moe.top_k + (1 if moe.shared_expert else 0)
+        total += 2 * d_model * moe.n_experts + experts * 2 * 3 * d_model * d_ff
+    elif has_mlp:
+        total += 2 * 3 * d_model * mlp_hidden(d_model, stack.mlp_ratio)
     return total
 
 

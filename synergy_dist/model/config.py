@@ -105,6 +105,30 @@ class MoEConfig:
 
 
 @dataclass
+class ModConfig:
+    """Mixture-of-Depths (Raposo et al. 2024): routed blocks process only a fraction of the positions."""
+
+    capacity: float = 0.0  # fraction of each row's valid positions a routed block processes (top-k); 0 = off
+    every: int = 2  # layers 1-indexed k, 2k, ... are routed (2: routed and full blocks alternate, as in the paper)
+    predictor_loss_coef: float = 0.01  # weight of the causal predictor's BCE loss (it sees a stop-gradient input)
+    predictor_hidden: int = 0  # hidden width of the predictor MLP; 0 = d_model // 4
+    # route training by the predictor too (causal training, as sampling is; capacity then is not enforced)
+    predictor_in_training: bool = False
+
+    def validate(self, where: str = "mod") -> None:
+        """Fail early with the key and the fix; `where` is the section's key (e.g. "model.middle.mod")."""
+        if not 0 <= self.capacity <= 1:
+            raise ValueError(f"{where}.capacity={self.capacity} must be in (0, 1] (the fraction of positions a routed "
+                             "block processes), or 0 to turn Mixture-of-Depths off")
+        if self.every < 1:
+            raise ValueError(f"{where}.every={self.every} must be >= 1 (1 = every layer routed, 2 = every second)")
+        if self.predictor_loss_coef < 0:
+            raise ValueError(f"{where}.predictor_loss_coef={self.predictor_loss_coef} must be >= 0")
+        if self.predictor_hidden < 0:
+            raise ValueError(f"{where}.predictor_hidden={self.predictor_hidden} must be >= 0 (0 = d_model // 4)")
+
+
+@dataclass
 class StackConfig:
     """One network of layers: an encoder, a decoder or the middle."""
 
@@ -122,10 +146,12 @@ class StackConfig:
     moe_every: int = 0  # layers 1-indexed k, 2k, ... get an MoE feed-forward instead of the dense MLP; 0 = none
     moe_layers: list[int] = field(default_factory=list)  # explicit 0-indexed layers with an MoE feed-forward
     moe: MoEConfig = field(default_factory=MoEConfig)  # MoE settings for the chosen layers
+    mod: ModConfig = field(default_factory=ModConfig)  # Mixture-of-Depths routing of attention blocks (off by default)
 
     def __post_init__(self) -> None:
         self.mamba = _as(MambaConfig, self.mamba)
         self.moe = _as(MoEConfig, self.moe)
+        self.mod = _as(ModConfig, self.mod)
         self.moe_layers = list(self.moe_layers)
 
     @property
@@ -137,6 +163,12 @@ class StackConfig:
         if self.moe_every > 0:
             chosen |= {i for i in range(len(self.layers)) if (i + 1) % self.moe_every == 0}
         return sorted(chosen)
+
+    def mod_layer_indices(self) -> list[int]:
+        """The 0-indexed layers routed by Mixture-of-Depths (none while mod.capacity is 0)."""
+        if self.mod.capacity == 0:
+            return []
+        return [i for i in range(len(self.layers)) if (i + 1) % self.mod.every == 0]
 
 
 @dataclass
@@ -323,6 +355,11 @@ def _validate_stack(key: str, stack: StackConfig, d_model: int) -> None:
         stack.moe.validate(f"{key}.moe")
         if stack.mlp_ratio == 0 and stack.moe.d_ff == 0:
             raise ValueError(f"{key}.moe.d_ff=0 means 'same as the dense MLP' but {key}.mlp_ratio=0; set moe.d_ff")
+    stack.mod.validate(f"{key}.mod")
+    for i in stack.mod_layer_indices():
+        if stack.layers[i] != "A":
+            raise ValueError(f"{key}.mod routes layer {i}, a Mamba ('M') layer: Mixture-of-Depths routes attention "
+                             f"layers only; change {key}.mod.every or {key}.pattern so that only 'A' layers are routed")
 
 
 def _validate_router(key: str, router: RouterConfig, is_byte_level: bool) -> None:

@@ -1,8 +1,10 @@
-"""The typed statistics SynergyLM.forward returns: losses, compression per hierarchy stage, MoE load per layer.
+"""The typed statistics SynergyLM.forward returns: losses, compression per hierarchy stage, MoE load per layer,
+Mixture-of-Depths routing per routed layer.
 
 All tensors are detached. `flatten()` gives the metric keys of metrics.jsonl (`bpb`, `stage0/compression`,
-`moe/<layer>/tokens_per_expert`, ...); `ModelStatistics.mean` averages the statistics of several forward calls
-(the micro-batches of one optimizer step), except bits per byte, which it weights by bytes.
+`moe/<layer>/tokens_per_expert`, `mod/<layer>/processed_fraction`, ...); `ModelStatistics.mean` averages the
+statistics of several forward calls (the micro-batches of one optimizer step), except bits per byte, which it
+weights by bytes.
 
 Bits per byte has one definition (docs/EVALUATION.md): the summed cross entropy of the byte targets (labels
 0..255) in bits / their number. Predictions of EOD are trained on (they are part of `ce_loss`) but not counted.
@@ -11,14 +13,16 @@ Bits per byte has one definition (docs/EVALUATION.md): the summed cross entropy 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
+from synergy_dist.model.mod import ModStats
 from synergy_dist.model.moe.statistics import MoEStats
 
 MOE_LOGGED = ("tokens_per_expert", "load_entropy", "max_over_mean_load", "dropped_fraction", "router_logit_rms",
               "aux_loss", "z_loss")  # the MoE statistics written to the metrics
+MOD_LOGGED = ("processed_fraction", "predictor_accuracy", "predictor_loss")  # the MoD statistics written there
 
 
 @dataclass
@@ -42,6 +46,7 @@ class ModelStatistics:
     ce_loss: torch.Tensor | None = None  # the trained cross entropy: nats per counted label, EOD included
     byte_nats: torch.Tensor | None = None  # summed cross entropy of the byte targets (labels 0..255), nats
     n_bytes: torch.Tensor | None = None  # number of byte targets
+    mod: dict[str, ModStats] = field(default_factory=dict)  # per Mixture-of-Depths routed layer, keyed like moe
 
     @property
     def bpb(self) -> torch.Tensor | None:
@@ -67,7 +72,8 @@ class ModelStatistics:
 
     def flatten(self) -> dict[str, float | list[float]]:
         """The metrics.jsonl keys: ce_loss and bpb (with labels), ratio_loss, bytes_per_concept, boundary_rate,
-        stage{s}/{boundary_rate,compression,bytes_per_concept,ratio_loss}, moe/<layer>/<statistic>."""
+        stage{s}/{boundary_rate,compression,bytes_per_concept,ratio_loss}, moe/<layer>/<statistic>,
+        mod/<layer>/<statistic>."""
         out: dict[str, torch.Tensor] = {}
         if self.ce_loss is not None:
             out["ce_loss"], out["bpb"] = self.ce_loss, self.bpb
@@ -80,6 +86,9 @@ class ModelStatistics:
         for name, layer in self.moe.items():
             for key in MOE_LOGGED:
                 out[f"moe/{name}/{key}"] = getattr(layer, key)
+        for name, layer in self.mod.items():
+            for key in MOD_LOGGED:
+                out[f"mod/{name}/{key}"] = getattr(layer, key)
         return {key: _number(value) for key, value in out.items()}
 
     @staticmethod
@@ -93,9 +102,12 @@ class ModelStatistics:
                   for s in range(len(first.stages))]
         moe = {name: MoEStats(**{f.name: _mean([c.moe[name] for c in calls], f.name) for f in fields(MoEStats)})
                for name in first.moe}
+        mod = {name: ModStats(**{f.name: _mean([c.mod[name] for c in calls], f.name) for f in fields(ModStats)})
+               for name in first.mod}
         if not all(c.ce_loss is not None for c in calls):
-            return ModelStatistics(stages, moe)
-        return ModelStatistics(stages, moe, _mean(calls, "ce_loss"), _sum(calls, "byte_nats"), _sum(calls, "n_bytes"))
+            return ModelStatistics(stages, moe, mod=mod)
+        return ModelStatistics(stages, moe, _mean(calls, "ce_loss"), _sum(calls, "byte_nats"), _sum(calls, "n_bytes"),
+                               mod)
 
 
 def bits_per_byte(nats, n_bytes):

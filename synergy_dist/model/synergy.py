@@ -37,15 +37,14 @@ from synergy_dist.model.chunking import (
 from synergy_dist.model.config import ModelConfig, StageConfig
 from synergy_dist.model.layers import AttentionCache, RMSNorm
 from synergy_dist.model.moe.layer import MoEFeedForward, dropless_routing
-from synergy_dist.model.moe.statistics import MoEStats
 from synergy_dist.model.precision import Float32Linear, compute_dtype
-from synergy_dist.model.stack import Float32Stack, Stack
+from synergy_dist.model.stack import Float32Stack, LayerStats, Stack
 from synergy_dist.model.statistics import ModelStatistics, StageStatistics
 
 
 @dataclass
 class ModelOutput:
-    loss: torch.Tensor | None  # CE + weighted ratio losses + weighted MoE losses (None without labels)
+    loss: torch.Tensor | None  # CE + weighted ratio, MoE and MoD predictor losses (None without labels)
     logits: torch.Tensor  # (B, L, vocab)
     stats: ModelStatistics  # detached losses and routing statistics
 
@@ -120,10 +119,10 @@ class HierarchyStage(nn.Module):
     def forward(self, x, ids, force, valid, cache: StageCache | None = None, seq_idx: torch.Tensor | None = None):
         """x (B, T, D); ids (B, T) bytes at stage 0 else None; force/valid (B, T) bool; seq_idx (B, T)
         nondecreasing document index or None (no isolation); every document start must be in `force`.
-        Returns (y, [StageRouting per stage, outermost first], {layer name: MoEStats}).
+        Returns (y, [StageRouting per stage, outermost first], LayerStats keyed by layer name).
         The record_function labels let benchmarks measure the routing share of a step."""
-        hidden, moe = self.encoder(x, valid, cache and cache.encoder, seq_idx)
-        moe = {f"stage{self.level}.encoder.{i}": s for i, s in moe.items()}
+        hidden, layers = self.encoder(x, valid, cache and cache.encoder, seq_idx)
+        layers = layers.named(f"stage{self.level}.encoder.")
         with record_function(f"synergy/stage{self.level}/route_down"):
             route = self.router(hidden, ids, force, valid, cache and cache.router)
             hidden = hidden.to(x.dtype)  # a float32 encoder's output goes on in the stream's dtype
@@ -141,10 +140,10 @@ class HierarchyStage(nn.Module):
             rows = None
             if cache is not None and cache.last_concept is not None and not bool(chunks.valid[:, 0].all()):
                 rows = chunks.valid[:, 0].nonzero().squeeze(1)
-            inner_y, inner_routings, inner_moe = self._inner(
+            inner_y, inner_routings, inner_layers = self._inner(
                 self.width.widen(chunks.x), inner_force, chunks.valid, cache and cache.inner, concept_doc, rows)
             routings += inner_routings
-            moe.update(inner_moe)
+            layers.update(inner_layers)
             concepts = self.width.narrow(inner_y)
         else:
             concepts = hidden.new_zeros(hidden.shape[0], 0, hidden.shape[-1])
@@ -166,24 +165,24 @@ class HierarchyStage(nn.Module):
                 cache.doc = None if seq_idx is None else seq_idx[:, -1]
         # summed in float32 (float64 in fp64 runs), as H-Net does, then back to the stream's dtype
         mixed = (up.to(compute_dtype(up.dtype)) + self.residual(hidden)).to(hidden.dtype)
-        y, dec_moe = self.decoder(mixed, valid, cache and cache.decoder, seq_idx)
-        moe.update({f"stage{self.level}.decoder.{i}": s for i, s in dec_moe.items()})
-        return y, routings, moe
+        y, dec_layers = self.decoder(mixed, valid, cache and cache.decoder, seq_idx)
+        layers.update(dec_layers.named(f"stage{self.level}.decoder."))
+        return y, routings, layers
 
 
     def _inner(self, x, force, valid, cache, doc, rows: torch.Tensor | None):
         """The inner network (stage or middle) on the concepts, or only on `rows` of them (the others' outputs are
-        zeros: padding). Returns (y, [StageRouting per inner stage], {layer name: MoEStats})."""
+        zeros: padding). Returns (y, [StageRouting per inner stage], LayerStats keyed by layer name)."""
         if rows is not None:
             part = take_rows(cache, rows)
-            y, routings, moe = self._inner(x[rows], force[rows], valid[rows], part,
-                                           None if doc is None else doc[rows], None)
+            y, routings, layers = self._inner(x[rows], force[rows], valid[rows], part,
+                                              None if doc is None else doc[rows], None)
             put_rows(cache, rows, part)
-            return x.new_zeros(x.shape[0], *y.shape[1:]).index_put((rows,), y), routings, moe
+            return x.new_zeros(x.shape[0], *y.shape[1:]).index_put((rows,), y), routings, layers
         if isinstance(self.inner, HierarchyStage):
             return self.inner(x, None, force, valid, cache, doc)
-        y, moe = self.inner(x, valid, cache, doc)
-        return y, [], {f"middle.{i}": s for i, s in moe.items()}
+        y, layers = self.inner(x, valid, cache, doc)
+        return y, [], layers.named("middle.")
 
 
 def take_rows(cache, rows: torch.Tensor):
@@ -256,11 +255,12 @@ class SynergyLM(nn.Module):
         """input_ids (B, L) in [0, vocab); labels (B, L) aligned with the inputs (labels[:, t] is the
         byte that follows input_ids[:, t]), IGNORE_INDEX (-100) skipped.
 
-        loss = CE + each learned router's ratio_loss_coef x ratio loss + each MoE layer's weighted losses.
+        loss = CE + each learned router's ratio_loss_coef x ratio loss + each MoE layer's weighted losses
+        + each Mixture-of-Depths block's weighted predictor loss.
         """
         self._check_ids(input_ids, "input_ids")
-        logits, routings, moe = self._run(input_ids, cache=None)
-        stats = self._statistics(routings, moe)
+        logits, routings, layers = self._run(input_ids, cache=None)
+        stats = self._statistics(routings, layers)
         loss = None
         if labels is not None:
             if labels.shape != input_ids.shape:
@@ -274,11 +274,12 @@ class SynergyLM(nn.Module):
             stats.ce_loss = ce.detach()
             stats.byte_nats, stats.n_bytes = nats.detach()[is_byte].double().sum(), is_byte.sum()
             loss = ce + sum((r.ratio_loss_coef * r.ratio_loss for r in routings), ce.new_zeros(()))
-            loss = loss + sum((layer.loss for layer in moe.values()), ce.new_zeros(()))
+            loss = loss + sum((layer.loss for layer in layers.moe.values()), ce.new_zeros(()))
+            loss = loss + sum((layer.loss for layer in layers.mod.values()), ce.new_zeros(()))
         return ModelOutput(loss=loss, logits=logits, stats=stats)
 
     def _run(self, input_ids: torch.Tensor, cache):
-        """Shared by forward (cache None) and generation. Returns (logits, stage routings, MoE stats).
+        """Shared by forward (cache None) and generation. Returns (logits, stage routings, LayerStats).
 
         With a cache, rows may hold PAD_ID (padding, left or right, e.g. left-padded prompts of different lengths,
         or rows that stopped): padding enters no cache or state, and each row continues exactly as if it ran alone.
@@ -287,10 +288,10 @@ class SynergyLM(nn.Module):
         if cache is not None:
             order = real_first(input_ids != PAD_ID)
             if order is not None:  # inside the model, padding only ever follows a row's real bytes
-                logits, routings, moe = self._run_embedded(self.embed(input_ids.gather(1, order)),
-                                                           input_ids.gather(1, order), cache)
+                logits, routings, layers = self._run_embedded(self.embed(input_ids.gather(1, order)),
+                                                              input_ids.gather(1, order), cache)
                 back = torch.empty_like(logits).scatter_(1, order[..., None].expand_as(logits), logits)
-                return back, routings, moe
+                return back, routings, layers
         x = self.embed(input_ids)
         return self._run_embedded(x, input_ids, cache)
 
@@ -301,13 +302,13 @@ class SynergyLM(nn.Module):
         with dropless_routing(self, enabled=cache is not None):  # cached generation == full recomputation
             if isinstance(self.body, HierarchyStage):
                 force = self._document_starts(input_ids, cache, self.cfg.document_isolation)
-                y, routings, moe = self.body(x, input_ids, force, valid, cache and cache["body"], seq_idx)
+                y, routings, layers = self.body(x, input_ids, force, valid, cache and cache["body"], seq_idx)
             else:
-                y, moe = self.body(x, valid, cache and cache["body"], seq_idx)
-                routings, moe = [], {f"middle.{i}": s for i, s in moe.items()}
+                y, layers = self.body(x, valid, cache and cache["body"], seq_idx)
+                routings, layers = [], layers.named("middle.")
         if cache is not None:
             cache["last_id"] = last_valid(input_ids, valid, cache["last_id"])
-        return self.head(y), routings, moe
+        return self.head(y), routings, layers
 
     @staticmethod
     def _document_starts(input_ids: torch.Tensor, cache, at_eod: bool) -> torch.Tensor:
@@ -334,7 +335,7 @@ class SynergyLM(nn.Module):
         return doc
 
     @staticmethod
-    def _statistics(routings: list[StageRouting], moe: dict[str, MoEStats]) -> ModelStatistics:
+    def _statistics(routings: list[StageRouting], layers: LayerStats) -> ModelStatistics:
         stages = []
         bytes_total = routings[0].units.float() if routings else None
         for r in routings:
@@ -345,7 +346,8 @@ class SynergyLM(nn.Module):
                 bytes_per_concept=(bytes_total / concepts).detach(),  # bytes per concept, cumulative
                 ratio_loss=r.ratio_loss.detach().float(),
             ))
-        return ModelStatistics(stages, {name: layer.detach() for name, layer in moe.items()})
+        return ModelStatistics(stages, {name: layer.detach() for name, layer in layers.moe.items()},
+                               mod={name: layer.detach() for name, layer in layers.mod.items()})
 
     def _check_ids(self, ids: torch.Tensor, name: str) -> None:
         if ids.dim() != 2 or ids.dtype != torch.long:
