@@ -120,7 +120,6 @@ class Stack(nn.Module):
         return self.final_norm(x), layers
 
 
-
 class Float32Stack(KeepsFloat32, Stack):
     """A Stack whose weights stay float32 and which computes in float32 under autocast (a stage's encoder with
     `encoder_fp32`: the boundary decisions above it then equal the float32 model's; model/precision.py)."""
