@@ -84,8 +84,11 @@ def test_a_killed_rank_ends_the_run_and_a_restart_resumes_exactly(workdir, sampl
     os.kill(victim, signal.SIGKILL)
     assert wait_ended(proc, cfg, END_BOUND_S) in statuses, tl.output_of(cfg)[-4000:]
     assert not running(survivor)
-    # the survivor's all-reduce failed at once (gloo's message varies with the moment of the kill): it did not wait
-    assert re.search(r"\[rank0\]: RuntimeError: .*Connection (closed|reset) by peer", tl.output_of(cfg))
+    # the survivor did not wait: its all-reduce failed at once (gloo's message varies with the moment of the kill),
+    # or, when the launcher noticed the dead rank first, the launcher ended it
+    out = tl.output_of(cfg)
+    assert (re.search(r"\[rank0\]: RuntimeError: .*Connection (closed|reset) by peer", out)
+            or re.search(r"Sending process \d+ closing signal SIGTERM|Killing subprocess \d+", out)), out[-4000:]
     assert max(tl.losses_by_step(cfg)) == 3
     if launcher != "torchrun":
         return  # resuming does not depend on the launcher (test_train_runs.py resumes under both)
