@@ -1,7 +1,7 @@
 """Mixture-of-Experts feed-forward layer: fp32 gate, load balancing, z-loss, capacity or dropless, expert parallel.
 
-forward(x (B, T, D), valid (B, T) bool | None) -> (y (B, T, D), MoEStats). Only valid tokens are routed;
-padding tokens get y = 0. The gate and routing math live in gating.py, the losses in losses.py, the load
+forward(x (B, T, D), valid (B, T) bool | None) -> (y (B, T, D), MoEStats). Only valid tokens reach an expert
+and count in the losses and statistics; padding tokens get y = 0 (they are masked, not removed: no host sync). The gate and routing math live in gating.py, the losses in losses.py, the load
 statistics in statistics.py, the experts in experts.py and the token exchange between ranks in
 expert_parallel.py. See docs/MOE.md for how the trainer wires it up.
 """
@@ -129,7 +129,7 @@ class MoEFeedForward(KeepsFloat32, _DeepSpeedMoE):
         if self.shared_mlp is not None:
             routed = routed + self.shared_mlp(tokens)
         if mask is not None:
-            routed = routed * mask.unsqueeze(1).to(routed.dtype)  # padding gets y = 0
+            routed = torch.where(mask.unsqueeze(1), routed, 0.0)  # padding gets y = 0
         y = routed.reshape(batch, length, d_model)
         return y, self._stats(logits, decision, keep, mask, sequence_of, batch)
 
@@ -213,11 +213,9 @@ class MoEFeedForward(KeepsFloat32, _DeepSpeedMoE):
         z = router_z_loss(logits, weight)
         load = load_statistics(counts)
         with torch.no_grad():
-            squares = logits.float().square().mean(dim=-1)
-            if weight is not None:
-                squares = squares * weight
-            rms = (squares.sum() / squares.new_tensor(float(logits.shape[0])).clamp_min(1)
-                   if weight is None else squares.sum() / weight.sum().clamp_min(1)).sqrt()
+            per_token = logits.float().square().mean(dim=-1)
+            w = torch.ones_like(per_token) if weight is None else weight.float()
+            rms = ((per_token * w).sum() / w.sum().clamp_min(1)).sqrt()
         return MoEStats(
             aux_loss=aux,
             z_loss=z,
