@@ -115,7 +115,7 @@ class SafeguardConfig:
     skip_nonfinite: bool = True  # skip the update when the loss or grad norm is NaN/Inf
     # a loss or grad norm this many robust std devs (1.4826 x MAD) above the window's median is a spike (0 = off) ...
     spike_zscore: float = 6.0
-    spike_ratio: float = 3.0  # ... when it is also more than this many times that median (ordinary noise is not)
+    spike_ratio: float = 4.5  # ... when it is also more than this many times that median (ordinary noise is not)
     spike_window: int = 100  # steps of running statistics for the spike test
     spike_min_history: int = 50  # applied steps needed before spikes are detected (early training is noisy)
     max_consecutive_spikes: int = 3  # this many spikes in a row -> roll back to the last good checkpoint

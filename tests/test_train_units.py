@@ -175,7 +175,7 @@ def replay(trace, cfg: SafeguardConfig, spike_at: int = 0, spiked: str = "") -> 
 
 def test_the_defaults_skip_nothing_on_a_healthy_run():
     trace = healthy_trace()
-    assert len(trace) == 168 and [s for s, _, _ in trace] == list(range(1, len(trace) + 1))
+    assert len(trace) == 1400 and [s for s, _, _ in trace] == list(range(1, len(trace) + 1))
     assert replay(trace, SafeguardConfig()) == []
 
 
