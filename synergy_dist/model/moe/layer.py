@@ -1,9 +1,10 @@
 """Mixture-of-Experts feed-forward layer: fp32 gate, load balancing, z-loss, capacity or dropless, expert parallel.
 
 forward(x (B, T, D), valid (B, T) bool | None) -> (y (B, T, D), MoEStats). Only valid tokens reach an expert
-and count in the losses and statistics; padding tokens get y = 0 (they are masked, not removed: no host sync). The gate and routing math live in gating.py, the losses in losses.py, the load
-statistics in statistics.py, the experts in experts.py and the token exchange between ranks in
-expert_parallel.py. See docs/MOE.md for how the trainer wires it up.
+and count in the losses and statistics; padding tokens get y = 0 (they are masked, not removed: no host sync).
+The gate and routing math live in gating.py, the losses in losses.py, the load statistics in statistics.py, the
+experts in experts.py and the token exchange between ranks in expert_parallel.py. See docs/MOE.md for how the
+trainer wires it up.
 """
 
 from __future__ import annotations
