@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -81,6 +82,8 @@ def command(config_path: Path, launcher: str, nproc: int, overrides: list[str]) 
         return [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", port, "--no-python", *train]
     raise ValueError(launcher)
 
+
+INTERPRETER = re.compile(rb"python[0-9.]*")
 
 # Every run start() launched, so that conftest.py can end the ones a failed test left running.
 STARTED: list[subprocess.Popen] = []
@@ -179,7 +182,8 @@ def rank_pids(proc: subprocess.Popen) -> list[int]:
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        program = [a for a in argv[:3] if not a.endswith((b"python", b"python3", b"-u"))][:1]
+        # the interpreter (python, python3, python3.11: a fresh venv's scripts name the versioned one) and -u go
+        program = [a for a in argv[:3] if not (INTERPRETER.fullmatch(a.rsplit(b"/", 1)[-1]) or a == b"-u")][:1]
         if program and program[0].endswith((b"synergy-train", b"cli/train.py")):
             ranks.append(pid)
     return ranks
