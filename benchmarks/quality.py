@@ -515,23 +515,26 @@ def token_stream_for_bytes(docs: list[list[int]], separator: int, byte_length: l
     return stream, steps, sum(byte_length[u] for u in stream[1:])
 
 
-def calibrate(cfg: QualityConfig, steps: int = 3, name: str = REFERENCE_ROW) -> float:
-    """Training bytes per CPU second of a row (one warm-up step, then `steps` timed), on the stream's start."""
+def calibrate(cfg: QualityConfig, steps: int = 3, name: str = REFERENCE_ROW, warmup: int = 1) -> float:
+    """Training bytes per CPU second of a row (`warmup` untimed steps, then `steps` timed), on the stream's start.
+    A learned router's first steps can run at a very different speed (its compression settles over tens of
+    steps), so a study calibrating a SynergyLM row warms up past them."""
     torch.set_num_threads(1)
     train_docs = training_documents(cfg)
     row = build_row(name, cfg, train_docs)
     step_bytes = cfg.batch_size * cfg.seq_len
-    stream, n_steps, _ = row_stream(row, train_docs, (steps + 1) * step_bytes, cfg.batch_size)
-    while n_steps < steps + 1:  # a BPE step covers more bytes than a byte row's: ask for more until it holds enough
+    total = warmup + steps
+    stream, n_steps, _ = row_stream(row, train_docs, total * step_bytes, cfg.batch_size)
+    while n_steps < total:  # a BPE step covers more bytes than a byte row's: ask for more until it holds enough
         step_bytes *= 2
-        stream, n_steps, _ = row_stream(row, train_docs, (steps + 1) * step_bytes, cfg.batch_size)
-    loop = PlainLoop(row.module, row.param_groups, training_config(cfg, steps + 1))
+        stream, n_steps, _ = row_stream(row, train_docs, total * step_bytes, cfg.batch_size)
+    loop = PlainLoop(row.module, row.param_groups, training_config(cfg, total))
     clock, timed_bytes = None, 0
-    for step, (inputs, labels) in enumerate(packed_batches(stream, row.seq_len, cfg.batch_size, steps + 1)):
-        if step == 1:
+    for step, (inputs, labels) in enumerate(packed_batches(stream, row.seq_len, cfg.batch_size, total)):
+        if step == warmup:
             clock = Stopwatch()
         loop.step(step, [(inputs, labels)], lambda batch: _loss_and_info(row, batch))
-        if step >= 1:
+        if step >= warmup:
             timed_bytes += sum(row.byte_length[u] for u in labels.flatten().tolist()) if row.byte_length \
                 else labels.numel()
     return timed_bytes / clock.cpu()

@@ -60,7 +60,8 @@ class StudyConfig:
     seeds: list[int] = field(default_factory=lambda: [2, 2, 1])  # seeds per budget (one value: every budget)
     lr_sweep: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0])  # anchors: multiples of the base lr
     core: int = -1  # the CPU every run is pinned to; -1 = the first CPU this process may use
-    calibration_steps: int = 5  # timed steps (after one warm-up step) of a row's throughput calibration
+    calibration_steps: int = 10  # timed steps of a row's throughput calibration ...
+    calibration_warmup: int = 30  # ... after this many untimed ones (a learned router's compression settles)
     quality: quality.QualityConfig = field(default_factory=lambda: quality.QualityConfig(
         extra_eval=["zh-fortunes.jsonl.zst"]))  # corpora, batch, windows, base lr, schedule, eval cap
 
@@ -77,8 +78,9 @@ class StudyConfig:
                              f"({len(self.budgets)})")
         if not self.lr_sweep or any(not m > 0 for m in self.lr_sweep):
             raise ValueError(f"scaling --lr-sweep {self.lr_sweep} must be positive multiples of the base lr")
-        if self.calibration_steps < 1:
-            raise ValueError(f"scaling calibration_steps={self.calibration_steps} must be >= 1")
+        if self.calibration_steps < 1 or self.calibration_warmup < 1:
+            raise ValueError(f"scaling calibration_steps={self.calibration_steps} and calibration_warmup="
+                             f"{self.calibration_warmup} must be >= 1")
         q = quality.QualityConfig(**{**asdict(self.quality), "rows": [quality_row(r) for r in self.rows],
                                      "train_bytes": 1})
         q.validate()  # corpora, libraries of the anchors, window sizes: the quality harness's own checks
@@ -123,8 +125,10 @@ def worker_main() -> None:
     if calibration_path.is_file():
         calibration = json.loads(calibration_path.read_text())
     else:  # before any training of this row, on the stream's first steps, at the base lr and seed
-        bytes_per_s = quality.calibrate(cfg, job["calibration_steps"], quality_row(job["row"]))
+        bytes_per_s = quality.calibrate(cfg, job["calibration_steps"], quality_row(job["row"]),
+                                        job["calibration_warmup"])
         calibration = {"bytes_per_s_cpu": bytes_per_s, "timed_steps": job["calibration_steps"],
+                       "warmup_steps": job["calibration_warmup"],
                        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
         _write_json(calibration_path, calibration)
     cfg.train_bytes = quality.train_bytes_for_budget(calibration["bytes_per_s_cpu"], job["budget_minutes"],
@@ -150,7 +154,7 @@ def run_one(cfg: StudyConfig, row: str, budget: float, seed: int, lr: float, lr_
     job = {"row": row, "budget_minutes": budget, "seed": seed, "lr": lr, "lr_role": lr_role,
            "lr_sweep": {f"{k:g}": v for k, v in (sweep or {}).items()}, "cfg": asdict(q),
            "calibration": str(out / "scaling" / row / "calibration.json"),
-           "calibration_steps": cfg.calibration_steps}
+           "calibration_steps": cfg.calibration_steps, "calibration_warmup": cfg.calibration_warmup}
     result, error = quality.run_worker(job, timeout_s=max(3600.0, 4 * 60 * budget), entry="benchmarks.scaling")
     if result is None:
         return path, f"failed: {error}"
@@ -174,7 +178,7 @@ def read_sweep(out: Path, row: str, budget: float, lrs: list[float]) -> dict[flo
 
 
 def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
-    """Every run of cfg.rows in budget order (an anchor's sweep comes first), pinned to cfg.core."""
+    """Every run of cfg.rows, smallest budget first (an anchor's lr sweep comes first), pinned to cfg.core."""
     cfg.validate()
     core = cfg.core if cfg.core >= 0 else min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {core})  # the runs' processes inherit it
@@ -187,8 +191,10 @@ def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
         log(f"scaling: {row} budget {budget:g} min seed {seed} lr {lr:g}: {status} ({path})")
         done.append((path, status))
 
-    for row in cfg.rows:
-        for budget in sorted(cfg.budgets):
+    # budget by budget, so that an unfinished study has every row at its smaller budgets
+    waiting = set()  # anchors whose lr sweep is incomplete: their larger budgets wait for it
+    for budget in sorted(cfg.budgets):
+        for row in cfg.rows:
             seeds = range(cfg.seeds_at(budget))
             if row not in ANCHOR_ROWS:
                 for seed in seeds:
@@ -200,9 +206,11 @@ def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
                     one(row, budget, 0, lr, "sweep")
             sweep = read_sweep(out, row, smallest, lrs)
             if len(sweep) < len(lrs):
-                log(f"scaling: {row}: the lr sweep at {smallest:g} min is incomplete ({sorted(sweep)} of {lrs}); "
-                    f"its other runs wait for it (run again)")
-                break
+                if row not in waiting:
+                    log(f"scaling: {row}: the lr sweep at {smallest:g} min is incomplete ({sorted(sweep)} of {lrs}); "
+                        f"its other runs wait for it (run again)")
+                waiting.add(row)
+                continue
             lr = best_lr(sweep)
             for seed in seeds:
                 if not (budget == smallest and seed == 0):  # that run is the sweep's
@@ -496,7 +504,7 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
     cfg = StudyConfig(out=args.out)
     if args.quick:
         cfg.quality.seq_len, cfg.quality.batch_size, cfg.quality.eval_bytes = 128, 4, 20_000
-        cfg.calibration_steps = 2
+        cfg.calibration_steps, cfg.calibration_warmup = 2, 1
     for key, arg in (("rows", "row"), ("budgets", "budgets"), ("seeds", "seeds"), ("lr_sweep", "lr_sweep"),
                      ("core", "core")):
         if getattr(args, arg) is not None:
