@@ -50,6 +50,7 @@ from benchmarks.quality_rows import (
     model_config,
     reference_flops_per_byte,
     row_info,
+    with_overrides,
 )
 from data_pipeline.vocab import EOD_ID, IGNORE_INDEX, PAD_ID
 from synergy_dist.bench.data import default_corpora_dir
@@ -104,6 +105,7 @@ class QualityConfig:
     eval_bytes: int = 0  # evaluate at most this many bytes per evaluation set (whole documents); 0 = all
     bpe_vocab: int = 8192  # byte-level BPE vocabulary of row 7 (8k-32k)
     bpe_seq_tokens: int = 0  # tokens per window of row 7; 0 = about seq_len bytes' worth (the quality table's form)
+    model_overrides: list[str] = field(default_factory=list)  # model.* overrides of the SynergyLM rows (recipes)
     # further .jsonl.zst files in corpora, evaluated only (never trained on); the set is named after the file
     extra_eval: list[str] = field(default_factory=list)
     work_dir: str = "bench_out/quality"  # the BPE tokenizer, per-row JSON results and plots are kept here
@@ -300,7 +302,7 @@ class RowModel:
 
 
 def synergy_row(name: str, cfg: QualityConfig) -> RowModel:
-    model_cfg = model_config(name, cfg.seq_len)
+    model_cfg = with_overrides(model_config(name, cfg.seq_len), cfg.model_overrides)
     torch.manual_seed(cfg.model_seed())
     model = SynergyLM(model_cfg)
     n_stages = len(model_cfg.stages)

@@ -17,6 +17,7 @@ from synergy_dist.bench.model import (
     load_model_config,
     with_fixed_router,
 )
+from synergy_dist.config import ConfigError, config_from_dict, to_plain
 from synergy_dist.model.accounting import flops_per_byte
 from synergy_dist.model.config import ModConfig, ModelConfig, MoEConfig, RouterConfig, mlp_hidden
 
@@ -90,6 +91,19 @@ def mod_middle_config() -> ModelConfig:
     cfg.middle.mod = ModConfig(capacity=MOD_CAPACITY, every=2)
     cfg.validate()
     return cfg
+
+
+def with_overrides(cfg: ModelConfig, overrides: list[str]) -> ModelConfig:
+    """`cfg` with `model.*` overrides (synergy-train's command-line syntax) applied and validated."""
+    if not overrides:
+        return cfg
+    foreign = [o for o in overrides if not o.startswith("model.")]
+    if foreign:
+        raise ValueError(f"model overrides {foreign} must start with 'model.' (e.g. model.d_middle=320)")
+    try:
+        return config_from_dict({"model": to_plain(cfg)}, list(overrides)).model
+    except ConfigError as err:
+        raise ValueError(f"model overrides {list(overrides)}: {err}") from err
 
 
 def stride_config() -> ModelConfig:

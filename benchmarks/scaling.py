@@ -34,7 +34,15 @@ from pathlib import Path
 
 from benchmarks import quality
 from benchmarks.quality_plots import plot_scaling
-from benchmarks.quality_rows import BYTE_TRANSFORMER_ROW, LLAMA_ROW, ROW_NAMES
+from benchmarks.quality_rows import (
+    BYTE_TRANSFORMER_ROW,
+    LLAMA_ROW,
+    REFERENCE_ROW,
+    ROW_NAMES,
+    default_config,
+    with_overrides,
+)
+from benchmarks.recipes import RECIPES
 from synergy_dist.bench.results import BenchResults, Figure, write_results
 from synergy_dist.report import ReportError
 
@@ -48,8 +56,9 @@ RESULT = "result.json"
 
 
 def study_rows() -> list[str]:
-    """Every row the study can run: the quality rows (whatever quality_rows.py holds today) and the natural anchors."""
-    return [*ROW_NAMES, *NATURAL_ANCHORS]
+    """Every row the study can run: the quality rows (whatever quality_rows.py holds today), the natural anchors
+    and the SynergyLM recipes (benchmarks/recipes.py)."""
+    return [*ROW_NAMES, *NATURAL_ANCHORS, *RECIPES]
 
 
 @dataclass
@@ -81,6 +90,9 @@ class StudyConfig:
         if self.calibration_steps < 1 or self.calibration_warmup < 1:
             raise ValueError(f"scaling calibration_steps={self.calibration_steps} and calibration_warmup="
                              f"{self.calibration_warmup} must be >= 1")
+        for name in self.rows:
+            if name in RECIPES:  # a recipe's overrides are checked here, not in its run's worker
+                with_overrides(default_config(), RECIPES[name].overrides)
         q = quality.QualityConfig(**{**asdict(self.quality), "rows": [quality_row(r) for r in self.rows],
                                      "train_bytes": 1})
         q.validate()  # corpora, libraries of the anchors, window sizes: the quality harness's own checks
@@ -91,12 +103,15 @@ class StudyConfig:
 
 
 def is_synergy(name: str) -> bool:
-    """A SynergyLM row: any quality row but the byte Transformer and the BPE anchors."""
-    return name in ROW_NAMES and name not in (BYTE_TRANSFORMER_ROW.name, LLAMA_ROW)
+    """A SynergyLM row: any quality row but the byte Transformer and the BPE anchors, and every recipe."""
+    return name in RECIPES or (name in ROW_NAMES and name not in (BYTE_TRANSFORMER_ROW.name, LLAMA_ROW))
 
 
 def quality_row(name: str) -> str:
-    """The quality row that trains a study row (the natural anchors are row 7 with other settings)."""
+    """The quality row that trains a study row (the natural anchors are row 7 with other settings, the recipes
+    row 1 with overrides)."""
+    if name in RECIPES:
+        return REFERENCE_ROW
     return LLAMA_ROW if name in NATURAL_ANCHORS else name
 
 
@@ -150,6 +165,7 @@ def run_one(cfg: StudyConfig, row: str, budget: float, seed: int, lr: float, lr_
     if path.is_file():
         return path, "skipped (result exists)"
     q = replace(cfg.quality, rows=[quality_row(row)], work_dir=str(out / "scaling" / "tokenizers"),
+                model_overrides=list(RECIPES[row].overrides) if row in RECIPES else [],
                 **NATURAL_ANCHORS.get(row, {}))
     job = {"row": row, "budget_minutes": budget, "seed": seed, "lr": lr, "lr_role": lr_role,
            "lr_sweep": {f"{k:g}": v for k, v in (sweep or {}).items()}, "cfg": asdict(q),
@@ -198,7 +214,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
             seeds = range(cfg.seeds_at(budget))
             if row not in ANCHOR_ROWS:
                 for seed in seeds:
-                    one(row, budget, seed, base_lr, "default")
+                    one(row, budget, seed, base_lr * (RECIPES[row].lr_mult if row in RECIPES else 1.0), "default")
                 continue
             lrs = [base_lr * m for m in cfg.lr_sweep]
             if budget == smallest:

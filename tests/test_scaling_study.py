@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from benchmarks import quality, scaling
+from benchmarks import quality, quality_rows, recipes, scaling
+from synergy_dist.model.accounting import flops_per_byte
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_ANCHOR_LIBS = all(importlib.util.find_spec(m) is not None for m in ("transformers", "tokenizers"))
@@ -210,3 +211,49 @@ def test_bad_study_settings_fail_with_one_line_naming_the_fix(corpora, tmp_path)
         cfg.validate()
     with pytest.raises(FileNotFoundError, match=r"no scaling results .* run `python -m benchmarks.scaling run"):
         scaling.load_runs(tmp_path)
+
+
+# ---------------------------------------------------------------------------------- recipes (section 2's variants)
+
+
+def test_a_recipe_trains_row_1_with_its_overrides_and_lr_multiple(corpora, tmp_path, monkeypatch):
+    jobs = []
+
+    def fake_worker(job, timeout_s, entry):  # records what the run's process would be given
+        jobs.append(job)
+        return {"job": job}, ""
+
+    monkeypatch.setattr(quality, "run_worker", fake_worker)
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, cpus: None)
+    cfg = scaling.StudyConfig(out=str(tmp_path), rows=["recipe-n8-wide", "recipe-lr-half"], budgets=[1.0], seeds=[1])
+    cfg.quality.corpora = str(corpora)
+    scaling.run_study(cfg, log=lambda line: None)
+    by_row = {job["row"]: job for job in jobs}
+    assert by_row["recipe-n8-wide"]["cfg"]["model_overrides"] == recipes.RECIPES["recipe-n8-wide"].overrides
+    assert by_row["recipe-n8-wide"]["lr"] == cfg.quality.lr
+    half = by_row["recipe-lr-half"]
+    assert half["lr"] == 0.5 * cfg.quality.lr and half["cfg"]["model_overrides"] == []
+    assert all(job["cfg"]["rows"] == ["synergy-cosine"] for job in jobs)  # row 1 is what a recipe changes
+    assert (tmp_path / "scaling" / "recipe-n8-wide" / "1" / "0" / "result.json").is_file()
+
+    # the worker builds row 1 with the overrides: the model it trains is the recipe's
+    row = quality.synergy_row("synergy-cosine", quality.QualityConfig(**by_row["recipe-n8-wide"]["cfg"]))
+    model_cfg = row.details["model_config"]
+    assert (model_cfg["d_middle"], model_cfg["middle"]["repeat"]) == (320, 4)
+    assert model_cfg["stages"][0]["router"]["target_bytes_per_concept"] == 8.0
+
+
+def test_recipes_that_change_the_compression_keep_row_1s_flops_per_byte():
+    reference = quality_rows.reference_flops_per_byte(512)
+    for name, recipe in recipes.RECIPES.items():
+        cfg = quality_rows.with_overrides(quality_rows.default_config(), recipe.overrides)
+        if cfg.stages[0].router.target_bytes_per_concept != 4.0:
+            assert abs(flops_per_byte(cfg, 512) / reference - 1) < 0.05, name
+
+
+def test_a_bad_recipe_override_fails_with_one_line_naming_it():
+    base = quality_rows.default_config()
+    with pytest.raises(ValueError, match=r"must start with 'model.' \(e.g. model.d_middle=320\)"):
+        quality_rows.with_overrides(base, ["train.lr=1"])
+    with pytest.raises(ValueError, match=r"unknown config key 'model.d_midle'"):
+        quality_rows.with_overrides(base, ["model.d_midle=320"])

@@ -1,0 +1,46 @@
+"""SynergyLM recipes of the scaling study (issue 14, section 2): row 1's model with named changes.
+
+A recipe is a study row: `python -m benchmarks.scaling run --row <recipe>` trains row 1
+(configs/tiny-cpu.yaml's model) with the recipe's `model.*` overrides (the syntax of `synergy-train`'s
+command line) at the recipe's learning-rate multiple. The search ran every recipe here at the smallest
+budget; docs/BENCHMARKS.md ("Recipe search") has its table. Changes of the target compression N move compute
+into the middle so that training FLOPs per byte stay within a few percent of row 1's (the issue's rule).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+N = "model.stages.0.router.target_bytes_per_concept"
+ENCODER, DECODER = "model.stages.0.encoder.pattern", "model.stages.0.decoder.pattern"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    what: str  # one line for the tables
+    overrides: list[str] = field(default_factory=list)  # model.* overrides applied to row 1's model
+    lr_mult: float = 1.0  # the peak learning rate is the study's base lr times this
+
+
+RECIPES: dict[str, Recipe] = {
+    # the target compression N, with the middle grown to hold FLOPs per byte
+    "recipe-n6-wide": Recipe("N=6, middle 320 wide", [f"{N}=6", "model.d_middle=320", "model.middle.n_heads=5"]),
+    "recipe-n6-deep": Recipe("N=6, middle 5 layers deep", [f"{N}=6", "model.middle.repeat=5"]),
+    "recipe-n8-deep": Recipe("N=8, middle 6 layers deep", [f"{N}=8", "model.middle.repeat=6"]),
+    "recipe-n8-wide": Recipe("N=8, middle 4 layers x 320", [f"{N}=8", "model.middle.repeat=4", "model.d_middle=320",
+                                                             "model.middle.n_heads=5"]),
+    # the byte-level encoder/decoder
+    "recipe-hybrid-encdec": Recipe("encoder Mamba+attention, decoder attention+Mamba", [f"{ENCODER}=MA",
+                                                                                        f"{DECODER}=AM"]),
+    "recipe-one-mamba": Recipe("one Mamba layer each side, 4 middle layers", [f"{ENCODER}=M", f"{DECODER}=M",
+                                                                               "model.middle.repeat=4"]),
+    # the learning rate: global, and the parts' multipliers (row 1: H-Net Eq. 11, about 3.0 bytes, 1.07 middle)
+    "recipe-lr-half": Recipe("peak lr x 0.5", lr_mult=0.5),
+    "recipe-lr-double": Recipe("peak lr x 2", lr_mult=2.0),
+    "recipe-flat-lr-mult": Recipe("no per-part lr multipliers (all 1)", ["model.stages.0.lr_mult=1",
+                                                                          "model.middle_lr_mult=1"]),
+    # the router's training
+    "recipe-ratio-0.01": Recipe("ratio-loss weight 0.01 (row 1: 0.03)", ["model.stages.0.router.ratio_loss_coef=0.01"]),
+    "recipe-ratio-0.1": Recipe("ratio-loss weight 0.1 (row 1: 0.03)", ["model.stages.0.router.ratio_loss_coef=0.1"]),
+    "recipe-no-ema": Recipe("no EMA smoothing of the concepts", ["model.stages.0.router.smoothing=false"]),
+}
