@@ -402,13 +402,14 @@ def train_row(row: RowModel, stream: list[int], cfg: QualityConfig, steps: int) 
     torch.manual_seed(cfg.model_seed())
     loop = PlainLoop(row.module, row.param_groups, training_config(cfg, steps))
     row.module.train()
-    flops, losses, units, concepts = 0.0, [], 0, 0.0
+    flops, losses, units, concepts, per_concept = 0.0, [], 0, 0.0, []
     clock = Stopwatch()
     for step, (inputs, labels) in enumerate(packed_batches(stream, row.seq_len, cfg.batch_size, steps)):
         [(nats, stats)] = loop.step(step, [(inputs, labels)], lambda batch: _loss_and_info(row, batch))
         flops += row.train_flops(stats, inputs)
         units += stats["units"]
         concepts += stats["concepts"]
+        per_concept.append(stats["units"] / max(stats["concepts"], 1e-9))  # a learned router's compression settling
         # the training objective in bits per unit (byte or BPE token), separator targets included: the
         # curve's figure says so; bits per byte proper (docs/EVALUATION.md) is the evaluation's
         losses.append(float(nats.detach()) / (LN2 * int((labels != IGNORE_INDEX).sum())))
@@ -417,7 +418,8 @@ def train_row(row: RowModel, stream: list[int], cfg: QualityConfig, steps: int) 
     wall, cpu = clock.wall(), clock.cpu()
     return {"steps": steps, "train_wall_s": wall, "train_cpu_s": cpu, "train_flops": flops,
             "train_units_per_concept": units / max(concepts, 1e-9),
-            "train_bits_per_unit_last10": sum(losses[-10:]) / len(losses[-10:]), "train_curve": losses}
+            "train_bits_per_unit_last10": sum(losses[-10:]) / len(losses[-10:]), "train_curve": losses,
+            "train_units_per_concept_curve": per_concept}
 
 
 def _loss_and_info(row: RowModel, batch: tuple) -> tuple:
