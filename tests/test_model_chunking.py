@@ -2,11 +2,20 @@
 
 import math
 
+import pytest
 import torch
 
 from data_pipeline.vocab import EOD_ID
-from synergy_dist.model.chunking import BoundaryRouter, RouterState, downsample, ratio_loss, smooth, upsample
-from synergy_dist.model.config import RouterConfig
+from synergy_dist.model.chunking import (
+    BoundaryRouter,
+    RouterState,
+    downsample,
+    ratio_loss,
+    set_router_warmup,
+    smooth,
+    upsample,
+)
+from synergy_dist.model.config import RouterConfig, _validate_router
 
 
 def starts(ids: torch.Tensor) -> torch.Tensor:
@@ -130,3 +139,76 @@ def test_smoothing_matches_the_ema_loop():
         state = P[:, k, None] * z[:, k] + (1 - P[:, k, None]) * state
         ref.append(state)
     torch.testing.assert_close(out, torch.stack(ref, 1), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------- the router warm-up
+
+
+def _warming(kind: str, warmup: int) -> BoundaryRouter:
+    torch.manual_seed(0)
+    return BoundaryRouter(8, RouterConfig(kind=kind, target_bytes_per_concept=3.0, warmup_steps=warmup))
+
+
+@pytest.mark.parametrize("kind", ["cosine", "gate"])
+def test_router_warmup_hands_a_fixed_stride_over_to_the_learned_router(kind):
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, EOD_ID, 8, 9, 10, 11, 12, 13]])
+    x = torch.randn(1, ids.shape[1], 8)
+    force, valid = starts(ids), torch.ones_like(ids, dtype=torch.bool)
+    plain, warming = _warming(kind, 0), _warming(kind, 40)
+    warming.load_state_dict(plain.state_dict())  # the share is not saved: the same weights
+    learned = plain(x, ids, force, valid)
+
+    set_router_warmup(warming, 0)  # step 0: the stride alone decides, every 3 bytes of each document
+    start = warming(x, ids, force, valid)
+    assert start.boundary[0].nonzero().flatten().tolist() == [0, 3, 6, 8, 11]
+    # the ratio loss still trains the learned router on its own decisions, as without a warm-up
+    assert torch.equal(start.ratio_loss, learned.ratio_loss)
+
+    set_router_warmup(warming, 10)  # a quarter of the way: p = 0.75 stride + 0.25 learned
+    stride = torch.tensor([[1, 0, 0, 1, 0, 0, 1, 0, 1, 0, 0, 1, 0, 0]], dtype=torch.float32)  # document positions % 3
+    torch.testing.assert_close(warming(x, ids, force, valid).prob,
+                               torch.where(force, 1.0, 0.75 * stride + 0.25 * learned.prob))
+    for step in (40, 1000):  # over: exactly the learned router
+        set_router_warmup(warming, step)
+        after = warming(x, ids, force, valid)
+        assert torch.equal(after.prob, learned.prob) and torch.equal(after.boundary, learned.boundary)
+        assert torch.equal(after.ratio_loss, learned.ratio_loss)
+
+
+def test_router_warmup_schedule_and_its_callers():
+    router = _warming("cosine", 50)
+    shares = []
+    for step in (0, 25, 49, 50, 80):
+        set_router_warmup(router, step)
+        shares.append(router.stride_share.item())
+    assert shares == pytest.approx([1.0, 0.5, 0.02, 0.0, 0.0])
+    assert "stride_share" not in router.state_dict()  # a resumed run sets it from its step
+    assert not hasattr(_warming("cosine", 0), "stride_share")
+    with pytest.raises(ValueError, match=r"warmup_steps=-1 must be a whole number of steps >= 0"):
+        _validate_router("model.stages.0.router", RouterConfig(warmup_steps=-1), is_byte_level=True)
+
+
+def test_the_benchmark_loop_sets_the_warmup_of_each_step():
+    from model_configs import tiny_test_config
+
+    from synergy_dist.bench.loop import PlainLoop
+    from synergy_dist.config import config_from_dict
+    from synergy_dist.model.synergy import SynergyLM
+
+    cfg = tiny_test_config("cosine")
+    cfg.stages[0].router.warmup_steps = 4
+    torch.manual_seed(0)
+    model = SynergyLM(cfg)
+    loop = PlainLoop(model, model.param_groups(0.0), config_from_dict({"train": {"max_steps": 8}}))
+    ids = torch.randint(0, 256, (2, 24))
+    rates = []
+
+    def loss_fn(batch):
+        out = model(batch, labels=batch)
+        rates.append(out.stats.boundary_rate.item())
+        return out.loss, None
+
+    for step in range(2):
+        loop.step(step, [ids], loss_fn)
+    assert rates[0] == pytest.approx(1 / 3)  # step 0: a boundary every 3 bytes of each row, nothing else
+    assert next(m for m in model.modules() if isinstance(m, BoundaryRouter)).stride_share.item() == 0.75

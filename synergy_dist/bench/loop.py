@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from synergy_dist.config import Config
+from synergy_dist.model.chunking import set_router_warmup
 from synergy_dist.model.moe.layer import update_moe_biases
 from synergy_dist.train.schedule import lr_at
 
@@ -36,6 +37,7 @@ class PlainLoop:
         the AdamW update and the MoE bias update. Returns the infos, in order."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(step, self.cfg) * group.get("lr_mult", 1.0)
+        set_router_warmup(self.module, step)
         micro_batches = list(micro_batches)
         infos = []
         for batch in micro_batches:

@@ -76,6 +76,11 @@ class BoundaryRouter(nn.Module):
             self.score.keep_init = True
         elif cfg.kind == "space":
             self.register_buffer("space_like", _space_like_table(vocab_size), persistent=False)
+        if self.learned and cfg.warmup_steps > 0:
+            # w, the fixed stride's share of p during the warm-up: set before every step by set_router_warmup
+            # (not saved: a resumed run sets it from its step; 0, the learned router alone, when never set)
+            self.register_buffer("stride_share", torch.zeros(()), persistent=False)
+            self.warmup_stride = max(1, round(cfg.target_bytes_per_concept))
 
     @property
     def learned(self) -> bool:
@@ -113,15 +118,25 @@ class BoundaryRouter(nn.Module):
             prob = (self.space_like[prev_ids] & ~self.space_like[ids]).float()
             if state is not None:
                 state.last_id = last_valid(ids, valid, state.last_id)
+        own = None  # the learned router's p where a warm-up blends the stride into p
+        if self.learned and self.cfg.warmup_steps > 0:
+            own = torch.where(force, torch.ones_like(prob), prob)
+            stride = (self._doc_positions(force, valid, state) % self.warmup_stride == 0).to(prob.dtype)
+            share = self.stride_share.to(prob.dtype)
+            prob = share * stride + (1 - share) * prob  # share 0 (after the warm-up): exactly p_learned
         prob = torch.where(force, torch.ones_like(prob), prob)
         boundary = (prob >= 0.5) & valid
         n_valid = valid.sum().clamp(min=1)
         rate = boundary.sum() / n_valid
-        mean_prob = (prob * valid).sum() / n_valid
+        if own is None:
+            loss = ratio_loss(rate.detach(), (prob * valid).sum() / n_valid, self.cfg.target_bytes_per_concept)
+        else:  # the ratio loss trains the learned router on its own decisions, whatever the stride's share
+            own_rate = ((own >= 0.5) & valid).sum() / n_valid
+            loss = ratio_loss(own_rate.detach(), (own * valid).sum() / n_valid, self.cfg.target_bytes_per_concept)
         return RoutingOutput(
             prob=prob,
             boundary=boundary,
-            ratio_loss=ratio_loss(rate.detach(), mean_prob, self.cfg.target_bytes_per_concept),
+            ratio_loss=loss,
             boundary_rate=rate.detach(),
             valid=valid,
         )
@@ -136,6 +151,14 @@ class BoundaryRouter(nn.Module):
         if state is not None:
             state.doc_pos = last_valid(pos, valid, state.doc_pos)
         return pos
+
+
+def set_router_warmup(model: nn.Module, step: int) -> None:
+    """Before optimizer step `step` (0-based; the trainer and the benchmark loop call it): each warming-up
+    router's stride share w = max(0, 1 - step / warmup_steps)."""
+    for module in model.modules():
+        if isinstance(module, BoundaryRouter) and hasattr(module, "stride_share"):
+            module.stride_share.fill_(max(0.0, 1.0 - step / module.cfg.warmup_steps))
 
 
 def last_valid(values: torch.Tensor, valid: torch.Tensor, old: torch.Tensor | None = None) -> torch.Tensor:

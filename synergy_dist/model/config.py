@@ -180,6 +180,10 @@ class RouterConfig:
     smoothing: bool = True  # EMA smoothing of concept outputs by boundary confidence (H-Net Eq. 5)
     straight_through: bool = True  # multiply upsampled states by STE(confidence) so the router gets gradient
     prob_clamp: float = 1e-4  # confidences are clamped to [eps, 1 - eps] inside the EMA (finite gradients)
+    # learned routers: for this many optimizer steps a fixed stride (every round(N) units) hands over to the
+    # learned router: p = w * stride + (1 - w) * p_learned, w = 1 - step / warmup_steps (0 = off). Keeps the
+    # compression steady while the encoder's first steps swing the learned router's (docs/MODEL.md)
+    warmup_steps: int = 0
 
 
 @dataclass
@@ -380,6 +384,9 @@ def _validate_router(key: str, router: RouterConfig, is_byte_level: bool) -> Non
         raise ValueError(f"{key}.kind='space' only works on bytes (stage 0); use cosine/gate/stride for inner stages")
     if not 0 < router.prob_clamp < 0.5:
         raise ValueError(f"{key}.prob_clamp={router.prob_clamp} must be in (0, 0.5)")
+    if not isinstance(router.warmup_steps, int) or router.warmup_steps < 0:
+        raise ValueError(f"{key}.warmup_steps={router.warmup_steps!r} must be a whole number of steps >= 0 "
+                         "(0 = no router warm-up)")
 
 
 def mlp_hidden(d_model: int, mlp_ratio: float) -> int:

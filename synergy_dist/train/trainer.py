@@ -29,6 +29,7 @@ from synergy_dist.checkpoint import store as ckpt
 from synergy_dist.config import Config, has_moe_layers, save_config, set_expert_parallel_size, validate_for_world
 from synergy_dist.evaluate import evaluate_share
 from synergy_dist.model.accounting import flops_per_byte
+from synergy_dist.model.chunking import set_router_warmup
 from synergy_dist.model.moe.expert_parallel import get_expert_parallel_group, init_expert_parallel_groups
 from synergy_dist.model.moe.layer import MoEFeedForward, moe_param_groups, update_moe_biases
 from synergy_dist.model.statistics import ModelStatistics, bits_per_byte
@@ -249,6 +250,7 @@ class Trainer:
         lr = lr_at(self.step, cfg)
         for group in engine.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_mult", 1.0)
+        set_router_warmup(self.model, self.step)
         batch_number = self.samples_consumed() // self.global_batch + 1  # in the data stream, for fault injection
         sums = torch.zeros(4, dtype=torch.float64)  # loss, byte nats, bytes, replaced windows over micro-batches
         stats: list[ModelStatistics] = []
