@@ -284,6 +284,16 @@ def test_tiny_cpu_main_job_learns_and_reports_where_things_are(tmp_path, sample_
     assert len((run_dir / "sample.txt").read_bytes()) == len(b"def ") + 40
 
 
+def test_router_warmup_routes_by_the_stride_while_it_holds_the_larger_share(workdir, sample_dir):
+    """The trainer sets the warm-up before each step: with warmup_steps=STEPS the stride (every 3 bytes of a
+    document, the tiny model's N) decides steps 1-5 (share >= 0.5), so their compression is 3 bytes per concept
+    less the extra concepts that document starts force."""
+    cfg = config(workdir, sample_dir, "router_warmup")
+    finished(cfg, overrides=[f"model.stages.0.router.warmup_steps={STEPS}"])
+    realised = [r["stage0/bytes_per_concept"] for r in tl.metrics(cfg)]
+    assert all(2.5 <= x <= 3.0 for x in realised[:5]), realised
+
+
 def ensure_run(cfg: dict, launcher: str, nproc: int) -> dict:
     if not tl.metrics(cfg) or tl.metrics(cfg)[-1]["step"] != STEPS:
         finished(cfg, launcher, nproc)
