@@ -44,6 +44,7 @@ from benchmarks.quality_rows import (
 )
 from benchmarks.recipes import RECIPES
 from synergy_dist.bench.results import BenchResults, Figure, write_results
+from synergy_dist.model.accounting import flops_per_byte
 from synergy_dist.report import ReportError
 
 # the anchor's natural form: 512 tokens per window, two vocabularies (the report keeps the better one)
@@ -115,6 +116,17 @@ def quality_row(name: str) -> str:
     return LLAMA_ROW if name in NATURAL_ANCHORS else name
 
 
+def calibration_row(name: str, seq_len: int) -> str:
+    """The row whose calibration sizes `name`'s runs: a recipe that leaves row 1's design FLOPs per byte as they
+    are (an lr, a loss weight, a warm-up) has row 1's cost and trains row 1's bytes, so that a recipe and row 1
+    compare on the same data and, seed by seed, from the same initial weights; any other row calibrates itself."""
+    if name in RECIPES:
+        recipe_cfg = with_overrides(default_config(), RECIPES[name].overrides)
+        if flops_per_byte(recipe_cfg, seq_len) == flops_per_byte(default_config(), seq_len):
+            return REFERENCE_ROW
+    return name
+
+
 def run_dir(out: Path, row: str, budget: float, seed: int, lr: float | None) -> Path:
     """OUT/scaling/<row>/<budget>/<seed>[-lr<lr>]: lr only for the anchors, which sweep it."""
     return out / "scaling" / row / f"{budget:g}" / (f"{seed}" if lr is None else f"{seed}-lr{lr:g}")
@@ -140,7 +152,9 @@ def worker_main() -> None:
     if calibration_path.is_file():
         calibration = json.loads(calibration_path.read_text())
     else:  # before any training of this row, on the stream's first steps, at the base lr and seed
-        bytes_per_s = quality.calibrate(cfg, job["calibration_steps"], quality_row(job["row"]),
+        # the calibrated row's own model (a recipe that borrows row 1's calibration: row 1's), at the base lr
+        calibrated = replace(cfg, model_overrides=job.get("calibration_overrides", []))
+        bytes_per_s = quality.calibrate(calibrated, job["calibration_steps"], quality_row(job["row"]),
                                         job["calibration_warmup"])
         calibration = {"bytes_per_s_cpu": bytes_per_s, "timed_steps": job["calibration_steps"],
                        "warmup_steps": job["calibration_warmup"],
@@ -167,9 +181,11 @@ def run_one(cfg: StudyConfig, row: str, budget: float, seed: int, lr: float, lr_
     q = replace(cfg.quality, rows=[quality_row(row)], work_dir=str(out / "scaling" / "tokenizers"),
                 model_overrides=list(RECIPES[row].overrides) if row in RECIPES else [],
                 **NATURAL_ANCHORS.get(row, {}))
+    calibrated = calibration_row(row, q.seq_len)
     job = {"row": row, "budget_minutes": budget, "seed": seed, "lr": lr, "lr_role": lr_role,
            "lr_sweep": {f"{k:g}": v for k, v in (sweep or {}).items()}, "cfg": asdict(q),
-           "calibration": str(out / "scaling" / row / "calibration.json"),
+           "calibration": str(out / "scaling" / calibrated / "calibration.json"),
+           "calibration_overrides": list(RECIPES[calibrated].overrides) if calibrated in RECIPES else [],
            "calibration_steps": cfg.calibration_steps, "calibration_warmup": cfg.calibration_warmup}
     result, error = quality.run_worker(job, timeout_s=max(3600.0, 4 * 60 * budget), entry="benchmarks.scaling")
     if result is None:

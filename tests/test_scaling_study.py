@@ -234,6 +234,12 @@ def test_a_recipe_trains_row_1_with_its_overrides_and_lr_multiple(corpora, tmp_p
     half = by_row["recipe-lr-half"]
     assert half["lr"] == 0.5 * cfg.quality.lr and half["cfg"]["model_overrides"] == []
     assert all(job["cfg"]["rows"] == ["synergy-cosine"] for job in jobs)  # row 1 is what a recipe changes
+    # a recipe at row 1's cost trains row 1's bytes (its calibration); one that changes the cost calibrates itself
+    assert half["calibration"] == str(tmp_path / "scaling" / "synergy-cosine" / "calibration.json")
+    assert half["calibration_overrides"] == []
+    wide = by_row["recipe-n8-wide"]
+    assert wide["calibration"] == str(tmp_path / "scaling" / "recipe-n8-wide" / "calibration.json")
+    assert wide["calibration_overrides"] == wide["cfg"]["model_overrides"]
     assert (tmp_path / "scaling" / "recipe-n8-wide" / "1" / "0" / "result.json").is_file()
 
     # the worker builds row 1 with the overrides: the model it trains is the recipe's
