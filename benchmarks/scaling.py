@@ -366,9 +366,15 @@ def bpb(run: dict, name: str) -> float | None:
 
 
 def fits(groups, axis: str, eval_set: str) -> dict[str, Fit]:
-    """Per row, the log-log fit of bits per byte on eval_set against axis ("train_flops" or "train_cpu_s")."""
+    """Per row, the log-log fit of bits per byte on eval_set against axis ("train_flops" or "train_cpu_s"); only
+    rows measured at two budgets or more (the seeds of one budget differ in x by noise, not by design)."""
+    budgets: dict[str, set] = {}
+    for row, budget in groups:
+        budgets.setdefault(row, set()).add(budget)
     points: dict[str, tuple[list, list]] = {}
     for (row, _), runs in groups.items():
+        if len(budgets[row]) < 2:
+            continue
         for r in runs:
             if bpb(r, eval_set) is not None:
                 points.setdefault(row, ([], []))[0].append(r[axis])

@@ -263,3 +263,13 @@ def test_a_bad_recipe_override_fails_with_one_line_naming_it():
         quality_rows.with_overrides(base, ["train.lr=1"])
     with pytest.raises(ValueError, match=r"unknown config key 'model.d_midle'"):
         quality_rows.with_overrides(base, ["model.d_midle=320"])
+
+
+def test_a_row_measured_at_one_budget_gets_no_line(tmp_path):
+    pytest.importorskip("matplotlib")
+    # two seeds at one budget differ in FLOPs and CPU seconds by noise only: a line through them would mean nothing
+    _write_results(tmp_path, [_result("synergy-cosine", 1, 0, 2.50), _result("synergy-cosine", 1, 1, 2.60),
+                              _result("synergy-gate", 1, 0, 2.50), _result("synergy-gate", 3, 0, 2.40)])
+    _, summary = scaling.build_report(tmp_path, "test")
+    assert not any(key.startswith("synergy-cosine/") for key in summary["fits"])
+    assert "synergy-gate/pydocs-valid/train_flops" in summary["fits"]
