@@ -347,17 +347,17 @@ def _order(row: str) -> int:
 
 
 def tuned_anchor(groups: dict[tuple[str, float], list[dict]]) -> str | None:
-    """The better natural anchor form: lower mean pydocs-valid bits per byte at the largest budget both ran
-    (with one form only: that one; with neither: the quality table's llama-bpe if it ran)."""
-    budgets = {name: {b for (row, b) in groups if row == name} for name in NATURAL_ANCHORS}
+    """The strongest anchor form, each at its swept lr: the lowest mean pydocs-valid bits per byte at the largest
+    budget every form that ran has reached (one form: that one). SynergyLM is compared with the best BPE Llama
+    measured, whichever window and vocabulary it has (the quality table's 512-byte windows included)."""
+    budgets = {name: {b for (row, b) in groups if row == name} for name in ANCHOR_ROWS}
     present = [name for name, b in budgets.items() if b]
     if len(present) < 2:
-        fallback = LLAMA_ROW if any(row == LLAMA_ROW for row, _ in groups) else None
-        return present[0] if present else fallback
-    common = set.intersection(*budgets.values())
-    budget = max(common) if common else None
-    if budget is None:
+        return present[0] if present else None
+    common = set.intersection(*(budgets[name] for name in present))
+    if not common:
         return None
+    budget = max(common)
     return min(present, key=lambda name: spread([bpb(r, quality.PYDOCS_SET) for r in groups[(name, budget)]]).mean)
 
 

@@ -177,7 +177,7 @@ def test_study_runs_resumes_and_reports_from_its_files(corpora, tmp_path):
     assert cell["zh-fortunes"]["mean"] == small["eval"]["zh-fortunes"]["bits_per_byte"]
     assert cell["train_flops"]["mean"] == small["train_flops"]
     assert study["sweeps"]["llama-bpe"]["lr"] == 2e-3
-    assert study["tuned_anchor"] == "llama-bpe"  # no natural form ran: the quality table's anchor
+    assert study["tuned_anchor"] == "llama-bpe"  # the only anchor form that ran
     assert "synergy-stride4/pydocs-valid/train_flops" in study["crossovers"]
     xs = [results[f"synergy-stride4/{b}/0/result.json"]["train_cpu_s"] for b in ("0.003", "0.02")]
     ys = [results[f"synergy-stride4/{b}/0/result.json"]["eval"]["pydocs-valid"]["bits_per_byte"]
@@ -273,3 +273,14 @@ def test_a_row_measured_at_one_budget_gets_no_line(tmp_path):
     _, summary = scaling.build_report(tmp_path, "test")
     assert not any(key.startswith("synergy-cosine/") for key in summary["fits"])
     assert "synergy-gate/pydocs-valid/train_flops" in summary["fits"]
+
+
+def test_the_tuned_anchor_is_the_strongest_form_whatever_its_window(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [_result("llama-bpe-512t-8k", 1, 0, 2.60, 2e-3, "sweep"), _result("llama-bpe-512t-32k", 1, 0, 2.50, 2e-3,
+                                                                             "sweep"),
+            _result("llama-bpe", 1, 0, 2.45, 1e-3, "sweep"), _result("llama-bpe", 1, 0, 2.55, 2e-3, "sweep"),
+            _result("synergy-cosine", 1, 0, 3.0)]
+    _write_results(tmp_path, runs)
+    _, summary = scaling.build_report(tmp_path, "test")
+    assert summary["tuned_anchor"] == "llama-bpe"  # 2.45 at its best lr, below both natural forms
