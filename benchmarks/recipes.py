@@ -2,8 +2,8 @@
 
 A recipe is a study row: `python -m benchmarks.scaling run --row <recipe>` trains row 1
 (configs/tiny-cpu.yaml's model) with the recipe's `model.*` overrides (the syntax of `synergy-train`'s
-command line) at the recipe's learning-rate multiple. The search ran every recipe here at the smallest
-budget; docs/BENCHMARKS.md ("Recipe search") has its table. Changes of the target compression N move compute
+command line) at the recipe's learning-rate multiple. docs/BENCHMARKS.md ("Recipe search") has the ones
+that ran and what they gave. Changes of the target compression N move compute
 into the middle so that training FLOPs per byte stay within a few percent of row 1's (the issue's rule).
 """
 

@@ -18,7 +18,7 @@ Protocol:
   interrupted study resumes, and invocations on different cores with disjoint rows can share OUT.
 - the report reads only those files: per row and budget the mean and the range (min-max) over seeds, a
   log-log least-squares line per row of bits per byte against training FLOPs and against CPU seconds,
-  and where each SynergyLM row's line crosses the tuned anchor's (the better natural form).
+  and where each SynergyLM row's line crosses the tuned anchor's (the strongest anchor form).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from synergy_dist.bench.results import BenchResults, Figure, write_results
 from synergy_dist.model.accounting import flops_per_byte
 from synergy_dist.report import ReportError
 
-# the anchor's natural form: 512 tokens per window, two vocabularies (the report keeps the better one)
+# the anchor's natural form: 512 tokens per window, two vocabularies (the report compares with the strongest form)
 NATURAL_ANCHORS = {"llama-bpe-512t-8k": {"bpe_vocab": 8192, "bpe_seq_tokens": 512},
                    "llama-bpe-512t-32k": {"bpe_vocab": 32768, "bpe_seq_tokens": 512}}
 ANCHOR_ROWS = [LLAMA_ROW, *NATURAL_ANCHORS]
