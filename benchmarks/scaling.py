@@ -307,7 +307,10 @@ def crossover(a: Fit, b: Fit, name_a: str, name_b: str) -> Crossover:
     """Where line a meets line b; the row with the steeper (more negative) slope is lower beyond it."""
     if math.isclose(a.slope, b.slope, rel_tol=0, abs_tol=1e-12):
         return Crossover(None, False, "")
-    x = 10 ** ((b.intercept - a.intercept) / (a.slope - b.slope))
+    log_x = (b.intercept - a.intercept) / (a.slope - b.slope)
+    if abs(log_x) > 300:  # nearly parallel: they meet beyond any compute a float can hold (10^308)
+        return Crossover(None, False, "")
+    x = 10 ** log_x
     inside = min(a.x_low, b.x_low) <= x <= max(a.x_high, b.x_high)
     return Crossover(x, inside, name_a if a.slope < b.slope else name_b)
 

@@ -45,6 +45,9 @@ def test_crossover_of_two_lines_at_a_known_compute_and_none_for_parallel_lines()
     assert inside.x == pytest.approx(1e10, rel=1e-9) and inside.inside
     shifted = scaling.fit_loglog([1e8, 1e9], [10 ** (0.9 - 0.8), 10 ** (0.9 - 0.9)])  # parallel to `steep`
     assert scaling.crossover(steep, shifted, "a", "b") == scaling.Crossover(None, False, "")
+    # nearly parallel lines meet past 10^308: no crossover, not an overflow (a quick run's noisy fits do this)
+    nearly = scaling.Fit(steep.slope + 1e-6, steep.intercept + 0.5, 1e8, 1e9, 2)
+    assert scaling.crossover(steep, nearly, "a", "b") == scaling.Crossover(None, False, "")
 
 
 def test_spread_and_what_counts_as_a_real_difference():
