@@ -108,6 +108,7 @@ class QualityConfig:
     model_overrides: list[str] = field(default_factory=list)  # model.* overrides of the SynergyLM rows (recipes)
     # further .jsonl.zst files in corpora, evaluated only (never trained on); the set is named after the file
     extra_eval: list[str] = field(default_factory=list)
+    extra_eval_bytes: int = 0  # cap per evaluation-only set (they serve compression figures); 0 = eval_bytes
     work_dir: str = "bench_out/quality"  # the BPE tokenizer, per-row JSON results and plots are kept here
     table_from: list[str] = field(default_factory=list)  # train nothing: report the <row>.json results in these dirs
 
@@ -138,6 +139,9 @@ class QualityConfig:
             raise ValueError(f"quality bpe_vocab={self.bpe_vocab} must be in 8192..32768 (issue 6: 8k-32k)")
         if not 0 <= self.code_heldout_fraction < 1:
             raise ValueError(f"quality code_heldout_fraction={self.code_heldout_fraction} must be in [0, 1)")
+        for key in ("eval_bytes", "extra_eval_bytes"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"quality {key}={getattr(self, key)} must be >= 0 (0 = the whole set)")
         if self.bpe_seq_tokens < 0 or 0 < self.bpe_seq_tokens < 8:
             raise ValueError(f"quality bpe_seq_tokens={self.bpe_seq_tokens} must be 0 (sized to seq_len) or >= 8")
         needed = (*TRAIN_FILES, VALID_FILE, *self.extra_eval)
@@ -223,16 +227,23 @@ def evaluation_sets(cfg: QualityConfig) -> dict[str, list[tuple[str, str]]]:
     sets = {PYDOCS_SET: pydocs, CODE_SET: code}
     for name in cfg.extra_eval:
         sets[eval_set_name(name)] = [(eval_set_name(name), t) for _, t in read_documents(Path(cfg.corpora) / name)]
-    if cfg.eval_bytes > 0:  # whole documents until the cap is reached
-        for name, docs in sets.items():
-            kept, total = [], 0
-            for group, text in docs:
-                if total >= cfg.eval_bytes:
-                    break
-                kept.append((group, text))
-                total += len(text.encode())
-            sets[name] = kept
+    extra = {eval_set_name(name) for name in cfg.extra_eval}
+    for name, docs in sets.items():
+        cap = cfg.extra_eval_bytes if name in extra and cfg.extra_eval_bytes > 0 else cfg.eval_bytes
+        if cap > 0:  # whole documents until the cap is reached
+            sets[name] = first_documents(docs, cap)
     return {name: docs for name, docs in sets.items() if docs}
+
+
+def first_documents(docs: list[tuple[str, str]], cap: int) -> list[tuple[str, str]]:
+    """The leading whole documents of docs, stopping once they hold cap bytes or more."""
+    kept, total = [], 0
+    for group, text in docs:
+        if total >= cap:
+            break
+        kept.append((group, text))
+        total += len(text.encode())
+    return kept
 
 
 def eval_set_name(file_name: str) -> str:

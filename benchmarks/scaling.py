@@ -72,8 +72,10 @@ class StudyConfig:
     core: int = -1  # the CPU every run is pinned to; -1 = the first CPU this process may use
     calibration_steps: int = 10  # timed steps of a row's throughput calibration ...
     calibration_warmup: int = 30  # ... after this many untimed ones (a learned router's compression settles)
+    # corpora, batch, windows, base lr, schedule, eval caps; zh-fortunes (2.1 MB, evaluated for its compression
+    # only) is read up to 256 kB, which took two thirds of a run's evaluation time whole
     quality: quality.QualityConfig = field(default_factory=lambda: quality.QualityConfig(
-        extra_eval=["zh-fortunes.jsonl.zst"]))  # corpora, batch, windows, base lr, schedule, eval cap
+        extra_eval=["zh-fortunes.jsonl.zst"], extra_eval_bytes=262_144))
 
     def validate(self) -> None:
         unknown = [r for r in self.rows if r not in study_rows()]
@@ -535,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-bytes", type=int, default=None, help="cap per evaluation set (default: all)")
     run.add_argument("--extra-eval", nargs="*", default=None, metavar="FILE",
                      help="corpora files evaluated only (default zh-fortunes.jsonl.zst)")
+    run.add_argument("--extra-eval-bytes", type=int, default=None,
+                     help="cap per evaluation-only set, whole documents (default 262144; 0: the whole set)")
     run.add_argument("--quick", action="store_true",
                      help="smoke-run the harness: 128-byte windows, batch 4, 20 kB evaluation; numbers mean little")
     run.add_argument("--report-only", action="store_true", help="train nothing (same as the report sub-command)")
@@ -550,7 +554,8 @@ def config_from_args(args: argparse.Namespace) -> StudyConfig:
                      ("core", "core")):
         if getattr(args, arg) is not None:
             setattr(cfg, key, getattr(args, arg))
-    for key, arg in (("corpora", "corpora"), ("eval_bytes", "eval_bytes"), ("extra_eval", "extra_eval")):
+    for key, arg in (("corpora", "corpora"), ("eval_bytes", "eval_bytes"), ("extra_eval", "extra_eval"),
+                     ("extra_eval_bytes", "extra_eval_bytes")):
         if getattr(args, arg) is not None:
             setattr(cfg.quality, key, getattr(args, arg))
     return cfg
