@@ -170,6 +170,20 @@ def test_bad_settings_fail_with_the_key_and_the_fix(corpora, tmp_path):
         quality.QualityConfig(corpora=str(tmp_path), train_bytes=4096).validate()
 
 
+def test_evaluation_only_sets_have_their_own_cap_in_whole_documents(corpora):
+    whole = quality.evaluation_sets(quality.QualityConfig(corpora=str(corpora), extra_eval=["pystdlib-code.jsonl.zst"]))
+    first_doc = len(whole["pystdlib-code"][0][1].encode())
+    capped = quality.evaluation_sets(quality.QualityConfig(
+        corpora=str(corpora), extra_eval=["pystdlib-code.jsonl.zst"], extra_eval_bytes=first_doc + 1))
+    assert capped["pystdlib-code"] == whole["pystdlib-code"][:2]  # the document that crosses the cap is kept
+    assert capped["pydocs-valid"] == whole["pydocs-valid"]  # the evaluation proper stays whole
+    both = quality.evaluation_sets(quality.QualityConfig(
+        corpora=str(corpora), extra_eval=["pystdlib-code.jsonl.zst"], eval_bytes=first_doc))
+    assert both["pystdlib-code"] == whole["pystdlib-code"][:1]  # without its own cap, eval_bytes applies
+    with pytest.raises(ValueError, match=r"extra_eval_bytes=-1 must be >= 0 \(0 = the whole set\)"):
+        quality.QualityConfig(corpora=str(corpora), train_bytes=4096, extra_eval_bytes=-1).validate()
+
+
 def test_llama_row_without_its_libraries_fails_with_the_install_command(corpora, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -216,6 +216,12 @@ def test_bad_study_settings_fail_with_one_line_naming_the_fix(corpora, tmp_path)
         scaling.load_runs(tmp_path)
 
 
+def test_the_evaluation_only_sets_are_capped_unless_asked_whole():
+    parse = scaling.build_parser().parse_args
+    assert scaling.config_from_args(parse(["run"])).quality.extra_eval_bytes == 262_144
+    assert scaling.config_from_args(parse(["run", "--extra-eval-bytes", "0"])).quality.extra_eval_bytes == 0
+
+
 # ---------------------------------------------------------------------------------- recipes (section 2's variants)
 
 
