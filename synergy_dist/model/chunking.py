@@ -118,21 +118,17 @@ class BoundaryRouter(nn.Module):
             prob = (self.space_like[prev_ids] & ~self.space_like[ids]).float()
             if state is not None:
                 state.last_id = last_valid(ids, valid, state.last_id)
-        own = None  # the learned router's p where a warm-up blends the stride into p
-        if self.learned and self.cfg.warmup_steps > 0:
-            own = torch.where(force, torch.ones_like(prob), prob)
+        learned = prob = torch.where(force, torch.ones_like(prob), prob)
+        if self.learned and self.cfg.warmup_steps > 0:  # blend a stride into p; share 0: exactly the learned p
             stride = (self._doc_positions(force, valid, state) % self.warmup_stride == 0).to(prob.dtype)
             share = self.stride_share.to(prob.dtype)
-            prob = share * stride + (1 - share) * prob  # share 0 (after the warm-up): exactly p_learned
-        prob = torch.where(force, torch.ones_like(prob), prob)
+            prob = torch.where(force, torch.ones_like(prob), share * stride + (1 - share) * learned)
         boundary = (prob >= 0.5) & valid
         n_valid = valid.sum().clamp(min=1)
         rate = boundary.sum() / n_valid
-        if own is None:
-            loss = ratio_loss(rate.detach(), (prob * valid).sum() / n_valid, self.cfg.target_bytes_per_concept)
-        else:  # the ratio loss trains the learned router on its own decisions, whatever the stride's share
-            own_rate = ((own >= 0.5) & valid).sum() / n_valid
-            loss = ratio_loss(own_rate.detach(), (own * valid).sum() / n_valid, self.cfg.target_bytes_per_concept)
+        # the ratio loss trains the learned router on its own decisions, whatever a warm-up's stride share
+        learned_rate = rate if learned is prob else ((learned >= 0.5) & valid).sum() / n_valid
+        loss = ratio_loss(learned_rate.detach(), (learned * valid).sum() / n_valid, self.cfg.target_bytes_per_concept)
         return RoutingOutput(
             prob=prob,
             boundary=boundary,
