@@ -95,7 +95,7 @@ class StudyConfig:
                              f"{self.calibration_warmup} must be >= 1")
         for name in self.rows:
             if name in RECIPES:  # a recipe's overrides are checked here, not in its run's worker
-                with_overrides(default_config(), RECIPES[name].overrides)
+                with_overrides(default_config(), recipe_overrides(name))
         q = quality.QualityConfig(**{**asdict(self.quality), "rows": [quality_row(r) for r in self.rows],
                                      "train_bytes": 1})
         q.validate()  # corpora, libraries of the anchors, window sizes: the quality harness's own checks
@@ -108,6 +108,16 @@ class StudyConfig:
 def is_synergy(name: str) -> bool:
     """A SynergyLM row: any quality row but the byte Transformer and the BPE anchors, and every recipe."""
     return name in RECIPES or (name in ROW_NAMES and name not in (BYTE_TRANSFORMER_ROW.name, LLAMA_ROW))
+
+
+def recipe_overrides(name: str) -> list[str]:
+    """The `model.*` overrides that make row 1 into recipe `name` (none for any other row)."""
+    return list(RECIPES[name].overrides) if name in RECIPES else []
+
+
+def recipe_lr_mult(name: str) -> float:
+    """The multiple of the base lr that recipe `name` trains at (1 for any other row)."""
+    return RECIPES[name].lr_mult if name in RECIPES else 1.0
 
 
 def quality_row(name: str) -> str:
@@ -123,7 +133,7 @@ def calibration_row(name: str, seq_len: int) -> str:
     are (an lr, a loss weight, a warm-up) has row 1's cost and trains row 1's bytes, so that a recipe and row 1
     compare on the same data and, seed by seed, from the same initial weights; any other row calibrates itself."""
     if name in RECIPES:
-        recipe_cfg = with_overrides(default_config(), RECIPES[name].overrides)
+        recipe_cfg = with_overrides(default_config(), recipe_overrides(name))
         if flops_per_byte(recipe_cfg, seq_len) == flops_per_byte(default_config(), seq_len):
             return REFERENCE_ROW
     return name
@@ -181,13 +191,13 @@ def run_one(cfg: StudyConfig, row: str, budget: float, seed: int, lr: float, lr_
     if path.is_file():
         return path, "skipped (result exists)"
     q = replace(cfg.quality, rows=[quality_row(row)], work_dir=str(out / "scaling" / "tokenizers"),
-                model_overrides=list(RECIPES[row].overrides) if row in RECIPES else [],
+                model_overrides=recipe_overrides(row),
                 **NATURAL_ANCHORS.get(row, {}))
     calibrated = calibration_row(row, q.seq_len)
     job = {"row": row, "budget_minutes": budget, "seed": seed, "lr": lr, "lr_role": lr_role,
            "lr_sweep": {f"{k:g}": v for k, v in (sweep or {}).items()}, "cfg": asdict(q),
            "calibration": str(out / "scaling" / calibrated / "calibration.json"),
-           "calibration_overrides": list(RECIPES[calibrated].overrides) if calibrated in RECIPES else [],
+           "calibration_overrides": recipe_overrides(calibrated),
            "calibration_steps": cfg.calibration_steps, "calibration_warmup": cfg.calibration_warmup}
     result, error = quality.run_worker(job, timeout_s=max(3600.0, 4 * 60 * budget), entry="benchmarks.scaling")
     if result is None:
@@ -232,7 +242,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
             seeds = range(cfg.seeds_at(budget))
             if row not in ANCHOR_ROWS:
                 for seed in seeds:
-                    one(row, budget, seed, base_lr * (RECIPES[row].lr_mult if row in RECIPES else 1.0), "default")
+                    one(row, budget, seed, base_lr * recipe_lr_mult(row), "default")
                 continue
             lrs = [base_lr * m for m in cfg.lr_sweep]
             if budget == smallest:

@@ -4,8 +4,11 @@ import math
 
 import pytest
 import torch
+from model_configs import tiny_test_config
 
 from data_pipeline.vocab import EOD_ID
+from synergy_dist.bench.loop import PlainLoop
+from synergy_dist.config import config_from_dict
 from synergy_dist.model.chunking import (
     BoundaryRouter,
     RouterState,
@@ -16,6 +19,7 @@ from synergy_dist.model.chunking import (
     upsample,
 )
 from synergy_dist.model.config import RouterConfig, _validate_router
+from synergy_dist.model.synergy import SynergyLM
 
 
 def starts(ids: torch.Tensor) -> torch.Tensor:
@@ -189,12 +193,6 @@ def test_router_warmup_schedule_and_its_callers():
 
 
 def test_the_benchmark_loop_sets_the_warmup_of_each_step():
-    from model_configs import tiny_test_config
-
-    from synergy_dist.bench.loop import PlainLoop
-    from synergy_dist.config import config_from_dict
-    from synergy_dist.model.synergy import SynergyLM
-
     cfg = tiny_test_config("cosine")
     cfg.stages[0].router.warmup_steps = 4
     torch.manual_seed(0)
