@@ -363,17 +363,19 @@ def _order(row: str) -> int:
 
 def tuned_anchor(groups: dict[tuple[str, float], list[dict]]) -> str | None:
     """The strongest anchor form, each at its swept lr: the lowest mean pydocs-valid bits per byte at the largest
-    budget every form that ran has reached (one form: that one). SynergyLM is compared with the best BPE Llama
-    measured, whichever window and vocabulary it has (the quality table's 512-byte windows included)."""
+    budget that two or more forms reached (one form: that one). A form left behind at a smaller budget (the
+    natural form that lost to the other vocabulary) does not hold the choice back to that budget. SynergyLM is
+    compared with the best BPE Llama measured, whichever window and vocabulary it has."""
     budgets = {name: {b for (row, b) in groups if row == name} for name in ANCHOR_ROWS}
     present = [name for name, b in budgets.items() if b]
     if len(present) < 2:
         return present[0] if present else None
-    common = set.intersection(*(budgets[name] for name in present))
-    if not common:
+    shared = [b for b in set().union(*budgets.values()) if sum(b in budgets[name] for name in present) >= 2]
+    if not shared:
         return None
-    budget = max(common)
-    return min(present, key=lambda name: spread([bpb(r, quality.PYDOCS_SET) for r in groups[(name, budget)]]).mean)
+    budget = max(shared)
+    there = [name for name in present if budget in budgets[name]]
+    return min(there, key=lambda name: spread([bpb(r, quality.PYDOCS_SET) for r in groups[(name, budget)]]).mean)
 
 
 def bpb(run: dict, name: str) -> float | None:

@@ -293,3 +293,14 @@ def test_the_tuned_anchor_is_the_strongest_form_whatever_its_window(tmp_path):
     _write_results(tmp_path, runs)
     _, summary = scaling.build_report(tmp_path, "test")
     assert summary["tuned_anchor"] == "llama-bpe"  # 2.45 at its best lr, below both natural forms
+
+
+def test_the_tuned_anchor_is_chosen_at_the_largest_budget_two_forms_reached(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [_result("llama-bpe-512t-8k", 1, 0, 2.60, 2e-3, "sweep"),  # lost to 32k at 1 min: not run further
+            _result("llama-bpe-512t-32k", 1, 0, 2.50, 2e-3, "sweep"), _result("llama-bpe", 1, 0, 2.45, 2e-3, "sweep"),
+            _result("llama-bpe-512t-32k", 3, 0, 2.10, 2e-3), _result("llama-bpe", 3, 0, 2.20, 2e-3),
+            _result("llama-bpe", 9, 0, 1.90, 2e-3), _result("synergy-cosine", 1, 0, 3.0)]
+    _write_results(tmp_path, runs)
+    _, summary = scaling.build_report(tmp_path, "test")
+    assert summary["tuned_anchor"] == "llama-bpe-512t-32k"  # better at 3 min, the largest budget both reached
