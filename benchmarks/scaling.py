@@ -378,6 +378,16 @@ def tuned_anchor(groups: dict[tuple[str, float], list[dict]]) -> str | None:
     return min(there, key=lambda name: spread([bpb(r, quality.PYDOCS_SET) for r in groups[(name, budget)]]).mean)
 
 
+def compression_texts(groups: dict[tuple[str, float], list[dict]], eval_sets: list[str]) -> dict[str, tuple]:
+    """{column label: (eval set, bytes evaluated)}: bytes per concept or token compare only on the same text, so a
+    set evaluated at two sizes (the study's cap on an evaluation-only set, added after some runs read it whole)
+    gets a column per size; a set always read at one size keeps its name."""
+    sizes = {name: sorted({r["eval"][name].get("bytes") or 0 for runs in groups.values() for r in runs
+                           if name in r["eval"]}) for name in eval_sets}
+    return {(name if len(sizes[name]) == 1 else f"{name} ({size:,} B)"): (name, size or None)
+            for name in eval_sets for size in sizes[name]}
+
+
 def bpb(run: dict, name: str) -> float | None:
     return run["eval"].get(name, {}).get("bits_per_byte")
 
@@ -427,15 +437,20 @@ def build_report(out: Path, command: str) -> tuple[BenchResults, dict]:
                        key=lambda n: (n not in SETS, n))
     lines = ["| row | budget (CPU-min) | pydocs-valid bit/B | held-out code bit/B | train FLOPs | train CPU s "
              "| train bytes | lr |", "|---|---|---|---|---|---|---|---|"]
-    compression = ["| row | budget | " + " | ".join(f"{s} bytes per concept / token" for s in eval_sets) + " |",
-                   "|---|---|" + "---|" * len(eval_sets)]
+    texts = compression_texts(groups, eval_sets)
+    compression = ["| row | budget | " + " | ".join(f"{label} bytes per concept / token" for label in texts) + " |",
+                   "|---|---|" + "---|" * len(texts)]
     for (row, budget), runs in groups.items():
         per_set = {name: [r for r in runs if name in r["eval"]] for name in eval_sets}  # runs that evaluated it
         cell = {name: spread([bpb(r, name) for r in rs]) for name, rs in per_set.items() if rs}
         cell["train_flops"] = spread([r["train_flops"] for r in runs])
         cell["train_cpu_s"] = spread([r["train_cpu_s"] for r in runs])
-        cell["bytes_per_concept"] = {name: spread([r["eval"][name]["bytes_per_concept"] for r in rs])
-                                     for name, rs in per_set.items() if rs}
+        cell["bytes_per_concept"] = {}
+        for label, (name, size) in texts.items():
+            values = [r["eval"][name]["bytes_per_concept"] for r in per_set[name]
+                      if r["eval"][name].get("bytes") == size]
+            if values:
+                cell["bytes_per_concept"][label] = spread(values)
         summary["cells"][f"{row}/{budget:g}"] = cell
         for name in SETS:
             if name in cell:
@@ -445,7 +460,7 @@ def build_report(out: Path, command: str) -> tuple[BenchResults, dict]:
                      f"| {_fmt_spread(cell.get(quality.CODE_SET))} | {cell['train_flops'].mean:.3g} "
                      f"| {cell['train_cpu_s'].mean:,.0f} | {runs[0]['train_bytes']:,} | {runs[0]['lr']:g} |")
         compression.append(f"| {row} | {budget:g} | " + " | ".join(
-            _fmt_spread(cell["bytes_per_concept"].get(name), 2) for name in eval_sets) + " |")
+            _fmt_spread(cell["bytes_per_concept"].get(label), 2) for label in texts) + " |")
     tables = ["### Bits per byte (mean [min-max] n=seeds)", "", *lines, "",
               "### Bytes per concept (SynergyLM) / per BPE token (anchors) / 1 (byte Transformer)", "", *compression]
     fit_lines = ["| row | eval set | axis | slope | intercept (log10) | points | measured range |",

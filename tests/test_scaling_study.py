@@ -295,6 +295,19 @@ def test_the_tuned_anchor_is_the_strongest_form_whatever_its_window(tmp_path):
     assert summary["tuned_anchor"] == "llama-bpe"  # 2.45 at its best lr, below both natural forms
 
 
+def test_compression_compares_only_runs_that_read_the_same_text(tmp_path):
+    pytest.importorskip("matplotlib")
+    whole, capped = _result("synergy-cosine", 1, 0, 3.0), _result("synergy-cosine", 1, 1, 3.1)
+    for run, size in ((whole, 2000), (capped, 500)):
+        for name in run["eval"]:
+            run["eval"][name]["bytes"] = 9000 if name != "zh-fortunes" else size
+    _write_results(tmp_path, [whole, capped])
+    _, summary = scaling.build_report(tmp_path, "test")
+    per_text = summary["cells"]["synergy-cosine/1"]["bytes_per_concept"]
+    assert per_text["zh-fortunes (2,000 B)"].values == [2.0] and per_text["zh-fortunes (500 B)"].values == [3.0]
+    assert per_text["pydocs-valid"].values == [3.5, 4.5]  # one text: one column under the set's name
+
+
 def test_the_tuned_anchor_is_chosen_at_the_largest_budget_two_forms_reached(tmp_path):
     pytest.importorskip("matplotlib")
     runs = [_result("llama-bpe-512t-8k", 1, 0, 2.60, 2e-3, "sweep"),  # lost to 32k at 1 min: not run further
