@@ -172,14 +172,38 @@ def worker_main() -> None:
                        "warmup_steps": job["calibration_warmup"],
                        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
         _write_json(calibration_path, calibration)
-    cfg.train_bytes = quality.train_bytes_for_budget(calibration["bytes_per_s_cpu"], job["budget_minutes"],
-                                                     cfg.batch_size, cfg.seq_len)
+    sizing = budget_bytes(calibration_path.parent, job["budget_minutes"], calibration["bytes_per_s_cpu"],
+                          cfg.batch_size, cfg.seq_len)
+    cfg.train_bytes = sizing["train_bytes"]
     cfg.lr, cfg.init_seed = job["lr"], job["seed"]
     result = quality.run_row(quality_row(job["row"]), cfg)
     result.update(study_row=job["row"], budget_minutes=job["budget_minutes"], seed=job["seed"], lr=job["lr"],
-                  lr_role=job["lr_role"], lr_sweep=job["lr_sweep"], calibration=calibration,
+                  lr_role=job["lr_role"], lr_sweep=job["lr_sweep"], calibration=calibration, sizing=sizing,
                   core=sorted(os.sched_getaffinity(0)))
     print(json.dumps(result))
+
+
+def budget_bytes(row_dir: Path, budget: float, calibrated: float, batch_size: int, seq_len: int) -> dict:
+    """{"train_bytes", "source"}: the bytes a row's runs at `budget` are told to train, and why, from the row's
+    own result files (row_dir = OUT/scaling/<row>). Every seed and lr of a budget trains the bytes of the budget's
+    first run; that run is sized by the mean training throughput the row measured at its largest smaller budget
+    (the calibration's 40 steps had row 1 11% slow and the quality table's anchor 10% fast at 12 minutes), and
+    the smallest budget by the calibration."""
+    runs: dict[float, list[dict]] = {}
+    for path in row_dir.glob(f"*/*/{RESULT}"):
+        run = json.loads(path.read_text())
+        runs.setdefault(float(run["budget_minutes"]), []).append(run)
+    from_calibration = {"train_bytes": quality.train_bytes_for_budget(calibrated, budget, batch_size, seq_len),
+                        "source": "the calibration"}
+    if budget in runs:  # (the target: a BPE row's result holds the bytes its whole token windows covered)
+        return runs[budget][0].get("sizing", from_calibration)
+    smaller = [b for b in runs if b < budget]
+    if not smaller:
+        return from_calibration
+    measured = max(smaller)
+    rate = sum(r["train_bytes_per_s_cpu"] for r in runs[measured]) / len(runs[measured])
+    return {"train_bytes": quality.train_bytes_for_budget(rate, budget, batch_size, seq_len),
+            "source": f"{rate:.0f} B/s, the training throughput measured at {measured:g} min"}
 
 
 def run_one(cfg: StudyConfig, row: str, budget: float, seed: int, lr: float, lr_role: str,

@@ -158,9 +158,11 @@ def test_study_runs_resumes_and_reports_from_its_files(corpora, tmp_path):
     small = results["synergy-stride4/0.003/0/result.json"]
     calibration = json.loads((tmp_path / "scaling" / "synergy-stride4" / "calibration.json").read_text())
     assert small["calibration"] == calibration and small["steps"] >= 2 and small["train_cpu_s"] > 0
-    for budget in ("0.003", "0.02"):  # the bytes this row trains in the budget at its calibrated speed
-        trained = results[f"synergy-stride4/{budget}/0/result.json"]["train_bytes"]
-        assert trained == quality.train_bytes_for_budget(calibration["bytes_per_s_cpu"], float(budget), 4, 128)
+    # the smallest budget's bytes at the calibrated speed, the next one's at the speed its training measured
+    assert small["train_bytes"] == quality.train_bytes_for_budget(calibration["bytes_per_s_cpu"], 0.003, 4, 128)
+    larger = results["synergy-stride4/0.02/0/result.json"]
+    assert larger["train_bytes"] == quality.train_bytes_for_budget(small["train_bytes_per_s_cpu"], 0.02, 4, 128)
+    assert small["sizing"]["source"] == "the calibration" and "measured at 0.003 min" in larger["sizing"]["source"]
     assert set(small["eval"]) == {"pydocs-valid", "pystdlib-code-heldout", "zh-fortunes"}
     assert small["eval"]["zh-fortunes"]["bytes"] == len("".join(ZH).encode())
     anchor = results["llama-bpe/0.003/0-lr0.002/result.json"]
@@ -190,6 +192,22 @@ def test_study_runs_resumes_and_reports_from_its_files(corpora, tmp_path):
     assert fit["slope"] == pytest.approx(slope)
     markdown = (tmp_path / "scaling.md").read_text()
     assert "## scaling" in markdown and "| synergy-stride4 | 0.003 |" in markdown
+
+
+def test_larger_budgets_are_sized_by_the_throughput_measured_at_the_smaller_one(tmp_path):
+    row = tmp_path / "scaling" / "synergy-cosine"
+    step = 8 * 512
+    assert scaling.budget_bytes(row, 1, 1000.0, 8, 512) == {"train_bytes": 14 * step, "source": "the calibration"}
+    for seed, rate in ((0, 1100.0), (1, 1300.0)):  # runs of the smallest budget, sized by the calibration
+        scaling._write_json(row / "1" / f"{seed}" / scaling.RESULT,
+                            {"budget_minutes": 1, "train_bytes": 14 * step, "train_bytes_per_s_cpu": rate})
+    assert scaling.budget_bytes(row, 1, 1000.0, 8, 512)["train_bytes"] == 14 * step  # the budget's bytes, kept
+    sized = scaling.budget_bytes(row, 3, 1000.0, 8, 512)
+    assert sized["train_bytes"] == (1200 * 180 // step) * step and "measured at 1 min" in sized["source"]
+    scaling._write_json(row / "3" / "0" / scaling.RESULT, {"budget_minutes": 3, "train_bytes": 123,
+                                                           "train_bytes_per_s_cpu": 900.0, "sizing": sized})
+    assert scaling.budget_bytes(row, 3, 1000.0, 8, 512) == sized  # seed 1 trains seed 0's bytes
+    assert "measured at 3 min" in scaling.budget_bytes(row, 9, 1000.0, 8, 512)["source"]
 
 
 def test_a_seed_changes_the_initialisation_not_the_data(corpora):
