@@ -6,8 +6,9 @@ compute grows?), run resumably one core at a time, then reported from the result
 
 Protocol:
 - budgets are CPU-minutes of training per row on one core. A row's training bytes at a budget are its own
-  measured throughput (a short calibration at its start, cached in OUT/scaling/<row>/calibration.json and
-  recorded in every result) x the budget, so rows spend about equal CPU time; every row reads the same
+  measured throughput x the budget, so rows spend about equal CPU time: at the smallest budget a short
+  calibration at its start (cached in OUT/scaling/<row>/calibration.json and recorded in every result), at a
+  larger one the throughput its training measured at the smaller budget (`budget_bytes`); every row reads the same
   prefix of the same stream (benchmarks/quality.py's training text), in the same order, whatever its seed:
   the seed changes the initialisation only. Each run records its real CPU seconds and measured FLOPs.
 - rows: any row of benchmarks/quality_rows.py, plus the Llama/BPE anchor's natural form (512 tokens per
