@@ -457,7 +457,8 @@ def build_report(out: Path, command: str) -> tuple[BenchResults, dict]:
     report.notes.append("spread = min-max range over seeds; a difference is 'real' only when the means differ by "
                         "more than the wider range of the two (one seed: unknown)")
     anchor = tuned_anchor(groups)
-    summary: dict = {"cells": {}, "fits": {}, "crossovers": {}, "sweeps": sweeps, "tuned_anchor": anchor}
+    summary: dict = {"cells": {}, "fits": {}, "crossovers": {}, "equal_x": {}, "sweeps": sweeps,
+                     "tuned_anchor": anchor}
     eval_sets = sorted({name for runs in groups.values() for r in runs for name in r["eval"]},
                        key=lambda n: (n not in SETS, n))
     lines = ["| row | budget (CPU-min) | pydocs-valid bit/B | held-out code bit/B | train FLOPs | train CPU s "
@@ -490,6 +491,8 @@ def build_report(out: Path, command: str) -> tuple[BenchResults, dict]:
               "### Bytes per concept (SynergyLM) / per BPE token (anchors) / 1 (byte Transformer)", "", *compression]
     fit_lines = ["| row | eval set | axis | slope | intercept (log10) | points | measured range |",
                  "|---|---|---|---|---|---|---|"]
+    equal_lines = ["| SynergyLM row | budget | eval set | axis | x (mean) | SynergyLM bit/B | tuned anchor's line "
+                   "there | difference | anchor's line |", "|---|---|---|---|---|---|---|---|---|"]
     cross_lines = ["| SynergyLM row | eval set | axis | crossover with the tuned anchor | where | lower beyond it |",
                    "|---|---|---|---|---|---|"]
     for axis in ("train_flops", "train_cpu_s"):
@@ -501,6 +504,16 @@ def build_report(out: Path, command: str) -> tuple[BenchResults, dict]:
                                  f"| {f.x_low:.3g}-{f.x_high:.3g} |")
             if anchor not in row_fits:
                 continue
+            for row, budget in groups:  # each SynergyLM point against the anchor's line there
+                cell = summary["cells"][f"{row}/{budget:g}"]
+                if is_synergy(row) and name in cell:
+                    x, y = cell[axis].mean, cell[name].mean
+                    line = row_fits[anchor]
+                    summary["equal_x"][f"{row}/{budget:g}/{name}/{axis}"] = {
+                        "x": x, "synergy": y, "anchor_line": line.at(x), "inside": line.x_low <= x <= line.x_high}
+                    equal_lines.append(f"| {row} | {budget:g} | {name} | {axis} | {x:.3g} | {y:.3f} "
+                                       f"| {line.at(x):.3f} | {y - line.at(x):+.3f} "
+                                       f"| {'interpolated' if line.x_low <= x <= line.x_high else 'extrapolated'} |")
             for row, f in row_fits.items():
                 if not is_synergy(row):
                     continue
@@ -511,6 +524,9 @@ def build_report(out: Path, command: str) -> tuple[BenchResults, dict]:
                 cross_lines.append(f"| {row} | {name} | {axis} | {'n/a' if c.x is None else f'{c.x:.3g}'} "
                                    f"| {where} | {c.better_above or 'n/a'} |")
     sweep_lines = ["| anchor | budget | lr -> pydocs-valid bit/B (seed 0) | chosen |", "|---|---|---|---|"]
+    if equal_lines[2:]:
+        equal_lines.insert(0, "The anchor's fitted line evaluated at each SynergyLM point's mean training FLOPs and "
+                              "CPU seconds: the comparison at equal compute, which equal budgets only approach.\n")
     for row, s in sweeps.items():
         edge = " (the sweep's edge: widen --lr-sweep)" if len(s["sweep"]) > 1 and s["lr"] in (
             min(s["sweep"]), max(s["sweep"])) else ""
@@ -529,6 +545,7 @@ def build_report(out: Path, command: str) -> tuple[BenchResults, dict]:
     tables += ["", "### Learning-rate sweeps of the anchors", "", *sweep_lines, "",
                f"### SynergyLM against the tuned anchor ({anchor})", "", *versus, "",
                "### Log-log fits: log10(bit/B) = intercept + slope x log10(x)", "", *fit_lines, "",
+               "### SynergyLM against the tuned anchor's line at equal compute", "", *equal_lines, "",
                "### Crossovers with the tuned anchor", "", *cross_lines]
     try:
         for axis, stem in (("train_flops", "scaling_flops.png"), ("train_cpu_s", "scaling_cpu_seconds.png")):

@@ -313,6 +313,18 @@ def test_the_tuned_anchor_is_the_strongest_form_whatever_its_window(tmp_path):
     assert summary["tuned_anchor"] == "llama-bpe"  # 2.45 at its best lr, below both natural forms
 
 
+def test_each_synergy_point_is_compared_with_the_anchors_line_at_its_own_compute(tmp_path):
+    pytest.importorskip("matplotlib")
+    runs = [_result("llama-bpe", 1, 0, 2.0, 2e-3, "sweep"), _result("llama-bpe", 4, 0, 1.0, 2e-3, "selected"),
+            _result("synergy-cosine", 2, 0, 1.5), _result("synergy-cosine", 8, 0, 0.9)]
+    _write_results(tmp_path, runs)
+    _, summary = scaling.build_report(tmp_path, "test")
+    at_2 = summary["equal_x"]["synergy-cosine/2/pydocs-valid/train_flops"]
+    assert at_2["x"] == pytest.approx(2e9) and at_2["synergy"] == pytest.approx(1.5)
+    assert at_2["anchor_line"] == pytest.approx(2.0 * 2 ** -0.5) and at_2["inside"]  # slope -1/2 through (1e9, 2)
+    assert not summary["equal_x"]["synergy-cosine/8/pydocs-valid/train_flops"]["inside"]  # beyond 4e9: extrapolated
+
+
 def test_compression_compares_only_runs_that_read_the_same_text(tmp_path):
     pytest.importorskip("matplotlib")
     whole, capped = _result("synergy-cosine", 1, 0, 3.0), _result("synergy-cosine", 1, 1, 3.1)
