@@ -196,7 +196,7 @@ def budget_bytes(row_dir: Path, budget: float, calibrated: float, batch_size: in
         runs.setdefault(float(run["budget_minutes"]), []).append(run)
     from_calibration = {"train_bytes": quality.train_bytes_for_budget(calibrated, budget, batch_size, seq_len),
                         "source": "the calibration"}
-    if budget in runs:  # (the target: a BPE row's result holds the bytes its whole token windows covered)
+    if budget in runs:  # the sizing its first run recorded (a BPE row's train_bytes are what its windows covered)
         return runs[budget][0].get("sizing", from_calibration)
     smaller = [b for b in runs if b < budget]
     if not smaller:
@@ -524,9 +524,6 @@ def build_report(out: Path, command: str) -> tuple[BenchResults, dict]:
                 cross_lines.append(f"| {row} | {name} | {axis} | {'n/a' if c.x is None else f'{c.x:.3g}'} "
                                    f"| {where} | {c.better_above or 'n/a'} |")
     sweep_lines = ["| anchor | budget | lr -> pydocs-valid bit/B (seed 0) | chosen |", "|---|---|---|---|"]
-    if equal_lines[2:]:
-        equal_lines.insert(0, "The anchor's fitted line evaluated at each SynergyLM point's mean training FLOPs and "
-                              "CPU seconds: the comparison at equal compute, which equal budgets only approach.\n")
     for row, s in sweeps.items():
         edge = " (the sweep's edge: widen --lr-sweep)" if len(s["sweep"]) > 1 and s["lr"] in (
             min(s["sweep"]), max(s["sweep"])) else ""
@@ -542,6 +539,9 @@ def build_report(out: Path, command: str) -> tuple[BenchResults, dict]:
     report.notes.append(f"tuned anchor: {anchor or 'none (no natural anchor form measured)'}; the crossover is "
                         "where a SynergyLM row's log-log line meets it ('inside' = within the lowest to the highest "
                         "x either row measured)")
+    if equal_lines[2:]:
+        equal_lines.insert(0, "The anchor's fitted line evaluated at each SynergyLM point's mean training FLOPs and "
+                              "CPU seconds: the comparison at equal compute, which equal budgets only approach.\n")
     tables += ["", "### Learning-rate sweeps of the anchors", "", *sweep_lines, "",
                f"### SynergyLM against the tuned anchor ({anchor})", "", *versus, "",
                "### Log-log fits: log10(bit/B) = intercept + slope x log10(x)", "", *fit_lines, "",
