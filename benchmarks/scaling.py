@@ -507,13 +507,12 @@ def build_report(out: Path, command: str) -> tuple[BenchResults, dict]:
             for row, budget in groups:  # each SynergyLM point against the anchor's line there
                 cell = summary["cells"][f"{row}/{budget:g}"]
                 if is_synergy(row) and name in cell:
-                    x, y = cell[axis].mean, cell[name].mean
-                    line = row_fits[anchor]
-                    summary["equal_x"][f"{row}/{budget:g}/{name}/{axis}"] = {
-                        "x": x, "synergy": y, "anchor_line": line.at(x), "inside": line.x_low <= x <= line.x_high}
+                    x, y, line = cell[axis].mean, cell[name].mean, row_fits[anchor]
+                    e = {"x": x, "synergy": y, "anchor_line": line.at(x), "inside": line.x_low <= x <= line.x_high}
+                    summary["equal_x"][f"{row}/{budget:g}/{name}/{axis}"] = e
                     equal_lines.append(f"| {row} | {budget:g} | {name} | {axis} | {x:.3g} | {y:.3f} "
-                                       f"| {line.at(x):.3f} | {y - line.at(x):+.3f} "
-                                       f"| {'interpolated' if line.x_low <= x <= line.x_high else 'extrapolated'} |")
+                                       f"| {e['anchor_line']:.3f} | {y - e['anchor_line']:+.3f} "
+                                       f"| {'interpolated' if e['inside'] else 'extrapolated'} |")
             for row, f in row_fits.items():
                 if not is_synergy(row):
                     continue
