@@ -7,7 +7,8 @@ compute grows?), run resumably one core at a time, then reported from the result
 Protocol:
 - budgets are CPU-minutes of training per row on one core. A row's training bytes at a budget are its own
   measured throughput x the budget, so rows spend about equal CPU time: at the smallest budget a short
-  calibration at its start (cached in OUT/scaling/<row>/calibration.json and recorded in every result), at a
+  calibration at its start (learned routers held at their target compression; cached in
+  OUT/scaling/<row>/calibration.json and recorded in every result), at a
   larger one the throughput its training measured at the smaller budget (`budget_bytes`); every row reads the same
   prefix of the same stream (benchmarks/quality.py's training text), in the same order, whatever its seed:
   the seed changes the initialisation only. Each run records its real CPU seconds and measured FLOPs.
@@ -41,11 +42,13 @@ from benchmarks.quality_rows import (
     REFERENCE_ROW,
     ROW_NAMES,
     default_config,
+    model_config,
     with_overrides,
 )
 from benchmarks.recipes import RECIPES
 from synergy_dist.bench.results import BenchResults, Figure, write_results
 from synergy_dist.model.accounting import flops_per_byte
+from synergy_dist.model.config import LEARNED_ROUTER_KINDS
 from synergy_dist.report import ReportError
 
 # the anchor's natural form: 512 tokens per window, two vocabularies (the report compares with the strongest form)
@@ -129,6 +132,26 @@ def quality_row(name: str) -> str:
     return LLAMA_ROW if name in NATURAL_ANCHORS else name
 
 
+CALIBRATION_ROUTER_HOLD = 10**9  # the routers' warm-up length while calibrating: the stride's share stays ~1
+
+
+def calibration_overrides(name: str, seq_len: int) -> list[str]:
+    """The `model.*` overrides a row's calibration runs with: the row's own (a recipe's), and every learned router
+    held at its target compression by its warm-up (a boundary every round(N) inputs, the learned router still
+    computed, so the step costs what the design's does at N). A learned router's first steps swing between one
+    and hundreds of bytes per concept, and the step's cost with them: timed with its router free, the attention
+    byte level (`recipe-attention-encdec`) made one concept per window, ran 1.5x the speed its training then
+    had, and overran its budget by 47%."""
+    overrides = recipe_overrides(name)
+    base = quality_row(name)
+    if not is_synergy(name) or base == LLAMA_ROW:
+        return overrides
+    for i, stage in enumerate(with_overrides(model_config(base, seq_len), overrides).stages):
+        if stage.router.kind in LEARNED_ROUTER_KINDS:
+            overrides.append(f"model.stages.{i}.router.warmup_steps={CALIBRATION_ROUTER_HOLD}")
+    return overrides
+
+
 def calibration_row(name: str, seq_len: int) -> str:
     """The row whose calibration sizes `name`'s runs: a recipe that leaves row 1's design FLOPs per byte as they
     are (an lr, a loss weight, a warm-up) has row 1's cost and trains row 1's bytes, so that a recipe and row 1
@@ -165,12 +188,13 @@ def worker_main() -> None:
     if calibration_path.is_file():
         calibration = json.loads(calibration_path.read_text())
     else:  # before any training of this row, on the stream's first steps, at the base lr and seed
-        # the calibrated row's own model (a recipe that borrows row 1's calibration: row 1's), at the base lr
+        # the calibrated row's own model (a recipe that borrows row 1's calibration: row 1's) with its learned
+        # routers held at their targets (`calibration_overrides`), at the base lr
         calibrated = replace(cfg, model_overrides=job.get("calibration_overrides", []))
         bytes_per_s = quality.calibrate(calibrated, job["calibration_steps"], quality_row(job["row"]),
                                         job["calibration_warmup"])
         calibration = {"bytes_per_s_cpu": bytes_per_s, "timed_steps": job["calibration_steps"],
-                       "warmup_steps": job["calibration_warmup"],
+                       "warmup_steps": job["calibration_warmup"], "model_overrides": calibrated.model_overrides,
                        "batch_size": cfg.batch_size, "seq_len": cfg.seq_len}
         _write_json(calibration_path, calibration)
     sizing = budget_bytes(calibration_path.parent, job["budget_minutes"], calibration["bytes_per_s_cpu"],
@@ -222,7 +246,7 @@ def run_one(cfg: StudyConfig, row: str, budget: float, seed: int, lr: float, lr_
     job = {"row": row, "budget_minutes": budget, "seed": seed, "lr": lr, "lr_role": lr_role,
            "lr_sweep": {f"{k:g}": v for k, v in (sweep or {}).items()}, "cfg": asdict(q),
            "calibration": str(out / "scaling" / calibrated / "calibration.json"),
-           "calibration_overrides": recipe_overrides(calibrated),
+           "calibration_overrides": calibration_overrides(calibrated, q.seq_len),
            "calibration_steps": cfg.calibration_steps, "calibration_warmup": cfg.calibration_warmup}
     result, error = quality.run_worker(job, timeout_s=max(3600.0, 4 * 60 * budget), entry="benchmarks.scaling")
     if result is None:

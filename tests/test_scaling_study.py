@@ -11,10 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import zstandard
 
 from benchmarks import quality, quality_rows, recipes, scaling
 from synergy_dist.model.accounting import flops_per_byte
+from synergy_dist.model.chunking import set_router_warmup
+from synergy_dist.model.synergy import SynergyLM
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_ANCHOR_LIBS = all(importlib.util.find_spec(m) is not None for m in ("transformers", "tokenizers"))
@@ -263,10 +266,11 @@ def test_a_recipe_trains_row_1_with_its_overrides_and_lr_multiple(corpora, tmp_p
     assert all(job["cfg"]["rows"] == ["synergy-cosine"] for job in jobs)  # row 1 is what a recipe changes
     # a recipe at row 1's cost trains row 1's bytes (its calibration); one that changes the cost calibrates itself
     assert half["calibration"] == str(tmp_path / "scaling" / "synergy-cosine" / "calibration.json")
-    assert half["calibration_overrides"] == []
+    held = f"model.stages.0.router.warmup_steps={scaling.CALIBRATION_ROUTER_HOLD}"  # the router at its target
+    assert half["calibration_overrides"] == [held]
     wide = by_row["recipe-n8-wide"]
     assert wide["calibration"] == str(tmp_path / "scaling" / "recipe-n8-wide" / "calibration.json")
-    assert wide["calibration_overrides"] == wide["cfg"]["model_overrides"]
+    assert wide["calibration_overrides"] == [*wide["cfg"]["model_overrides"], held]
     assert (tmp_path / "scaling" / "recipe-n8-wide" / "1" / "0" / "result.json").is_file()
 
     # the worker builds row 1 with the overrides: the model it trains is the recipe's
@@ -282,6 +286,27 @@ def test_recipes_that_change_the_compression_keep_row_1s_flops_per_byte():
         cfg = quality_rows.with_overrides(quality_rows.default_config(), recipe.overrides)
         if cfg.stages[0].router.target_bytes_per_concept != 4.0:
             assert abs(flops_per_byte(cfg, 512) / reference - 1) < 0.05, name
+
+
+def test_the_calibration_times_a_learned_router_at_its_target_compression():
+    # the model the calibration runs: every learned router held by its warm-up at a boundary every round(N)
+    # bytes, the learned router still computed: the design's FLOPs at N, whatever the router's first steps do
+    for name in ("synergy-cosine", "synergy-gate", "synergy-mod-middle", "recipe-n8-deep", "recipe-router-warmup"):
+        base = quality_rows.model_config(scaling.quality_row(name), 512)
+        row_cfg = quality_rows.with_overrides(base, scaling.recipe_overrides(name))
+        timed = quality_rows.with_overrides(base, scaling.calibration_overrides(name, 512))
+        assert timed.stages[0].router.kind == row_cfg.stages[0].router.kind, name
+        assert flops_per_byte(timed, 512) == flops_per_byte(row_cfg, 512), name
+        torch.manual_seed(0)
+        model = SynergyLM(timed).eval()
+        set_router_warmup(model, 2 * scaling.StudyConfig().calibration_warmup)  # past the calibration's steps
+        with torch.no_grad():
+            stats = model(torch.randint(0, 256, (1, 512))).stats.stages[0]
+        n = round(row_cfg.stages[0].router.target_bytes_per_concept)
+        assert stats.concepts.item() == 512 // n, name
+    # rows without a learned router are timed as they train
+    for name in ("synergy-stride4", "byte-transformer", "llama-bpe", "llama-bpe-512t-32k"):
+        assert scaling.calibration_overrides(name, 512) == [], name
 
 
 def test_a_bad_recipe_override_fails_with_one_line_naming_it():

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_pipeline.vocab import EOD_ID, N_BYTES, PAD_ID
-from synergy_dist.model.config import RouterConfig
+from synergy_dist.model.config import LEARNED_ROUTER_KINDS, RouterConfig
 from synergy_dist.model.precision import Float32Linear, compute_dtype
 from synergy_dist.model.ssd import ssd_scan
 
@@ -84,7 +84,7 @@ class BoundaryRouter(nn.Module):
 
     @property
     def learned(self) -> bool:
-        return self.kind in ("cosine", "gate")
+        return self.kind in LEARNED_ROUTER_KINDS
 
     def forward(
         self,

@@ -20,6 +20,7 @@ from data_pipeline.vocab import VOCAB_SIZE
 
 LAYER_LETTERS = {"A": "causal self-attention", "M": "Mamba-2 style selective SSM"}
 ROUTER_KINDS = ("cosine", "gate", "stride", "space")
+LEARNED_ROUTER_KINDS = ("cosine", "gate")  # routers with parameters and a ratio loss
 WIDTH_CHANGES = ("pad", "linear")
 POS_ENCODINGS = ("rope", "none")
 MOE_SCORINGS = ("softmax", "sigmoid_bias")
@@ -373,7 +374,7 @@ def _validate_router(key: str, router: RouterConfig, is_byte_level: bool) -> Non
             f"{key}.target_bytes_per_concept={router.target_bytes_per_concept} must be >= 1 (N < 1 would mean "
             "more concepts than inputs)"
         )
-    if router.kind in ("cosine", "gate") and router.target_bytes_per_concept <= 1:
+    if router.kind in LEARNED_ROUTER_KINDS and router.target_bytes_per_concept <= 1:
         raise ValueError(
             f"{key}.target_bytes_per_concept must be > 1 for a learned router (the ratio loss divides by N-1)"
         )
