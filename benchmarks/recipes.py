@@ -35,6 +35,10 @@ RECIPES: dict[str, Recipe] = {
     "recipe-attention-encdec": Recipe("one attention layer (with its MLP) each side instead of two Mamba: 0.97x "
                                       "the FLOPs per byte, matrix products the CPU runs faster than the scan",
                                       [f"{ENCODER}=A", f"{DECODER}=A"]),
+    "recipe-attention-encdec-warmup": Recipe("the attention byte level with the router warm-up (its router alone "
+                                             "collapsed to one concept per window)",
+                                             [f"{ENCODER}=A", f"{DECODER}=A",
+                                              "model.stages.0.router.warmup_steps=50"]),
     "recipe-one-mamba": Recipe("one Mamba layer each side, 4 middle layers", [f"{ENCODER}=M", f"{DECODER}=M",
                                                                                "model.middle.repeat=4"]),
     # the learning rate: global, and the parts' multipliers (row 1: H-Net Eq. 11, about 3.0 bytes, 1.07 middle)

@@ -147,8 +147,9 @@ def calibration_overrides(name: str, seq_len: int) -> list[str]:
     if not is_synergy(name) or base == LLAMA_ROW:
         return overrides
     for i, stage in enumerate(with_overrides(model_config(base, seq_len), overrides).stages):
-        if stage.router.kind in LEARNED_ROUTER_KINDS:
-            overrides.append(f"model.stages.{i}.router.warmup_steps={CALIBRATION_ROUTER_HOLD}")
+        if stage.router.kind in LEARNED_ROUTER_KINDS:  # replaces a recipe's own warm-up
+            key = f"model.stages.{i}.router.warmup_steps="
+            overrides = [o for o in overrides if not o.startswith(key)] + [f"{key}{CALIBRATION_ROUTER_HOLD}"]
     return overrides
 
 

@@ -291,7 +291,8 @@ def test_recipes_that_change_the_compression_keep_row_1s_flops_per_byte():
 def test_the_calibration_times_a_learned_router_at_its_target_compression():
     # the model the calibration runs: every learned router held by its warm-up at a boundary every round(N)
     # bytes, the learned router still computed: the design's FLOPs at N, whatever the router's first steps do
-    for name in ("synergy-cosine", "synergy-gate", "synergy-mod-middle", "recipe-n8-deep", "recipe-router-warmup"):
+    for name in ("synergy-cosine", "synergy-gate", "synergy-mod-middle", "recipe-n8-deep", "recipe-router-warmup",
+                 "recipe-attention-encdec-warmup"):
         base = quality_rows.model_config(scaling.quality_row(name), 512)
         row_cfg = quality_rows.with_overrides(base, scaling.recipe_overrides(name))
         timed = quality_rows.with_overrides(base, scaling.calibration_overrides(name, 512))
@@ -304,6 +305,8 @@ def test_the_calibration_times_a_learned_router_at_its_target_compression():
             stats = model(torch.randint(0, 256, (1, 512))).stats.stages[0]
         n = round(row_cfg.stages[0].router.target_bytes_per_concept)
         assert stats.concepts.item() == 512 // n, name
+    held = f"model.stages.0.router.warmup_steps={scaling.CALIBRATION_ROUTER_HOLD}"
+    assert scaling.calibration_overrides("recipe-router-warmup", 512) == [held]  # in place of its own warm-up
     # rows without a learned router are timed as they train
     for name in ("synergy-stride4", "byte-transformer", "llama-bpe", "llama-bpe-512t-32k"):
         assert scaling.calibration_overrides(name, 512) == [], name
