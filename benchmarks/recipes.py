@@ -44,6 +44,7 @@ RECIPES: dict[str, Recipe] = {
     # the learning rate: global, and the parts' multipliers (row 1: H-Net Eq. 11, about 3.0 bytes, 1.07 middle)
     "recipe-lr-half": Recipe("peak lr x 0.5", lr_mult=0.5),
     "recipe-lr-double": Recipe("peak lr x 2", lr_mult=2.0),
+    # the best recipe measured: configs/tiny-cpu.yaml's model since 2026-12-05
     "recipe-flat-lr-mult": Recipe("no per-part lr multipliers (all 1)", ["model.stages.0.lr_mult=1",
                                                                           "model.middle_lr_mult=1"]),
     # the router's training

@@ -15,6 +15,7 @@ import torch
 import zstandard
 
 from benchmarks import quality, quality_rows, recipes, scaling
+from synergy_dist.bench.model import load_model_config
 from synergy_dist.model.accounting import flops_per_byte
 from synergy_dist.model.chunking import set_router_warmup
 from synergy_dist.model.synergy import SynergyLM
@@ -310,6 +311,14 @@ def test_the_calibration_times_a_learned_router_at_its_target_compression():
     # rows without a learned router are timed as they train
     for name in ("synergy-stride4", "byte-transformer", "llama-bpe", "llama-bpe-512t-32k"):
         assert scaling.calibration_overrides(name, 512) == [], name
+
+
+def test_the_configs_model_is_the_best_recipe_and_row_1_stays_as_measured():
+    config_model = load_model_config("configs/tiny-cpu.yaml")
+    row_1 = quality_rows.default_config()
+    assert quality_rows.with_overrides(row_1, recipes.RECIPES["recipe-flat-lr-mult"].overrides) == config_model
+    assert config_model.lr_multipliers() == [1.0, 1.0]
+    assert [round(m, 2) for m in row_1.lr_multipliers()] == [3.03, 1.07]  # H-Net Eq. 11, what the study measured
 
 
 def test_a_bad_recipe_override_fails_with_one_line_naming_it():
