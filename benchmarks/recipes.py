@@ -50,6 +50,9 @@ RECIPES: dict[str, Recipe] = {
     # the router's training
     "recipe-ratio-0.01": Recipe("ratio-loss weight 0.01 (row 1: 0.03)", ["model.stages.0.router.ratio_loss_coef=0.01"]),
     "recipe-ratio-0.1": Recipe("ratio-loss weight 0.1 (row 1: 0.03)", ["model.stages.0.router.ratio_loss_coef=0.1"]),
+    "recipe-flat-ratio-0.1": Recipe("flat per-part lr multipliers and ratio-loss weight 0.1 (the two gains at 12 "
+                                    "minutes together)", ["model.stages.0.lr_mult=1", "model.middle_lr_mult=1",
+                                                          "model.stages.0.router.ratio_loss_coef=0.1"]),
     "recipe-no-ema": Recipe("no EMA smoothing of the concepts", ["model.stages.0.router.smoothing=false"]),
     "recipe-router-warmup": Recipe("router warm-up: a stride-4 router hands over to the learned one over 50 steps",
                                    ["model.stages.0.router.warmup_steps=50"]),
