@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 N = "model.stages.0.router.target_bytes_per_concept"
 ENCODER, DECODER = "model.stages.0.encoder.pattern", "model.stages.0.decoder.pattern"
+ATTENTION_BYTE_LEVEL = [f"{ENCODER}=A", f"{DECODER}=A"]
+FLAT_LR_MULT = ["model.stages.0.lr_mult=1", "model.middle_lr_mult=1"]
+RATIO = "model.stages.0.router.ratio_loss_coef"
 
 
 @dataclass(frozen=True)
@@ -34,25 +37,22 @@ RECIPES: dict[str, Recipe] = {
                                                                                         f"{DECODER}=AM"]),
     "recipe-attention-encdec": Recipe("one attention layer (with its MLP) each side instead of two Mamba: 0.97x "
                                       "the FLOPs per byte, matrix products the CPU runs faster than the scan",
-                                      [f"{ENCODER}=A", f"{DECODER}=A"]),
+                                      ATTENTION_BYTE_LEVEL),
     "recipe-attention-encdec-warmup": Recipe("the attention byte level with the router warm-up (its router alone "
                                              "collapsed to one concept per window)",
-                                             [f"{ENCODER}=A", f"{DECODER}=A",
-                                              "model.stages.0.router.warmup_steps=50"]),
+                                             [*ATTENTION_BYTE_LEVEL, "model.stages.0.router.warmup_steps=50"]),
     "recipe-one-mamba": Recipe("one Mamba layer each side, 4 middle layers", [f"{ENCODER}=M", f"{DECODER}=M",
                                                                                "model.middle.repeat=4"]),
     # the learning rate: global, and the parts' multipliers (row 1: H-Net Eq. 11, about 3.0 bytes, 1.07 middle)
     "recipe-lr-half": Recipe("peak lr x 0.5", lr_mult=0.5),
     "recipe-lr-double": Recipe("peak lr x 2", lr_mult=2.0),
     # the best recipe measured: configs/tiny-cpu.yaml's model since 2026-12-05
-    "recipe-flat-lr-mult": Recipe("no per-part lr multipliers (all 1)", ["model.stages.0.lr_mult=1",
-                                                                          "model.middle_lr_mult=1"]),
+    "recipe-flat-lr-mult": Recipe("no per-part lr multipliers (all 1)", FLAT_LR_MULT),
     # the router's training
-    "recipe-ratio-0.01": Recipe("ratio-loss weight 0.01 (row 1: 0.03)", ["model.stages.0.router.ratio_loss_coef=0.01"]),
-    "recipe-ratio-0.1": Recipe("ratio-loss weight 0.1 (row 1: 0.03)", ["model.stages.0.router.ratio_loss_coef=0.1"]),
+    "recipe-ratio-0.01": Recipe("ratio-loss weight 0.01 (row 1: 0.03)", [f"{RATIO}=0.01"]),
+    "recipe-ratio-0.1": Recipe("ratio-loss weight 0.1 (row 1: 0.03)", [f"{RATIO}=0.1"]),
     "recipe-flat-ratio-0.1": Recipe("flat per-part lr multipliers and ratio-loss weight 0.1 (the two gains at 12 "
-                                    "minutes together)", ["model.stages.0.lr_mult=1", "model.middle_lr_mult=1",
-                                                          "model.stages.0.router.ratio_loss_coef=0.1"]),
+                                    "minutes together)", [*FLAT_LR_MULT, f"{RATIO}=0.1"]),
     "recipe-no-ema": Recipe("no EMA smoothing of the concepts", ["model.stages.0.router.smoothing=false"]),
     "recipe-router-warmup": Recipe("router warm-up: a stride-4 router hands over to the learned one over 50 steps",
                                    ["model.stages.0.router.warmup_steps=50"]),

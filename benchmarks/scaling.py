@@ -143,10 +143,9 @@ def calibration_overrides(name: str, seq_len: int) -> list[str]:
     byte level (`recipe-attention-encdec`) made one concept per window, ran 1.5x the speed its training then
     had, and overran its budget by 47%."""
     overrides = recipe_overrides(name)
-    base = quality_row(name)
-    if not is_synergy(name) or base == LLAMA_ROW:
+    if not is_synergy(name):  # the byte Transformer and the BPE anchors have no router
         return overrides
-    for i, stage in enumerate(with_overrides(model_config(base, seq_len), overrides).stages):
+    for i, stage in enumerate(with_overrides(model_config(quality_row(name), seq_len), overrides).stages):
         if stage.router.kind in LEARNED_ROUTER_KINDS:  # replaces a recipe's own warm-up
             key = f"model.stages.{i}.router.warmup_steps="
             overrides = [o for o in overrides if not o.startswith(key)] + [f"{key}{CALIBRATION_ROUTER_HOLD}"]
