@@ -12,9 +12,10 @@ import pytest
 import torch
 import train_launch as tl
 
+from data_pipeline.vocab import EOD_ID
 from synergy_dist.config import load_config
 from synergy_dist.model.synergy import SynergyLM
-from synergy_dist.train.compile import compile_blocks
+from synergy_dist.train.compile import compile_blocks, compile_counts
 
 pytestmark = pytest.mark.slow
 
@@ -48,17 +49,26 @@ def test_compiled_training_matches_eager_with_bounded_graphs(tmp_path, sample_di
     assert compiled[-1]["compiled_graphs"] == variants[-1]
 
 
-def test_compiled_blocks_keep_parameter_names_and_generation():
+def test_compiled_blocks_keep_parameter_names_generation_and_one_graph_set_for_every_length():
     torch.manual_seed(0)
-    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml")
+    # A stride-2 router makes 150-210 concepts of these windows, each row two documents: more than one
+    # DOCUMENT_BLOCK, so the middle's attention runs blockwise, a loop that follows the length (compiled, it
+    # specialised for every concept count).
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "tiny-cpu.yaml",
+                      ["model.stages.0.router.kind=stride", "model.stages.0.router.stride=2"])
     model, eager = SynergyLM(cfg.model), SynergyLM(cfg.model)
     eager.load_state_dict(model.state_dict())
     names = list(model.state_dict())
     # dynamo's capture without AOT autograd: what could rename parameters or change numbers, in a third of the time
     assert compile_blocks(model, "eager") == 7  # 2 + 2 Mamba blocks of the stage, 3 attention blocks
     assert list(model.state_dict()) == names
-    ids = torch.randint(0, 256, (2, 96))
-    torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-5)
+    graphs = []
+    for length in (300, 340, 380, 420):
+        ids = torch.randint(0, 256, (2, length))
+        ids[:, length // 3] = EOD_ID
+        torch.testing.assert_close(model(ids).logits, eager(ids).logits, rtol=1e-5, atol=1e-5)
+        graphs.append(compile_counts()["compiled_graphs"])
+    assert graphs[-1] == graphs[1], graphs  # after the first two lengths, no new graph for a new concept count
     assert model.generate(b"def ", 24, temperature=0) == eager.generate(b"def ", 24, temperature=0)
 
 

@@ -188,6 +188,7 @@ class Attention(nn.Module):
         cache.lengths = new_lengths
         return y
 
+    @torch.compiler.disable  # its loop and slices follow the length (and the documents): eager, not a graph per T
     def _blockwise(self, q, k, v, mask: torch.Tensor, doc: torch.Tensor) -> torch.Tensor:
         """SDPA with a boolean mask by blocks of DOCUMENT_BLOCK queries, each against the keys up to its last
         query, from its window start and, where `skips_earlier_documents`, from the earliest document start of
