@@ -46,11 +46,11 @@ RECIPES: dict[str, Recipe] = {
     # the learning rate: global, and the parts' multipliers (row 1: H-Net Eq. 11, about 3.0 bytes, 1.07 middle)
     "recipe-lr-half": Recipe("peak lr x 0.5", lr_mult=0.5),
     "recipe-lr-double": Recipe("peak lr x 2", lr_mult=2.0),
-    # the best recipe measured: configs/tiny-cpu.yaml's model since 2026-12-05
     "recipe-flat-lr-mult": Recipe("no per-part lr multipliers (all 1)", FLAT_LR_MULT),
     # the router's training
     "recipe-ratio-0.01": Recipe("ratio-loss weight 0.01 (row 1: 0.03)", [f"{RATIO}=0.01"]),
     "recipe-ratio-0.1": Recipe("ratio-loss weight 0.1 (row 1: 0.03)", [f"{RATIO}=0.1"]),
+    # the best recipe measured: configs/tiny-cpu.yaml's model since 2026-12-05 (before it, recipe-flat-lr-mult)
     "recipe-flat-ratio-0.1": Recipe("flat per-part lr multipliers and ratio-loss weight 0.1 (the two gains at 12 "
                                     "minutes together)", [*FLAT_LR_MULT, f"{RATIO}=0.1"]),
     "recipe-no-ema": Recipe("no EMA smoothing of the concepts", ["model.stages.0.router.smoothing=false"]),

@@ -316,9 +316,12 @@ def test_the_calibration_times_a_learned_router_at_its_target_compression():
 def test_the_configs_model_is_the_best_recipe_and_row_1_stays_as_measured():
     config_model = load_model_config("configs/tiny-cpu.yaml")
     row_1 = quality_rows.default_config()
-    assert quality_rows.with_overrides(row_1, recipes.RECIPES["recipe-flat-lr-mult"].overrides) == config_model
+    assert quality_rows.with_overrides(row_1, recipes.RECIPES["recipe-flat-ratio-0.1"].overrides) == config_model
     assert config_model.lr_multipliers() == [1.0, 1.0]
-    assert [round(m, 2) for m in row_1.lr_multipliers()] == [3.03, 1.07]  # H-Net Eq. 11, what the study measured
+    assert config_model.stages[0].router.ratio_loss_coef == 0.1
+    # what the study measured as row 1: H-Net Eq. 11's multipliers and H-Net's ratio-loss weight
+    assert [round(m, 2) for m in row_1.lr_multipliers()] == [3.03, 1.07]
+    assert row_1.stages[0].router.ratio_loss_coef == 0.03
 
 
 def test_a_bad_recipe_override_fails_with_one_line_naming_it():
