@@ -270,13 +270,21 @@ def read_sweep(out: Path, row: str, budget: float, lrs: list[float]) -> dict[flo
     return sweep
 
 
+def sweep_budget(out: Path, row: str, budgets: list[float]) -> float:
+    """The budget of anchor `row`'s lr sweep: the smallest it has sweep runs at in OUT, or else the smallest asked
+    for. Adding seeds at a larger budget later (`--budgets 36`) reuses the sweep instead of sweeping there."""
+    swept = [float(p.parent.parent.name) for p in (out / "scaling" / row).glob(f"*/0-lr*/{RESULT}")
+             if json.loads(p.read_text())["lr_role"] == "sweep"]
+    return min(swept + [min(budgets)])
+
+
 def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
     """Every run of cfg.rows, smallest budget first (an anchor's lr sweep comes first), pinned to cfg.core."""
     cfg.validate()
     core = cfg.core if cfg.core >= 0 else min(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {core})  # the runs' processes inherit it
     os.environ["OMP_NUM_THREADS"] = "1"
-    out, base_lr, smallest = Path(cfg.out), cfg.quality.lr, min(cfg.budgets)
+    out, base_lr = Path(cfg.out), cfg.quality.lr
     done = []
 
     def one(row, budget, seed, lr, role, sweep=None):
@@ -294,6 +302,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
                     one(row, budget, seed, base_lr * recipe_lr_mult(row), "default")
                 continue
             lrs = [base_lr * m for m in cfg.lr_sweep]
+            smallest = sweep_budget(out, row, cfg.budgets)
             if budget == smallest:
                 for lr in lrs:
                     one(row, budget, 0, lr, "sweep")
@@ -386,15 +395,18 @@ def load_runs(out: Path) -> list[dict]:
 
 
 def chosen_runs(runs: list[dict]) -> tuple[dict[tuple[str, float], list[dict]], dict[str, dict]]:
-    """{(row, budget): the runs that count} and {anchor: {"lr": chosen, "sweep": {lr: bpb}, "budget": b}}.
-    An anchor's runs count only at the lr its sweep chose (the sweep's other runs are reported apart)."""
+    """{(row, budget): the runs that count} and {anchor: {"lr": chosen, "sweep": {lr: bpb}, "budget": b,
+    "others": {budget: {lr: bpb}}}}. The sweep is the one at the anchor's smallest swept budget; an anchor's runs
+    count only at the lr it chose. Other lrs (the sweep's, and any lr tried at a larger budget) are reported apart."""
     sweeps: dict[str, dict] = {}
     for r in runs:
         if r["lr_role"] == "sweep":
-            s = sweeps.setdefault(r["study_row"], {"budget": r["budget_minutes"], "sweep": {}})
-            s["sweep"][r["lr"]] = r["eval"][quality.PYDOCS_SET]["bits_per_byte"]
-    for s in sweeps.values():
-        s["lr"] = best_lr(s["sweep"])
+            budget = sweeps.setdefault(r["study_row"], {})
+            budget.setdefault(r["budget_minutes"], {})[r["lr"]] = r["eval"][quality.PYDOCS_SET]["bits_per_byte"]
+    for row, by_budget in sweeps.items():
+        budget = min(by_budget)
+        sweeps[row] = {"budget": budget, "sweep": by_budget[budget], "lr": best_lr(by_budget[budget]),
+                       "others": {b: lrs for b, lrs in sorted(by_budget.items()) if b != budget}}
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in runs:
         if r["study_row"] in sweeps and r["lr"] != sweeps[r["study_row"]]["lr"]:
@@ -553,6 +565,10 @@ def build_report(out: Path, command: str) -> tuple[BenchResults, dict]:
         sweep_lines.append(f"| {row} | {s['budget']:g} | "
                            + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in sorted(s["sweep"].items()))
                            + f" | {s['lr']:g}{edge} |")
+        for budget, lrs in s["others"].items():  # not part of the protocol: shown, never chosen from
+            sweep_lines.append(f"| {row} | {budget:g} (seed 0, outside the sweep) | "
+                               + ", ".join(f"{lr:g}: {v:.3f}" for lr, v in sorted(lrs.items()))
+                               + f" | {s['lr']:g} (the sweep's) |")
     versus = ["| SynergyLM row | budget | pydocs-valid bit/B minus tuned anchor's | difference |", "|---|---|---|---|"]
     for (row, budget), _ in groups.items():
         if is_synergy(row) and (anchor, budget) in groups:

@@ -387,3 +387,25 @@ def test_the_tuned_anchor_is_chosen_at_the_largest_budget_two_forms_reached(tmp_
     _write_results(tmp_path, runs)
     _, summary = scaling.build_report(tmp_path, "test")
     assert summary["tuned_anchor"] == "llama-bpe-512t-32k"  # better at 3 min, the largest budget both reached
+
+
+def test_an_lr_tried_at_a_larger_budget_is_shown_apart_and_never_chosen_from(tmp_path):
+    pytest.importorskip("matplotlib")
+    # "36" sorts before "4" on disk: the larger budget's lone sweep run must not stand in for the sweep
+    runs = [_result("llama-bpe", 4, 0, 2.45, 1e-3, "sweep"), _result("llama-bpe", 4, 0, 2.35, 2e-3, "sweep"),
+            _result("llama-bpe", 36, 0, 1.89, 1e-3, "sweep"), _result("llama-bpe", 36, 0, 1.91, 2e-3, "selected")]
+    _write_results(tmp_path, runs)
+    report, summary = scaling.build_report(tmp_path, "test")
+    sweep = summary["sweeps"]["llama-bpe"]
+    assert (sweep["budget"], sweep["lr"], sweep["sweep"]) == (4, 2e-3, {1e-3: 2.45, 2e-3: 2.35})
+    assert sweep["others"] == {36: {1e-3: 1.89}}
+    assert summary["cells"]["llama-bpe/36"]["pydocs-valid"].values == [1.91]  # the chosen lr's run only
+    assert "| llama-bpe | 36 (seed 0, outside the sweep) | 0.001: 1.890 | 0.002 (the sweep's) |" in report.appendix
+
+
+def test_seeds_added_at_a_larger_budget_reuse_the_anchors_sweep(tmp_path):
+    assert scaling.sweep_budget(tmp_path, "llama-bpe", [36]) == 36  # nothing swept yet: sweep at the smallest asked
+    _write_results(tmp_path, [_result("llama-bpe", 4, 0, 2.35, 2e-3, "sweep"),
+                              _result("llama-bpe", 12, 0, 2.2, 2e-3, "selected")])
+    assert scaling.sweep_budget(tmp_path, "llama-bpe", [36]) == 4
+    assert scaling.sweep_budget(tmp_path, "llama-bpe", [1, 36]) == 1  # a smaller budget asked for sweeps anew
