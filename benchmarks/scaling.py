@@ -401,8 +401,8 @@ def chosen_runs(runs: list[dict]) -> tuple[dict[tuple[str, float], list[dict]], 
     sweeps: dict[str, dict] = {}
     for r in runs:
         if r["lr_role"] == "sweep":
-            budget = sweeps.setdefault(r["study_row"], {})
-            budget.setdefault(r["budget_minutes"], {})[r["lr"]] = r["eval"][quality.PYDOCS_SET]["bits_per_byte"]
+            by_budget = sweeps.setdefault(r["study_row"], {})
+            by_budget.setdefault(r["budget_minutes"], {})[r["lr"]] = r["eval"][quality.PYDOCS_SET]["bits_per_byte"]
     for row, by_budget in sweeps.items():
         budget = min(by_budget)
         sweeps[row] = {"budget": budget, "sweep": by_budget[budget], "lr": best_lr(by_budget[budget]),
