@@ -273,9 +273,8 @@ def read_sweep(out: Path, row: str, budget: float, lrs: list[float]) -> dict[flo
 def sweep_budget(out: Path, row: str, budgets: list[float]) -> float:
     """The budget of anchor `row`'s lr sweep: the smallest it has sweep runs at in OUT, or else the smallest asked
     for. Adding seeds at a larger budget later (`--budgets 36`) reuses the sweep instead of sweeping there."""
-    swept = [float(p.parent.parent.name) for p in (out / "scaling" / row).glob(f"*/0-lr*/{RESULT}")
-             if json.loads(p.read_text())["lr_role"] == "sweep"]
-    return min(swept + [min(budgets)])
+    runs = [json.loads(p.read_text()) for p in (out / "scaling" / row).glob(f"*/0-lr*/{RESULT}")]
+    return min([r["budget_minutes"] for r in runs if r["lr_role"] == "sweep"] + [min(budgets)])
 
 
 def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
@@ -294,6 +293,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
 
     # budget by budget, so that an unfinished study has every row at its smaller budgets
     waiting = set()  # anchors whose lr sweep is incomplete: their larger budgets wait for it
+    swept_at = {row: sweep_budget(out, row, cfg.budgets) for row in cfg.rows if row in ANCHOR_ROWS}
     for budget in sorted(cfg.budgets):
         for row in cfg.rows:
             seeds = range(cfg.seeds_at(budget))
@@ -302,7 +302,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
                     one(row, budget, seed, base_lr * recipe_lr_mult(row), "default")
                 continue
             lrs = [base_lr * m for m in cfg.lr_sweep]
-            smallest = sweep_budget(out, row, cfg.budgets)
+            smallest = swept_at[row]
             if budget == smallest:
                 for lr in lrs:
                     one(row, budget, 0, lr, "sweep")
@@ -310,7 +310,7 @@ def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
             if len(sweep) < len(lrs):
                 if row not in waiting:
                     log(f"scaling: {row}: the lr sweep at {smallest:g} min is incomplete ({sorted(sweep)} of {lrs}); "
-                        f"its other runs wait for it (run again)")
+                        f"its other runs wait for it (run again with {smallest:g} among --budgets)")
                 waiting.add(row)
                 continue
             lr = best_lr(sweep)
