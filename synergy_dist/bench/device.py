@@ -1,7 +1,8 @@
 """`synergy-bench model --device cuda`: training-step throughput, MFU and peak memory on an accelerator.
 
 For each config (default: configs/tiny-cpu.yaml and configs/base-100m.yaml) and each execution mode (eager,
-and `train.compile`'s blocks through inductor), one model trains a few steps on the bundled sample text at
+and `train.compile`'s blocks through inductor), one model trains a few steps on the bundled sample text (one
+running text, or with `--packed` new windows of EOD-packed documents each step, as training feeds it) at
 the config's micro-batch and sequence length, in bf16 autocast with float32 parameters as synergy-train runs
 it (bench/loop.py's AdamW step; learning rate 0 so a learned router's compression stays put while timing).
 Reported per row: bytes/s (median of the timed steps, each between two device synchronisations), model
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from synergy_dist.bench.loop import PlainLoop
-from synergy_dist.bench.model import ModelBenchConfig, sample_text, step_config
+from synergy_dist.bench.model import ModelBenchConfig, packed_windows, sample_text, step_config
 from synergy_dist.bench.paths import resolve
 from synergy_dist.bench.results import BenchResults, Figure, figure_from
 from synergy_dist.bench.timing import pin_to_one_core
@@ -45,13 +46,14 @@ class DeviceBenchConfig:
     steps: int = 10  # timed steps (median reported)
     warmup_steps: int = 3  # untimed steps first (the first one compiles)
     matmul_size: int = 8192  # n of the n x n x n matmul that sets the FLOP/s ceiling
+    packed: bool = False  # windows of EOD-packed documents (as training packs them) instead of one running text
 
 
 def configs_for(model_cfg: ModelBenchConfig, quick: bool) -> list[DeviceBenchConfig]:
     """What `synergy-bench model` runs here: the GPU rows (--device cuda), or on the CPU with --compile the
     config's model compiled against eager, one process pinned to one core, fp32."""
     if model_cfg.device != "cpu":
-        cfg = DeviceBenchConfig(device=model_cfg.device)
+        cfg = DeviceBenchConfig(device=model_cfg.device, packed=model_cfg.packed)
         if quick:
             cfg.configs, cfg.seq_len, cfg.batch_size = ["configs/tiny-cpu.yaml"], 512, 1
             cfg.steps, cfg.warmup_steps = 2, 1
@@ -59,7 +61,8 @@ def configs_for(model_cfg: ModelBenchConfig, quick: bool) -> list[DeviceBenchCon
     if model_cfg.compile:
         return [DeviceBenchConfig(device="cpu", configs=[model_cfg.config], dtype="fp32", seq_len=model_cfg.seq_len,
                                   batch_size=model_cfg.batch_size, steps=model_cfg.steps,
-                                  warmup_steps=max(2, model_cfg.warmup_steps), matmul_size=model_cfg.matmul_size)]
+                                  warmup_steps=max(2, model_cfg.warmup_steps), matmul_size=model_cfg.matmul_size,
+                                  packed=model_cfg.packed)]
     return []
 
 
@@ -84,12 +87,21 @@ def matmul_ceiling(device: torch.device, dtype: torch.dtype, n: int, repeats: in
     return samples
 
 
+def step_batches(seq_len: int, batch: int, n_steps: int, packed: bool, device: torch.device) -> list[tuple]:
+    """(input_ids, labels) per step. One running text: the same batch every step. Packed: each step its own
+    windows of EOD-packed documents, so the concept counts vary from step to step as in training."""
+    if not packed:
+        data = torch.tensor(list(sample_text(batch * (seq_len + 1))), dtype=torch.long).view(batch, seq_len + 1)
+        return [(data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device))] * n_steps
+    windows = packed_windows(batch * n_steps, seq_len + 1).view(n_steps, batch, seq_len + 1)
+    return [(w[:, :-1].contiguous().to(device), w[:, 1:].contiguous().to(device)) for w in windows]
+
+
 def step_throughput(model_cfg: ModelConfig, device: torch.device, dtype: str, seq_len: int, batch: int, steps: int,
-                    warmup_steps: int, mode: str) -> dict:
+                    warmup_steps: int, mode: str, packed: bool = False) -> dict:
     """Train `steps` + `warmup_steps` steps of a fresh model; times, realised compression, FLOPs and peak memory."""
     torch.manual_seed(0)
-    data = torch.tensor(list(sample_text(batch * (seq_len + 1))), dtype=torch.long).view(batch, seq_len + 1)
-    input_ids, labels = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
+    batches = step_batches(seq_len, batch, warmup_steps + steps, packed, device)
     model = SynergyLM(model_cfg).to(device).train()
     if mode != "eager":
         compile_blocks(model, mode)
@@ -105,10 +117,10 @@ def step_throughput(model_cfg: ModelConfig, device: torch.device, dtype: str, se
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds, realised = [], []
-    for i in range(warmup_steps + steps):
+    for i, step_batch in enumerate(batches):
         synchronize(device)
         start = time.perf_counter()
-        bytes_per_concept = loop.step(0, [(input_ids, labels)], forward)[0]
+        bytes_per_concept = loop.step(0, [step_batch], forward)[0]
         synchronize(device)
         if i == 0:
             first_step = time.perf_counter() - start
@@ -150,9 +162,10 @@ def run(cfg: DeviceBenchConfig, command: str) -> BenchResults:
         for mode in cfg.modes:
             key = f"{name}_{mode}"
             result = step_throughput(train_cfg.model, device, cfg.dtype, seq_len, batch, cfg.steps,
-                                     cfg.warmup_steps, mode)
+                                     cfg.warmup_steps, mode, cfg.packed)
+            text = "windows of EOD-packed documents, new ones each step" if cfg.packed else "one running text"
             speed = report.add(figure_from(f"{key}_bytes_per_s", result["bytes_per_s"], "B/s",
-                                           f"{batch} x {seq_len} bytes, {cfg.dtype}, {mode}, "
+                                           f"{batch} x {seq_len} bytes ({text}), {cfg.dtype}, {mode}, "
                                            f"{result['params'] / 1e6:.1f}M parameters, "
                                            f"{result['bytes_per_concept']:.2f} bytes per concept"))
             mfu = result["flops_per_byte"] * speed.value / ceiling.value

@@ -80,6 +80,7 @@ class ModelBenchConfig:
     generation_only: bool = False  # skip the training-step rows and the isolation cost
     device: str = "cpu"  # "cpu": this comparison; "cuda": bench/device.py's GPU rows instead (cli/bench.py)
     compile: bool = False  # also time the config's model compiled (inductor) against eager (bench/device.py, CPU)
+    packed: bool = False  # bench/device.py's rows (--compile, --device cuda) on windows of EOD-packed documents
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -582,6 +583,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"training config whose model: section is benchmarked (default {DEFAULT_CONFIG})")
     parser.add_argument("--seq-len", type=int, default=None, help="model benchmark sequence length (default 4096)")
     parser.add_argument("--steps", type=int, default=None, help="timed training steps per model (default 4)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="sequences per training step (default 1; the --device cuda rows use each config's "
+                             "micro-batch)")
     parser.add_argument("--synergy-model", action="append", default=None, choices=list(SYNERGY_MODELS),
                         help=f"SynergyLM row(s) to compare (default: all of {list(SYNERGY_MODELS)})")
     parser.add_argument("--generation-only", action="store_true",
@@ -594,6 +598,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="also time the config's model with train.compile's blocks through inductor against "
                              "eager, in one process on the pinned core (compiling takes minutes on a CPU)")
+    parser.add_argument("--packed", action="store_true",
+                        help="with --compile or --device cuda: train on windows that pack several documents between "
+                             "EODs, new windows each step (as training does), instead of one running text")
 
 
 def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
@@ -606,6 +613,8 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
         cfg.seq_len = args.seq_len
     if args.steps is not None:
         cfg.steps = args.steps
+    if getattr(args, "batch_size", None) is not None:
+        cfg.batch_size = args.batch_size
     if args.synergy_model:
         cfg.synergy_models = list(args.synergy_model)
     if args.lr is not None:
@@ -613,9 +622,10 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
     cfg.generation_only = bool(getattr(args, "generation_only", False))
     cfg.device = getattr(args, "device", "cpu")
     cfg.compile = bool(getattr(args, "compile", False))
+    cfg.packed = bool(getattr(args, "packed", False))
     if args.quick:
         cfg.generation_bytes, cfg.generation_repeats = 8, 1
-    for key in ("seq_len", "steps"):
+    for key in ("seq_len", "steps", "batch_size"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"model benchmark: --{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
     return cfg
