@@ -55,6 +55,8 @@ def test_batch_size_and_packed_options_reach_the_compiled_rows():
     args = build_parser().parse_args(["model", "--compile", "--packed", "--batch-size", "8", "--seq-len", "512"])
     [compiled] = configs_for(config_from_args(args), quick=False)
     assert (compiled.batch_size, compiled.seq_len, compiled.packed) == (8, 512, True)
-    args = build_parser().parse_args(["model", "--batch-size", "0"])
-    with pytest.raises(ValueError, match="--batch-size must be >= 1, got 0"):
-        config_from_args(args)
+    for argv, message in ((["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                          (["--packed"], "--packed applies to the --compile and --device cuda rows; add one"),
+                          (["--device", "cuda", "--batch-size", "8"], "the --device cuda rows train at each config's")):
+        with pytest.raises(ValueError, match=message):
+            config_from_args(build_parser().parse_args(["model", *argv]))

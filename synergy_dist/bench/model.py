@@ -625,6 +625,11 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
     cfg.packed = bool(getattr(args, "packed", False))
     if args.quick:
         cfg.generation_bytes, cfg.generation_repeats = 8, 1
+    if cfg.packed and not cfg.compile and cfg.device == "cpu":
+        raise ValueError("model benchmark: --packed applies to the --compile and --device cuda rows; add one of them")
+    if getattr(args, "batch_size", None) is not None and cfg.device != "cpu":
+        raise ValueError("model benchmark: --batch-size applies to the CPU rows; the --device cuda rows train at each "
+                         "config's batch.micro_batch_size")
     for key in ("seq_len", "steps", "batch_size"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"model benchmark: --{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
