@@ -4,7 +4,8 @@
 # cached generation, a compiled step, synergy-plan against CUDA memory) and the GPU throughput benchmark
 # (`synergy-bench model --device cuda`: bytes/s, MFU against a measured bf16 matmul, peak memory, tiny and ~100M
 # configs, eager and compiled), and writes everything into OUT (default gpu_check_out/): gpu_tests.log,
-# gpu_tests.xml, model.json and model.md (the table). Planned to take under 8 minutes on one H200.
+# gpu_tests.xml + gpu_compiled.xml, model.json and model.md (the table). Planned to take under 8 minutes on one
+# H200 or H100.
 #
 #   scripts/gpu_check.sh                   # OUT=/path scripts/gpu_check.sh to choose the folder
 set -uo pipefail
@@ -24,12 +25,17 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
-timeout 300 "$PY" -m pytest -m gpu tests/test_gpu.py -q -rs -p no:cacheprovider --junitxml "$OUT/gpu_tests.xml" \
-    2>&1 | tee "$OUT/gpu_tests.log"
+# The compiled (inductor) test runs alone, after the others: generated code that crashes the process (torch 2.11's
+# CPU code for these blocks did, docs/TRAINING.md) then takes only its own result with it.
+timeout 200 "$PY" -m pytest -m gpu tests/test_gpu.py -k "not compiled" -q -rs -p no:cacheprovider \
+    --junitxml "$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log"
 TESTS=${PIPESTATUS[0]}
+timeout 120 "$PY" -m pytest -m gpu tests/test_gpu.py -k compiled -q -rs -p no:cacheprovider \
+    --junitxml "$OUT/gpu_compiled.xml" 2>&1 | tee -a "$OUT/gpu_tests.log"
+COMPILED=${PIPESTATUS[0]}
 
 timeout 240 "$PY" -m synergy_dist.cli.bench model --device cuda --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 BENCH=${PIPESTATUS[0]}
 
-echo "gpu_check: tests exit $TESTS, benchmark exit $BENCH; results in $OUT/"
-[ "$TESTS" -eq 0 ] && [ "$BENCH" -eq 0 ]
+echo "gpu_check: tests exit $TESTS, compiled test exit $COMPILED, benchmark exit $BENCH; results in $OUT/"
+[ "$TESTS" -eq 0 ] && [ "$COMPILED" -eq 0 ] && [ "$BENCH" -eq 0 ]

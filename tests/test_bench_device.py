@@ -60,3 +60,6 @@ def test_batch_size_and_packed_options_reach_the_compiled_rows():
                           (["--device", "cuda", "--batch-size", "8"], "the --device cuda rows train at each config's")):
         with pytest.raises(ValueError, match=message):
             config_from_args(build_parser().parse_args(["model", *argv]))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="--device cuda, but torch .* sees no CUDA device; run it on a GPU"):
+            config_from_args(build_parser().parse_args(["model", "--device", "cuda"]))

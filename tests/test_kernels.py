@@ -9,9 +9,17 @@ import pytest
 from synergy_dist.model.kernels import mamba_chunk_scan
 
 
+def forget_mamba_ssm(monkeypatch) -> None:
+    """Drop an installed mamba_ssm that is already imported (model/mamba.py looks for it at import time) from
+    sys.modules for this test; monkeypatch puts it back afterwards."""
+    for name in [n for n in sys.modules if n == "mamba_ssm" or n.startswith("mamba_ssm.")]:
+        monkeypatch.delitem(sys.modules, name)
+
+
 @pytest.fixture
 def fake_mamba_ssm(tmp_path, monkeypatch):
     """A mamba_ssm laid out like the real one, whose package __init__ imports a CUDA extension that is not built."""
+    forget_mamba_ssm(monkeypatch)
     triton = tmp_path / "mamba_ssm" / "ops" / "triton"
     triton.mkdir(parents=True)
     (tmp_path / "mamba_ssm" / "__init__.py").write_text("import selective_scan_cuda\n")
@@ -36,5 +44,6 @@ def test_a_broken_scan_module_means_no_kernel(fake_mamba_ssm):
 
 
 def test_no_mamba_ssm_means_no_kernel(monkeypatch):
+    forget_mamba_ssm(monkeypatch)
     monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # import mamba_ssm raises ImportError
     assert mamba_chunk_scan() is None

@@ -630,6 +630,9 @@ def config_from_args(args: argparse.Namespace) -> ModelBenchConfig:
     if getattr(args, "batch_size", None) is not None and cfg.device != "cpu":
         raise ValueError("model benchmark: --batch-size applies to the CPU rows; the --device cuda rows train at each "
                          "config's batch.micro_batch_size")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"model benchmark: --device {cfg.device}, but torch {torch.__version__} sees no CUDA device; "
+                         "run it on a GPU machine (scripts/gpu_check.sh)")
     for key in ("seq_len", "steps", "batch_size"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"model benchmark: --{key.replace('_', '-')} must be >= 1, got {getattr(cfg, key)}")
