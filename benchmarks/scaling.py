@@ -302,20 +302,20 @@ def run_study(cfg: StudyConfig, log=print) -> list[tuple[Path, str]]:
                     one(row, budget, seed, base_lr * recipe_lr_mult(row), "default")
                 continue
             lrs = [base_lr * m for m in cfg.lr_sweep]
-            smallest = swept_at[row]
-            if budget == smallest:
+            swept = swept_at[row]
+            if budget == swept:
                 for lr in lrs:
                     one(row, budget, 0, lr, "sweep")
-            sweep = read_sweep(out, row, smallest, lrs)
+            sweep = read_sweep(out, row, swept, lrs)
             if len(sweep) < len(lrs):
                 if row not in waiting:
-                    log(f"scaling: {row}: the lr sweep at {smallest:g} min is incomplete ({sorted(sweep)} of {lrs}); "
-                        f"its other runs wait for it (run again with {smallest:g} among --budgets)")
+                    log(f"scaling: {row}: the lr sweep at {swept:g} min is incomplete ({sorted(sweep)} of {lrs}); "
+                        f"its other runs wait for it (run again with {swept:g} among --budgets)")
                 waiting.add(row)
                 continue
             lr = best_lr(sweep)
             for seed in seeds:
-                if not (budget == smallest and seed == 0):  # that run is the sweep's
+                if not (budget == swept and seed == 0):  # that run is the sweep's
                     one(row, budget, seed, lr, "selected", sweep)
     return done
 
